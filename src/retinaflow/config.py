@@ -1,0 +1,252 @@
+"""Typed configuration: dataclasses with ODTK/paper defaults, YAML load/dump and dotted overrides.
+
+Every part of the library takes one of these dataclasses instead of a long parameter list.
+The resolved :class:`Config` is saved in every checkpoint (``Config.to_dict``) and restored
+with ``Config.from_dict``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from retinaflow.errors import ConfigError
+
+
+@dataclass
+class AnchorConfig:
+    """Anchors per FPN level: ``len(ratios) * len(scales)`` per location, side ``size_factor * stride``."""
+
+    strides: tuple[int, ...] = (8, 16, 32, 64, 128)
+    ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    scales: tuple[float, ...] = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))
+    size_factor: float = 4.0
+
+    @property
+    def num_anchors(self) -> int:
+        return len(self.ratios) * len(self.scales)
+
+
+@dataclass
+class ModelConfig:
+    """Detector architecture. ``backbone`` names an entry of ``retinaflow.model.backbones``."""
+
+    backbone: str = "resnet50"
+    num_classes: int = 80
+    fpn_channels: int = 256
+    head_convs: int = 4
+    prior: float = 0.01
+    frozen_bn: bool = True
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
+
+
+@dataclass
+class MatcherConfig:
+    """Anchor–ground-truth assignment: IoU < ``bg_iou`` background, >= ``fg_iou`` foreground, else ignored."""
+
+    fg_iou: float = 0.5
+    bg_iou: float = 0.4
+    allow_low_quality: bool = False
+
+
+@dataclass
+class LossConfig:
+    """Sigmoid focal loss + smooth L1, both normalised by the number of foreground anchors."""
+
+    alpha: float = 0.25
+    gamma: float = 2.0
+    smooth_l1_beta: float = 0.11
+    box_weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    """Datasets and the torch DataLoader path. Paths may be local or (with retinaflow.mlops) ``s3://``."""
+
+    images: str | None = None
+    annotations: str | None = None
+    val_images: str | None = None
+    val_annotations: str | None = None
+    resize: int = 800
+    max_size: int = 1333
+    jitter: tuple[int, int] = (640, 1024)
+    flip: float = 0.5
+    color_jitter: float = 0.1
+    pad_stride: int = 128
+    workers: int = 4
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation. ``schedule`` scales iterations, warmup and milestones (ODTK's habit)."""
+
+    iters: int = 90000
+    batch: int = 16
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup: int = 1000
+    warmup_factor: float = 1 / 3
+    milestones: tuple[int, ...] = (60000, 80000)
+    gamma: float = 0.1
+    schedule: float = 1.0
+    clip_grad: float = 0.0
+    precision: str = "auto"
+    channels_last: bool = True
+    checkpoint_every: int = 1000
+    val_every: int = 0
+    log_every: int = 20
+    seed: int = 0
+    backbone_weights: str | None = None
+    fine_tune: str | None = None
+
+    def scaled(self, value: int) -> int:
+        return int(round(value * self.schedule))
+
+
+@dataclass
+class InferConfig:
+    """Post-processing and batched inference defaults."""
+
+    score_thresh: float = 0.05
+    top_n: int = 1000
+    nms_iou: float = 0.5
+    max_det: int = 100
+    batch: int = 8
+    precision: str = "auto"
+    resize: int = 800
+    max_size: int = 1333
+    cuda_graph: bool = False
+
+
+@dataclass
+class ExportConfig:
+    """ONNX / TensorRT export."""
+
+    opset: int = 17
+    height: int = 800
+    width: int = 1344
+    dynamic_batch: bool = True
+    precision: str = "fp16"
+
+
+@dataclass
+class Config:
+    """The whole resolved configuration of a run; saved in checkpoints and tracking runs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    matcher: MatcherConfig = field(default_factory=MatcherConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    class_names: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        return _build(cls, data, "")
+
+    def dump(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Config:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}".splitlines()[0]) from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        return cls.from_dict(data)
+
+    def override(self, assignments: list[str]) -> Config:
+        """Apply ``section.key=value`` strings (values parsed as YAML); returns a new Config."""
+        data = self.to_dict()
+        for item in assignments:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must look like section.key=value")
+            key, raw = item.split("=", 1)
+            node = data
+            parts = key.strip().split(".")
+            for part in parts[:-1]:
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(f"unknown config key {key!r}")
+                node = node[part]
+            if parts[-1] not in node:
+                raise ConfigError(f"unknown config key {key!r}")
+            node[parts[-1]] = yaml.safe_load(raw)
+        return Config.from_dict(data)
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section {prefix or '<root>'!r} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix + sorted(unknown)[0]!r}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")  # type: ignore[arg-type]
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r} expects a list, got {value!r}")
+        args = typing.get_args(hint)
+        item = args[0]
+        return tuple(_coerce(item, v, key) for v in value)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r} expects a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(item, v, key) for v in value]
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {key!r} expects a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key {key!r} expects an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {key!r} expects true/false, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"config key {key!r} expects a string, got {value!r}")
+        return str(value)
+    return value
