@@ -1,0 +1,123 @@
+"""COCO evaluation with pycocotools: the 12 summary statistics plus per-class AP."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retinaflow.engine.callbacks import EvalResult
+from retinaflow.errors import DataError
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def _load_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise DataError(f"{what} file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{what} file {path} is not valid JSON: {exc}") from exc
+
+
+def evaluate(
+    annotations: str | Path,
+    detections: str | Path | list[dict[str, Any]],
+    class_names: list[str] | None = None,
+) -> EvalResult:
+    """Run COCOeval (bbox) of ``detections`` against the ground truth in ``annotations``.
+
+    detections: a COCO results list (``image_id``, ``category_id``, ``bbox`` [x, y, w, h] in original
+    image pixels, ``score``) or the path of such a JSON file. Images of the ground truth without any
+    detection count as misses; detections of images absent from the ground truth are an error.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt_path = Path(annotations)
+    gt_data = _load_json(gt_path, "annotations")
+    dets = _load_json(Path(detections), "detections") if isinstance(detections, (str, Path)) else detections
+    if not isinstance(dets, list):
+        raise DataError("detections must be a JSON list of COCO results")
+    if not isinstance(gt_data, dict) or "images" not in gt_data or "categories" not in gt_data:
+        raise DataError(f"annotations file {gt_path} is not COCO instances JSON (needs images, categories)")
+    gt_data.setdefault("annotations", [])
+    image_ids = {img["id"] for img in gt_data["images"]}
+    unknown = {d.get("image_id") for d in dets} - image_ids
+    if unknown:
+        raise DataError(f"detections refer to {len(unknown)} image id(s) absent from {gt_path}, e.g. {min(unknown)}")
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = gt_data
+        coco_gt.createIndex()
+    cat_ids = sorted(coco_gt.getCatIds())
+    names = class_names or [coco_gt.cats[c]["name"] for c in cat_ids]
+    if not dets:
+        zero = dict.fromkeys(STAT_NAMES, 0.0)
+        return EvalResult(stats=zero, per_class=dict.fromkeys(names, 0.0), num_images=len(image_ids))
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(dets)
+        ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    stats = {name: float(v) for name, v in zip(STAT_NAMES, ev.stats)}
+    precision = ev.eval["precision"]  # (T iou, R recall, K classes, A areas, M maxdets)
+    per_class: dict[str, float] = {}
+    for k, name in enumerate(names[: precision.shape[2]]):
+        p = precision[:, :, k, 0, -1]
+        valid = p[p > -1]
+        per_class[name] = float(valid.mean()) if valid.size else float("nan")
+    return EvalResult(
+        stats=stats,
+        per_class=per_class,
+        num_images=len(image_ids),
+        num_detections=len(dets),
+        precision=np.asarray(precision),
+    )
+
+
+def report_dict(result: EvalResult) -> dict[str, Any]:
+    """JSON-friendly report: stats, per-class AP, counts."""
+    return {
+        "stats": result.stats,
+        "per_class_ap": {k: (None if v != v else v) for k, v in result.per_class.items()},
+        "num_images": result.num_images,
+        "num_detections": result.num_detections,
+    }
+
+
+def write_report(result: EvalResult, path: str | Path) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(report_dict(result), indent=2))
+    return p
+
+
+def render_table(result: EvalResult) -> str:
+    """The summary and per-class AP as a plain-text table (rich), for the terminal."""
+    from rich.console import Console
+    from rich.table import Table
+
+    summary = Table(title="COCO bbox evaluation")
+    summary.add_column("metric")
+    summary.add_column("value", justify="right")
+    for name in STAT_NAMES:
+        summary.add_row(name, f"{result.stats[name]:.4f}")
+    classes = Table(title="AP per class (IoU 0.50:0.95)")
+    classes.add_column("class")
+    classes.add_column("AP", justify="right")
+    for name, ap in result.per_class.items():
+        classes.add_row(name, "n/a" if ap != ap else f"{ap:.4f}")
+    console = Console(file=io.StringIO(), width=100, force_terminal=False)
+    console.print(summary)
+    console.print(classes)
+    out = console.file.getvalue()  # type: ignore[attr-defined]
+    return str(out)

@@ -1,0 +1,40 @@
+"""Learning-rate schedule and mixed-precision settings, as pure functions of the config."""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+from retinaflow.config import TrainConfig
+from retinaflow.errors import ConfigError
+
+
+def lr_at(iteration: int, cfg: TrainConfig) -> float:
+    """Linear warmup from ``lr * warmup_factor`` then step decay by ``gamma`` at each milestone.
+
+    Warmup and milestones are scaled by ``cfg.schedule`` (ODTK's ``--schedule``). Being a pure
+    function of the iteration, a resumed run needs no scheduler state.
+    """
+    milestones = sorted(cfg.scaled(m) for m in cfg.milestones)
+    lr = cfg.lr * cfg.gamma ** bisect.bisect_right(milestones, iteration)
+    warmup = cfg.scaled(cfg.warmup)
+    if iteration < warmup:
+        alpha = iteration / warmup
+        lr *= cfg.warmup_factor * (1 - alpha) + alpha
+    return lr
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``fp32|fp16|bf16|auto`` on ``device`` (None = no autocast).
+
+    ``auto`` is bf16 on GPUs that support it, fp16 on older GPUs and fp32 on the CPU.
+    """
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None
+    table = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if precision not in table:
+        raise ConfigError(f"precision must be fp32, fp16, bf16 or auto, not {precision!r}")
+    return table[precision]
