@@ -442,9 +442,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a failure we did not anticipate: still one line, with a pointer
         if args.verbose or os.environ.get("RETINAFLOW_DEBUG"):
             raise
-        if type(exc).__name__ == "TrainingInterrupted":
-            print(f"retinaflow: {exc}", file=sys.stderr)
-            return 143
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         print(f"retinaflow: error: {type(exc).__name__}: {first} (rerun with -v for the traceback)", file=sys.stderr)
         return 1

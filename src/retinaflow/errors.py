@@ -37,3 +37,9 @@ class MissingDependency(RetinaflowError):
     """An optional dependency (DALI, TensorRT, CUDA toolkit, ...) is needed for this call."""
 
     exit_code = 6
+
+
+class TrainingInterrupted(RetinaflowError):
+    """SIGTERM/SIGINT arrived; a checkpoint was written at the current iteration."""
+
+    exit_code = 143

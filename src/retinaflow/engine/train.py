@@ -27,16 +27,12 @@ from retinaflow.engine.callbacks import Callback, CallbackList, EvalResult, Trai
 from retinaflow.engine.checkpoint import check_arch, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from retinaflow.engine.progress import Progress
 from retinaflow.engine.schedule import autocast_dtype, lr_at
-from retinaflow.errors import ConfigError, DataError, TrainingDiverged
+from retinaflow.errors import ConfigError, DataError, TrainingDiverged, TrainingInterrupted
 from retinaflow.model.anchors import generate_anchors
 from retinaflow.model.loss import detection_loss
 from retinaflow.model.retinanet import RetinaNet, build_model
 
 log = logging.getLogger(__name__)
-
-
-class TrainingInterrupted(Exception):
-    """SIGTERM/SIGINT arrived; a checkpoint was written at the current iteration."""
 
 
 def train(config: Config, checkpoint: str | Path, callbacks: list[Callback] | None = None) -> Path:
