@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import pytest
+
+from retinaflow.config import Config
+from retinaflow.errors import ConfigError
+
+
+def test_defaults_reproduce_the_odtk_recipe():
+    c = Config()
+    assert (c.train.lr, c.train.batch, c.train.warmup, c.train.iters) == (0.01, 16, 1000, 90000)
+    assert c.train.milestones == (60000, 80000)
+    assert (c.loss.alpha, c.loss.gamma, c.loss.smooth_l1_beta) == (0.25, 2.0, 0.11)
+    assert (c.matcher.bg_iou, c.matcher.fg_iou) == (0.4, 0.5)
+    assert c.model.anchors.num_anchors == 9
+    assert (c.infer.score_thresh, c.infer.top_n, c.infer.nms_iou, c.infer.max_det) == (0.05, 1000, 0.5, 100)
+
+
+def test_dict_and_yaml_round_trip(tmp_path):
+    c = Config().override(["train.lr=0.02", "data.jitter=[512, 800]", "model.backbone=resnet18"])
+    assert c.train.lr == 0.02 and c.data.jitter == (512, 800) and c.model.backbone == "resnet18"
+    path = tmp_path / "c.yaml"
+    c.dump(path)
+    assert Config.load(path) == c
+    assert Config.from_dict(c.to_dict()) == c
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lrr=1", "unknown config key 'train.lrr'"),
+        ("nosection.x=1", "unknown config key"),
+        ("train.iters=ten", "expects an integer"),
+        ("train.lr=[1]", "expects a number"),
+        ("train.channels_last=3", "expects true/false"),
+        ("train.milestones=5", "expects a list"),
+        ("noequals", "section.key=value"),
+    ],
+)
+def test_bad_overrides_are_one_line_errors(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")) as err:
+        Config().override([override])
+    assert "\n" not in str(err.value)
+
+
+def test_bad_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        Config.load(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        Config.load(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42")
+    with pytest.raises(ConfigError, match="mapping"):
+        Config.load(scalar)
+
+
+def test_schedule_scales_iterations():
+    c = Config().override(["train.schedule=0.5"])
+    assert c.train.scaled(c.train.warmup) == 500
