@@ -18,6 +18,8 @@ import yaml
 
 from retinaflow.errors import ConfigError
 
+PRESETS = Path(__file__).parent / "configs"
+
 
 @dataclass
 class AnchorConfig:
@@ -161,7 +163,10 @@ class Config:
 
     @classmethod
     def load(cls, path: str | Path) -> Config:
+        """Read a YAML file, or a preset shipped with the package by name (e.g. ``synthetic_cpu``)."""
         p = Path(path)
+        if not p.is_file() and p.suffix == "" and (PRESETS / f"{p.name}.yaml").is_file():
+            p = PRESETS / f"{p.name}.yaml"
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:

@@ -15,26 +15,13 @@ from retinaflow.engine.callbacks import EvalResult
 log = logging.getLogger(__name__)
 
 DEMO_IMAGES = 240
-DEMO_ITERS = 600
 
 
 def demo_config(images: str, annotations: str, val_images: str, val_annotations: str) -> Config:
-    """A detector small enough to learn the synthetic shapes on 2 CPU cores in a few minutes."""
-    cfg = Config()
-    cfg.model.backbone = "resnet18"
-    cfg.model.fpn_channels = 64
-    cfg.model.head_convs = 2
-    cfg.matcher.allow_low_quality = True
+    """The ``synthetic_cpu`` preset (a detector small enough for 2 CPU cores) pointed at the data."""
+    cfg = Config.load("synthetic_cpu")
     cfg.data.images, cfg.data.annotations = images, annotations
     cfg.data.val_images, cfg.data.val_annotations = val_images, val_annotations
-    cfg.data.resize, cfg.data.max_size, cfg.data.jitter = 256, 384, (224, 288)
-    cfg.data.workers = 1
-    t = cfg.train
-    t.iters, t.batch, t.lr = DEMO_ITERS, 8, 0.01
-    t.warmup, t.milestones = 100, (int(DEMO_ITERS * 0.75),)
-    t.precision, t.channels_last = "fp32", False
-    t.checkpoint_every, t.val_every, t.log_every, t.clip_grad = 200, 0, 25, 10.0
-    cfg.infer.resize, cfg.infer.max_size = 256, 384
     return cfg
 
 
