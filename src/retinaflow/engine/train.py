@@ -153,7 +153,10 @@ class _Trainer:
         with autocast:
             cls_out, box_out = self.ddp(images)
         anchors = generate_anchors(cfg.model.anchors, tuple(images.shape[-2:]), dev, torch.float32)
-        losses = detection_loss(cls_out, box_out, anchors, batch.boxes, batch.labels, cfg.loss, cfg.matcher)
+        # Under DDP, normalise by the mean foreground count over ranks: DDP averages gradients, so the
+        # result equals one process training on the whole global batch.
+        norm = self._global_fg if self.info.distributed else None
+        losses = detection_loss(cls_out, box_out, anchors, batch.boxes, batch.labels, cfg.loss, cfg.matcher, norm)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(losses["loss"]).backward()
         if cfg.train.clip_grad > 0:
@@ -163,6 +166,9 @@ class _Trainer:
         self.scaler.update()
         losses["lr"] = torch.tensor(lr)
         return losses
+
+    def _global_fg(self, local: torch.Tensor) -> torch.Tensor:
+        return D.all_reduce_sum(local.detach().clone(), self.info) / self.info.world_size
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> Path:
