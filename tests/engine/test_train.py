@@ -1,0 +1,120 @@
+"""Training loop behaviour: exact resume, divergence, fine-tuning, architecture checks, callbacks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from retinaflow.engine.callbacks import Callback
+from retinaflow.engine.checkpoint import load_checkpoint
+from retinaflow.engine.train import train
+from retinaflow.errors import CheckpointError, ConfigError, TrainingDiverged
+from tests.conftest import tiny_config
+
+
+class Recorder(Callback):
+    def __init__(self):
+        self.events = []
+
+    def on_train_start(self, state):
+        self.events.append(("start", state.iteration, state.resumed))
+
+    def on_step(self, state, metrics):
+        self.events.append(("step", state.iteration, dict(metrics)))
+
+    def on_checkpoint(self, state, path):
+        self.events.append(("checkpoint", state.iteration))
+
+    def on_train_end(self, state, path):
+        self.events.append(("end", state.iteration))
+
+    def on_error(self, state, error):
+        self.events.append(("error", type(error).__name__))
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(synth_small, tmp_path):
+    straight = train(tiny_config(synth_small, iters=4), tmp_path / "straight.pth")
+    half = tiny_config(synth_small, iters=2)
+    train(half, tmp_path / "resumed.pth")
+    assert load_checkpoint(tmp_path / "resumed.pth")["iteration"] == 2
+    rec = Recorder()
+    train(tiny_config(synth_small, iters=4), tmp_path / "resumed.pth", [rec])
+    a, b = load_checkpoint(straight), load_checkpoint(tmp_path / "resumed.pth")
+    assert a["iteration"] == b["iteration"] == 4
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert rec.events[0] == ("start", 2, True)
+    assert rec.events[-1] == ("end", 4)
+
+
+def test_checkpoint_is_self_describing(synth_small, tmp_path):
+    rec = Recorder()
+    path = train(tiny_config(synth_small, iters=2), tmp_path / "m.pth", [rec])
+    ckpt = load_checkpoint(path)
+    names = [c["name"] for c in sorted(json.loads(synth_small.train_annotations.read_text())["categories"], key=lambda c: c["id"])]
+    assert ckpt["class_names"] == names
+    assert ckpt["arch"]["num_classes"] == len(names) == ckpt["config"]["model"]["num_classes"]
+    assert set(ckpt) >= {"optimizer", "rng", "iteration", "format_version", "category_ids"}
+    steps = [e for e in rec.events if e[0] == "step"]
+    assert len(steps) == 2 and {"loss", "cls", "box", "lr", "img_s"} <= set(steps[0][2])
+    assert all(torch.isfinite(torch.tensor(e[2]["loss"])) for e in steps)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synth_small, tmp_path, monkeypatch):
+    import retinaflow.engine.train as train_module
+
+    path = tmp_path / "m.pth"
+    train(tiny_config(synth_small, iters=2), path)
+    real = train_module.detection_loss
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(train_module, "detection_loss", poisoned)
+    rec = Recorder()
+    with pytest.raises(TrainingDiverged, match="last good checkpoint"):
+        train(tiny_config(synth_small, iters=6), path, [rec])
+    assert load_checkpoint(path)["iteration"] == 2
+    assert rec.events[-1] == ("error", "TrainingDiverged")
+
+
+def test_resume_with_another_architecture_is_refused(synth_small, tmp_path):
+    path = train(tiny_config(synth_small, iters=2), tmp_path / "m.pth")
+    other = tiny_config(synth_small, iters=4)
+    other.model.fpn_channels = 48
+    with pytest.raises(CheckpointError, match="fpn_channels=32.*fpn_channels=48"):
+        train(other, path)
+
+
+def test_fine_tune_from_a_checkpoint_with_another_class_count(synth_small, tmp_path):
+    source = train(tiny_config(synth_small, iters=2), tmp_path / "src.pth")
+    data = json.loads(synth_small.train_annotations.read_text())
+    keep = sorted(c["id"] for c in data["categories"])[:2]
+    data["categories"] = [c for c in data["categories"] if c["id"] in keep]
+    data["annotations"] = [a for a in data["annotations"] if a["category_id"] in keep]
+    subset = tmp_path / "two_classes.json"
+    subset.write_text(json.dumps(data))
+    cfg = tiny_config(synth_small, iters=2)
+    cfg.data.annotations = str(subset)
+    cfg.train.fine_tune = str(source)
+    out = load_checkpoint(train(cfg, tmp_path / "ft.pth"))
+    assert out["arch"]["num_classes"] == 2
+    src = load_checkpoint(source)["model"]
+    backbone_keys = [k for k in src if k.startswith("backbone.") and src[k].is_floating_point()]
+    frozen = [k for k in backbone_keys if "bn" in k or "running" in k]
+    assert frozen and all(torch.equal(src[k], out["model"][k]) for k in frozen)
+
+
+def test_bad_training_configs(synth_small, tmp_path):
+    cfg = tiny_config(synth_small)
+    cfg.data.images = None
+    with pytest.raises(ConfigError, match="--images"):
+        train(cfg, tmp_path / "m.pth")
+    cfg = tiny_config(synth_small)
+    cfg.data.val_images = str(synth_small.val_images)
+    with pytest.raises(ConfigError, match="both"):
+        train(cfg, tmp_path / "m.pth")
