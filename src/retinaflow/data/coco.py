@@ -1,0 +1,410 @@
+"""COCO instances dataset with bad-entry accounting.
+
+Loading validates the annotation file once and keeps only what training can use; every dropped entry
+is counted by kind (see :meth:`CocoDataset.report`). Annotations are held as flat numpy arrays rather than
+per-image Python lists, so DataLoader workers forked from the main process share them without copying.
+
+Images that turn out corrupt while loading are skipped with a warning. Because that happens inside
+worker processes, the skipped COCO ids ride along in :attr:`Sample.skipped` → ``Batch.skipped``, and the
+loaders report them back with :meth:`CocoDataset.record_corrupt` in the main process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeGuard
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_image, read_file
+
+from retinaflow.errors import DataError
+
+log = logging.getLogger(__name__)
+
+# transform(image (3, H, W) uint8, boxes (N, 4) float32 x1y1x2y2, generator or None)
+#   -> (image (3, H', W') uint8, boxes (N, 4) float32 in the new pixels, scale new/old)
+Transform = Callable[
+    [torch.Tensor, torch.Tensor, "torch.Generator | None"], tuple[torch.Tensor, torch.Tensor, float]
+]
+
+_COUNTS = (
+    "images_listed",
+    "images",
+    "annotations_listed",
+    "annotations",
+    "categories",
+    "invalid_images",
+    "duplicate_images",
+    "missing_files",
+    "corrupt_images",
+    "dropped_unknown_image",
+    "dropped_missing_image",
+    "dropped_unknown_category",
+    "dropped_crowd",
+    "dropped_malformed",
+    "dropped_degenerate",
+    "dropped_outside",
+    "clipped",
+    "images_without_annotations",
+)
+
+
+@dataclass
+class Sample:
+    """One dataset item.
+
+    image:    (3, H, W) uint8 RGB after the transform, or None when the image was corrupt and not replaced.
+    boxes:    (N, 4) float32, x1y1x2y2 in transformed-image pixels.
+    labels:   (N,) int64, contiguous class index 0..C-1.
+    image_id: COCO id of the image actually returned.
+    scale:    transformed size / original size.
+    skipped:  COCO ids of corrupt images passed over to produce this sample.
+    """
+
+    image: torch.Tensor | None
+    boxes: torch.Tensor
+    labels: torch.Tensor
+    image_id: int
+    scale: float
+    skipped: tuple[int, ...] = field(default_factory=tuple)
+
+
+class CocoDataset(torch.utils.data.Dataset[Sample]):
+    """Images folder + COCO instances JSON, validated and cleaned at construction.
+
+    ``dataset[i]`` or ``dataset[(i, seed)]`` returns a :class:`Sample`; the seed drives the transform's
+    random choices, so augmentation does not depend on which worker loads the sample.
+
+    Args:
+        images: folder the ``file_name`` entries are relative to.
+        annotations: COCO instances JSON (``images``, ``annotations``, ``categories``).
+        transform: see :data:`Transform`; None keeps the image as decoded.
+        replace_corrupt: True (training) returns the next decodable image in place of a corrupt one, so
+            batches keep their size; False (evaluation) returns ``Sample.image = None``.
+        require_annotations: raise :class:`DataError` when no annotation survives cleaning.
+        keep_json: keep the cleaned JSON entries for :meth:`cleaned_json` (validation tools; training
+            leaves it off so that forked workers do not touch large Python object graphs).
+    """
+
+    def __init__(
+        self,
+        images: str | Path,
+        annotations: str | Path,
+        transform: Transform | None = None,
+        replace_corrupt: bool = True,
+        require_annotations: bool = True,
+        keep_json: bool = False,
+    ) -> None:
+        self.images_dir = _check_folder(images)
+        self.annotations_path = Path(annotations)
+        self.transform = transform
+        self.replace_corrupt = replace_corrupt
+        self._counts = dict.fromkeys(_COUNTS, 0)
+        self._corrupt: set[int] = set()
+        data = load_annotations(self.annotations_path)
+        self._json: dict[str, Any] | None = None
+        self._parse(data, require_annotations, keep_json)
+
+    # -- public metadata ---------------------------------------------------------------------
+    @property
+    def class_names(self) -> list[str]:
+        """Category names by contiguous label 0..C-1 (categories sorted by COCO id)."""
+        return list(self._class_names)
+
+    @property
+    def category_ids(self) -> list[int]:
+        """COCO category id of each contiguous label (label → id), for writing COCO results."""
+        return list(self._category_ids)
+
+    @property
+    def image_ids(self) -> list[int]:
+        """COCO ids of the kept images, in dataset order."""
+        return [int(i) for i in self._ids]
+
+    def file_path(self, index: int) -> Path:
+        return self.images_dir / str(self._files[index])
+
+    def targets(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Cleaned ground truth of image ``index``.
+
+        Returns boxes (N, 4) float32 x1y1x2y2 in original pixels and labels (N,) int64 in 0..C-1.
+        """
+        lo, hi = self._offsets[index], self._offsets[index + 1]
+        return self._boxes[lo:hi], self._labels[lo:hi]
+
+    def cleaned_json(self, exclude_ids: set[int] | frozenset[int] = frozenset()) -> dict[str, Any]:
+        """The annotation file with only the kept entries (clipped boxes), less the images in
+        ``exclude_ids`` and their annotations. Needs ``keep_json=True``."""
+        if self._json is None:
+            raise DataError("cleaned_json() needs the dataset built with keep_json=True")
+        doc = dict(self._json)
+        doc["images"] = [e for e in doc["images"] if e["id"] not in exclude_ids]
+        doc["annotations"] = [a for a in doc["annotations"] if a["image_id"] not in exclude_ids]
+        return doc
+
+    def report(self) -> dict[str, int]:
+        """Counts of what was listed, kept and dropped (by kind); ``corrupt_images`` counts those found
+        so far in this process or reported back by the loaders."""
+        out = dict(self._counts)
+        out["corrupt_images"] = len(self._corrupt)
+        return out
+
+    def record_corrupt(self, image_ids: tuple[int, ...] | list[int]) -> list[int]:
+        """Note corrupt images found (possibly in a worker); returns the ids not known before."""
+        new = [int(i) for i in image_ids if int(i) not in self._corrupt]
+        self._corrupt.update(new)
+        return new
+
+    # -- loading -----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def decode(self, index: int) -> torch.Tensor | None:
+        """Image ``index`` as (3, H, W) uint8 RGB, or None (logged once) when it cannot be decoded."""
+        path = self.file_path(index)
+        try:
+            return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        except (RuntimeError, OSError, ValueError) as first:
+            try:  # formats or variants torchvision does not read
+                with Image.open(path) as im:
+                    array = np.asarray(im.convert("RGB"))
+                return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+            except Exception as second:
+                image_id = int(self._ids[index])
+                if self.record_corrupt([image_id]):
+                    reason = str(second).splitlines()[0] or str(first).splitlines()[0]
+                    log.warning("skipping corrupt image %s (id %d): %s", path, image_id, reason)
+                return None
+
+    def __getitem__(self, key: int | tuple[int, int]) -> Sample:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        skipped: list[int] = []
+        image = None
+        for attempt in range(len(self)):
+            i = (index + attempt) % len(self)
+            image = self.decode(i)
+            if image is not None:
+                index = i
+                break
+            skipped.append(int(self._ids[i]))
+            if not self.replace_corrupt:
+                empty = torch.zeros((0, 4), dtype=torch.float32)
+                return Sample(None, empty, torch.zeros(0, dtype=torch.int64), skipped[0], 1.0, tuple(skipped))
+        if image is None:
+            raise DataError(f"none of the {len(self)} images in {self.images_dir} could be decoded")
+        np_boxes, np_labels = self.targets(index)
+        h, w = image.shape[-2:]
+        boxes = torch.from_numpy(np_boxes.copy())
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)  # guard against a JSON width/height that is off
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+        scale = 1.0
+        if self.transform is not None:
+            generator = torch.Generator().manual_seed(seed) if seed is not None else None
+            image, boxes, scale = self.transform(image, boxes, generator)
+        labels = torch.from_numpy(np_labels.astype(np.int64))
+        return Sample(image, boxes, labels, int(self._ids[index]), scale, tuple(skipped))
+
+    # -- validation --------------------------------------------------------------------------
+    def _parse(self, data: dict[str, Any], require_annotations: bool, keep_json: bool) -> None:
+        path, c = self.annotations_path, self._counts
+        cat_to_label = self._parse_categories(data["categories"])
+        on_disk = _listing(self.images_dir)
+
+        sizes: dict[int, tuple[int, int]] = {}
+        order: list[int] = []
+        entries: dict[int, dict[str, Any]] = {}
+        missing: set[int] = set()
+        c["images_listed"] = len(data["images"])
+        for entry in data["images"]:
+            parsed = _image_entry(entry)
+            if parsed is None:
+                c["invalid_images"] += 1
+                continue
+            image_id, name, w, h = parsed
+            if image_id in entries or image_id in missing:
+                c["duplicate_images"] += 1
+                continue
+            if not (name in on_disk or ("/" in name and (self.images_dir / name).is_file())):
+                c["missing_files"] += 1
+                missing.add(image_id)
+                continue
+            entries[image_id], sizes[image_id] = entry, (w, h)
+            order.append(image_id)
+        if not order:
+            raise DataError(
+                f"no usable images: {path} lists {c['images_listed']}, {c['missing_files']} missing "
+                f"in {self.images_dir}, {c['invalid_images']} invalid"
+            )
+
+        per_image: dict[int, list[tuple[list[float], int]]] = {i: [] for i in order}
+        kept_anns: list[dict[str, Any]] = []
+        c["annotations_listed"] = len(data["annotations"])
+        for ann in data["annotations"]:
+            kind, box = _check_annotation(ann, sizes, missing, cat_to_label)
+            if kind is not None:
+                c[kind] += 1
+                continue
+            assert box is not None
+            x1, y1, x2, y2, clipped = box
+            c["clipped"] += clipped
+            per_image[ann["image_id"]].append(([x1, y1, x2, y2], cat_to_label[ann["category_id"]]))
+            if keep_json and clipped:
+                ann = dict(ann)
+                area = ann.get("area")
+                box_area = (x2 - x1) * (y2 - y1)
+                ann["bbox"] = [x1, y1, x2 - x1, y2 - y1]
+                ann["area"] = min(float(area), box_area) if _is_number(area) else box_area
+            kept_anns.append(ann)
+        c["annotations"] = len(kept_anns)
+        if require_annotations and not kept_anns:
+            dropped = {k: v for k, v in c.items() if k.startswith("dropped_") and v}
+            raise DataError(
+                f"no usable annotations in {path} after cleaning (dropped: {dropped or 'none listed'})"
+            )
+
+        counts = [len(per_image[i]) for i in order]
+        self._ids = np.asarray(order, dtype=np.int64)
+        self._files = np.asarray([entries[i]["file_name"] for i in order], dtype=np.str_)
+        self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        flat = [t for i in order for t in per_image[i]]
+        self._boxes = np.asarray([b for b, _ in flat], dtype=np.float32).reshape(-1, 4)
+        self._labels = np.asarray([lab for _, lab in flat], dtype=np.int64)
+        if keep_json:
+            self._json = {**data, "images": [entries[i] for i in order], "annotations": kept_anns}
+        c["images"] = len(order)
+        c["images_without_annotations"] = sum(1 for n in counts if n == 0)
+        dropped_total = sum(v for k, v in c.items() if k.startswith("dropped_"))
+        if dropped_total or c["missing_files"] or c["invalid_images"] or c["duplicate_images"]:
+            log.warning("%s: %s", path, ", ".join(f"{k} {v}" for k, v in c.items() if v and k not in _KEPT))
+
+    def _parse_categories(self, categories: list[Any]) -> dict[int, int]:
+        by_id: dict[int, str] = {}
+        for cat in categories:
+            if not isinstance(cat, dict) or not _is_int(cat.get("id")):
+                raise DataError(f"{self.annotations_path}: category without an integer id: {str(cat)[:80]}")
+            if cat["id"] in by_id:
+                raise DataError(f"{self.annotations_path}: category id {cat['id']} listed twice")
+            by_id[cat["id"]] = str(cat.get("name", cat["id"]))
+        if not by_id:
+            raise DataError(f"{self.annotations_path}: no categories listed")
+        self._category_ids = sorted(by_id)
+        self._class_names = [by_id[i] for i in self._category_ids]
+        self._counts["categories"] = len(by_id)
+        return {cat_id: label for label, cat_id in enumerate(self._category_ids)}
+
+
+_KEPT = {
+    "images_listed",
+    "images",
+    "annotations_listed",
+    "annotations",
+    "categories",
+    "images_without_annotations",
+}
+
+
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> TypeGuard[float]:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _image_entry(entry: Any) -> tuple[int, str, int, int] | None:
+    if not isinstance(entry, dict):
+        return None
+    image_id, name, w, h = (entry.get(k) for k in ("id", "file_name", "width", "height"))
+    if not (_is_int(image_id) and isinstance(name, str) and name and _is_int(w) and _is_int(h)):
+        return None
+    if w <= 0 or h <= 0:
+        return None
+    return image_id, name, w, h
+
+
+def _check_annotation(
+    ann: Any,
+    sizes: dict[int, tuple[int, int]],
+    missing: set[int],
+    cat_to_label: dict[int, int],
+) -> tuple[str | None, tuple[float, float, float, float, int] | None]:
+    """(drop kind, None) or (None, (x1, y1, x2, y2, clipped 0/1)) for one annotation entry."""
+    if not isinstance(ann, dict):
+        return "dropped_malformed", None
+    image_id = ann.get("image_id")
+    if not _is_int(image_id):
+        return "dropped_malformed", None
+    if image_id in missing:
+        return "dropped_missing_image", None
+    if image_id not in sizes:
+        return "dropped_unknown_image", None
+    category = ann.get("category_id")
+    if not _is_int(category) or category not in cat_to_label:
+        return "dropped_unknown_category", None
+    if ann.get("iscrowd", 0):
+        return "dropped_crowd", None
+    bbox = ann.get("bbox")
+    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+        return "dropped_malformed", None
+    x, y, bw, bh = (float(v) for v in bbox)
+    if bw <= 0 or bh <= 0:
+        return "dropped_degenerate", None
+    w, h = sizes[image_id]
+    x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + bw, float(w)), min(y + bh, float(h))
+    if x2 <= x1 or y2 <= y1:
+        return "dropped_outside", None
+    clipped = int((x1, y1, x2, y2) != (x, y, x + bw, y + bh))
+    return None, (x1, y1, x2, y2, clipped)
+
+
+def _check_folder(images: str | Path) -> Path:
+    p = Path(images)
+    if str(images).startswith("s3://"):
+        raise DataError(f"{images}: s3:// paths must be fetched first (retinaflow.mlops.storage)")
+    if not p.exists():
+        raise DataError(f"images folder not found: {p}")
+    if not p.is_dir():
+        raise DataError(f"images path is not a folder: {p}")
+    if not os.access(p, os.R_OK | os.X_OK):
+        raise DataError(f"images folder is not readable: {p}")
+    return p
+
+
+def _listing(folder: Path) -> set[str]:
+    try:
+        return {e.name for e in os.scandir(folder) if e.is_file()}
+    except OSError as exc:
+        raise DataError(f"cannot list images folder {folder}: {exc.strerror}") from exc
+
+
+def load_annotations(path: Path) -> dict[str, Any]:
+    """The annotation file as a dict with ``images``, ``annotations`` and ``categories`` lists."""
+    if str(path).startswith("s3:/"):
+        raise DataError(f"{path}: s3:// paths must be fetched first (retinaflow.mlops.storage)")
+    if not path.exists():
+        raise DataError(f"annotation file not found: {path}")
+    if path.is_dir():
+        raise DataError(f"annotation path is a folder, expected a JSON file: {path}")
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read annotation file {path}: {exc.strerror}") from exc
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"annotation file {path} is not valid JSON: {exc}".splitlines()[0]) from exc
+    if not isinstance(data, dict):
+        raise DataError(f"annotation file {path} must hold a JSON object, got {type(data).__name__}")
+    data.setdefault("annotations", [])  # image-info files (e.g. COCO test-dev) list no annotations
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DataError(f"annotation file {path} has no {key!r} list")
+    return data

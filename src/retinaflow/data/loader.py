@@ -1,0 +1,244 @@
+"""torch DataLoaders producing :class:`~retinaflow.data.batch.Batch`.
+
+Training: an endless stream of batches. A ``DistributedSampler`` (shuffled, ``set_epoch`` every epoch)
+gives each rank its share of every epoch; the per-rank index stream is cut into batches continuously
+across epochs, so batch ``k`` of a run is a pure function of (seed, rank, world size, k). Each sample also
+gets its own augmentation seed from (seed, epoch, index). Resuming at iteration ``k`` therefore sees
+exactly the data an uninterrupted run would have seen, whatever the number of workers.
+
+Evaluation: each image exactly once across ranks (rank r takes images r, r + world, ...), no padding.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from retinaflow.config import DataConfig
+from retinaflow.data.batch import Batch
+from retinaflow.data.coco import CocoDataset, Sample
+from retinaflow.data.transforms import EvalTransform, TrainTransform
+from retinaflow.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def collate(samples: list[Sample], pad_stride: int) -> Batch:
+    """Stack samples into a Batch: images zero-padded (bottom/right) to a multiple of ``pad_stride``,
+    boxes/labels padded to the largest count M (at least 1) with label -1. Samples without an image
+    (corrupt, not replaced) are left out; their ids, and those passed over, go to ``Batch.skipped``."""
+    skipped = tuple(i for s in samples for i in s.skipped)
+    kept = [s for s in samples if s.image is not None]
+    count = max([1] + [len(s.labels) for s in kept])
+    if kept:
+        height = max(int(s.image.shape[-2]) for s in kept if s.image is not None)
+        width = max(int(s.image.shape[-1]) for s in kept if s.image is not None)
+    else:
+        height = width = pad_stride
+    height, width = (math.ceil(v / pad_stride) * pad_stride for v in (height, width))
+    images = torch.zeros((len(kept), 3, height, width), dtype=torch.uint8)
+    boxes = torch.zeros((len(kept), count, 4), dtype=torch.float32)
+    labels = torch.full((len(kept), count), -1, dtype=torch.int64)
+    sizes = torch.zeros((len(kept), 2), dtype=torch.int64)
+    for i, s in enumerate(kept):
+        assert s.image is not None
+        h, w = s.image.shape[-2:]
+        images[i, :, :h, :w] = s.image
+        n = len(s.labels)
+        boxes[i, :n] = s.boxes
+        labels[i, :n] = s.labels
+        sizes[i, 0], sizes[i, 1] = h, w
+    return Batch(
+        images=images,
+        boxes=boxes,
+        labels=labels,
+        image_ids=torch.tensor([s.image_id for s in kept], dtype=torch.int64),
+        scales=torch.tensor([s.scale for s in kept], dtype=torch.float32),
+        sizes=sizes,
+        skipped=skipped,
+    )
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Augmentation seed of dataset item ``index`` in ``epoch`` (63-bit, well mixed)."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class TrainBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Endless batches of (dataset index, augmentation seed) for one rank, starting at ``start_iteration``."""
+
+    def __init__(self, sampler: DistributedSampler[int], batch: int, seed: int, start_iteration: int = 0):
+        self.sampler, self.batch, self.seed, self.start_iteration = sampler, batch, seed, start_iteration
+        self.per_epoch = len(sampler)
+
+    def epoch_of(self, iteration: int) -> int:
+        """The epoch the first sample of batch ``iteration`` belongs to."""
+        return iteration * self.batch // self.per_epoch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, offset = divmod(self.start_iteration * self.batch, self.per_epoch)
+        current: list[tuple[int, int]] = []
+        while True:
+            self.sampler.set_epoch(epoch)
+            for index in list(self.sampler)[offset:]:
+                current.append((index, sample_seed(self.seed, epoch, index)))
+                if len(current) == self.batch:
+                    yield current
+                    current = []
+            epoch, offset = epoch + 1, 0
+
+
+class TrainLoader:
+    """Endless iterator of training batches; ``iteration`` counts batches taken (from ``start_iteration``).
+
+    Corrupt images skipped in workers are recorded on the dataset (``dataset.report()``) and in
+    ``skipped_ids``.
+    """
+
+    def __init__(self, loader: DataLoader[Sample], dataset: CocoDataset, sampler: TrainBatchSampler) -> None:
+        self.loader, self.dataset, self.batch_sampler = loader, dataset, sampler
+        self.iteration = sampler.start_iteration
+        self.skipped_ids: set[int] = set()
+        self._it: Iterator[Batch] | None = None
+
+    @property
+    def epoch(self) -> int:
+        return self.batch_sampler.epoch_of(self.iteration)
+
+    def __iter__(self) -> TrainLoader:
+        return self
+
+    def __next__(self) -> Batch:
+        if self._it is None:
+            self._it = iter(self.loader)
+        batch = next(self._it)
+        self.iteration += 1
+        _note_skipped(self.dataset, self.skipped_ids, batch)
+        return batch
+
+    def close(self) -> None:
+        """Stop the worker processes (they also stop when the loader is garbage-collected)."""
+        self._it = None
+
+
+class EvalLoader:
+    """One pass over this rank's share of an evaluation set per iteration; batches whose images were all
+    corrupt are not yielded (their ids are still recorded, like in :class:`TrainLoader`)."""
+
+    def __init__(self, loader: DataLoader[Sample], dataset: CocoDataset) -> None:
+        self.loader, self.dataset = loader, dataset
+        self.skipped_ids: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self.loader:
+            _note_skipped(self.dataset, self.skipped_ids, batch)
+            if len(batch):
+                yield batch
+
+
+class ShardSampler(Sampler[int]):
+    """Indices rank, rank + world_size, ... of ``n``: a partition over ranks, no padding duplicates."""
+
+    def __init__(self, n: int, rank: int, world_size: int) -> None:
+        self.indices = range(rank, n, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def build_train_loader(
+    data: DataConfig,
+    batch: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    start_iteration: int = 0,
+    pin_memory: bool | None = None,
+) -> tuple[TrainLoader, CocoDataset]:
+    """Endless training batches of ``batch`` images for ``rank`` (augmented), and the dataset.
+
+    ``start_iteration`` skips the batches a previous run already consumed (no images are loaded for
+    them). ``pin_memory`` defaults to "an accelerator is present".
+    """
+    if not data.images or not data.annotations:
+        raise ConfigError("training needs data.images and data.annotations")
+    _check_common(data, batch, rank, world_size)
+    if start_iteration < 0:
+        raise ConfigError(f"start_iteration must be >= 0, got {start_iteration}")
+    dataset = CocoDataset(data.images, data.annotations, TrainTransform(data), replace_corrupt=True)
+    sampler: DistributedSampler[int] = DistributedSampler(
+        dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed
+    )
+    batch_sampler = TrainBatchSampler(sampler, batch, seed, start_iteration)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=data.workers,
+        collate_fn=functools.partial(collate, pad_stride=data.pad_stride),
+        pin_memory=_pin(pin_memory),
+        persistent_workers=data.workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return TrainLoader(loader, dataset, batch_sampler), dataset
+
+
+def build_eval_loader(
+    images: str | Path,
+    annotations: str | Path,
+    data: DataConfig,
+    batch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool | None = None,
+) -> tuple[EvalLoader, CocoDataset]:
+    """Batches of ``images`` resized to ``data.resize`` (cap ``data.max_size``), in dataset order, this
+    rank's share only, and the dataset. A file listing no annotations is accepted (inference)."""
+    _check_common(data, batch, rank, world_size)
+    transform = EvalTransform(data.resize, data.max_size)
+    dataset = CocoDataset(images, annotations, transform, replace_corrupt=False, require_annotations=False)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch,
+        sampler=ShardSampler(len(dataset), rank, world_size),
+        num_workers=data.workers,
+        collate_fn=functools.partial(collate, pad_stride=data.pad_stride),
+        pin_memory=_pin(pin_memory),
+        persistent_workers=data.workers > 0,
+    )
+    return EvalLoader(loader, dataset), dataset
+
+
+def _check_common(data: DataConfig, batch: int, rank: int, world_size: int) -> None:
+    if batch <= 0:
+        raise ConfigError(f"batch size must be positive, got {batch}")
+    if world_size <= 0 or not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} is not in a world of {world_size}")
+    if data.workers < 0:
+        raise ConfigError(f"data.workers must be >= 0, got {data.workers}")
+    if data.pad_stride <= 0:
+        raise ConfigError(f"data.pad_stride must be positive, got {data.pad_stride}")
+
+
+def _pin(pin_memory: bool | None) -> bool:
+    return torch.accelerator.is_available() if pin_memory is None else pin_memory
+
+
+def _note_skipped(dataset: CocoDataset, seen: set[int], batch: Batch) -> None:
+    if batch.skipped:
+        seen.update(batch.skipped)
+        new = dataset.record_corrupt(batch.skipped)
+        if new:
+            log.warning("skipped corrupt image ids %s (%d so far)", new, dataset.report()["corrupt_images"])

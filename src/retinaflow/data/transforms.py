@@ -1,0 +1,103 @@
+"""Image + box transforms on uint8 CHW tensors (torchvision.transforms.v2 functional ops).
+
+Every random choice is drawn from an explicit ``torch.Generator`` that the loader seeds per sample, so
+augmentation depends only on (seed, epoch, sample) — not on worker count or on where a run resumed.
+
+Boxes are (N, 4) float32 x1y1x2y2 in pixels of the image they travel with; a resize multiplies them by
+the one scale factor it also returns (Batch.scales), so dividing by it restores original pixels exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
+
+from retinaflow.config import DataConfig
+from retinaflow.errors import ConfigError
+
+
+def resize_scale(height: int, width: int, shorter: int, max_size: int) -> float:
+    """Factor that brings the shorter side to ``shorter`` unless the longer would pass ``max_size``
+    (then the longer side becomes ``max_size``); ``max_size <= 0`` means no cap."""
+    scale = shorter / min(height, width)
+    if max_size > 0 and max(height, width) * scale > max_size:
+        scale = max_size / max(height, width)
+    return scale
+
+
+def resize(image: torch.Tensor, boxes: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resize image (3, H, W) uint8 by ``scale`` (antialiased) to (3, round(H*s), round(W*s)); boxes (N, 4)
+    are multiplied by ``scale`` and clipped to the new image."""
+    h, w = image.shape[-2:]
+    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    if (new_h, new_w) != (h, w):
+        image = F.resize(image, [new_h, new_w], antialias=True)
+    boxes = boxes * scale
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, new_w)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, new_h)
+    return image, boxes
+
+
+def hflip(image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mirror image (3, H, W) and boxes (N, 4) x1y1x2y2 left–right."""
+    h, w = image.shape[-2:]
+    wrapped = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w))
+    return F.horizontal_flip(image), F.horizontal_flip(wrapped).as_subclass(torch.Tensor)
+
+
+def _uniform(generator: torch.Generator | None, low: float, high: float) -> float:
+    return low + (high - low) * float(torch.rand((), generator=generator))
+
+
+class TrainTransform:
+    """Multi-scale resize (shorter side uniform in ``jitter``, longer side capped by ``max_size``),
+    horizontal flip with probability ``flip`` and colour jitter (brightness, contrast, saturation factors
+    uniform in 1 ± ``color_jitter``)."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        lo, hi = cfg.jitter
+        if not 0 < lo <= hi:
+            raise ConfigError(f"data.jitter must be (min, max) with 0 < min <= max, got {cfg.jitter}")
+        if not 0 <= cfg.flip <= 1:
+            raise ConfigError(f"data.flip must be a probability, got {cfg.flip}")
+        if not 0 <= cfg.color_jitter < 1:
+            raise ConfigError(f"data.color_jitter must be in [0, 1), got {cfg.color_jitter}")
+        self.jitter, self.max_size = (lo, hi), cfg.max_size
+        self.flip, self.color_jitter = cfg.flip, cfg.color_jitter
+
+    def __call__(
+        self, image: torch.Tensor, boxes: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """image (3, H, W) uint8, boxes (N, 4) float32 x1y1x2y2 → transformed image, boxes, scale."""
+        h, w = image.shape[-2:]
+        lo, hi = self.jitter
+        shorter = int(torch.randint(lo, hi + 1, (), generator=generator))
+        scale = resize_scale(h, w, shorter, self.max_size)
+        image, boxes = resize(image, boxes, scale)
+        if float(torch.rand((), generator=generator)) < self.flip:
+            image, boxes = hflip(image, boxes)
+        if self.color_jitter > 0:
+            cj = self.color_jitter
+            image = F.adjust_brightness(image, _uniform(generator, 1 - cj, 1 + cj))
+            image = F.adjust_contrast(image, _uniform(generator, 1 - cj, 1 + cj))
+            image = F.adjust_saturation(image, _uniform(generator, 1 - cj, 1 + cj))
+        return image, boxes, scale
+
+
+class EvalTransform:
+    """Deterministic resize: shorter side to ``resize``, longer side capped by ``max_size``."""
+
+    def __init__(self, resize: int, max_size: int) -> None:
+        if resize <= 0:
+            raise ConfigError(f"data.resize must be positive, got {resize}")
+        self.resize, self.max_size = resize, max_size
+
+    def __call__(
+        self, image: torch.Tensor, boxes: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """image (3, H, W) uint8, boxes (N, 4) float32 x1y1x2y2 → resized image, boxes, scale."""
+        h, w = image.shape[-2:]
+        scale = resize_scale(h, w, self.resize, self.max_size)
+        image, boxes = resize(image, boxes, scale)
+        return image, boxes, scale
