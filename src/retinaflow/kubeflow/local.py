@@ -1,0 +1,144 @@
+"""``retinaflow pipeline run --local``: the whole pipeline on this machine (the ``make demo`` job).
+
+kfp.local's SubprocessRunner runs every component as a subprocess of this Python environment
+(``use_venv=False``: retinaflow must be installed here); Kubernetes settings (GPUs, Secrets, node
+selectors) are ignored. The data is the synthetic shapes dataset, training runs on the CPU with the
+``synthetic_cpu`` preset, and MLflow is the embedded sqlite store under the output folder unless
+``MLFLOW_TRACKING_URI`` points elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from retinaflow.config import Config
+from retinaflow.errors import RetinaflowError
+from retinaflow.kubeflow.params import config_arguments
+
+PRESET = "synthetic_cpu"
+
+
+class LocalRunFailed(RetinaflowError):
+    """A task of the local pipeline run failed."""
+
+    exit_code = 7
+
+
+@dataclass
+class LocalRunOptions:
+    output: Path = Path("runs/pipeline")
+    images: int = 160
+    iterations: int | None = None
+    seed: int = 0
+    experiment: str = "retinaflow-local"
+    model_name: str = "retinaflow-demo"
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LocalRunResult:
+    output: Path
+    artifacts: Path
+    tracking_uri: str
+    summary: dict[str, Any]
+    versions: list[dict[str, Any]]
+
+
+def local_arguments(opts: LocalRunOptions, data: Any, output: Path) -> dict[str, Any]:
+    """Pipeline arguments for a CPU run on the synthetic dataset ``data`` (SynthPaths)."""
+    args = config_arguments(Config.load(PRESET))
+    args.update(
+        images=str(data.train_images),
+        annotations=str(data.train_annotations),
+        val_images=str(data.val_images),
+        val_annotations=str(data.val_annotations),
+        gpus=0,
+        nodes=1,
+        checkpoint_root=str(output / "checkpoints"),
+        experiment=opts.experiment,
+        model_name=opts.model_name,
+        seed=opts.seed,
+    )
+    if opts.iterations is not None:
+        args["iterations"] = opts.iterations
+        args["checkpoint_every"] = max(1, min(int(args.get("checkpoint_every", 1000)), opts.iterations))
+        scaled = [
+            f"train.warmup={max(1, opts.iterations // 5)}",
+            f"train.milestones=[{int(opts.iterations * 0.75)}]",
+        ]
+        kept = [
+            o for o in args.get("overrides", []) if not o.startswith(("train.warmup=", "train.milestones="))
+        ]
+        args["overrides"] = kept + scaled
+    args.update(opts.arguments)
+    return args
+
+
+def run_local(opts: LocalRunOptions) -> LocalRunResult:
+    """Synthesize data, run every pipeline step with kfp.local, return where everything is."""
+    from kfp import local
+
+    from retinaflow.data.synthetic import SynthConfig, generate
+    from retinaflow.kubeflow.pipeline import retinaflow_pipeline
+    from retinaflow.mlops.settings import resolve_tracking_uri
+
+    output = opts.output.resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("RETINAFLOW_PROJECT_DIR", str(output))
+    os.environ["MLFLOW_TRACKING_URI"] = resolve_tracking_uri()
+    # the components run `python3 -m kfp.dsl.executor_main`: make that this interpreter
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    data = generate(SynthConfig(out=output / "data", images=opts.images, seed=opts.seed))
+    artifacts = output / "artifacts"
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(artifacts), raise_on_error=True
+    )
+    try:
+        retinaflow_pipeline(**local_arguments(opts, data, output))
+    except RuntimeError as exc:
+        raise LocalRunFailed(str(exc).strip().splitlines()[0]) from exc
+    return LocalRunResult(
+        output=output,
+        artifacts=artifacts,
+        tracking_uri=os.environ["MLFLOW_TRACKING_URI"],
+        summary=_latest_summary(artifacts),
+        versions=_versions(opts.model_name),
+    )
+
+
+def _latest_summary(artifacts: Path) -> dict[str, Any]:
+    from retinaflow.kubeflow.steps.evaluation import SUMMARY_FILE
+
+    found = sorted(artifacts.glob(f"*/evaluate*/report/{SUMMARY_FILE}"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise LocalRunFailed(f"the run left no evaluation summary under {artifacts}")
+    summary = dict(json.loads(found[-1].read_text()))
+    summary["report_dir"] = str(found[-1].parent)
+    return summary
+
+
+def _versions(model_name: str) -> list[dict[str, Any]]:
+    from retinaflow.kubeflow.steps.registration import registry_state
+
+    return registry_state(model_name)
+
+
+def print_summary(result: LocalRunResult) -> None:
+    """What ``make demo`` shows: mAP, the registry, where the artifacts are, how to open MLflow."""
+    s = result.summary
+    print(f"mAP (val, IoU .50:.95): PyTorch {s['map']:.4f}   ONNX Runtime {s['onnx_map']:.4f}"
+          f"   (drop {s['export_drop']:+.4f}, allowed {s['max_export_drop']:.4f})")  # fmt: skip
+    print("model registry:")
+    for v in result.versions:
+        aliases = ",".join(v.get("aliases", [])) or "-"
+        print(f"  {v['name']} v{v['version']}  aliases: {aliases}  mAP: {v.get('map', '?')}")
+    print(f"artifacts (kfp.local pipeline root): {result.artifacts}")
+    print(f"evaluation report: {s['report_dir']}")
+    print(f"MLflow store: {result.tracking_uri}")
+    if result.tracking_uri.startswith("sqlite:///"):
+        print(f"open the MLflow UI: mlflow ui --backend-store-uri {result.tracking_uri} --port 5000")

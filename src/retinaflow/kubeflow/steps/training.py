@@ -1,0 +1,196 @@
+"""The train step: ``retinaflow train`` (under ``torchrun`` on GPUs) on the prepared dataset.
+
+Resuming after a pod retry: the checkpoint lives at ``{checkpoint_root}/{run_name}/model.pth``,
+where ``run_name`` is the KFP run's name (the same for every retry of the run). On ``s3://`` the
+step downloads an existing checkpoint before starting (``retinaflow train`` resumes from it) and
+uploads the local one whenever the trainer rewrites it, so a pod killed mid-training loses at most
+``checkpoint_every`` iterations. A local ``checkpoint_root`` is used in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from retinaflow.errors import CheckpointError, ConfigError, RetinaflowError
+from retinaflow.kubeflow.steps.common import find_run_id, is_remote, tracking_enabled, upload
+from retinaflow.kubeflow.steps.data import DatasetManifest, load_manifest
+
+log = logging.getLogger(__name__)
+
+SYNC_SECONDS = 30.0
+
+
+class TrainingFailed(RetinaflowError):
+    """The training process exited with an error."""
+
+
+@dataclass
+class TrainRequest:
+    """The train component's parameters (see ``retinaflow train --help`` for each flag)."""
+
+    backbone: str = "resnet50"
+    iterations: int = 90000
+    batch: int = 16
+    lr: float = 0.01
+    precision: str = "auto"
+    resize: int = 800
+    max_size: int = 1333
+    gpus: int = 1
+    val_every: int = 0
+    checkpoint_every: int = 1000
+    backbone_weights: str = ""
+    overrides: list[str] = field(default_factory=list)
+    checkpoint_root: str = ""
+    experiment: str = "retinaflow"
+    run_name: str = "retinaflow"
+
+    def check(self) -> None:
+        for name in ("iterations", "batch", "resize", "max_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train {name} must be positive, got {getattr(self, name)}")
+        if self.gpus < 0:
+            raise ConfigError(f"gpus must be 0 (CPU) or more, got {self.gpus}")
+        if self.gpus and self.batch % self.gpus:
+            raise ConfigError(f"batch {self.batch} must be a multiple of gpus {self.gpus}")
+        bad = [o for o in self.overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} must look like section.key=value")
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    iterations: int
+    mlflow_run_id: str
+    checkpoint_uri: str
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "iterations": self.iterations,
+            "mlflow_run_id": self.mlflow_run_id,
+            "checkpoint_uri": self.checkpoint_uri,
+        }
+
+
+def checkpoint_uri(req: TrainRequest, default_root: Path) -> str:
+    """Where this run's checkpoint lives: stable across retries of one KFP run."""
+    root = req.checkpoint_root.rstrip("/") or str(default_root)
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", req.run_name).strip("-") or "run"
+    return f"{root}/{safe}/model.pth"
+
+
+def train_args(req: TrainRequest, data: DatasetManifest, checkpoint: str, tracked: bool) -> list[str]:
+    """``-m retinaflow train CHECKPOINT ...``: what a Python launcher (python, torchrun) runs."""
+    args = [
+        "-m", "retinaflow", "train", checkpoint,
+        "--images", data.train_images, "--annotations", data.train_annotations,
+        "--val-images", data.val_images, "--val-annotations", data.val_annotations,
+        "--backbone", req.backbone, "--iters", str(req.iterations), "--batch", str(req.batch),
+        "--lr", repr(req.lr), "--precision", req.precision,
+        "--resize", str(req.resize), "--max-size", str(req.max_size),
+        "--val-every", str(req.val_every), "--checkpoint-every", str(req.checkpoint_every),
+        "--set", f"infer.resize={req.resize}", "--set", f"infer.max_size={req.max_size}",
+    ]  # fmt: skip
+    if req.backbone_weights:
+        args += ["--backbone-weights", req.backbone_weights]
+    for item in req.overrides:
+        args += ["--set", item]
+    if tracked:
+        args += ["--mlflow", "--experiment", req.experiment, "--run-name", req.run_name]
+    return args
+
+
+def train_argv(req: TrainRequest, data: DatasetManifest, checkpoint: str, tracked: bool) -> list[str]:
+    """The command line that trains: ``torchrun ... -m retinaflow train`` on GPUs, plain Python on CPU."""
+    args = train_args(req, data, checkpoint, tracked)
+    if req.gpus == 0:
+        return [sys.executable, *args]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={req.gpus}"]
+    return [*launcher, *args]
+
+
+def run_training(req: TrainRequest, dataset_dir: str | Path, model_path: str | Path) -> TrainResult:
+    """Train on the dataset of ``dataset_dir``; copy the final checkpoint to ``model_path``."""
+    from retinaflow.engine.checkpoint import load_checkpoint
+
+    req.check()
+    data = load_manifest(dataset_dir)
+    out = Path(model_path)
+    uri = checkpoint_uri(req, default_root=out.parent / "checkpoints")
+    tracked = tracking_enabled()
+    local = _local_checkpoint(uri, out.parent)
+    argv = train_argv(req, data, str(local), tracked)
+    log.info("training: %s", " ".join(argv))
+    with _Syncer(local, uri if is_remote(uri) else None):
+        code = subprocess.call(argv)
+    if code != 0:
+        raise TrainingFailed(f"training exited with code {code} (checkpoint kept at {uri})")
+    if not local.is_file():
+        raise CheckpointError(f"training finished without writing {local}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(local, out)
+    state = load_checkpoint(out)
+    run_id = find_run_id(req.experiment, req.run_name) if tracked else ""
+    return TrainResult(
+        checkpoint=out, iterations=int(state["iteration"]), mlflow_run_id=run_id, checkpoint_uri=uri
+    )
+
+
+def _local_checkpoint(uri: str, scratch: Path) -> Path:
+    """The local file the trainer writes; for s3:// a scratch copy seeded with the remote checkpoint."""
+    if not is_remote(uri):
+        path = Path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+    path = scratch / "resume" / "model.pth"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        from retinaflow.mlops.storage import download_if_exists
+    except ImportError as exc:
+        raise ConfigError("an s3:// checkpoint_root needs pip install 'retinaflow[mlops]'") from exc
+    if download_if_exists(uri, path):
+        log.info("resuming from %s", uri)
+    return path
+
+
+class _Syncer:
+    """Uploads ``local`` to ``uri`` each time the trainer replaces it, and once more at the end."""
+
+    def __init__(self, local: Path, uri: str | None) -> None:
+        self.local, self.uri = local, uri
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.seen = self._stamp()
+
+    def _stamp(self) -> float:
+        return self.local.stat().st_mtime if self.local.is_file() else 0.0
+
+    def _sync(self) -> None:
+        stamp = self._stamp()
+        if self.uri and stamp and stamp != self.seen:
+            upload(self.local, self.uri)
+            self.seen = stamp
+            log.info("checkpoint synced to %s", self.uri)
+
+    def _loop(self) -> None:
+        while not self.stop.wait(SYNC_SECONDS):
+            self._sync()
+
+    def __enter__(self) -> _Syncer:
+        if self.uri:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.uri:
+            self.thread.join()
+            self._sync()
