@@ -23,9 +23,13 @@ from typing import Any, TypeGuard
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_image, read_file
 
 from retinaflow.errors import DataError
+
+try:  # deprecated in torchvision 0.29 in favour of TorchCodec; PIL does the job where it is gone
+    from torchvision.io import ImageReadMode, decode_image, read_file
+except ImportError:  # pragma: no cover - depends on the installed torchvision
+    decode_image = None
 
 log = logging.getLogger(__name__)
 
@@ -170,19 +174,21 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
     def decode(self, index: int) -> torch.Tensor | None:
         """Image ``index`` as (3, H, W) uint8 RGB, or None (logged once) when it cannot be decoded."""
         path = self.file_path(index)
+        if decode_image is not None:
+            try:
+                return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+            except (RuntimeError, OSError, ValueError):
+                pass  # formats or variants torchvision does not read: try PIL
         try:
-            return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-        except (RuntimeError, OSError, ValueError) as first:
-            try:  # formats or variants torchvision does not read
-                with Image.open(path) as im:
-                    array = np.asarray(im.convert("RGB"))
-                return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
-            except Exception as second:
-                image_id = int(self._ids[index])
-                if self.record_corrupt([image_id]):
-                    reason = str(second).splitlines()[0] or str(first).splitlines()[0]
-                    log.warning("skipping corrupt image %s (id %d): %s", path, image_id, reason)
-                return None
+            with Image.open(path) as im:
+                array = np.asarray(im.convert("RGB"))
+            return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+        except Exception as exc:  # PIL raises many types for bad files; all mean "unreadable"
+            image_id = int(self._ids[index])
+            if self.record_corrupt([image_id]):
+                reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+                log.warning("skipping corrupt image %s (id %d): %s", path, image_id, reason)
+            return None
 
     def __getitem__(self, key: int | tuple[int, int]) -> Sample:
         index, seed = key if isinstance(key, tuple) else (key, None)

@@ -92,7 +92,7 @@ def generate(cfg: SynthConfig) -> SynthPaths:
                         "image_id": image_id,
                         "category_id": label + 1,
                         "bbox": bbox,
-                        "area": round(area, 2),
+                        "area": round(min(area, bbox[2] * bbox[3]), 2),
                         "iscrowd": 0,
                     }
                 )
