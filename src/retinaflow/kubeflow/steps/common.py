@@ -51,6 +51,9 @@ def find_run_id(experiment: str, run_name: str) -> str:
     """Id of the newest MLflow run named ``run_name`` in ``experiment``; '' when there is none."""
     import mlflow
 
+    from retinaflow.mlops.settings import resolve_tracking_uri
+
+    mlflow.set_tracking_uri(resolve_tracking_uri())
     runs = mlflow.search_runs(
         experiment_names=[experiment],
         filter_string=f"attributes.run_name = '{run_name}'",

@@ -126,6 +126,9 @@ def load_summary(report_dir: str | Path) -> dict[str, Any]:
 def _log_to_mlflow(run_id: str, summary: EvalSummary, folder: Path) -> None:
     import mlflow
 
+    from retinaflow.mlops.settings import resolve_tracking_uri
+
+    mlflow.set_tracking_uri(resolve_tracking_uri())
     metrics = {f"eval/{k}": v for k, v in summary.pytorch.items()}
     metrics |= {f"onnx/{k}": v for k, v in summary.onnx.items()}
     metrics["onnx/export_drop"] = summary.drop
