@@ -1,0 +1,145 @@
+"""Pure-PyTorch reference of the post-processing ops; runs on CPU and CUDA tensors.
+
+It defines the semantics that the CUDA kernels (``kernels/``) reproduce:
+
+decode — per image and per FPN level: sigmoid of the class logits, keep (anchor, class) pairs whose
+score is above ``score_thresh``, take the ``top_n`` best of them, decode their anchor's box deltas
+(torchvision ``BoxCoder``, weights 1, dw/dh clamped at log(1000/16)) and clamp the box to the image.
+Ranking is by logit (the sigmoid is monotone) with ties broken by the lower flat index
+``((y * W + x) * A + a) * C + c``, so the result is deterministic and identical to the kernels'.
+Candidates of level ``l`` fill slots ``[l * top_n, (l + 1) * top_n)`` in descending order; unused slots
+are padding: score 0, box 0, class -1 (real candidates always have score > ``score_thresh`` >= 0).
+
+nms — batched, class-aware greedy NMS (torchvision ``batched_nms``) over the rows of each image whose
+class is >= 0 (padding rows, class -1, are ignored), keeping at most ``max_det`` rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torchvision
+
+from retinaflow.ops.detections import Detections
+
+BBOX_XFORM_CLIP = math.log(1000.0 / 16)
+_LOW32 = (1 << 32) - 1
+
+
+def flatten_level(x: torch.Tensor, num_anchors: int) -> torch.Tensor:
+    """(B, A*K, H, W) head output -> (B, H*W*A, K): location-major (y, then x), anchor-minor."""
+    batch, channels, height, width = x.shape
+    k = channels // num_anchors
+    return x.reshape(batch, num_anchors, k, height, width).permute(0, 3, 4, 1, 2).reshape(batch, -1, k)
+
+
+def decode_deltas(anchors: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+    """Boxes from anchors and deltas (torchvision convention, weights 1, dw/dh clamped at log(1000/16)).
+
+    anchors: (..., 4) float x1y1x2y2; deltas: (..., 4) (dx, dy, dw, dh), same shape.
+    Returns (..., 4) float x1y1x2y2.
+    """
+    widths = anchors[..., 2] - anchors[..., 0]
+    heights = anchors[..., 3] - anchors[..., 1]
+    ctr_x = anchors[..., 0] + 0.5 * widths
+    ctr_y = anchors[..., 1] + 0.5 * heights
+    dx, dy, dw, dh = deltas.unbind(-1)
+    pred_x = dx * widths + ctr_x
+    pred_y = dy * heights + ctr_y
+    pred_w = torch.exp(dw.clamp(max=BBOX_XFORM_CLIP)) * widths
+    pred_h = torch.exp(dh.clamp(max=BBOX_XFORM_CLIP)) * heights
+    return torch.stack(
+        [pred_x - 0.5 * pred_w, pred_y - 0.5 * pred_h, pred_x + 0.5 * pred_w, pred_y + 0.5 * pred_h], dim=-1
+    )
+
+
+def rank_keys(logits: torch.Tensor) -> torch.Tensor:
+    """Unique int64 ranking keys: larger logit first, then lower flat index (the kernels' order).
+
+    logits: (B, N) float32. Returns (B, N) int64 = ordered_bits(logit) * 2^32 + (2^32 - 1 - index).
+    """
+    bits = logits.contiguous().view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    index = torch.arange(logits.shape[-1], device=logits.device, dtype=torch.int64)
+    return ordered * (1 << 32) + (_LOW32 - index)
+
+
+def decode(
+    cls_heads: list[torch.Tensor],
+    box_heads: list[torch.Tensor],
+    anchors: list[torch.Tensor],
+    sizes: torch.Tensor,
+    score_thresh: float,
+    top_n: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top candidates of every level, decoded and clamped; fixed-size, no host synchronisation.
+
+    cls_heads: per level (B, A*C, H_l, W_l) logits; box_heads: per level (B, A*4, H_l, W_l) deltas;
+    anchors: per level (H_l*W_l*A, 4) float x1y1x2y2 in input pixels; sizes: (B, 2) (height, width) of
+    each unpadded image (boxes are clamped to it).
+    Returns scores (B, K) float32, boxes (B, K, 4) float32, classes (B, K) int64 with K = levels * top_n.
+    """
+    batch = cls_heads[0].shape[0]
+    device = cls_heads[0].device
+    hw = sizes.to(device=device, dtype=torch.float32)
+    upper = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], dim=-1)[:, None, :]
+    scores_out, boxes_out, classes_out = [], [], []
+    for cls, box, anc in zip(cls_heads, box_heads, anchors, strict=True):
+        _, _, height, width = cls.shape
+        num_anchors = anc.shape[0] // (height * width)
+        num_classes = cls.shape[1] // num_anchors
+        logits = flatten_level(cls, num_anchors).reshape(batch, -1).float()
+        deltas = flatten_level(box, num_anchors).float()
+        scores = torch.sigmoid(logits)
+        present = scores > score_thresh
+        keys = torch.where(present, rank_keys(logits), torch.iinfo(torch.int64).min)
+        k = min(top_n, logits.shape[1])
+        _, idx = keys.topk(k, dim=1)  # sorted descending
+        valid = present.gather(1, idx)
+        anchor_idx = idx // num_classes
+        picked = decode_deltas(
+            anc.to(device=device, dtype=torch.float32)[anchor_idx],
+            deltas.gather(1, anchor_idx[..., None].expand(-1, -1, 4)),
+        )
+        picked = torch.minimum(picked.clamp(min=0), upper)
+        s = torch.where(valid, scores.gather(1, idx), 0.0)
+        b = torch.where(valid[..., None], picked, 0.0)
+        c = torch.where(valid, idx % num_classes, -1)
+        if k < top_n:
+            pad = top_n - k
+            s = torch.cat([s, s.new_zeros(batch, pad)], dim=1)
+            b = torch.cat([b, b.new_zeros(batch, pad, 4)], dim=1)
+            c = torch.cat([c, c.new_full((batch, pad), -1)], dim=1)
+        scores_out.append(s)
+        boxes_out.append(b)
+        classes_out.append(c)
+    return torch.cat(scores_out, dim=1), torch.cat(boxes_out, dim=1), torch.cat(classes_out, dim=1)
+
+
+def nms(
+    scores: torch.Tensor, boxes: torch.Tensor, classes: torch.Tensor, iou_threshold: float, max_det: int
+) -> Detections:
+    """Class-aware greedy NMS per image (torchvision ``batched_nms``), padded to ``max_det`` rows.
+
+    scores: (B, K) float; boxes: (B, K, 4) float x1y1x2y2; classes: (B, K) int, rows with class < 0 or a
+    NaN score are ignored. Returns Detections (B, max_det), scores/boxes float32, classes/counts int64.
+    Loops over images and synchronises with the host (the kept count is data-dependent).
+    """
+    batch = scores.shape[0]
+    device = scores.device
+    out_scores = torch.zeros(batch, max_det, dtype=torch.float32, device=device)
+    out_boxes = torch.zeros(batch, max_det, 4, dtype=torch.float32, device=device)
+    out_classes = torch.full((batch, max_det), -1, dtype=torch.int64, device=device)
+    counts = torch.zeros(batch, dtype=torch.int64, device=device)
+    for i in range(batch):
+        s, b, c = scores[i].float(), boxes[i].float(), classes[i].long()
+        valid = (c >= 0) & ~torch.isnan(s)
+        s, b, c = s[valid], b[valid], c[valid]
+        keep = torchvision.ops.batched_nms(b, s, c, iou_threshold)[:max_det]
+        n = keep.numel()
+        out_scores[i, :n] = s[keep]
+        out_boxes[i, :n] = b[keep]
+        out_classes[i, :n] = c[keep]
+        counts[i] = n
+    return Detections(out_scores, out_boxes, out_classes, counts)

@@ -1,0 +1,167 @@
+"""Post-processing ops: decode, NMS and both chained; dispatched by the tensors' device.
+
+CUDA tensors go to the compiled kernels (``kernels/``, loaded by :mod:`retinaflow.ops._ext`) when they
+can be loaded, otherwise — and for CPU tensors — to the pure-PyTorch reference
+(:mod:`retinaflow.ops._reference`), which defines the semantics (padding, tie order) both share.
+
+``backend`` selects explicitly: ``"auto"`` (default: kernels for CUDA tensors if available),
+``"cuda"`` (kernels or :class:`~retinaflow.errors.MissingDependency`), ``"reference"``.
+The environment variable ``RETINAFLOW_OPS_BACKEND`` changes the default.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from retinaflow.config import InferConfig
+from retinaflow.errors import ConfigError
+from retinaflow.ops import _ext, _reference
+from retinaflow.ops.detections import Detections
+
+BACKENDS = ("auto", "cuda", "reference")
+MAX_LEVELS = 8
+MAX_TOP_N = 16384
+
+
+def _backend(backend: str | None) -> str:
+    name = backend or os.environ.get("RETINAFLOW_OPS_BACKEND", "auto")
+    if name not in BACKENDS:
+        raise ConfigError(f"ops backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    return name
+
+
+def _use_kernels(t: torch.Tensor, backend: str | None) -> bool:
+    name = _backend(backend)
+    if name == "reference":
+        return False
+    if name == "cuda":
+        if t.device.type != "cuda":
+            raise ConfigError(f"ops backend 'cuda' needs CUDA tensors, got tensors on {t.device}")
+        _ext.load()
+        return True
+    return t.device.type == "cuda" and _ext.available()
+
+
+def _check_decode(
+    cls_heads: Sequence[torch.Tensor],
+    box_heads: Sequence[torch.Tensor],
+    anchors: Sequence[torch.Tensor],
+    sizes: torch.Tensor,
+    score_thresh: float,
+    top_n: int,
+) -> None:
+    levels = len(cls_heads)
+    if levels == 0 or levels > MAX_LEVELS:
+        raise ConfigError(f"decode needs 1..{MAX_LEVELS} pyramid levels, got {levels}")
+    if len(box_heads) != levels or len(anchors) != levels:
+        raise ConfigError(
+            f"decode needs as many box heads and anchor sets as class heads ({levels}), "
+            f"got {len(box_heads)} and {len(anchors)}"
+        )
+    if not 0.0 <= score_thresh < 1.0:
+        raise ConfigError(f"score_thresh must be in [0, 1), got {score_thresh}")
+    if not 1 <= top_n <= MAX_TOP_N:
+        raise ConfigError(f"top_n must be in 1..{MAX_TOP_N}, got {top_n}")
+    batch = cls_heads[0].shape[0]
+    if sizes.shape != (batch, 2):
+        raise ConfigError(f"sizes must be (B, 2) = ({batch}, 2) (height, width), got {tuple(sizes.shape)}")
+    num_classes = None
+    for level, (cls, box, anc) in enumerate(zip(cls_heads, box_heads, anchors, strict=True)):
+        if cls.dim() != 4 or box.dim() != 4 or cls.shape[0] != batch:
+            raise ConfigError(f"level {level}: heads must be (B, A*C, H, W) with B = {batch}")
+        height, width = cls.shape[-2:]
+        if box.shape[0] != batch or box.shape[-2:] != (height, width) or box.shape[1] % 4:
+            raise ConfigError(
+                f"level {level}: box head {tuple(box.shape)} does not match class head {tuple(cls.shape)}"
+            )
+        num_anchors = box.shape[1] // 4
+        if anc.shape != (height * width * num_anchors, 4):
+            raise ConfigError(
+                f"level {level}: anchors must be (H*W*A, 4) = ({height * width * num_anchors}, 4), "
+                f"got {tuple(anc.shape)}"
+            )
+        if num_anchors == 0 or cls.shape[1] % num_anchors:
+            raise ConfigError(
+                f"level {level}: class channels {cls.shape[1]} are not a multiple of A = {num_anchors}"
+            )
+        c = cls.shape[1] // num_anchors
+        if num_classes is not None and c != num_classes:
+            raise ConfigError(f"level {level}: {c} classes, level 0 has {num_classes}")
+        num_classes = c
+        if cls.device != cls_heads[0].device or box.device != cls.device:
+            raise ConfigError(f"level {level}: heads are on different devices")
+
+
+def decode(
+    cls_heads: Sequence[torch.Tensor],
+    box_heads: Sequence[torch.Tensor],
+    anchors: Sequence[torch.Tensor],
+    sizes: torch.Tensor,
+    score_thresh: float,
+    top_n: int,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``top_n`` candidates per image and level, decoded and clamped to the image.
+
+    cls_heads: per level (B, A*C, H_l, W_l) logits (float32/16, bfloat16; any strides, channels_last
+    included); box_heads: per level (B, A*4, H_l, W_l) deltas; anchors: per level (H_l*W_l*A, 4) float
+    x1y1x2y2 in input pixels; sizes: (B, 2) int (height, width) of each unpadded resized image.
+    Returns scores (B, K) float32, boxes (B, K, 4) float32 x1y1x2y2, classes (B, K) int64, with
+    K = levels * top_n; level l fills slots [l*top_n, (l+1)*top_n), best first. Padding slots have
+    score 0, box 0 and class -1.
+    """
+    _check_decode(cls_heads, box_heads, anchors, sizes, score_thresh, top_n)
+    if _use_kernels(cls_heads[0], backend):
+        return _ext.decode(list(cls_heads), list(box_heads), list(anchors), sizes, score_thresh, top_n)
+    return _reference.decode(list(cls_heads), list(box_heads), list(anchors), sizes, score_thresh, top_n)
+
+
+def nms(
+    scores: torch.Tensor,
+    boxes: torch.Tensor,
+    classes: torch.Tensor,
+    iou_threshold: float,
+    max_det: int,
+    backend: str | None = None,
+) -> Detections:
+    """Batched class-aware NMS with fixed-size output.
+
+    scores: (B, K) float; boxes: (B, K, 4) float x1y1x2y2; classes: (B, K) int, class < 0 marks padding
+    rows (ignored, as are NaN scores). A box is suppressed by a kept box of the same class and higher
+    score (ties: lower row first) when their IoU is > ``iou_threshold``.
+    Returns Detections with D = ``max_det`` rows per image.
+    """
+    if scores.dim() != 2 or boxes.shape != (*scores.shape, 4) or classes.shape != scores.shape:
+        raise ConfigError(
+            f"nms needs scores (B, K), boxes (B, K, 4), classes (B, K); got {tuple(scores.shape)}, "
+            f"{tuple(boxes.shape)}, {tuple(classes.shape)}"
+        )
+    if not 0.0 <= iou_threshold <= 1.0:
+        raise ConfigError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
+    if max_det < 1:
+        raise ConfigError(f"max_det must be >= 1, got {max_det}")
+    if _use_kernels(scores, backend):
+        return _ext.nms(scores, boxes, classes, iou_threshold, max_det)
+    return _reference.nms(scores, boxes, classes, iou_threshold, max_det)
+
+
+def postprocess(
+    cls_heads: Sequence[torch.Tensor],
+    box_heads: Sequence[torch.Tensor],
+    anchors: Sequence[torch.Tensor],
+    sizes: torch.Tensor,
+    cfg: InferConfig,
+    backend: str | None = None,
+) -> Detections:
+    """decode (``cfg.score_thresh``, ``cfg.top_n``) then NMS (``cfg.nms_iou``, ``cfg.max_det``).
+
+    Inputs as in :func:`decode`; returns Detections (B, cfg.max_det), boxes in resized-image pixels.
+    On CUDA with the kernels there is no host synchronisation (CUDA-graph capturable).
+    """
+    scores, boxes, classes = decode(
+        cls_heads, box_heads, anchors, sizes, cfg.score_thresh, cfg.top_n, backend
+    )
+    return nms(scores, boxes, classes, cfg.nms_iou, cfg.max_det, backend)
