@@ -60,7 +60,11 @@ def test_invalid_json_is_one_line_data_error(make_coco, content, message) -> Non
 
 @pytest.mark.parametrize(
     ("categories", "message"),
-    [([], "no categories"), ([{"name": "x"}], "without an integer id"), ([{"id": 1}, {"id": 1}], "listed twice")],
+    [
+        ([], "no categories"),
+        ([{"name": "x"}], "without an integer id"),
+        ([{"id": 1}, {"id": 1}], "listed twice"),
+    ],
 )
 def test_bad_categories(make_coco, categories, message) -> None:
     images, annotations = make_coco(1)
@@ -116,7 +120,9 @@ def test_category_ids_map_to_sorted_contiguous_labels(make_coco) -> None:
     assert ds.targets(0)[1].tolist() == [2, 0, 1]
     sample = ds[0]
     assert sample.labels.dtype == torch.int64 and sample.labels.tolist() == [2, 0, 1]
-    assert sample.image is not None and sample.image.shape == (3, 30, 40) and sample.image.dtype == torch.uint8
+    assert (
+        sample.image is not None and sample.image.shape == (3, 30, 40) and sample.image.dtype == torch.uint8
+    )
 
 
 def test_missing_image_files_are_counted_and_skipped(make_coco) -> None:
@@ -132,7 +138,12 @@ def test_missing_image_files_are_counted_and_skipped(make_coco) -> None:
 def test_invalid_and_duplicate_image_entries(make_coco) -> None:
     images, annotations = make_coco(2)
     doc = json.loads(annotations.read_text())
-    doc["images"] += [doc["images"][0], {"id": 5, "file_name": "x.jpg"}, "junk", {**doc["images"][1], "id": 6, "width": 0}]
+    doc["images"] += [
+        doc["images"][0],
+        {"id": 5, "file_name": "x.jpg"},
+        "junk",
+        {**doc["images"][1], "id": 6, "width": 0},
+    ]
     annotations.write_text(json.dumps(doc))
     r = CocoDataset(images, annotations).report()
     assert r["images_listed"] == 6 and r["images"] == 2

@@ -80,11 +80,16 @@ def test_objects_stand_out_from_their_background(synth40) -> None:
         boxes = [a for a in doc["annotations"] if a["image_id"] == img["id"]]
         pixels = np.asarray(Image.open(Path(synth40.train_images) / img["file_name"]), dtype=np.float32)
         for a in boxes:
-            x, y, w, h = (int(round(v)) for v in a["bbox"])
+            x, y, w, h = (round(v) for v in a["bbox"])
             if a["category_id"] != 2 or len(boxes) > 1 or min(w, h) < 12:
                 continue
             inside = pixels[y + h // 4 : y + 3 * h // 4, x + w // 4 : x + 3 * w // 4].reshape(-1, 3).mean(0)
-            y0, y1, x0, x1 = max(y - 4, 0), min(y + h + 4, img["height"]), max(x - 4, 0), min(x + w + 4, img["width"])
+            y0, y1, x0, x1 = (
+                max(y - 4, 0),
+                min(y + h + 4, img["height"]),
+                max(x - 4, 0),
+                min(x + w + 4, img["width"]),
+            )
             band = np.ones((y1 - y0, x1 - x0), dtype=bool)
             band[y - y0 : y - y0 + h, x - x0 : x - x0 + w] = False
             outside = pixels[y0:y1, x0:x1][band].mean(0)
@@ -95,9 +100,14 @@ def test_objects_stand_out_from_their_background(synth40) -> None:
 
 def test_regeneration_removes_stale_images_and_class_subset(tmp_path: Path) -> None:
     generate(SynthConfig(out=tmp_path, images=10, seed=0))
-    paths = generate(SynthConfig(out=tmp_path, images=5, seed=0, val_fraction=0.4, classes=("circle", "ring")))
-    for folder, annotations in ((paths.train_images, paths.train_annotations), (paths.val_images, paths.val_annotations)):
-        doc = json.loads(Path(annotations).read_text())
+    paths = generate(
+        SynthConfig(out=tmp_path, images=5, seed=0, val_fraction=0.4, classes=("circle", "ring"))
+    )
+    for folder, ann_path in (
+        (paths.train_images, paths.train_annotations),
+        (paths.val_images, paths.val_annotations),
+    ):
+        doc = json.loads(Path(ann_path).read_text())
         assert sorted(p.name for p in Path(folder).iterdir()) == sorted(i["file_name"] for i in doc["images"])
         assert [c["name"] for c in doc["categories"]] == ["circle", "ring"]
     assert len(list(Path(paths.val_images).iterdir())) == 2
