@@ -1,0 +1,345 @@
+"""The model registry: versions with their evidence as tags, aliases ``challenger``/``champion`` (not the
+deprecated stages), and the promotion gate.
+
+- :func:`register` makes a finished run's ``model/`` artifacts (checkpoint, ONNX, later the TensorRT
+  engine) a new version of a registered model, tagged with ``map``, ``latency_ms`` (when measured),
+  ``precision``, ``backbone``, ``dataset_fingerprint``, ``git_commit``, and points ``challenger`` at it.
+  Concurrent registrations are safe: version numbers come from the registry, and every registrant
+  re-checks after writing that ``challenger`` names the highest completed version (so the alias ends on
+  the newest model whatever the interleaving).
+- :func:`promote` moves ``champion`` to the challenger only when its mAP beats the champion's by
+  ``min_gain`` (absolute) and its latency is at most ``1 + max_latency_regression`` times the
+  champion's; the first model becomes champion. The decision and its reasons are recorded as tags on
+  the challenger version (``promotion.*``) and on the registered model (``promotion.last``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from retinaflow.mlops.errors import MlopsError, RegistryError
+from retinaflow.mlops.redact import one_line, redact_mapping
+from retinaflow.mlops.runs import connect, ensure_experiment, unavailable
+from retinaflow.mlops.settings import TrackingSettings
+
+log = logging.getLogger(__name__)
+
+CHALLENGER, CHAMPION = "challenger", "champion"
+COMPLETE_TAG = "retinaflow.registered"
+MODEL_DIR = "model"
+_MAP_METRICS = ("final/mAP", "val/AP", "eval/AP")
+
+
+@dataclass
+class ModelFiles:
+    """Files that make up a model version (any may be absent): checkpoint, ONNX, TensorRT engine."""
+
+    checkpoint: str | Path | None = None
+    onnx: str | Path | None = None
+    engine: str | Path | None = None
+
+    def present(self) -> list[Path]:
+        return [Path(p) for p in (self.checkpoint, self.onnx, self.engine) if p]
+
+
+@dataclass
+class Decision:
+    """Outcome of :func:`promote`."""
+
+    model: str
+    challenger: str
+    champion_before: str | None
+    promoted: bool
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def champion_after(self) -> str | None:
+        return self.challenger if self.promoted else self.champion_before
+
+    def summary(self) -> str:
+        verdict = "promoted" if self.promoted else "refused"
+        return f"{self.model} v{self.challenger} {verdict}: " + "; ".join(self.reasons)
+
+
+@dataclass
+class VersionRow:
+    """One line of :func:`list_versions`."""
+
+    version: str
+    aliases: list[str]
+    map: float | None
+    latency_ms: float | None
+    precision: str | None
+    backbone: str | None
+    run_id: str | None
+    created: float
+    decision: str | None
+
+
+def _client(settings: TrackingSettings | None) -> tuple[MlflowClient, str]:
+    return connect(settings or TrackingSettings())
+
+
+def _number(value: Any) -> float | None:
+    try:
+        return None if value in (None, "") else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _upload(client: MlflowClient, run_id: str, files: ModelFiles) -> None:
+    for path in files.present():
+        if not path.is_file():
+            raise RegistryError(f"model file not found: {path}")
+        client.log_artifact(run_id, str(path), MODEL_DIR)
+
+
+def _evidence(
+    client: MlflowClient, run_id: str, map_value: float | None, latency_ms: float | None
+) -> dict[str, Any]:
+    run = client.get_run(run_id)
+    p, m = run.data.params, run.data.metrics
+    if map_value is None:
+        map_value = next((m[k] for k in _MAP_METRICS if k in m), None)
+    latency_ms = latency_ms if latency_ms is not None else m.get("latency_ms")
+    names = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(run_id, MODEL_DIR)}
+    if not names:
+        raise RegistryError(
+            f"run {run_id} has no {MODEL_DIR}/ artifacts: pass the checkpoint (and ONNX) to register"
+        )
+    deployable = any(n.endswith((".onnx", ".engine", ".plan")) for n in names)
+    tags = {
+        "map": map_value,
+        "latency_ms": latency_ms,
+        "precision": p.get("export.precision") if deployable else p.get("infer.precision"),
+        "backbone": p.get("model.backbone"),
+        "dataset_fingerprint": p.get("dataset.fingerprint"),
+        "git_commit": p.get("git.commit") or run.data.tags.get("mlflow.source.git.commit"),
+        "files": ",".join(sorted(names)),
+    }
+    return {k: v for k, v in tags.items() if v is not None}
+
+
+def register(
+    name: str,
+    run_id: str | None = None,
+    files: ModelFiles | None = None,
+    map_value: float | None = None,
+    latency_ms: float | None = None,
+    tags: dict[str, Any] | None = None,
+    settings: TrackingSettings | None = None,
+) -> ModelVersion:
+    """Register the ``model/`` artifacts of run ``run_id`` (uploading ``files`` there first) as a new
+    version of ``name`` and point ``challenger`` at the newest registered version.
+
+    Without ``run_id`` a run of kind ``register`` is created to hold ``files``. ``map_value`` defaults to
+    the run's ``final/mAP`` / ``val/AP`` / ``eval/AP`` metric, ``latency_ms`` to its ``latency_ms``
+    metric; backbone, precision, fingerprint and commit come from the run's params. ``tags`` add to
+    (and override) these.
+    """
+    client, uri = _client(settings)
+    files = files or ModelFiles()
+    try:
+        if run_id is None:
+            if not files.present():
+                raise RegistryError("nothing to register: give a run id or at least a checkpoint")
+            exp = ensure_experiment(client, uri, (settings or TrackingSettings()).experiment)
+            run_id = client.create_run(
+                exp, run_name=f"register-{name}", tags={"retinaflow.kind": "register"}
+            ).info.run_id
+            _upload(client, run_id, files)
+            client.set_terminated(run_id, "FINISHED")
+        else:
+            _upload(client, run_id, files)
+        evidence = {**_evidence(client, run_id, map_value, latency_ms), **(tags or {}), COMPLETE_TAG: "true"}
+        try:
+            client.create_registered_model(name, description="RetinaNet detector registered by retinaflow")
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        mv = client.create_model_version(
+            name, f"runs:/{run_id}/{MODEL_DIR}", run_id=run_id, tags=redact_mapping(evidence)
+        )
+        _converge_challenger(client, name)
+        return client.get_model_version(name, mv.version)
+    except MlopsError:
+        raise
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise RegistryError(f"cannot register {name}: {one_line(exc)}") from exc
+        raise unavailable(uri, f"register {name}", exc) from exc
+
+
+def _newest_complete(client: MlflowClient, name: str) -> ModelVersion | None:
+    token = None
+    while True:
+        page = client.search_model_versions(
+            f"name = '{name}'", max_results=200, order_by=["version_number DESC"], page_token=token
+        )
+        for mv in page:
+            if mv.tags.get(COMPLETE_TAG) == "true":
+                return mv
+        token = page.token
+        if not token:
+            return None
+
+
+def _alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if exc.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
+            return None
+        raise
+
+
+def _converge_challenger(client: MlflowClient, name: str, attempts: int = 20) -> None:
+    """Point ``challenger`` at the newest completed version, re-checking after each write: a racing
+    registrant that wrote an older version after us sees the newer one on its own re-check."""
+    for _ in range(attempts):
+        newest = _newest_complete(client, name)
+        if newest is None:
+            return
+        current = _alias_version(client, name, CHALLENGER)
+        if current is not None and int(current.version) >= int(newest.version):
+            return
+        client.set_registered_model_alias(name, CHALLENGER, newest.version)
+    raise RegistryError(f"alias {CHALLENGER} of {name} kept changing under concurrent registrations; retry")
+
+
+def decide(
+    challenger: ModelVersion, champion: ModelVersion | None, min_gain: float, max_latency_regression: float
+) -> tuple[bool, list[str]]:
+    """The gate itself, on the versions' tags (pure function of the evidence)."""
+    if champion is None:
+        return True, ["no champion yet: the first model becomes champion"]
+    if champion.version == challenger.version:
+        return False, [f"version {challenger.version} is already the champion"]
+    reasons, ok = [], True
+    new_map, old_map = _number(challenger.tags.get("map")), _number(champion.tags.get("map"))
+    if new_map is None or old_map is None:
+        ok = False
+        reasons.append(f"mAP missing on {'challenger' if new_map is None else 'champion'}: cannot compare")
+    else:
+        gain = new_map - old_map
+        passed = gain >= min_gain - 1e-12
+        ok &= passed
+        reasons.append(
+            f"mAP {new_map:.4f} vs {old_map:.4f}: gain {gain:+.4f} {'>=' if passed else '<'} {min_gain:.4f}"
+        )
+    new_lat, old_lat = _number(challenger.tags.get("latency_ms")), _number(champion.tags.get("latency_ms"))
+    if old_lat is None:
+        reasons.append("latency not measured on the champion: latency check skipped")
+    elif new_lat is None:
+        ok = False
+        reasons.append(f"latency not measured on the challenger (champion: {old_lat:.2f} ms)")
+    else:
+        change = new_lat / old_lat - 1.0
+        passed = change <= max_latency_regression + 1e-12
+        ok &= passed
+        reasons.append(
+            f"latency {new_lat:.2f} ms vs {old_lat:.2f} ms: {change:+.1%} {'<=' if passed else '>'} "
+            f"+{max_latency_regression:.1%}"
+        )
+    return ok, reasons
+
+
+def promote(
+    name: str,
+    min_gain: float = 0.005,
+    max_latency_regression: float = 0.1,
+    settings: TrackingSettings | None = None,
+) -> Decision:
+    """Apply the promotion gate to ``name``'s challenger (see module doc); returns the :class:`Decision`."""
+    if min_gain < 0 or max_latency_regression < 0:
+        raise RegistryError("--min-gain and --max-latency-regression must be >= 0")
+    client, uri = _client(settings)
+    try:
+        client.get_registered_model(name)
+        challenger = _alias_version(client, name, CHALLENGER)
+        if challenger is None:
+            raise RegistryError(f"registered model {name} has no {CHALLENGER} version: register one first")
+        champion = _alias_version(client, name, CHAMPION)
+        promoted, reasons = decide(challenger, champion, min_gain, max_latency_regression)
+        decision = Decision(
+            name, challenger.version, champion.version if champion else None, promoted, reasons
+        )
+        if promoted:
+            client.set_registered_model_alias(name, CHAMPION, challenger.version)
+        record = {
+            "promotion.decision": "promoted" if promoted else "refused",
+            "promotion.reasons": "; ".join(reasons),
+            "promotion.against": decision.champion_before or "none",
+            "promotion.min_gain": min_gain,
+            "promotion.max_latency_regression": max_latency_regression,
+            "promotion.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        for key, value in redact_mapping(record).items():
+            client.set_model_version_tag(name, challenger.version, key, value)
+        client.set_registered_model_tag(name, "promotion.last", decision.summary()[:5000])
+    except MlopsError:
+        raise
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise RegistryError(f"no registered model named {name}") from exc
+        raise unavailable(uri, f"promote {name}", exc) from exc
+    (log.info if promoted else log.warning)("%s", decision.summary())
+    return decision
+
+
+def list_versions(name: str, settings: TrackingSettings | None = None) -> list[VersionRow]:
+    """Every version of ``name`` (newest first) with its aliases and evidence tags."""
+    client, uri = _client(settings)
+    try:
+        aliases: dict[str, list[str]] = {}
+        for alias, version in client.get_registered_model(name).aliases.items():
+            aliases.setdefault(str(version), []).append(alias)
+        rows, token = [], None
+        while True:
+            page = client.search_model_versions(
+                f"name = '{name}'", max_results=200, order_by=["version_number DESC"], page_token=token
+            )
+            for mv in page:
+                t = mv.tags
+                rows.append(
+                    VersionRow(
+                        version=str(mv.version),
+                        aliases=sorted(aliases.get(str(mv.version), [])),
+                        map=_number(t.get("map")),
+                        latency_ms=_number(t.get("latency_ms")),
+                        precision=t.get("precision"),
+                        backbone=t.get("backbone"),
+                        run_id=mv.run_id,
+                        created=mv.creation_timestamp / 1000.0,
+                        decision=t.get("promotion.decision"),
+                    )
+                )
+            token = page.token
+            if not token:
+                return rows
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise RegistryError(f"no registered model named {name}") from exc
+        raise unavailable(uri, f"list {name}", exc) from exc
+
+
+def fetch(name: str, alias: str, destination: str | Path, settings: TrackingSettings | None = None) -> Path:
+    """Download the files of ``name@alias`` (e.g. the champion) into ``destination``; returns the folder."""
+    import mlflow.artifacts
+
+    _, uri = _client(settings)
+    try:
+        out = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}@{alias}", dst_path=str(destination), tracking_uri=uri
+        )
+    except MlflowException as exc:
+        raise RegistryError(f"cannot fetch {name}@{alias}: {one_line(exc)}") from exc
+    return Path(out)
