@@ -11,11 +11,13 @@ from retinaflow.config import Config
 
 @pytest.fixture(scope="session")
 def synth_small(tmp_path_factory) -> Path:
-    """~30 small images of the synthetic shapes (train + val), generated once per test session."""
+    """30 small (96-128 px) images of the synthetic shapes (train + val), generated once per test session."""
     from retinaflow.data.synthetic import SynthConfig, generate
 
     out = tmp_path_factory.mktemp("synth_small")
-    return generate(SynthConfig(out=out, images=30, seed=1, val_fraction=0.2))
+    return generate(
+        SynthConfig(out=out, images=30, seed=1, val_fraction=0.2, image_size=(96, 128), object_size=(16, 64))
+    )
 
 
 def tiny_config(paths, iters: int = 4) -> Config:
@@ -24,10 +26,10 @@ def tiny_config(paths, iters: int = 4) -> Config:
     cfg.model.fpn_channels = 32
     cfg.model.head_convs = 1
     cfg.data.images, cfg.data.annotations = str(paths.train_images), str(paths.train_annotations)
-    cfg.data.resize, cfg.data.max_size, cfg.data.jitter = 128, 256, (128, 160)
+    cfg.data.resize, cfg.data.max_size, cfg.data.jitter = 128, 128, (96, 128)
     cfg.data.workers = 0
     t = cfg.train
     t.iters, t.batch, t.warmup, t.milestones = iters, 2, 2, (iters,)
     t.checkpoint_every, t.log_every, t.val_every = 2, 1, 0
-    cfg.infer.resize, cfg.infer.max_size, cfg.infer.batch = 128, 256, 4
+    cfg.infer.resize, cfg.infer.max_size, cfg.infer.batch = 128, 128, 4
     return cfg
