@@ -1,0 +1,139 @@
+"""RetinaNet assembled from injected parts: backbone -> FPN -> shared head.
+
+``forward`` returns the raw head outputs per level; anchors (``anchors.generate_anchors``), the loss
+(``loss.detection_loss``) and post-processing (``retinaflow.ops.boxes``) live outside the module, so the
+network traces and exports to ONNX without data-dependent control flow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from retinaflow.config import AnchorConfig, ModelConfig
+from retinaflow.errors import ConfigError, DataError
+from retinaflow.model.backbones import build_backbone
+from retinaflow.model.fpn import FPN
+from retinaflow.model.head import RetinaNetHead
+
+# ImageNet statistics in 0..255 RGB.
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+def flatten_outputs(cls: list[torch.Tensor], box: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate per-level head outputs in anchor order.
+
+    cls: per level (B, A*C, H_l, W_l); box: per level (B, A*4, H_l, W_l).
+    Returns (B, N, C) and (B, N, 4), N = sum_l H_l*W_l*A, location-major (y, then x), anchor-minor: the
+    order of ``generate_anchors`` and of torchvision's RetinaNet.
+    """
+    num_anchors = box[0].shape[1] // 4
+    return _flatten(cls, num_anchors), _flatten(box, num_anchors)
+
+
+def _flatten(levels: list[torch.Tensor], num_anchors: int) -> torch.Tensor:
+    out = []
+    for x in levels:
+        batch, channels, height, width = x.shape
+        k = channels // num_anchors
+        # (B, A*K, H, W) -> (B, A, K, H, W) -> (B, H, W, A, K) -> (B, H*W*A, K)
+        out.append(x.view(batch, num_anchors, k, height, width).permute(0, 3, 4, 1, 2).reshape(batch, -1, k))
+    return torch.cat(out, dim=1)
+
+
+class RetinaNet(nn.Module):
+    """The detector network.
+
+    backbone: module mapping normalised (B, 3, H, W) to [C3, C4, C5] (strides 8, 16, 32).
+    fpn:      module mapping [C3, C4, C5] to [P3..P7].
+    head:     module mapping [P3..P7] to (cls list, box list); has ``num_classes`` and ``num_anchors``.
+    anchors:  the anchor settings the head was built for (strides must match the pyramid).
+    arch:     plain description stored in checkpoints and compared when resuming.
+
+    forward(images: (B, 3, H, W) float or uint8, RGB 0..255, H and W multiples of 128) ->
+        (cls: list of (B, A*C, H_l, W_l), box: list of (B, A*4, H_l, W_l)), raw outputs for P3..P7.
+    """
+
+    pixel_scale: torch.Tensor
+    pixel_shift: torch.Tensor
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        fpn: nn.Module,
+        head: RetinaNetHead,
+        anchors: AnchorConfig,
+        arch: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.fpn = fpn
+        self.head = head
+        self.anchor_config = anchors
+        self.arch: dict[str, Any] = arch if arch is not None else {}
+        # (x - mean) / std folded into x * scale + shift; not saved in state dicts.
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        self.register_buffer("pixel_scale", 1.0 / std, persistent=False)
+        self.register_buffer("pixel_shift", -mean / std, persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.num_classes
+
+    @property
+    def num_anchors(self) -> int:
+        return self.head.num_anchors
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        return tuple(self.anchor_config.strides)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8/float 0..255 RGB -> float ImageNet-normalised, memory format preserved."""
+        if not torch.jit.is_tracing() and (images.dim() != 4 or images.shape[1] != 3):
+            raise DataError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+        x = images.to(self.pixel_scale.dtype) if not images.is_floating_point() else images
+        return x * self.pixel_scale + self.pixel_shift
+
+    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        features = self.fpn(self.backbone(self.normalize(images)))
+        return self.head(features)
+
+
+def model_arch(cfg: ModelConfig) -> dict[str, Any]:
+    """The architecture fields of ``cfg`` as plain values (what checkpoints store and compare)."""
+    return {
+        "backbone": cfg.backbone,
+        "num_classes": int(cfg.num_classes),
+        "fpn_channels": int(cfg.fpn_channels),
+        "head_convs": int(cfg.head_convs),
+        "anchors": {
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg.anchors).items()
+        },
+    }
+
+
+def build_model(cfg: ModelConfig, backbone_weights: str | Path | None = None) -> RetinaNet:
+    """Build the RetinaNet that ``cfg`` describes.
+
+    backbone_weights: None, a local torchvision classification ``.pth``, or ``"offline"`` (see
+    ``backbones.build_backbone``). Raises ConfigError for settings the network cannot honour.
+    """
+    if tuple(cfg.anchors.strides) != FPN.strides:
+        raise ConfigError(
+            f"model.anchors.strides must be {list(FPN.strides)} (P3-P7), got {list(cfg.anchors.strides)}"
+        )
+    if cfg.fpn_channels < 1:
+        raise ConfigError(f"model.fpn_channels must be positive, got {cfg.fpn_channels}")
+    backbone = build_backbone(cfg.backbone, weights=backbone_weights, frozen_bn=cfg.frozen_bn)
+    fpn = FPN(backbone.out_channels, cfg.fpn_channels)
+    head = RetinaNetHead(
+        cfg.fpn_channels, cfg.anchors.num_anchors, cfg.num_classes, cfg.head_convs, cfg.prior
+    )
+    return RetinaNet(backbone, fpn, head, cfg.anchors, arch=model_arch(cfg))
