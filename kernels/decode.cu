@@ -1,0 +1,386 @@
+// RetinaNet decode kernels; API and semantics in decode.h.
+#include <math.h>
+
+#include "common.cuh"
+#include "decode.h"
+
+namespace rf {
+namespace {
+
+constexpr int kFilterThreads = 256;
+constexpr int kFilterItems = 8;
+constexpr uint32_t kFilterTile = kFilterThreads * kFilterItems;
+constexpr int kSelectThreads = 1024;
+constexpr int kDefaultCapacity = 32768;
+constexpr float kClip = 4.135166556742356f;  // log(1000 / 16)
+
+struct Level {
+  const void* cls;
+  const void* box;
+  const float* anchors;
+  uint32_t H, W;
+  int64_t cs[4], bs[4];
+  uint32_t n;           // H * W * A * C pairs per image
+  uint32_t blocks;      // filter blocks per image
+  uint32_t first_block; // first filter block of this level
+  int channels_last;    // iterate channel-fastest (stride of channels is 1)
+  int dense;            // strides equal the iteration order: element e is at offset e
+};
+
+struct Args {
+  Level lv[RF_DECODE_MAX_LEVELS];
+  int L, B;
+  uint32_t A, C;
+  rf_dtype box_dtype;
+  const void* sizes;
+  rf_itype sizes_type;
+  float thresh, logit_lo;
+  int top_n;
+  uint32_t cap;
+  float* scores;
+  float* boxes;
+  void* classes;
+  rf_itype classes_type;
+};
+
+// Position e of a level's iteration order -> (channel, y, x).
+__device__ __forceinline__ void unravel(const Args& a, const Level& lv, uint32_t e, uint32_t& ch, uint32_t& y,
+                                        uint32_t& x) {
+  if (lv.channels_last) {
+    const uint32_t CH = a.A * a.C;
+    ch = e % CH;
+    const uint32_t t = e / CH;
+    x = t % lv.W;
+    y = t / lv.W;
+  } else {
+    x = e % lv.W;
+    const uint32_t t = e / lv.W;
+    y = t % lv.H;
+    ch = t / lv.H;
+  }
+}
+
+__device__ __forceinline__ int64_t cls_offset(const Level& lv, uint32_t e, uint32_t ch, uint32_t y, uint32_t x) {
+  return lv.dense ? static_cast<int64_t>(e) : ch * lv.cs[1] + y * lv.cs[2] + x * lv.cs[3];
+}
+
+__device__ __forceinline__ bool passes(const Args& a, float v) { return v > a.logit_lo && sigmoid(v) > a.thresh; }
+
+// Sort key of a candidate whose logit is v at channel ch, (y, x).
+__device__ __forceinline__ uint64_t key_of(const Args& a, const Level& lv, float v, uint32_t ch, uint32_t y,
+                                           uint32_t x) {
+  const uint32_t anchor = (y * lv.W + x) * a.A + ch / a.C;
+  return composite(float_key(v), anchor * a.C + ch % a.C);
+}
+
+// Slow path: candidate at position e of image b, read from the logits.
+template <typename T>
+__device__ __forceinline__ bool raw_candidate(const Args& a, const Level& lv, int b, uint32_t e, uint64_t& c) {
+  uint32_t ch, y, x;
+  unravel(a, lv, e, ch, y, x);
+  const T* p = static_cast<const T*>(lv.cls) + b * lv.cs[0];
+  const float v = to_float(p[cls_offset(lv, e, ch, y, x)]);
+  if (!passes(a, v)) return false;
+  c = key_of(a, lv, v, ch, y, x);
+  return true;
+}
+
+// One pass over every logit: candidates above the threshold go to their (level, image) buffer.
+template <typename T>
+__global__ __launch_bounds__(kFilterThreads) void filter_kernel(const __grid_constant__ Args a,
+                                                                uint32_t* __restrict__ counts,
+                                                                uint64_t* __restrict__ cand) {
+  int l = 0;
+  for (int i = 1; i < a.L; ++i)
+    if (blockIdx.x >= a.lv[i].first_block) l = i;
+  const Level& lv = a.lv[l];
+  const uint32_t rel = blockIdx.x - lv.first_block;
+  const int b = rel / lv.blocks;
+  const uint32_t start = (rel % lv.blocks) * kFilterTile;
+  const T* base = static_cast<const T*>(lv.cls) + b * lv.cs[0];
+
+  float v[kFilterItems];
+#pragma unroll
+  for (int k = 0; k < kFilterItems; ++k) {
+    const uint32_t e = start + k * kFilterThreads + threadIdx.x;
+    v[k] = -INFINITY;
+    if (e < lv.n) {
+      if (lv.dense) {
+        v[k] = to_float(__ldg(base + e));
+      } else {
+        uint32_t ch, y, x;
+        unravel(a, lv, e, ch, y, x);
+        v[k] = to_float(__ldg(base + cls_offset(lv, e, ch, y, x)));
+      }
+    }
+  }
+  int cnt = 0;
+  unsigned present = 0;
+#pragma unroll
+  for (int k = 0; k < kFilterItems; ++k) {
+    if (passes(a, v[k])) {
+      present |= 1u << k;
+      ++cnt;
+    }
+  }
+  if (__ballot_sync(kFullMask, cnt > 0) == 0) return;
+  const int lane = threadIdx.x & 31;
+  int incl = cnt;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int t = __shfl_up_sync(kFullMask, incl, o);
+    if (lane >= o) incl += t;
+  }
+  const int total = __shfl_sync(kFullMask, incl, 31);
+  const int s = l * a.B + b;
+  uint32_t pos = 0;
+  if (lane == 31) pos = atomicAdd(&counts[s], static_cast<uint32_t>(total));
+  pos = __shfl_sync(kFullMask, pos, 31) + static_cast<uint32_t>(incl - cnt);
+  uint64_t* out = cand + static_cast<size_t>(s) * a.cap;
+#pragma unroll
+  for (int k = 0; k < kFilterItems; ++k) {
+    if (present & (1u << k)) {
+      if (pos < a.cap) {
+        uint32_t ch, y, x;
+        unravel(a, lv, start + k * kFilterThreads + threadIdx.x, ch, y, x);
+        out[pos] = key_of(a, lv, v[k], ch, y, x);
+      }
+      ++pos;
+    }
+  }
+}
+
+__device__ void write_candidate(const Args& a, const Level& lv, int b, uint64_t c, int64_t slot) {
+  const uint32_t j = composite_index(c);
+  const uint32_t anchor = j / a.C;
+  const uint32_t an = anchor % a.A, loc = anchor / a.A;
+  const uint32_t x = loc % lv.W, y = loc / lv.W;
+  const int64_t off = b * lv.bs[0] + y * lv.bs[2] + x * lv.bs[3];
+  float d[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) d[k] = load_float(lv.box, off + (an * 4 + k) * lv.bs[1], a.box_dtype);
+  const float* q = lv.anchors + static_cast<size_t>(anchor) * 4;
+  const float w = q[2] - q[0], h = q[3] - q[1];
+  const float cx = q[0] + 0.5f * w, cy = q[1] + 0.5f * h;
+  const float px = d[0] * w + cx, py = d[1] * h + cy;
+  const float pw = expf(fminf(d[2], kClip)) * w, ph = expf(fminf(d[3], kClip)) * h;
+  float box[4] = {px - 0.5f * pw, py - 0.5f * ph, px + 0.5f * pw, py + 0.5f * ph};
+  if (a.sizes != nullptr) {
+    const float height = static_cast<float>(load_int(a.sizes, 2 * b, a.sizes_type));
+    const float width = static_cast<float>(load_int(a.sizes, 2 * b + 1, a.sizes_type));
+#pragma unroll
+    for (int k = 0; k < 4; ++k) box[k] = fminf(fmaxf(box[k], 0.0f), (k & 1) ? height : width);
+  }
+  a.scores[slot] = sigmoid(key_float(static_cast<uint32_t>(c >> 32)));
+#pragma unroll
+  for (int k = 0; k < 4; ++k) a.boxes[slot * 4 + k] = box[k];
+  store_int(a.classes, slot, a.classes_type, j % a.C);
+}
+
+__device__ __forceinline__ int pow2_at_least(uint32_t v) {
+  return v <= 1 ? 1 : 1 << (32 - __clz(static_cast<int>(v - 1)));
+}
+
+// One block per (level, image): exact top_n by radix select on the unique keys, bitonic sort, output.
+template <typename T>
+__global__ __launch_bounds__(kSelectThreads) void select_kernel(const __grid_constant__ Args a,
+                                                                const uint32_t* __restrict__ counts,
+                                                                const uint64_t* __restrict__ cand) {
+  extern __shared__ uint64_t sel[];  // pow2_at_least(top_n) entries
+  __shared__ uint32_t hist[256];
+  __shared__ uint32_t s_count, s_above;
+  __shared__ int s_digit;
+
+  const int s = blockIdx.x;
+  const int l = s / a.B, b = s % a.B;
+  const Level& lv = a.lv[l];
+  const uint32_t n = counts[s];
+  const bool fast = n <= a.cap;
+  const uint32_t M = fast ? n : lv.n;
+  const uint32_t need = min(n, static_cast<uint32_t>(a.top_n));
+  const uint64_t* buf = cand + static_cast<size_t>(s) * a.cap;
+  auto fetch = [&](uint32_t i, uint64_t& c) -> bool {
+    if (fast) {
+      c = buf[i];
+      return true;
+    }
+    return raw_candidate<T>(a, lv, b, i, c);
+  };
+
+  uint64_t prefix = 0, pmask = 0;  // selected: (key & pmask) >= prefix
+  if (n > static_cast<uint32_t>(a.top_n)) {
+    uint32_t k = need;  // still to take from keys matching prefix
+    for (int shift = 56; shift >= 0; shift -= 8) {
+      for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+      __syncthreads();
+      for (uint32_t base = 0; base < M; base += blockDim.x) {
+        const uint32_t i = base + threadIdx.x;
+        uint64_t c = 0;
+        const bool m = i < M && fetch(i, c) && (c & pmask) == prefix;
+        const unsigned digit = static_cast<unsigned>(c >> shift) & 255u;
+        const unsigned active = __ballot_sync(kFullMask, m);
+        if (m) {
+          const unsigned peers = __match_any_sync(active, digit);
+          if (static_cast<int>(threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&hist[digit], __popc(peers));
+        }
+      }
+      __syncthreads();
+      if (threadIdx.x < 32) {  // lane L owns digits 255 - 8L down to 248 - 8L
+        const int lane = threadIdx.x;
+        uint32_t local = 0;
+        for (int q = 0; q < 8; ++q) local += hist[255 - 8 * lane - q];
+        uint32_t incl = local;
+        for (int o = 1; o < 32; o <<= 1) {
+          const uint32_t t = __shfl_up_sync(kFullMask, incl, o);
+          if (lane >= o) incl += t;
+        }
+        const unsigned hit = __ballot_sync(kFullMask, incl >= k);
+        if (lane == __ffs(hit) - 1) {
+          uint32_t acc = incl - local;
+          for (int q = 0; q < 8; ++q) {
+            const int d = 255 - 8 * lane - q;
+            if (acc + hist[d] >= k) {
+              s_digit = d;
+              s_above = acc;
+              break;
+            }
+            acc += hist[d];
+          }
+        }
+      }
+      __syncthreads();
+      const int d = s_digit;
+      k -= s_above;
+      prefix |= static_cast<uint64_t>(d) << shift;
+      pmask |= static_cast<uint64_t>(0xff) << shift;
+      const bool done = hist[d] == k;  // the whole bin is taken: selection decided
+      __syncthreads();
+      if (done) break;
+    }
+  }
+
+  if (threadIdx.x == 0) s_count = 0;
+  __syncthreads();
+  for (uint32_t base = 0; base < M; base += blockDim.x) {
+    const uint32_t i = base + threadIdx.x;
+    uint64_t c = 0;
+    const bool m = i < M && fetch(i, c) && (c & pmask) >= prefix;
+    const uint32_t pos = warp_reserve(kFullMask, m, &s_count);
+    if (m && pos < need) sel[pos] = c;
+  }
+  __syncthreads();
+  const int P = pow2_at_least(need);
+  for (int i = need + threadIdx.x; i < P; i += blockDim.x) sel[i] = 0;
+  __syncthreads();
+  block_bitonic_sort_desc(sel, P);
+
+  const int64_t row = static_cast<int64_t>(b) * a.L * a.top_n + static_cast<int64_t>(l) * a.top_n;
+  for (int r = threadIdx.x; r < a.top_n; r += blockDim.x) {
+    const int64_t slot = row + r;
+    if (static_cast<uint32_t>(r) < need) {
+      write_candidate(a, lv, b, sel[r], slot);
+    } else {
+      a.scores[slot] = 0.0f;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) a.boxes[slot * 4 + q] = 0.0f;
+      store_int(a.classes, slot, a.classes_type, -1);
+    }
+  }
+}
+
+template <typename T>
+int64_t launch(const Args& args, int filter_blocks, uint32_t* counts, uint64_t* cand, cudaStream_t stream) {
+  filter_kernel<T><<<filter_blocks, kFilterThreads, 0, stream>>>(args, counts, cand);
+  const size_t smem = static_cast<size_t>(next_pow2(args.top_n)) * sizeof(uint64_t);
+  if (smem > 48 * 1024) {
+    const cudaError_t e =
+        cudaFuncSetAttribute(select_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (e != cudaSuccess) return status_of(e);
+  }
+  select_kernel<T><<<args.L * args.B, kSelectThreads, smem, stream>>>(args, counts, cand);
+  return status_of(cudaGetLastError());
+}
+
+bool valid_dtype(rf_dtype t) { return t == RF_FLOAT32 || t == RF_FLOAT16 || t == RF_BFLOAT16; }
+bool valid_itype(rf_itype t) { return t == RF_INT32 || t == RF_INT64; }
+
+}  // namespace
+}  // namespace rf
+
+extern "C" int64_t rf_decode(const rf_decode_params* p, void* workspace, size_t workspace_bytes,
+                             cudaStream_t stream) {
+  using namespace rf;
+  if (p == nullptr || p->batch < 1 || p->num_levels < 1 || p->num_levels > RF_DECODE_MAX_LEVELS ||
+      p->num_anchors < 1 || p->num_classes < 1 || p->top_n < 1 || p->top_n > RF_DECODE_MAX_TOP_N ||
+      !(p->score_thresh >= 0.0f && p->score_thresh < 1.0f) || !valid_dtype(p->dtype) ||
+      !valid_dtype(p->box_dtype) || !valid_itype(p->classes_type) ||
+      (p->sizes != nullptr && !valid_itype(p->sizes_type)))
+    return RF_ERROR_INVALID_ARGUMENT;
+  Args a{};
+  a.L = p->num_levels;
+  a.B = p->batch;
+  a.A = static_cast<uint32_t>(p->num_anchors);
+  a.C = static_cast<uint32_t>(p->num_classes);
+  const int64_t channels = static_cast<int64_t>(p->num_anchors) * p->num_classes;
+  int64_t max_n = 0, blocks = 0;
+  for (int l = 0; l < a.L; ++l) {
+    const rf_decode_level& s = p->levels[l];
+    Level& d = a.lv[l];
+    const int64_t n = s.height * s.width * channels;
+    if (s.height < 1 || s.width < 1 || n >= (int64_t{1} << 31)) return RF_ERROR_INVALID_ARGUMENT;
+    d.cls = s.cls;
+    d.box = s.box;
+    d.anchors = s.anchors;
+    d.H = static_cast<uint32_t>(s.height);
+    d.W = static_cast<uint32_t>(s.width);
+    for (int k = 0; k < 4; ++k) {
+      d.cs[k] = s.cls_strides[k];
+      d.bs[k] = s.box_strides[k];
+    }
+    d.n = static_cast<uint32_t>(n);
+    d.blocks = static_cast<uint32_t>((n + kFilterTile - 1) / kFilterTile);
+    d.first_block = static_cast<uint32_t>(blocks);
+    d.channels_last = s.cls_strides[1] == 1 && channels > 1;
+    d.dense = d.channels_last ? (s.cls_strides[3] == channels && s.cls_strides[2] == s.width * channels)
+                              : (s.cls_strides[3] == 1 && s.cls_strides[2] == s.width &&
+                                 s.cls_strides[1] == s.height * s.width);
+    blocks += static_cast<int64_t>(d.blocks) * p->batch;
+    if (n > max_n) max_n = n;
+  }
+  if (blocks >= (int64_t{1} << 31)) return RF_ERROR_INVALID_ARGUMENT;
+  const int64_t cap = p->capacity > 0 ? p->capacity : kDefaultCapacity;
+  a.cap = static_cast<uint32_t>(cap < max_n ? cap : max_n);
+  const size_t segments = static_cast<size_t>(a.L) * a.B;
+  const size_t counts_bytes = align_up(segments * sizeof(uint32_t));
+  const size_t bytes = counts_bytes + align_up(segments * a.cap * sizeof(uint64_t));
+  if (workspace == nullptr) return static_cast<int64_t>(bytes);
+  if (workspace_bytes < bytes) return RF_ERROR_WORKSPACE_TOO_SMALL;
+  if (p->scores == nullptr || p->boxes == nullptr || p->classes == nullptr) return RF_ERROR_INVALID_ARGUMENT;
+  for (int l = 0; l < a.L; ++l)
+    if (a.lv[l].cls == nullptr || a.lv[l].box == nullptr || a.lv[l].anchors == nullptr)
+      return RF_ERROR_INVALID_ARGUMENT;
+
+  a.box_dtype = p->box_dtype;
+  a.sizes = p->sizes;
+  a.sizes_type = p->sizes_type;
+  a.thresh = p->score_thresh;
+  // Logits at or below logit_lo cannot pass sigmoid(v) > thresh: skip the exp for them.
+  a.logit_lo = p->score_thresh > 0.0f
+                   ? static_cast<float>(log(p->score_thresh / (1.0 - p->score_thresh))) - 1e-3f
+                   : -INFINITY;
+  a.top_n = p->top_n;
+  a.scores = p->scores;
+  a.boxes = p->boxes;
+  a.classes = p->classes;
+  a.classes_type = p->classes_type;
+
+  uint32_t* counts = static_cast<uint32_t*>(workspace);
+  uint64_t* cand = reinterpret_cast<uint64_t*>(static_cast<char*>(workspace) + counts_bytes);
+  const cudaError_t e = cudaMemsetAsync(counts, 0, segments * sizeof(uint32_t), stream);
+  if (e != cudaSuccess) return status_of(e);
+  switch (p->dtype) {
+    case RF_FLOAT16: return launch<__half>(a, static_cast<int>(blocks), counts, cand, stream);
+    case RF_BFLOAT16: return launch<__nv_bfloat16>(a, static_cast<int>(blocks), counts, cand, stream);
+    default: return launch<float>(a, static_cast<int>(blocks), counts, cand, stream);
+  }
+}
