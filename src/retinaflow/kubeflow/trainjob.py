@@ -56,7 +56,8 @@ class TrainJobRequest:
 def job_name(run_name: str) -> str:
     """A DNS-1123 name (<= 63 chars) derived from the KFP run name, stable across launcher retries."""
     slug = re.sub(r"[^a-z0-9-]+", "-", run_name.lower()).strip("-")
-    return f"retinaflow-{slug}"[:63].rstrip("-")
+    name = slug if slug.startswith("retinaflow-") else f"retinaflow-{slug}"
+    return name[:63].rstrip("-")
 
 
 def trainjob_manifest(req: TrainJobRequest, data: DatasetManifest) -> dict[str, Any]:
