@@ -11,7 +11,7 @@ from retinaflow.kubeflow import images as image_tags
 @dsl.component(base_image=image_tags.GPU_IMAGE, install_kfp_package=False)
 def build_engine(
     onnx_model: Input[Model], enabled: bool, precision: str, engine: Output[Artifact]
-) -> NamedTuple("EngineOutputs", [("built", bool), ("reason", str)]):
+) -> NamedTuple("EngineOutputs", [("built", bool), ("reason", str)]):  # type: ignore[valid-type]  # KFP output syntax
     """Build a TensorRT engine (``precision``: fp32, fp16, int8) from the exported ONNX model.
 
     The artifact is a folder with ``build.json`` (``built``, ``reason``) and, when built, the

@@ -19,7 +19,7 @@ def data_prep(
     classes: list[str],
     stage_uri: str,
     dataset: Output[Dataset],
-) -> NamedTuple("DataPrepOutputs", [("fingerprint", str), ("num_train", int), ("num_val", int)]):
+) -> NamedTuple("DataPrepOutputs", [("fingerprint", str), ("num_train", int), ("num_val", int)]):  # type: ignore[valid-type]  # KFP output syntax
     """Validate (drop and count bad entries), optionally split train/val, fingerprint and stage.
 
     ``images``/``annotations`` are a folder and a COCO JSON, local or ``s3://``. Without a validation

@@ -18,7 +18,7 @@ def evaluate(
     metrics: Output[Metrics],
     onnx_metrics: Output[Metrics],
     report: Output[Artifact],
-) -> NamedTuple("EvalOutputs", [("map", float), ("onnx_map", float)]):
+) -> NamedTuple("EvalOutputs", [("map", float), ("onnx_map", float)]):  # type: ignore[valid-type]  # KFP output syntax
     """Evaluate both models on the validation split; fail when the export lost too much.
 
     ``metrics`` gets the 12 COCO statistics of the PyTorch model, ``onnx_metrics`` those of the

@@ -31,7 +31,7 @@ def launch_trainjob(
     s3_secret: str,
     mlflow_secret: str,
     model: Output[Model],
-) -> NamedTuple("TrainOutputs", [("mlflow_run_id", str), ("iterations", int)]):
+) -> NamedTuple("TrainOutputs", [("mlflow_run_id", str), ("iterations", int)]):  # type: ignore[valid-type]  # KFP output syntax
     """Create a TrainJob (``torch-distributed`` runtime) of ``nodes`` x ``gpus`` workers, wait for it.
 
     The workers run the same ``retinaflow train`` command as the single-pod ``train`` component

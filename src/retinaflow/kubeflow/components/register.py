@@ -19,7 +19,7 @@ def register(
     mlflow_run_id: str,
     min_gain: float,
     max_latency_regression: float,
-) -> NamedTuple("RegisterOutputs", [("version", str), ("promoted", bool), ("decision", str)]):
+) -> NamedTuple("RegisterOutputs", [("version", str), ("promoted", bool), ("decision", str)]):  # type: ignore[valid-type]  # KFP output syntax
     """Register checkpoint, ONNX (and the engine when built) under ``model_name``; gate promotion.
 
     The new version gets the alias ``challenger``; ``champion`` moves to it only when its mAP beats

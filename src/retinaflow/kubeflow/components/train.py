@@ -27,7 +27,7 @@ def train(
     experiment: str,
     run_name: str,
     model: Output[Model],
-) -> NamedTuple("TrainOutputs", [("mlflow_run_id", str), ("iterations", int)]):
+) -> NamedTuple("TrainOutputs", [("mlflow_run_id", str), ("iterations", int)]):  # type: ignore[valid-type]  # KFP output syntax
     """Train a RetinaNet on the prepared dataset with ``retinaflow train``.
 
     ``gpus`` > 0 launches ``torchrun --nproc-per-node gpus``; 0 trains on the CPU in one process.

@@ -83,7 +83,7 @@ def _build(onnx_path: Path, out: Path, enabled: bool, precision: str) -> EngineR
     if not enabled:
         return EngineResult(False, "disabled by the pipeline parameter build_trt_engine=false")
     try:
-        from retinaflow.export import tensorrt as trt_export
+        from retinaflow.export import tensorrt as trt_export  # type: ignore[attr-defined]
     except ImportError as exc:
         return EngineResult(False, f"retinaflow.export.tensorrt is not available ({exc})")
     try:
