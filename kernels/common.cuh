@@ -92,6 +92,20 @@ __device__ __forceinline__ uint32_t warp_reserve(unsigned active, bool pred, uin
   return base + __popc(ballot & ((1u << lane) - 1u));
 }
 
+// Lets `kernel` use `bytes` (> 48 KB) of dynamic shared memory; sets the attribute once per device
+// (`configured` is the call site's per-device record). Not a stream operation: safe during graph capture.
+template <typename Kernel>
+inline cudaError_t raise_smem_limit(Kernel kernel, size_t bytes, int (&configured)[64]) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  int device = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e != cudaSuccess) return e;
+  if (device < 64 && configured[device] >= static_cast<int>(bytes)) return cudaSuccess;
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (e == cudaSuccess && device < 64) configured[device] = static_cast<int>(bytes);
+  return e;
+}
+
 inline int next_pow2(int v) {
   int p = 1;
   while (p < v) p <<= 1;

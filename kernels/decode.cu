@@ -292,11 +292,9 @@ template <typename T>
 int64_t launch(const Args& args, int filter_blocks, uint32_t* counts, uint64_t* cand, cudaStream_t stream) {
   filter_kernel<T><<<filter_blocks, kFilterThreads, 0, stream>>>(args, counts, cand);
   const size_t smem = static_cast<size_t>(next_pow2(args.top_n)) * sizeof(uint64_t);
-  if (smem > 48 * 1024) {
-    const cudaError_t e =
-        cudaFuncSetAttribute(select_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (e != cudaSuccess) return status_of(e);
-  }
+  static int configured[64] = {};
+  const cudaError_t e = raise_smem_limit(select_kernel<T>, smem, configured);
+  if (e != cudaSuccess) return status_of(e);
   select_kernel<T><<<args.L * args.B, kSelectThreads, smem, stream>>>(args, counts, cand);
   return status_of(cudaGetLastError());
 }

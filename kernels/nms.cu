@@ -199,10 +199,9 @@ extern "C" int64_t rf_nms(const rf_nms_params* p, void* workspace, size_t worksp
   a.out_type = p->out_type;
 
   const size_t smem = in_smem ? a.arena_bytes : 0;
-  if (smem > 48 * 1024) {
-    e = cudaFuncSetAttribute(nms_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (e != cudaSuccess) return status_of(e);
-  }
+  static int configured[64] = {};
+  e = raise_smem_limit(nms_kernel, smem, configured);
+  if (e != cudaSuccess) return status_of(e);
   unsigned char* arena = in_smem ? nullptr : static_cast<unsigned char*>(workspace);
   nms_kernel<<<p->batch, kNmsThreads, smem, stream>>>(a, arena);
   return status_of(cudaGetLastError());
