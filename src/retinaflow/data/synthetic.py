@@ -2,9 +2,9 @@
 
 Every image is drawn from its own random stream ``numpy.random.default_rng([seed, index])``, so the same
 seed gives byte-identical files and the split does not change the pixels. Objects are filled shapes whose
-class is their geometry (circle, square, triangle, star, cross, ring), with random colour, size
-(16–128 px long side by default, the range anchors of stride 8–128 cover), aspect, rotation (polygons)
-and partial overlap. Backgrounds are noise, gradients, stripes or blotches, plus clutter that is not an
+class is their geometry (circle, square, triangle, star, cross, ring), with random colour, size (long side
+uniform in 16–128 px by default, the range anchors of stride 8–128 cover), aspect, rotation (polygons) and
+partial overlap. Backgrounds are flat, gradients, stripes or blotches under noise, plus clutter that is not an
 object (thin lines, small dots) so that a detector must learn shapes rather than "anything not flat".
 
 Layout under ``out``::
@@ -165,7 +165,8 @@ def _draw_image(cfg: SynthConfig, index: int) -> tuple[np.ndarray, list[tuple[in
         if len(objects) == wanted:
             break
         label = int(rng.integers(len(cfg.classes)))
-        side = math.exp(rng.uniform(math.log(cfg.object_size[0]), math.log(long_hi)))
+        # uniform in length (not log-uniform): learned faster with the same small-to-large range
+        side = rng.uniform(cfg.object_size[0], long_hi)
         aspect = math.exp(rng.uniform(math.log(0.7), math.log(1 / 0.7)))
         bw, bh = (side, side / aspect) if aspect >= 1 else (side * aspect, side)
         x1, y1 = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
