@@ -16,7 +16,7 @@ install-dev: install
 	$(PIP) install -q -e ".[onnx,mlops,pipeline,dev]"
 
 demo: install
-	$(PYTHON) -m retinaflow demo --output $(DEMO_DIR)
+	$(PYTHON) -m retinaflow pipeline run --local --output $(DEMO_DIR)
 
 test: install-dev
 	$(PYTHON) -m pytest -q

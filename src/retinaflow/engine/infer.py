@@ -60,12 +60,12 @@ def predict(
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast:
             dets = detect(model, images, batch.sizes.to(device), config)
-        results.extend(_to_coco(dets, batch, cat_lut))
+        results.extend(to_coco_results(dets, batch, cat_lut))
     model.train(was_training)
     return results
 
 
-def _to_coco(dets: Detections, batch: Batch, cat_lut: torch.Tensor) -> list[dict[str, Any]]:
+def to_coco_results(dets: Detections, batch: Batch, cat_lut: torch.Tensor) -> list[dict[str, Any]]:
     """One host transfer per batch, then plain lists (no per-box tensor ops)."""
     scores = dets.scores.float().cpu()
     boxes = dets.boxes.float().cpu() / batch.scales.view(-1, 1, 1)

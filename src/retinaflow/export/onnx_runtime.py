@@ -44,7 +44,7 @@ def infer_onnx(
     from retinaflow.data.loader import build_eval_loader
     from retinaflow.engine.checkpoint import load_checkpoint
     from retinaflow.engine.evaluate import evaluate
-    from retinaflow.engine.infer import _to_coco
+    from retinaflow.engine.infer import to_coco_results
     from retinaflow.model.anchors import generate_anchors
     from retinaflow.ops.boxes import postprocess
 
@@ -66,7 +66,7 @@ def infer_onnx(
         cls = [torch.from_numpy(o) for o in outputs[:levels]]
         box = [torch.from_numpy(o) for o in outputs[levels:]]
         dets = postprocess(cls, box, anchors, batch.sizes, config.infer)
-        results.extend(_to_coco(dets, batch, cat_lut))
+        results.extend(to_coco_results(dets, batch, cat_lut))
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results))
