@@ -11,19 +11,25 @@ loaders report them back with :meth:`CocoDataset.record_corrupt` in the main pro
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from retinaflow.data.annotations import (
+    check_annotation,
+    check_folder,
+    image_entry,
+    is_int,
+    is_number,
+    listing,
+    load_annotations,
+)
 from retinaflow.errors import DataError
 
 try:  # deprecated in torchvision 0.29 in favour of TorchCodec; PIL does the job where it is gone
@@ -107,7 +113,7 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
         require_annotations: bool = True,
         keep_json: bool = False,
     ) -> None:
-        self.images_dir = _check_folder(images)
+        self.images_dir = check_folder(images)
         self.annotations_path = Path(annotations)
         self.transform = transform
         self.replace_corrupt = replace_corrupt
@@ -222,7 +228,7 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
     def _parse(self, data: dict[str, Any], require_annotations: bool, keep_json: bool) -> None:
         path, c = self.annotations_path, self._counts
         cat_to_label = self._parse_categories(data["categories"])
-        on_disk = _listing(self.images_dir)
+        on_disk = listing(self.images_dir)
 
         sizes: dict[int, tuple[int, int]] = {}
         order: list[int] = []
@@ -230,7 +236,7 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
         missing: set[int] = set()
         c["images_listed"] = len(data["images"])
         for entry in data["images"]:
-            parsed = _image_entry(entry)
+            parsed = image_entry(entry)
             if parsed is None:
                 c["invalid_images"] += 1
                 continue
@@ -254,7 +260,7 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
         kept_anns: list[dict[str, Any]] = []
         c["annotations_listed"] = len(data["annotations"])
         for ann in data["annotations"]:
-            kind, box = _check_annotation(ann, sizes, missing, cat_to_label)
+            kind, box = check_annotation(ann, sizes, missing, cat_to_label)
             if kind is not None:
                 c[kind] += 1
                 continue
@@ -267,7 +273,7 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
                 area = ann.get("area")
                 box_area = (x2 - x1) * (y2 - y1)
                 ann["bbox"] = [x1, y1, x2 - x1, y2 - y1]
-                ann["area"] = min(float(area), box_area) if _is_number(area) else box_area
+                ann["area"] = min(float(area), box_area) if is_number(area) else box_area
             kept_anns.append(ann)
         c["annotations"] = len(kept_anns)
         if require_annotations and not kept_anns:
@@ -294,7 +300,7 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
     def _parse_categories(self, categories: list[Any]) -> dict[int, int]:
         by_id: dict[int, str] = {}
         for cat in categories:
-            if not isinstance(cat, dict) or not _is_int(cat.get("id")):
+            if not isinstance(cat, dict) or not is_int(cat.get("id")):
                 raise DataError(f"{self.annotations_path}: category without an integer id: {str(cat)[:80]}")
             if cat["id"] in by_id:
                 raise DataError(f"{self.annotations_path}: category id {cat['id']} listed twice")
@@ -315,102 +321,3 @@ _KEPT = {
     "categories",
     "images_without_annotations",
 }
-
-
-def _is_int(value: Any) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> TypeGuard[float]:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _image_entry(entry: Any) -> tuple[int, str, int, int] | None:
-    if not isinstance(entry, dict):
-        return None
-    image_id, name, w, h = (entry.get(k) for k in ("id", "file_name", "width", "height"))
-    if not (_is_int(image_id) and isinstance(name, str) and name and _is_int(w) and _is_int(h)):
-        return None
-    if w <= 0 or h <= 0:
-        return None
-    return image_id, name, w, h
-
-
-def _check_annotation(
-    ann: Any,
-    sizes: dict[int, tuple[int, int]],
-    missing: set[int],
-    cat_to_label: dict[int, int],
-) -> tuple[str | None, tuple[float, float, float, float, int] | None]:
-    """(drop kind, None) or (None, (x1, y1, x2, y2, clipped 0/1)) for one annotation entry."""
-    if not isinstance(ann, dict):
-        return "dropped_malformed", None
-    image_id = ann.get("image_id")
-    if not _is_int(image_id):
-        return "dropped_malformed", None
-    if image_id in missing:
-        return "dropped_missing_image", None
-    if image_id not in sizes:
-        return "dropped_unknown_image", None
-    category = ann.get("category_id")
-    if not _is_int(category) or category not in cat_to_label:
-        return "dropped_unknown_category", None
-    if ann.get("iscrowd", 0):
-        return "dropped_crowd", None
-    bbox = ann.get("bbox")
-    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-        return "dropped_malformed", None
-    x, y, bw, bh = (float(v) for v in bbox)
-    if bw <= 0 or bh <= 0:
-        return "dropped_degenerate", None
-    w, h = sizes[image_id]
-    x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + bw, float(w)), min(y + bh, float(h))
-    if x2 <= x1 or y2 <= y1:
-        return "dropped_outside", None
-    clipped = int((x1, y1, x2, y2) != (x, y, x + bw, y + bh))
-    return None, (x1, y1, x2, y2, clipped)
-
-
-def _check_folder(images: str | Path) -> Path:
-    p = Path(images)
-    if str(images).startswith("s3://"):
-        raise DataError(f"{images}: s3:// paths must be fetched first (retinaflow.mlops.storage)")
-    if not p.exists():
-        raise DataError(f"images folder not found: {p}")
-    if not p.is_dir():
-        raise DataError(f"images path is not a folder: {p}")
-    if not os.access(p, os.R_OK | os.X_OK):
-        raise DataError(f"images folder is not readable: {p}")
-    return p
-
-
-def _listing(folder: Path) -> set[str]:
-    try:
-        return {e.name for e in os.scandir(folder) if e.is_file()}
-    except OSError as exc:
-        raise DataError(f"cannot list images folder {folder}: {exc.strerror}") from exc
-
-
-def load_annotations(path: Path) -> dict[str, Any]:
-    """The annotation file as a dict with ``images``, ``annotations`` and ``categories`` lists."""
-    if str(path).startswith("s3:/"):
-        raise DataError(f"{path}: s3:// paths must be fetched first (retinaflow.mlops.storage)")
-    if not path.exists():
-        raise DataError(f"annotation file not found: {path}")
-    if path.is_dir():
-        raise DataError(f"annotation path is a folder, expected a JSON file: {path}")
-    try:
-        text = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"cannot read annotation file {path}: {exc.strerror}") from exc
-    try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"annotation file {path} is not valid JSON: {exc}".splitlines()[0]) from exc
-    if not isinstance(data, dict):
-        raise DataError(f"annotation file {path} must hold a JSON object, got {type(data).__name__}")
-    data.setdefault("annotations", [])  # image-info files (e.g. COCO test-dev) list no annotations
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            raise DataError(f"annotation file {path} has no {key!r} list")
-    return data

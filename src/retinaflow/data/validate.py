@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from retinaflow.data.coco import CocoDataset, load_annotations
+from retinaflow.data.annotations import load_annotations
+from retinaflow.data.coco import CocoDataset
 from retinaflow.errors import ConfigError, DataError
 
 
