@@ -332,14 +332,15 @@ def list_versions(name: str, settings: TrackingSettings | None = None) -> list[V
 
 
 def fetch(name: str, alias: str, destination: str | Path, settings: TrackingSettings | None = None) -> Path:
-    """Download the files of ``name@alias`` (e.g. the champion) into ``destination``; returns the folder."""
-    import mlflow.artifacts
-
-    _, uri = _client(settings)
+    """Download the files of ``name@alias`` (e.g. the champion) into ``destination``; returns the folder
+    holding them (checkpoint, ONNX, engine)."""
+    client, _ = _client(settings)
+    mv = _alias_version(client, name, alias)
+    if mv is None or not mv.run_id:
+        raise RegistryError(f"{name} has no version with the alias {alias}")
+    Path(destination).mkdir(parents=True, exist_ok=True)
     try:
-        out = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}@{alias}", dst_path=str(destination), tracking_uri=uri
-        )
+        out = client.download_artifacts(mv.run_id, MODEL_DIR, str(destination))
     except MlflowException as exc:
         raise RegistryError(f"cannot fetch {name}@{alias}: {one_line(exc)}") from exc
     return Path(out)

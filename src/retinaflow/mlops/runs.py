@@ -155,9 +155,10 @@ def describe(report: WriterReport, uri: str) -> str:
     parts = [f"MLflow run {report.run_id} on {redact(uri)}: {report.delivered} record(s) delivered"]
     if report.pending:
         where = f"saved to {report.spilled_to}" if report.spilled_to else "LOST (no spill file)"
+        why = "the server is unreachable" if report.down_at_close else "the flush timeout ran out"
         parts.append(
             f"{report.pending} record(s) ({report.pending_metrics} metric points, {report.pending_artifacts} "
-            f"artifact(s)) not sent because the server is down, {where}; they are sent on resume or by "
+            f"artifact(s)) not sent ({why}), {where}; they are sent on resume or by "
             "`retinaflow tracking sync`"
         )
     if report.lost:

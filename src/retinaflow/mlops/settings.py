@@ -51,13 +51,31 @@ def project_dir() -> Path:
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
-    """The tracking URI to use (see module doc); the embedded default creates its folder."""
+    """The tracking URI to use (see module doc); the embedded default creates its folder.
+
+    Credentials written into an HTTP(S) URI (``https://user:password@host``) are moved to
+    ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` (MLflow's own basic-auth variables, unless
+    already set) and the URI is returned without them, so that MLflow never prints or logs them.
+    """
     chosen = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if chosen:
-        return chosen
+        return _move_credentials(chosen)
     root = project_dir()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlruns.db'}"
+
+
+def _move_credentials(uri: str) -> str:
+    if not is_remote(uri):
+        return uri
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is None:
+        return uri
+    os.environ.setdefault("MLFLOW_TRACKING_USERNAME", urllib.parse.unquote(parts.username))
+    if parts.password is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", urllib.parse.unquote(parts.password))
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def is_remote(uri: str) -> bool:

@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,10 +83,28 @@ def endpoint_url() -> str | None:
     return None
 
 
+_CLIENTS: dict[tuple[Any, ...], Any] = {}
+_CLIENTS_LOCK = threading.Lock()
+_CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+
+
 def client(settings: S3Settings | None = None) -> Any:
-    """A boto3 S3 client on the configured endpoint, with retries and timeouts."""
+    """A boto3 S3 client on the configured endpoint, with retries and timeouts. Clients are thread-safe
+    and costly to build, so one is kept per (endpoint, region, credentials, settings)."""
     s = settings or S3Settings()
     endpoint = endpoint_url()
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    secret_state = hashlib.sha256(
+        "\0".join(os.environ.get(v, "") for v in _CREDENTIAL_VARS).encode()
+    ).hexdigest()
+    key = (endpoint, region, secret_state, s.max_attempts, s.connect_timeout, s.read_timeout, s.workers)
+    with _CLIENTS_LOCK:
+        if key not in _CLIENTS:
+            _CLIENTS[key] = _new_client(s, endpoint, region)
+        return _CLIENTS[key]
+
+
+def _new_client(s: S3Settings, endpoint: str | None, region: str) -> Any:
     config = BotoConfig(
         retries={"max_attempts": s.max_attempts, "mode": "standard"},
         connect_timeout=s.connect_timeout,
@@ -93,7 +112,6 @@ def client(settings: S3Settings | None = None) -> Any:
         max_pool_connections=max(10, s.workers * 2),
         s3={"addressing_style": "path"} if endpoint else None,
     )
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region, config=config)
 
 

@@ -69,6 +69,7 @@ class WriterReport:
     pending_metrics: int = 0
     pending_artifacts: int = 0
     outages: int = 0
+    down_at_close: bool = False  # pending because the server was unreachable (else: the flush timed out)
     spilled_to: Path | None = None
 
     @property
@@ -244,6 +245,7 @@ class RunWriter:
         r.pending = len(left)
         r.pending_metrics = sum(len(x.metrics) for x in left)
         r.pending_artifacts = sum(x.kind == "artifact" for x in left)
+        r.down_at_close = self.down
         if left and spill is not None:
             r.spilled_to = _spill(left, spill, self.scratch)
         shutil.rmtree(self.scratch, ignore_errors=True)
