@@ -1,1 +1,8 @@
-"""retinaflow.model."""
+"""retinaflow.model: the RetinaNet detector network and its training targets.
+
+backbones.py (registry of torchvision backbones -> C3..C5) · fpn.py (P3..P7) · head.py (shared subnets)
+· retinanet.py (``build_model``, ``RetinaNet``, ``flatten_outputs``) · anchors.py (``generate_anchors``)
+· box_coder.py (``encode``/``decode``) · matcher.py (batched IoU assignment) · loss.py (``detection_loss``).
+Submodules are imported explicitly (``from retinaflow.model.retinanet import build_model``) so that
+``import retinaflow.model`` stays cheap.
+"""
