@@ -94,6 +94,7 @@ def main() -> None:
         batched, _ = tv.transform(tv_images)
         tv_logits = tv.head(list(tv.backbone(batched.tensors).values()))["cls_logits"]
     tv.score_thresh = threshold_for([tv_logits], CANDIDATES)
+    tv.detections_per_img = cfg.infer.max_det
 
     def tv_run():
         with torch.autocast("cuda", dtype=torch.float16):

@@ -8,9 +8,10 @@ namespace rf {
 namespace {
 
 constexpr int kFilterThreads = 256;
-constexpr int kFilterItems = 8;
+constexpr int kFilterItems = 16;  // elements per thread (a multiple of 8)
 constexpr uint32_t kFilterTile = kFilterThreads * kFilterItems;
 constexpr int kSelectThreads = 1024;
+constexpr int kStage = 8192;  // candidates copied to shared memory for the select passes (64 KB)
 constexpr int kDefaultCapacity = 32768;
 constexpr float kClip = 4.135166556742356f;  // log(1000 / 16)
 
@@ -25,6 +26,7 @@ struct Level {
   uint32_t first_block; // first filter block of this level
   int channels_last;    // iterate channel-fastest (stride of channels is 1)
   int dense;            // strides equal the iteration order: element e is at offset e
+  int vec;              // dense, 16-byte aligned rows, n a multiple of the vector: 16-byte loads
 };
 
 struct Args {
@@ -36,6 +38,7 @@ struct Args {
   rf_itype sizes_type;
   float thresh, logit_lo;
   int top_n;
+  int sel_slots;  // power of two >= top_n
   uint32_t cap;
   float* scores;
   float* boxes;
@@ -85,11 +88,21 @@ __device__ __forceinline__ bool raw_candidate(const Args& a, const Level& lv, in
   return true;
 }
 
+// Position of a thread's item i within its tile: 16-byte vectors of V elements on the vector path
+// (V = 16 / sizeof(T)), single elements otherwise; both coalesced across the warp.
+template <int V>
+__device__ __forceinline__ uint32_t item_position(uint32_t start, int i) {
+  return start + ((i / V) * kFilterThreads + threadIdx.x) * V + i % V;
+}
+
 // One pass over every logit: candidates above the threshold go to their (level, image) buffer.
+// Loads are all issued before any value is used, so each thread has kFilterItems elements in flight.
 template <typename T>
 __global__ __launch_bounds__(kFilterThreads) void filter_kernel(const __grid_constant__ Args a,
                                                                 uint32_t* __restrict__ counts,
                                                                 uint64_t* __restrict__ cand) {
+  constexpr int V = 16 / sizeof(T);
+  constexpr int NV = kFilterItems / V;
   int l = 0;
   for (int i = 1; i < a.L; ++i)
     if (blockIdx.x >= a.lv[i].first_block) l = i;
@@ -98,24 +111,40 @@ __global__ __launch_bounds__(kFilterThreads) void filter_kernel(const __grid_con
   const int b = rel / lv.blocks;
   const uint32_t start = (rel % lv.blocks) * kFilterTile;
   const T* base = static_cast<const T*>(lv.cls) + b * lv.cs[0];
+  const bool vec = lv.vec;
 
   float v[kFilterItems];
+  if (vec) {  // dense, 16-byte aligned, n % V == 0: whole vectors are in or out
+    uint4 raw[NV];
 #pragma unroll
-  for (int k = 0; k < kFilterItems; ++k) {
-    const uint32_t e = start + k * kFilterThreads + threadIdx.x;
-    v[k] = -INFINITY;
-    if (e < lv.n) {
-      if (lv.dense) {
-        v[k] = to_float(__ldg(base + e));
-      } else {
+    for (int k = 0; k < NV; ++k) {
+      const uint32_t e = item_position<V>(start, k * V);
+      raw[k] = e < lv.n ? __ldg(reinterpret_cast<const uint4*>(base + e)) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const T* t = reinterpret_cast<const T*>(&raw[k]);
+      const bool in = item_position<V>(start, k * V) < lv.n;
+#pragma unroll
+      for (int q = 0; q < V; ++q) v[k * V + q] = in ? to_float(t[q]) : -INFINITY;
+    }
+  } else {
+    T raw[kFilterItems];
+#pragma unroll
+    for (int k = 0; k < kFilterItems; ++k) {
+      const uint32_t e = item_position<1>(start, k);
+      if (e < lv.n) {
         uint32_t ch, y, x;
         unravel(a, lv, e, ch, y, x);
-        v[k] = to_float(__ldg(base + cls_offset(lv, e, ch, y, x)));
+        raw[k] = __ldg(base + cls_offset(lv, e, ch, y, x));
       }
     }
+#pragma unroll
+    for (int k = 0; k < kFilterItems; ++k) v[k] = item_position<1>(start, k) < lv.n ? to_float(raw[k]) : -INFINITY;
   }
+
   int cnt = 0;
-  unsigned present = 0;
+  uint32_t present = 0;
 #pragma unroll
   for (int k = 0; k < kFilterItems; ++k) {
     if (passes(a, v[k])) {
@@ -141,8 +170,9 @@ __global__ __launch_bounds__(kFilterThreads) void filter_kernel(const __grid_con
   for (int k = 0; k < kFilterItems; ++k) {
     if (present & (1u << k)) {
       if (pos < a.cap) {
+        const uint32_t e = vec ? item_position<V>(start, k) : item_position<1>(start, k);
         uint32_t ch, y, x;
-        unravel(a, lv, start + k * kFilterThreads + threadIdx.x, ch, y, x);
+        unravel(a, lv, e, ch, y, x);
         out[pos] = key_of(a, lv, v[k], ch, y, x);
       }
       ++pos;
@@ -186,7 +216,9 @@ template <typename T>
 __global__ __launch_bounds__(kSelectThreads) void select_kernel(const __grid_constant__ Args a,
                                                                 const uint32_t* __restrict__ counts,
                                                                 const uint64_t* __restrict__ cand) {
-  extern __shared__ uint64_t sel[];  // pow2_at_least(top_n) entries
+  extern __shared__ uint64_t smem[];  // sel_slots selected keys, then kStage staged candidates
+  uint64_t* sel = smem;
+  uint64_t* stage = smem + a.sel_slots;
   __shared__ uint32_t hist[256];
   __shared__ uint32_t s_count, s_above;
   __shared__ int s_digit;
@@ -199,9 +231,16 @@ __global__ __launch_bounds__(kSelectThreads) void select_kernel(const __grid_con
   const uint32_t M = fast ? n : lv.n;
   const uint32_t need = min(n, static_cast<uint32_t>(a.top_n));
   const uint64_t* buf = cand + static_cast<size_t>(s) * a.cap;
+  const bool staged = fast && n <= static_cast<uint32_t>(kStage);
+  if (staged) {  // every pass below reads the candidates again: keep them on chip
+#pragma unroll 4
+    for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) stage[i] = buf[i];
+    __syncthreads();
+  }
+  const uint64_t* src = staged ? stage : buf;
   auto fetch = [&](uint32_t i, uint64_t& c) -> bool {
     if (fast) {
-      c = buf[i];
+      c = src[i];
       return true;
     }
     return raw_candidate<T>(a, lv, b, i, c);
@@ -291,7 +330,7 @@ __global__ __launch_bounds__(kSelectThreads) void select_kernel(const __grid_con
 template <typename T>
 int64_t launch(const Args& args, int filter_blocks, uint32_t* counts, uint64_t* cand, cudaStream_t stream) {
   filter_kernel<T><<<filter_blocks, kFilterThreads, 0, stream>>>(args, counts, cand);
-  const size_t smem = static_cast<size_t>(next_pow2(args.top_n)) * sizeof(uint64_t);
+  const size_t smem = (static_cast<size_t>(args.sel_slots) + kStage) * sizeof(uint64_t);
   static int configured[64] = {};
   const cudaError_t e = raise_smem_limit(select_kernel<T>, smem, configured);
   if (e != cudaSuccess) return status_of(e);
@@ -342,6 +381,9 @@ extern "C" int64_t rf_decode(const rf_decode_params* p, void* workspace, size_t 
     d.dense = d.channels_last ? (s.cls_strides[3] == channels && s.cls_strides[2] == s.width * channels)
                               : (s.cls_strides[3] == 1 && s.cls_strides[2] == s.width &&
                                  s.cls_strides[1] == s.height * s.width);
+    const int64_t elem = p->dtype == RF_FLOAT32 ? 4 : 2;
+    d.vec = d.dense && reinterpret_cast<uintptr_t>(s.cls) % 16 == 0 && (s.cls_strides[0] * elem) % 16 == 0 &&
+            (n * elem) % 16 == 0;
     blocks += static_cast<int64_t>(d.blocks) * p->batch;
     if (n > max_n) max_n = n;
   }
@@ -367,6 +409,7 @@ extern "C" int64_t rf_decode(const rf_decode_params* p, void* workspace, size_t 
                    ? static_cast<float>(log(p->score_thresh / (1.0 - p->score_thresh))) - 1e-3f
                    : -INFINITY;
   a.top_n = p->top_n;
+  a.sel_slots = next_pow2(p->top_n);
   a.scores = p->scores;
   a.boxes = p->boxes;
   a.classes = p->classes;

@@ -13,7 +13,7 @@ struct NmsArgs {
   int P;      // power of two >= max(K, 1): sort slots
   int words;  // removed-bitmask words
   size_t arena_bytes;
-  size_t cls_offset, removed_offset, kept_offset;
+  size_t cls_offset, box_offset, removed_offset, kept_offset;
   const void* scores;
   rf_dtype scores_type;
   const void* boxes;
@@ -55,6 +55,7 @@ __global__ __launch_bounds__(kNmsThreads) void nms_kernel(const __grid_constant_
   unsigned char* arena = global_arena != nullptr ? global_arena + b * a.arena_bytes : smem;
   uint64_t* sorted = reinterpret_cast<uint64_t*>(arena);
   int32_t* cls = reinterpret_cast<int32_t*>(arena + a.cls_offset);
+  float4* sbox = reinterpret_cast<float4*>(arena + a.box_offset);
   uint32_t* removed = reinterpret_cast<uint32_t*>(arena + a.removed_offset);
   int32_t* kept = reinterpret_cast<int32_t*>(arena + a.kept_offset);
   const int64_t row0 = static_cast<int64_t>(b) * a.K;
@@ -81,10 +82,15 @@ __global__ __launch_bounds__(kNmsThreads) void nms_kernel(const __grid_constant_
   for (int i = tid; i < (n + 31) / 32; i += kNmsThreads) removed[i] = 0;
   __syncthreads();
 
-  // 2. Best first.
+  // 2. Best first; classes and boxes gathered in that order next to the keys.
   block_bitonic_sort_desc(sorted, P);
-  for (int q = tid; q < n; q += kNmsThreads)
-    cls[q] = static_cast<int32_t>(load_int(a.classes, row0 + composite_index(sorted[q]), a.classes_type));
+  for (int q = tid; q < n; q += kNmsThreads) {
+    const int64_t r = row0 + composite_index(sorted[q]);
+    float box[4];
+    load_box(a, r, box);
+    cls[q] = static_cast<int32_t>(load_int(a.classes, r, a.classes_type));
+    sbox[q] = make_float4(box[0], box[1], box[2], box[3]);
+  }
   __syncthreads();
 
   // 3. Greedy walk: i is the best candidate not yet suppressed.
@@ -93,15 +99,15 @@ __global__ __launch_bounds__(kNmsThreads) void nms_kernel(const __grid_constant_
     if (tid == 0) kept[count] = i;
     if (++count >= a.max_det) break;
     const int ci = cls[i];
-    float bi[4];
-    load_box(a, row0 + composite_index(sorted[i]), bi);
+    const float4 vi = sbox[i];
+    const float bi[4] = {vi.x, vi.y, vi.z, vi.w};
     const float area_i = __fmul_rn(__fsub_rn(bi[2], bi[0]), __fsub_rn(bi[3], bi[1]));
     for (int j = i + 1 + tid; j < n; j += kNmsThreads) {
       if (cls[j] != ci) continue;
       const uint32_t bit = 1u << (j & 31);
       if (removed[j >> 5] & bit) continue;
-      float bj[4];
-      load_box(a, row0 + composite_index(sorted[j]), bj);
+      const float4 vj = sbox[j];
+      const float bj[4] = {vj.x, vj.y, vj.z, vj.w};
       if (iou(bi, area_i, bj) > a.iou) atomicOr(&removed[j >> 5], bit);
     }
     __syncthreads();
@@ -135,11 +141,12 @@ __global__ __launch_bounds__(kNmsThreads) void nms_kernel(const __grid_constant_
     const int64_t o = static_cast<int64_t>(b) * a.max_det + q;
     if (q < count) {
       const uint64_t c = sorted[kept[q]];
-      float box[4];
-      load_box(a, row0 + composite_index(c), box);
+      const float4 box = sbox[kept[q]];
       a.out_scores[o] = key_float(static_cast<uint32_t>(c >> 32));
-#pragma unroll
-      for (int k = 0; k < 4; ++k) a.out_boxes[o * 4 + k] = box[k];
+      a.out_boxes[o * 4 + 0] = box.x;
+      a.out_boxes[o * 4 + 1] = box.y;
+      a.out_boxes[o * 4 + 2] = box.z;
+      a.out_boxes[o * 4 + 3] = box.w;
       store_int(a.out_classes, o, a.out_type, cls[kept[q]]);
     } else {
       a.out_scores[o] = 0.0f;
@@ -168,7 +175,8 @@ extern "C" int64_t rf_nms(const rf_nms_params* p, void* workspace, size_t worksp
   a.P = next_pow2(a.K > 1 ? a.K : 1);
   a.words = (a.P + 31) / 32;
   a.cls_offset = align_up(static_cast<size_t>(a.P) * sizeof(uint64_t), 16);
-  a.removed_offset = a.cls_offset + align_up(static_cast<size_t>(a.P) * sizeof(int32_t), 16);
+  a.box_offset = a.cls_offset + align_up(static_cast<size_t>(a.K) * sizeof(int32_t), 16);
+  a.removed_offset = a.box_offset + static_cast<size_t>(a.K) * sizeof(float4);
   a.kept_offset = a.removed_offset + align_up(static_cast<size_t>(a.words) * sizeof(uint32_t), 16);
   a.arena_bytes = align_up(a.kept_offset + static_cast<size_t>(p->max_det) * sizeof(int32_t), 256);
 

@@ -10,8 +10,8 @@
  * Method: one block per image compacts the candidates, sorts them by a unique 64-bit key (score, row)
  * with a bitonic network in shared memory, then walks them in order with the whole block testing the
  * remaining same-class candidates against each kept box; it stops at max_det kept. Shared memory holds
- * 12 bytes per candidate slot (rounded up to a power of two); beyond the device's limit (about 16k rows
- * per image on H100) the same code runs on a global-memory workspace, slower.
+ * 8 bytes per sort slot (K rounded up to a power of two) and 20 per row (class, box): up to about 8k
+ * rows per image on H100. Beyond the device's limit the same code runs on a global-memory workspace.
  */
 #pragma once
 

@@ -133,6 +133,7 @@ def test_batch_mixing_empty_and_full_images():
     scores, boxes, classes = make(4, 2000, 8, seed=24)
     classes[0] = -1
     classes[2, 1:] = -1
+    classes[2, 0] = 3
     d = check(scores.cuda(), boxes.cuda(), classes.cuda(), 0.5, 100)
     assert d.counts[0] == 0 and d.counts[2] == 1 and d.counts[1] == 100
 
