@@ -9,11 +9,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import sigmoid_focal_loss
 
 from retinaflow.config import LossConfig, MatcherConfig
 from retinaflow.errors import DataError
 from retinaflow.model.box_coder import encode
+from retinaflow.model.focal import focal_loss_sum
 from retinaflow.model.matcher import IGNORE, match
 from retinaflow.model.retinanet import flatten_outputs
 
@@ -66,20 +66,15 @@ def detection_loss(
         box = box.float()
         flat_anchors = flat_anchors.float()
         gt_boxes = gt_boxes.float()
-        num_classes = cls.shape[2]
 
         matches = match(flat_anchors, gt_boxes, gt_labels, matcher_cfg)  # (B, N)
         foreground = matches >= 0
         gt_index = matches.clamp(min=0)
 
-        # Classification: one-hot targets of the matched class; ignored anchors contribute nothing.
+        # Classification: focal loss over every non-ignored (anchor, class) pair, computed without
+        # dense one-hot targets (see focal.py); ignored anchors contribute nothing.
         labels = torch.gather(gt_labels, 1, gt_index).masked_fill(~foreground, -1)  # (B, N)
-        classes = torch.arange(num_classes, device=labels.device)
-        cls_target = (labels[..., None] == classes).to(cls.dtype)  # (B, N, C)
-        focal = sigmoid_focal_loss(
-            cls, cls_target, alpha=loss_cfg.alpha, gamma=loss_cfg.gamma, reduction="none"
-        )
-        cls_sum = (focal.sum(dim=2) * (matches != IGNORE)).sum()
+        cls_sum = focal_loss_sum(cls, labels, matches != IGNORE, loss_cfg.alpha, loss_cfg.gamma)
 
         # Boxes: background anchors are paired with themselves (zero deltas) so nothing is infinite.
         matched = torch.gather(gt_boxes, 1, gt_index[..., None].expand(-1, -1, 4))  # (B, N, 4)
