@@ -56,7 +56,7 @@ def bench_torchvision(images_u8, boxes, labels, dtype, warmup, iters):
     return ms
 
 
-def bench_retinaflow(images_u8, boxes, labels, dtype, warmup, iters, compile_model):
+def bench_retinaflow(images_u8, boxes, labels, dtype, warmup, iters, compile_model, pad=128):
     cfg = Config()
     cfg.model.num_classes = NUM_CLASSES
     model = build_model(cfg.model).cuda().to(memory_format=torch.channels_last)
@@ -64,7 +64,7 @@ def bench_retinaflow(images_u8, boxes, labels, dtype, warmup, iters, compile_mod
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9, weight_decay=1e-4)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     b, _, h, w = images_u8.shape
-    ph, pw = -(-h // 128) * 128, -(-w // 128) * 128
+    ph, pw = -(-h // pad) * pad, -(-w // pad) * pad
     batch = torch.zeros(b, 3, ph, pw, dtype=torch.uint8, device="cuda")
     batch[:, :, :h, :w] = images_u8
     batch = batch.contiguous(memory_format=torch.channels_last)
@@ -112,6 +112,9 @@ def main() -> None:
         "retinaflow_img_s": round(args.batch * 1000 / ours, 1),
         "ratio": round(tv / ours, 3),
     }
+    pad32 = bench_retinaflow(images, boxes, labels, dtype, args.warmup, args.iters, False, pad=32)
+    out["retinaflow_pad32_img_s"] = round(args.batch * 1000 / pad32, 1)
+    out["ratio_pad32"] = round(tv / pad32, 3)
     if args.compile:
         comp = bench_retinaflow(images, boxes, labels, dtype, args.warmup, args.iters, True)
         out["retinaflow_compiled_img_s"] = round(args.batch * 1000 / comp, 1)
