@@ -221,7 +221,7 @@ def decide(
     """The gate itself, on the versions' tags (pure function of the evidence)."""
     if champion is None:
         return True, ["no champion yet: the first model becomes champion"]
-    if champion.version == challenger.version:
+    if str(champion.version) == str(challenger.version):
         return False, [f"version {challenger.version} is already the champion"]
     reasons, ok = [], True
     new_map, old_map = _number(challenger.tags.get("map")), _number(champion.tags.get("map"))
@@ -269,9 +269,8 @@ def promote(
             raise RegistryError(f"registered model {name} has no {CHALLENGER} version: register one first")
         champion = _alias_version(client, name, CHAMPION)
         promoted, reasons = decide(challenger, champion, min_gain, max_latency_regression)
-        decision = Decision(
-            name, challenger.version, champion.version if champion else None, promoted, reasons
-        )
+        before = str(champion.version) if champion else None
+        decision = Decision(name, str(challenger.version), before, promoted, reasons)
         if promoted:
             client.set_registered_model_alias(name, CHAMPION, challenger.version)
         record = {
