@@ -13,7 +13,7 @@ struct NmsArgs {
   int P;      // power of two >= max(K, 1): sort slots
   int words;  // removed-bitmask words
   size_t arena_bytes;
-  size_t cls_offset, box_offset, removed_offset, kept_offset;
+  size_t box_offset, score_offset, where_offset, removed_offset, kept_offset;
   const void* scores;
   rf_dtype scores_type;
   const void* boxes;
@@ -31,20 +31,20 @@ struct NmsArgs {
 
 __device__ __forceinline__ int pow2_at_least(int v) { return v <= 1 ? 1 : 1 << (32 - __clz(v - 1)); }
 
-__device__ __forceinline__ void load_box(const NmsArgs& a, int64_t row, float (&box)[4]) {
-#pragma unroll
-  for (int k = 0; k < 4; ++k) box[k] = load_float(a.boxes, row * 4 + k, a.boxes_type);
-}
-
 // float32 IoU with torchvision's CPU operation order and no fused multiply-adds.
-__device__ __forceinline__ float iou(const float (&p)[4], float area_p, const float (&q)[4]) {
-  const float w = fmaxf(0.0f, __fsub_rn(fminf(p[2], q[2]), fmaxf(p[0], q[0])));
-  const float h = fmaxf(0.0f, __fsub_rn(fminf(p[3], q[3]), fmaxf(p[1], q[1])));
+__device__ __forceinline__ float iou(const float4& p, float area_p, const float4& q) {
+  const float w = fmaxf(0.0f, __fsub_rn(fminf(p.z, q.z), fmaxf(p.x, q.x)));
+  const float h = fmaxf(0.0f, __fsub_rn(fminf(p.w, q.w), fmaxf(p.y, q.y)));
   const float inter = __fmul_rn(w, h);
-  const float area_q = __fmul_rn(__fsub_rn(q[2], q[0]), __fsub_rn(q[3], q[1]));
+  const float area_q = __fmul_rn(__fsub_rn(q.z, q.x), __fsub_rn(q.w, q.y));
   return __fdiv_rn(inter, __fsub_rn(__fadd_rn(area_p, area_q), inter));
 }
 
+// One block per image. Arena (shared memory, or this image's slice of the workspace when kShared is
+// false): keys u64[P] | boxes float4[K] | scores float[K] | where int[K] | removed u32[words] | kept.
+// Positions q index candidates in score order; keys first hold (score, ~row), then (~class, ~q) so that
+// a descending sort lists each class's candidates together, best first; where[q] is q's place there.
+template <bool kShared>
 __global__ __launch_bounds__(kNmsThreads) void nms_kernel(const __grid_constant__ NmsArgs a,
                                                           unsigned char* global_arena) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -52,10 +52,11 @@ __global__ __launch_bounds__(kNmsThreads) void nms_kernel(const __grid_constant_
   __shared__ int s_next;
   const int b = blockIdx.x;
   const int tid = threadIdx.x;
-  unsigned char* arena = global_arena != nullptr ? global_arena + b * a.arena_bytes : smem;
-  uint64_t* sorted = reinterpret_cast<uint64_t*>(arena);
-  int32_t* cls = reinterpret_cast<int32_t*>(arena + a.cls_offset);
+  unsigned char* arena = kShared ? smem : global_arena + b * a.arena_bytes;
+  uint64_t* keys = reinterpret_cast<uint64_t*>(arena);
   float4* sbox = reinterpret_cast<float4*>(arena + a.box_offset);
+  float* sscore = reinterpret_cast<float*>(arena + a.score_offset);
+  int32_t* where = reinterpret_cast<int32_t*>(arena + a.where_offset);
   uint32_t* removed = reinterpret_cast<uint32_t*>(arena + a.removed_offset);
   int32_t* kept = reinterpret_cast<int32_t*>(arena + a.kept_offset);
   const int64_t row0 = static_cast<int64_t>(b) * a.K;
@@ -73,42 +74,49 @@ __global__ __launch_bounds__(kNmsThreads) void nms_kernel(const __grid_constant_
       c = composite(float_key(score), static_cast<uint32_t>(r));
     }
     const uint32_t pos = warp_reserve(kFullMask, valid, &s_n);
-    if (valid) sorted[pos] = c;
+    if (valid) keys[pos] = c;
   }
   __syncthreads();
   const int n = static_cast<int>(s_n);
   const int P = pow2_at_least(n);
-  for (int i = n + tid; i < P; i += kNmsThreads) sorted[i] = 0;
+  for (int i = n + tid; i < P; i += kNmsThreads) keys[i] = 0;
   for (int i = tid; i < (n + 31) / 32; i += kNmsThreads) removed[i] = 0;
   __syncthreads();
 
-  // 2. Best first; classes and boxes gathered in that order next to the keys.
-  block_bitonic_sort_desc(sorted, P);
+  // 2. Score order; gather boxes and scores by position, then re-key by (class, position).
+  block_bitonic_sort_desc(keys, P);
   for (int q = tid; q < n; q += kNmsThreads) {
-    const int64_t r = row0 + composite_index(sorted[q]);
+    const uint64_t c = keys[q];
+    const int64_t r = row0 + composite_index(c);
     float box[4];
-    load_box(a, r, box);
-    cls[q] = static_cast<int32_t>(load_int(a.classes, r, a.classes_type));
+#pragma unroll
+    for (int k = 0; k < 4; ++k) box[k] = load_float(a.boxes, r * 4 + k, a.boxes_type);
     sbox[q] = make_float4(box[0], box[1], box[2], box[3]);
+    sscore[q] = key_float(static_cast<uint32_t>(c >> 32));
+    const uint32_t cls = static_cast<uint32_t>(load_int(a.classes, r, a.classes_type));
+    keys[q] = (static_cast<uint64_t>(~cls) << 32) | static_cast<uint64_t>(~static_cast<uint32_t>(q));
   }
   __syncthreads();
+  block_bitonic_sort_desc(keys, P);  // class ascending, then position ascending
+  for (int p = tid; p < n; p += kNmsThreads) where[~static_cast<uint32_t>(keys[p])] = p;
+  __syncthreads();
 
-  // 3. Greedy walk: i is the best candidate not yet suppressed.
+  // 3. Greedy walk in score order; a kept box only tests the later candidates of its own class.
   int count = 0;
   for (int i = 0; i < n;) {
     if (tid == 0) kept[count] = i;
     if (++count >= a.max_det) break;
-    const int ci = cls[i];
-    const float4 vi = sbox[i];
-    const float bi[4] = {vi.x, vi.y, vi.z, vi.w};
-    const float area_i = __fmul_rn(__fsub_rn(bi[2], bi[0]), __fsub_rn(bi[3], bi[1]));
-    for (int j = i + 1 + tid; j < n; j += kNmsThreads) {
-      if (cls[j] != ci) continue;
-      const uint32_t bit = 1u << (j & 31);
-      if (removed[j >> 5] & bit) continue;
-      const float4 vj = sbox[j];
-      const float bj[4] = {vj.x, vj.y, vj.z, vj.w};
-      if (iou(bi, area_i, bj) > a.iou) atomicOr(&removed[j >> 5], bit);
+    const int pi = where[i];
+    const uint32_t ci = static_cast<uint32_t>(keys[pi] >> 32);
+    const float4 bi = sbox[i];
+    const float area_i = __fmul_rn(__fsub_rn(bi.z, bi.x), __fsub_rn(bi.w, bi.y));
+    for (int p = pi + 1 + tid; p < n; p += kNmsThreads) {
+      const uint64_t e = keys[p];
+      if (static_cast<uint32_t>(e >> 32) != ci) break;  // past the end of this class's run
+      const int q = static_cast<int>(~static_cast<uint32_t>(e));
+      const uint32_t bit = 1u << (q & 31);
+      if (removed[q >> 5] & bit) continue;
+      if (iou(bi, area_i, sbox[q]) > a.iou) atomicOr(&removed[q >> 5], bit);
     }
     __syncthreads();
     if (tid < 32) {  // next zero bit after i
@@ -140,14 +148,14 @@ __global__ __launch_bounds__(kNmsThreads) void nms_kernel(const __grid_constant_
   for (int q = tid; q < a.max_det; q += kNmsThreads) {
     const int64_t o = static_cast<int64_t>(b) * a.max_det + q;
     if (q < count) {
-      const uint64_t c = sorted[kept[q]];
-      const float4 box = sbox[kept[q]];
-      a.out_scores[o] = key_float(static_cast<uint32_t>(c >> 32));
+      const int k = kept[q];
+      const float4 box = sbox[k];
+      a.out_scores[o] = sscore[k];
       a.out_boxes[o * 4 + 0] = box.x;
       a.out_boxes[o * 4 + 1] = box.y;
       a.out_boxes[o * 4 + 2] = box.z;
       a.out_boxes[o * 4 + 3] = box.w;
-      store_int(a.out_classes, o, a.out_type, cls[kept[q]]);
+      store_int(a.out_classes, o, a.out_type, static_cast<int32_t>(~static_cast<uint32_t>(keys[where[k]] >> 32)));
     } else {
       a.out_scores[o] = 0.0f;
 #pragma unroll
@@ -174,9 +182,10 @@ extern "C" int64_t rf_nms(const rf_nms_params* p, void* workspace, size_t worksp
   a.K = p->count;
   a.P = next_pow2(a.K > 1 ? a.K : 1);
   a.words = (a.P + 31) / 32;
-  a.cls_offset = align_up(static_cast<size_t>(a.P) * sizeof(uint64_t), 16);
-  a.box_offset = a.cls_offset + align_up(static_cast<size_t>(a.K) * sizeof(int32_t), 16);
-  a.removed_offset = a.box_offset + static_cast<size_t>(a.K) * sizeof(float4);
+  a.box_offset = align_up(static_cast<size_t>(a.P) * sizeof(uint64_t), 16);
+  a.score_offset = a.box_offset + static_cast<size_t>(a.K) * sizeof(float4);
+  a.where_offset = a.score_offset + align_up(static_cast<size_t>(a.K) * sizeof(float), 16);
+  a.removed_offset = a.where_offset + align_up(static_cast<size_t>(a.K) * sizeof(int32_t), 16);
   a.kept_offset = a.removed_offset + align_up(static_cast<size_t>(a.words) * sizeof(uint32_t), 16);
   a.arena_bytes = align_up(a.kept_offset + static_cast<size_t>(p->max_det) * sizeof(int32_t), 256);
 
@@ -207,10 +216,13 @@ extern "C" int64_t rf_nms(const rf_nms_params* p, void* workspace, size_t worksp
   a.out_type = p->out_type;
 
   const size_t smem = in_smem ? a.arena_bytes : 0;
-  static int configured[64] = {};
-  e = raise_smem_limit(nms_kernel, smem, configured);
-  if (e != cudaSuccess) return status_of(e);
-  unsigned char* arena = in_smem ? nullptr : static_cast<unsigned char*>(workspace);
-  nms_kernel<<<p->batch, kNmsThreads, smem, stream>>>(a, arena);
+  if (in_smem) {
+    static int configured[64] = {};
+    e = raise_smem_limit(nms_kernel<true>, smem, configured);
+    if (e != cudaSuccess) return status_of(e);
+    nms_kernel<true><<<p->batch, kNmsThreads, smem, stream>>>(a, nullptr);
+  } else {
+    nms_kernel<false><<<p->batch, kNmsThreads, 0, stream>>>(a, static_cast<unsigned char*>(workspace));
+  }
   return status_of(cudaGetLastError());
 }
