@@ -40,8 +40,8 @@ def connect(settings: TrackingSettings) -> tuple[MlflowClient, str]:
     reason = probe(uri, settings.probe_timeout)
     if reason:
         raise TrackingUnavailable(
-            f"MLflow tracking server {redact(uri)} is unreachable ({reason}); start it, fix "
-            "MLFLOW_TRACKING_URI / --tracking-uri, or run without --mlflow"
+            f"MLflow tracking server {redact(uri)} is unreachable ({reason}); start it or fix "
+            "MLFLOW_TRACKING_URI / --tracking-uri"
         )
     return MlflowClient(uri, registry_uri=uri), uri
 
