@@ -18,16 +18,16 @@ install-dev: install
 demo: install
 	$(PYTHON) -m retinaflow pipeline run --local --output $(DEMO_DIR)
 
-test: install-dev
+test: install-dev lint typecheck
 	$(PYTHON) -m pytest -q
 
 lint:
-	ruff check src tests benchmarks components pipelines
-	ruff format --check src tests benchmarks components pipelines
+	$(PYTHON) -m ruff check src tests benchmarks
+	$(PYTHON) -m ruff format --check src tests benchmarks
 	lint-imports
 
 typecheck:
-	mypy
+	$(PYTHON) -m mypy
 
 clean:
 	rm -rf runs build dist .pytest_cache .mypy_cache .ruff_cache

@@ -14,9 +14,9 @@ import argparse
 
 import torch
 import torchvision
-
 from bench_e2e_latency import CANDIDATES, threshold_for
 from common import emit, time_ms
+
 from retinaflow.config import Config
 from retinaflow.engine.infer import detect
 from retinaflow.model.retinanet import build_model
@@ -45,9 +45,13 @@ def make_retinaflow(cfg: Config):
 
 
 def make_torchvision(probe: torch.Tensor, max_det: int):
-    model = torchvision.models.detection.retinanet_resnet50_fpn(
-        weights=None, weights_backbone=None, num_classes=NUM_CLASSES
-    ).cuda().eval()
+    model = (
+        torchvision.models.detection.retinanet_resnet50_fpn(
+            weights=None, weights_backbone=None, num_classes=NUM_CLASSES
+        )
+        .cuda()
+        .eval()
+    )
     with torch.autocast("cuda", dtype=torch.float16):
         batched, _ = model.transform([probe.permute(2, 0, 1).float() / 255])
         logits = model.head(list(model.backbone(batched.tensors).values()))["cls_logits"]
@@ -86,10 +90,11 @@ def main() -> None:
     out: dict[str, object] = {"size": [800, 1333], "precision": "fp16", "candidates_per_image": CANDIDATES}
     for b in args.batches:
         imgs = [probe] + [
-            torch.randint(0, 256, (800, 1333, 3), dtype=torch.uint8, generator=gen).cuda() for _ in range(b - 1)
+            torch.randint(0, 256, (800, 1333, 3), dtype=torch.uint8, generator=gen).cuda()
+            for _ in range(b - 1)
         ]
-        t_tv = time_ms(lambda: tv(imgs), args.warmup, args.iters)
-        t_rf = time_ms(lambda: ours(imgs), args.warmup, args.iters)
+        t_tv = time_ms(lambda imgs=imgs: tv(imgs), args.warmup, args.iters)
+        t_rf = time_ms(lambda imgs=imgs: ours(imgs), args.warmup, args.iters)
         out[f"b{b}_torchvision_ms"] = round(t_tv, 2)
         out[f"b{b}_retinaflow_ms"] = round(t_rf, 2)
         out[f"b{b}_torchvision_img_s"] = round(b * 1000 / t_tv, 1)

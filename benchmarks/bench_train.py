@@ -12,8 +12,8 @@ import argparse
 
 import torch
 import torchvision
-
 from common import emit, time_ms
+
 from retinaflow.config import Config
 from retinaflow.engine.schedule import autocast_dtype
 from retinaflow.model.anchors import generate_anchors
@@ -39,7 +39,7 @@ def bench_torchvision(images_u8, boxes, labels, dtype, warmup, iters):
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=1e-4)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     images = [im.float() / 255 for im in images_u8]
-    targets = [{"boxes": b.cuda(), "labels": (lab + 1).cuda()} for b, lab in zip(boxes, labels)]
+    targets = [{"boxes": b.cuda(), "labels": (lab + 1).cuda()} for b, lab in zip(boxes, labels, strict=True)]
 
     def step():
         with torch.autocast("cuda", dtype=dtype):
@@ -51,8 +51,6 @@ def bench_torchvision(images_u8, boxes, labels, dtype, warmup, iters):
         scaler.update()
 
     ms = time_ms(step, warmup, iters)
-    del model, opt
-    torch.cuda.empty_cache()
     return ms
 
 
@@ -61,7 +59,9 @@ def bench_retinaflow(images_u8, boxes, labels, dtype, warmup, iters, compile_mod
     cfg.model.num_classes = NUM_CLASSES
     model = build_model(cfg.model).cuda().to(memory_format=torch.channels_last)
     model.train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9, weight_decay=1e-4)
+    opt = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9, weight_decay=1e-4
+    )
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     b, _, h, w = images_u8.shape
     ph, pw = -(-h // pad) * pad, -(-w // pad) * pad
@@ -82,8 +82,6 @@ def bench_retinaflow(images_u8, boxes, labels, dtype, warmup, iters, compile_mod
         scaler.update()
 
     ms = time_ms(step, warmup + (10 if compile_model else 0), iters)
-    del model, opt
-    torch.cuda.empty_cache()
     return ms
 
 
@@ -100,7 +98,9 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     dtype = autocast_dtype(args.precision, torch.device("cuda"))
     gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (args.batch, 3, args.height, args.width), dtype=torch.uint8, generator=gen).cuda()
+    images = torch.randint(
+        0, 256, (args.batch, 3, args.height, args.width), dtype=torch.uint8, generator=gen
+    ).cuda()
     boxes, labels = random_targets(args.batch, args.height, args.width, 12, gen)
     tv = bench_torchvision(images, boxes, labels, dtype, args.warmup, args.iters)
     ours = bench_retinaflow(images, boxes, labels, dtype, args.warmup, args.iters, False)

@@ -38,7 +38,12 @@ def test_help_lists_every_command():
 
 def test_missing_training_paths(capsys, tmp_path):
     code, _, err = run_cli(
-        capsys, "train", str(tmp_path / "m.pth"), "--images", str(tmp_path / "nope"), "--annotations",
+        capsys,
+        "train",
+        str(tmp_path / "m.pth"),
+        "--images",
+        str(tmp_path / "nope"),
+        "--annotations",
         str(tmp_path / "nope.json"),
     )
     assert_one_line_error(code, err, "not found")
@@ -57,14 +62,20 @@ def test_infer_with_a_corrupt_checkpoint(capsys, tmp_path):
     ckpt = tmp_path / "m.pth"
     ckpt.write_bytes(b"garbage")
     (tmp_path / "imgs").mkdir()
-    code, _, err = run_cli(capsys, "infer", str(ckpt), "--images", str(tmp_path / "imgs"), "--output", "x.json")
+    code, _, err = run_cli(
+        capsys, "infer", str(ckpt), "--images", str(tmp_path / "imgs"), "--output", "x.json"
+    )
     assert_one_line_error(code, err, "cannot read checkpoint")
 
 
 def test_eval_bad_inputs(capsys, tmp_path):
     gt = tmp_path / "gt.json"
-    gt.write_text(json.dumps({"images": [{"id": 1, "width": 10, "height": 10}], "categories": [{"id": 1, "name": "a"}]}))
-    code, _, err = run_cli(capsys, "eval", "--annotations", str(gt), "--detections", str(tmp_path / "none.json"))
+    gt.write_text(
+        json.dumps({"images": [{"id": 1, "width": 10, "height": 10}], "categories": [{"id": 1, "name": "a"}]})
+    )
+    code, _, err = run_cli(
+        capsys, "eval", "--annotations", str(gt), "--detections", str(tmp_path / "none.json")
+    )
     assert_one_line_error(code, err, "not found")
     dets = tmp_path / "d.json"
     dets.write_text(json.dumps([{"image_id": 5, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 1}]))
@@ -86,7 +97,16 @@ def test_synth_rejects_bad_arguments(capsys, tmp_path):
 
 def test_a_real_process_exits_non_zero_without_a_traceback(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "retinaflow", "eval", "--annotations", str(tmp_path / "a.json"), "--detections", "b"],
+        [
+            sys.executable,
+            "-m",
+            "retinaflow",
+            "eval",
+            "--annotations",
+            str(tmp_path / "a.json"),
+            "--detections",
+            "b",
+        ],
         capture_output=True,
         text=True,
     )

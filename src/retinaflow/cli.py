@@ -29,7 +29,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train a detector (resumes if MODEL exists)",
         description="Train RetinaNet on a COCO-format dataset. If MODEL already exists, training resumes "
-        "from it exactly. Launch with `torchrun --nproc_per_node N -m retinaflow train ...` for several GPUs.",
+        "from it exactly. Launch with `torchrun --nproc_per_node N -m retinaflow train ...` "
+        "for several GPUs.",
     )
     p.add_argument("model", help="checkpoint to write (and to resume from if it exists); may be s3://")
     data = p.add_argument_group("data")
@@ -42,7 +43,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--jitter", type=int, nargs=2, metavar=("MIN", "MAX"), help="train shorter side range")
     data.add_argument("--workers", type=int, help="DataLoader worker processes per rank")
     model = p.add_argument_group("model")
-    model.add_argument("--backbone", help="backbone name, e.g. resnet50, mobilenet_v2 (see `retinaflow backbones`)")
+    model.add_argument(
+        "--backbone", help="backbone name, e.g. resnet50, mobilenet_v2 (see `retinaflow backbones`)"
+    )
     model.add_argument("--classes", type=int, help="expected number of classes (checked against the dataset)")
     model.add_argument(
         "--backbone-weights", help="local ImageNet weights .pth for the backbone, or 'offline' (MobileNetV2)"
@@ -98,7 +101,11 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("configuration")
     g.add_argument("--config", help="YAML config (see configs/); flags override it")
     g.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key, e.g. loss.gamma=1.5"
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. loss.gamma=1.5",
     )
 
 
@@ -166,7 +173,9 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nms-iou", type=float, help="NMS IoU threshold (default 0.5)")
     p.add_argument("--max-det", type=int, help="detections per image (default 100)")
     p.add_argument("--top-n", type=int, help="candidates per level before NMS (default 1000)")
-    p.add_argument("--cuda-graph", action="store_true", help="replay the network + post-processing as a CUDA graph")
+    p.add_argument(
+        "--cuda-graph", action="store_true", help="replay the network + post-processing as a CUDA graph"
+    )
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if present)")
     _add_tracking_args(p)
     p.set_defaults(func=_cmd_infer)
@@ -233,7 +242,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("output", help="model.onnx to write")
     p.add_argument("--opset", type=int, default=ExportConfig.opset, help="ONNX opset (>= 17)")
     p.add_argument(
-        "--size", type=int, nargs=2, metavar=("H", "W"), default=(800, 1344), help="input size (multiples of 128)"
+        "--size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        default=(800, 1344),
+        help="input size (multiples of 128)",
     )
     p.add_argument("--static-batch", action="store_true", help="fix the batch dimension")
     _add_tracking_args(p)
@@ -243,7 +257,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def _cmd_export(args: argparse.Namespace) -> int:
     from retinaflow.export.onnx import export_onnx
 
-    cfg = ExportConfig(opset=args.opset, height=args.size[0], width=args.size[1], dynamic_batch=not args.static_batch)
+    cfg = ExportConfig(
+        opset=args.opset, height=args.size[0], width=args.size[1], dynamic_batch=not args.static_batch
+    )
     output, upload = _local_output(args.output)
     export_onnx(_resolve_input(args.model), output, cfg)
     if upload:
@@ -286,7 +302,9 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         raise ConfigError("--images must be at least 2 (train and val)")
     if not 0 < args.val_fraction < 1:
         raise ConfigError("--val-fraction must be between 0 and 1")
-    paths = generate(SynthConfig(out=Path(args.out), images=args.images, seed=args.seed, val_fraction=args.val_fraction))
+    paths = generate(
+        SynthConfig(out=Path(args.out), images=args.images, seed=args.seed, val_fraction=args.val_fraction)
+    )
     for name in ("train_images", "train_annotations", "val_images", "val_annotations"):
         print(f"{name}: {getattr(paths, name)}")
     return 0
@@ -295,7 +313,9 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from retinaflow.data.validate import validate_dataset
 
-    report = validate_dataset(_resolve_input(args.images), _resolve_input(args.annotations), Path(args.out_annotations))
+    report = validate_dataset(
+        _resolve_input(args.images), _resolve_input(args.annotations), Path(args.out_annotations)
+    )
     text = json.dumps(report, indent=2, default=str)
     print(text)
     if args.report:
@@ -443,5 +463,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose or os.environ.get("RETINAFLOW_DEBUG"):
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"retinaflow: error: {type(exc).__name__}: {first} (rerun with -v for the traceback)", file=sys.stderr)
+        print(
+            f"retinaflow: error: {type(exc).__name__}: {first} (rerun with -v for the traceback)",
+            file=sys.stderr,
+        )
         return 1

@@ -109,7 +109,7 @@ class TrainConfig:
     fine_tune: str | None = None
 
     def scaled(self, value: int) -> int:
-        return int(round(value * self.schedule))
+        return round(value * self.schedule)
 
 
 @dataclass
@@ -230,8 +230,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key {key!r} expects a list, got {value!r}")
-        args = typing.get_args(hint)
-        item = args[0]
+        item = typing.get_args(hint)[0]
         return tuple(_coerce(item, v, key) for v in value)
     if origin is list:
         if not isinstance(value, (list, tuple)):

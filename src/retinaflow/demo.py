@@ -36,7 +36,10 @@ def run_demo(output: Path, iters: int | None = None, images: int = DEMO_IMAGES) 
     output.mkdir(parents=True, exist_ok=True)
     paths = generate(SynthConfig(out=output / "data", images=images, seed=0))
     cfg = demo_config(
-        str(paths.train_images), str(paths.train_annotations), str(paths.val_images), str(paths.val_annotations)
+        str(paths.train_images),
+        str(paths.train_annotations),
+        str(paths.val_images),
+        str(paths.val_annotations),
     )
     if iters is not None:
         cfg.train.iters = iters
@@ -45,7 +48,12 @@ def run_demo(output: Path, iters: int | None = None, images: int = DEMO_IMAGES) 
     cfg.dump(output / "config.yaml")
     checkpoint = train(cfg, output / "model.pth")
     result = infer(
-        checkpoint, paths.val_images, output / "detections.json", cfg.infer, paths.val_annotations, device="cpu"
+        checkpoint,
+        paths.val_images,
+        output / "detections.json",
+        cfg.infer,
+        paths.val_annotations,
+        device="cpu",
     )
     assert result is not None
     write_report(result, output / "eval.json")

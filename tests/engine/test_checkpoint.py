@@ -64,9 +64,13 @@ def test_load_errors_are_one_line(tmp_path):
 
 
 def test_check_arch_names_the_difference():
-    check_arch({"backbone": "resnet50", "num_classes": 3}, {"backbone": "resnet50", "num_classes": 3}, "m.pth")
-    with pytest.raises(CheckpointError, match="num_classes=3.*num_classes=5"):
-        check_arch({"backbone": "resnet50", "num_classes": 3}, {"backbone": "resnet50", "num_classes": 5}, "m.pth")
+    check_arch(
+        {"backbone": "resnet50", "num_classes": 3}, {"backbone": "resnet50", "num_classes": 3}, "m.pth"
+    )
+    with pytest.raises(CheckpointError, match=r"num_classes=3.*num_classes=5"):
+        check_arch(
+            {"backbone": "resnet50", "num_classes": 3}, {"backbone": "resnet50", "num_classes": 5}, "m.pth"
+        )
 
 
 def test_rng_state_round_trip_through_a_file(tmp_path):

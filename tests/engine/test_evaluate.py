@@ -24,7 +24,10 @@ def gt(tmp_path):
 
 def test_perfect_detections_score_one(gt):
     path, anns = gt
-    dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9} for a in anns]
+    dets = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+        for a in anns
+    ]
     result = evaluate(path, dets)
     assert set(result.stats) == set(STAT_NAMES)
     assert result.map == pytest.approx(1.0)
@@ -33,7 +36,7 @@ def test_perfect_detections_score_one(gt):
 
 
 def test_missing_class_and_wrong_boxes_lower_the_score(gt):
-    path, anns = gt
+    path, _ = gt
     dets = [{"image_id": 1, "category_id": 3, "bbox": [10, 10, 30, 30], "score": 0.9}]
     dets.append({"image_id": 2, "category_id": 3, "bbox": [70, 0, 20, 20], "score": 0.8})
     result = evaluate(path, dets)
@@ -57,7 +60,10 @@ def test_empty_detections_give_zeros_and_bad_inputs_fail(gt, tmp_path):
 
 def test_report_and_table(gt, tmp_path):
     path, anns = gt
-    dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.5} for a in anns]
+    dets = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.5}
+        for a in anns
+    ]
     result = evaluate(path, dets)
     out = write_report(result, tmp_path / "r" / "report.json")
     data = json.loads(out.read_text())

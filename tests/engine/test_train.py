@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
+from tests.conftest import tiny_config
 
 from retinaflow.engine.callbacks import Callback
 from retinaflow.engine.checkpoint import load_checkpoint
 from retinaflow.engine.train import train
 from retinaflow.errors import CheckpointError, ConfigError, TrainingDiverged
-from tests.conftest import tiny_config
 
 
 class Recorder(Callback):
@@ -53,7 +53,12 @@ def test_checkpoint_is_self_describing(synth_small, tmp_path):
     rec = Recorder()
     path = train(tiny_config(synth_small, iters=2), tmp_path / "m.pth", [rec])
     ckpt = load_checkpoint(path)
-    names = [c["name"] for c in sorted(json.loads(synth_small.train_annotations.read_text())["categories"], key=lambda c: c["id"])]
+    names = [
+        c["name"]
+        for c in sorted(
+            json.loads(synth_small.train_annotations.read_text())["categories"], key=lambda c: c["id"]
+        )
+    ]
     assert ckpt["class_names"] == names
     assert ckpt["arch"]["num_classes"] == len(names) == ckpt["config"]["model"]["num_classes"]
     assert set(ckpt) >= {"optimizer", "rng", "iteration", "format_version", "category_ids"}
@@ -86,7 +91,7 @@ def test_resume_with_another_architecture_is_refused(synth_small, tmp_path):
     path = train(tiny_config(synth_small, iters=2), tmp_path / "m.pth")
     other = tiny_config(synth_small, iters=4)
     other.model.fpn_channels = 48
-    with pytest.raises(CheckpointError, match="fpn_channels=32.*fpn_channels=48"):
+    with pytest.raises(CheckpointError, match=r"fpn_channels=32.*fpn_channels=48"):
         train(other, path)
 
 

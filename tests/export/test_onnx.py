@@ -18,15 +18,26 @@ from retinaflow.model.retinanet import build_model
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     cfg = Config()
-    cfg.model.backbone, cfg.model.num_classes, cfg.model.fpn_channels, cfg.model.head_convs = "resnet18", 3, 32, 1
+    cfg.model.backbone, cfg.model.num_classes, cfg.model.fpn_channels, cfg.model.head_convs = (
+        "resnet18",
+        3,
+        32,
+        1,
+    )
     cfg.class_names = ["a", "b", "c"]
     torch.manual_seed(0)
     model = build_model(cfg.model)
     path = tmp_path_factory.mktemp("ckpt") / "m.pth"
     save_checkpoint(
         path,
-        {"arch": model.arch, "model": model.state_dict(), "config": cfg.to_dict(), "class_names": cfg.class_names,
-         "category_ids": [1, 2, 3], "iteration": 0},
+        {
+            "arch": model.arch,
+            "model": model.state_dict(),
+            "config": cfg.to_dict(),
+            "class_names": cfg.class_names,
+            "category_ids": [1, 2, 3],
+            "iteration": 0,
+        },
     )
     return path, model
 
@@ -46,7 +57,7 @@ def test_export_is_valid_and_matches_pytorch_at_several_batch_sizes(checkpoint, 
             cls, box = model(images)
         got = session.run(None, {"images": images.numpy()})
         assert got[0].shape == (batch, 9 * 3, 16, 32) and got[5].shape == (batch, 9 * 4, 16, 32)
-        for expected, actual in zip([*cls, *box], got):
+        for expected, actual in zip([*cls, *box], got, strict=True):
             np.testing.assert_allclose(actual, expected.numpy(), rtol=RTOL, atol=ATOL)
 
 

@@ -50,7 +50,10 @@ def evaluate(
     image_ids = {img["id"] for img in gt_data["images"]}
     unknown = {d.get("image_id") for d in dets} - image_ids
     if unknown:
-        raise DataError(f"detections refer to {len(unknown)} image id(s) absent from {gt_path}, e.g. {min(unknown)}")
+        raise DataError(
+            f"detections refer to {len(unknown)} image id(s) absent from {gt_path}, "
+            f"e.g. {sorted(map(str, unknown))[0]}"
+        )
 
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
@@ -68,7 +71,7 @@ def evaluate(
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    stats = {name: float(v) for name, v in zip(STAT_NAMES, ev.stats)}
+    stats = {name: float(v) for name, v in zip(STAT_NAMES, ev.stats, strict=True)}
     precision = ev.eval["precision"]  # (T iou, R recall, K classes, A areas, M maxdets)
     per_class: dict[str, float] = {}
     for k, name in enumerate(names[: precision.shape[2]]):

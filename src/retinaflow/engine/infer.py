@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from collections.abc import Iterable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +34,67 @@ def detect(model: RetinaNet, images: torch.Tensor, sizes: torch.Tensor, config: 
     Returns fixed-size Detections (B, max_det) in resized-image pixels.
     """
     cls_out, box_out = model(images)
-    anchors = generate_anchors(config.model.anchors, tuple(images.shape[-2:]), images.device, torch.float32)
+    anchors = generate_anchors(
+        config.model.anchors, (images.shape[-2], images.shape[-1]), images.device, torch.float32
+    )
     return postprocess(cls_out, box_out, anchors, sizes, config.infer)
+
+
+Detector = Callable[[torch.Tensor, torch.Tensor], Detections]
+
+
+def make_detector(
+    model: RetinaNet,
+    config: Config,
+    amp_dtype: torch.dtype | None,
+    cast_weights: bool = False,
+) -> Detector:
+    """``detector(images, sizes) -> Detections`` for padded batches on the model's device.
+
+    amp_dtype:    run the network in this precision (None = float32).
+    cast_weights: convert the model's weights to ``amp_dtype`` once instead of autocasting every call
+                  (for a model used only for inference; saves the per-call weight casts).
+    With ``config.infer.cuda_graph`` and CUDA tensors, each input shape is captured once as a CUDA
+    graph (pre-processing, network and post-processing) and replayed; outputs are copied out.
+    """
+    autocast_dtype_ = amp_dtype
+    if cast_weights and amp_dtype is not None:
+        model.to(amp_dtype)
+        autocast_dtype_ = None
+
+    def eager(images: torch.Tensor, sizes: torch.Tensor) -> Detections:
+        if autocast_dtype_ is None:
+            return detect(model, images, sizes, config)
+        with torch.autocast(images.device.type, dtype=autocast_dtype_):
+            return detect(model, images, sizes, config)
+
+    if not config.infer.cuda_graph:
+        return eager
+    return _GraphCache(eager)
+
+
+class _GraphCache:
+    """One captured CUDA graph per input shape (at most ``limit``; older ones are dropped)."""
+
+    def __init__(self, fn: Detector, limit: int = 16) -> None:
+        self.fn, self.limit = fn, limit
+        self.graphs: dict[tuple[Any, ...], Any] = {}
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, sizes: torch.Tensor) -> Detections:
+        if images.device.type != "cuda":
+            return self.fn(images, sizes)
+        from retinaflow.ops.graph import CudaGraphRunner
+
+        key = (tuple(images.shape), images.dtype, images.is_contiguous(memory_format=torch.channels_last))
+        runner = self.graphs.pop(key, None)
+        if runner is None:
+            if len(self.graphs) >= self.limit:
+                self.graphs.pop(next(iter(self.graphs)))
+            runner = CudaGraphRunner(self.fn, [images, sizes.to(images.device)])
+        self.graphs[key] = runner  # most recently used last
+        out = runner(images, sizes.to(images.device))
+        return Detections(*(t.clone() for t in (out.scores, out.boxes, out.classes, out.counts)))
 
 
 @torch.no_grad()
@@ -47,19 +105,19 @@ def predict(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     category_ids: list[int],
+    detector: Detector | None = None,
 ) -> list[dict[str, Any]]:
     """COCO results for every image of ``loader``: boxes [x, y, w, h] in original image pixels."""
     was_training = model.training
     model.eval()
+    run = detector or make_detector(model, config, amp_dtype)
     results: list[dict[str, Any]] = []
     cat_lut = torch.tensor(category_ids, dtype=torch.int64)
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     for batch in loader:
         images = batch.images.to(device, non_blocking=True)
         if config.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with autocast:
-            dets = detect(model, images, batch.sizes.to(device), config)
+        dets = run(images, batch.sizes.to(device, non_blocking=True))
         results.extend(to_coco_results(dets, batch, cat_lut))
     model.train(was_training)
     return results
@@ -76,7 +134,7 @@ def to_coco_results(dets: Detections, batch: Batch, cat_lut: torch.Tensor) -> li
     for i, n in enumerate(counts):
         image_id = int(batch.image_ids[i])
         cats = cat_lut[classes[i, :n]].tolist()
-        for s, b, c in zip(scores[i, :n].tolist(), xywh[i, :n].tolist(), cats):
+        for s, b, c in zip(scores[i, :n].tolist(), xywh[i, :n].tolist(), cats, strict=True):
             out.append({"image_id": image_id, "category_id": c, "bbox": [round(v, 2) for v in b], "score": s})
     return out
 
@@ -109,6 +167,8 @@ def infer(
     from retinaflow.engine.evaluate import evaluate
 
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     model, config, state = load_model(checkpoint, dev)
     if cfg is not None:
         config.infer = cfg
@@ -119,9 +179,9 @@ def infer(
     with tempfile.TemporaryDirectory() as tmp:
         ann = Path(annotations) if annotations else _image_list_as_coco(images_dir, state, Path(tmp))
         loader, _ = build_eval_loader(str(images_dir), str(ann), config.data, config.infer.batch)
-        dets = predict(
-            model, loader, config, dev, autocast_dtype(config.infer.precision, dev), state["category_ids"]
-        )
+        amp = autocast_dtype(config.infer.precision, dev)
+        detector = make_detector(model, config, amp, cast_weights=True)
+        dets = predict(model, loader, config, dev, amp, state["category_ids"], detector)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dets))
@@ -147,7 +207,7 @@ def _image_list_as_coco(images_dir: Path, state: dict[str, Any], tmp: Path) -> P
             log.warning("skipping unreadable image %s", p)
             continue
         entries.append({"id": i, "file_name": p.name, "width": w, "height": h})
-    cats = [{"id": c, "name": n} for c, n in zip(state["category_ids"], state["class_names"])]
+    cats = [{"id": c, "name": n} for c, n in zip(state["category_ids"], state["class_names"], strict=True)]
     path = tmp / "images.json"
     path.write_text(json.dumps({"images": entries, "annotations": [], "categories": cats}))
     return path

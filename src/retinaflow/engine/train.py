@@ -24,7 +24,13 @@ from retinaflow.config import Config
 from retinaflow.data.batch import Batch
 from retinaflow.engine import distributed as D
 from retinaflow.engine.callbacks import Callback, CallbackList, EvalResult, TrainState
-from retinaflow.engine.checkpoint import check_arch, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from retinaflow.engine.checkpoint import (
+    check_arch,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from retinaflow.engine.progress import Progress
 from retinaflow.engine.schedule import autocast_dtype, lr_at
 from retinaflow.errors import ConfigError, DataError, TrainingDiverged, TrainingInterrupted
@@ -93,6 +99,8 @@ class _Trainer:
         elif cfg.train.fine_tune:
             _load_for_fine_tune(model, cfg.train.fine_tune)
         model.to(info.device)
+        if info.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
         if cfg.train.channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model
@@ -152,11 +160,15 @@ class _Trainer:
         )
         with autocast:
             cls_out, box_out = self.ddp(images)
-        anchors = generate_anchors(cfg.model.anchors, tuple(images.shape[-2:]), dev, torch.float32)
+        anchors = generate_anchors(
+            cfg.model.anchors, (images.shape[-2], images.shape[-1]), dev, torch.float32
+        )
         # Under DDP, normalise by the mean foreground count over ranks: DDP averages gradients, so the
         # result equals one process training on the whole global batch.
         norm = self._global_fg if self.info.distributed else None
-        losses = detection_loss(cls_out, box_out, anchors, batch.boxes, batch.labels, cfg.loss, cfg.matcher, norm)
+        losses = detection_loss(
+            cls_out, box_out, anchors, batch.boxes, batch.labels, cfg.loss, cfg.matcher, norm
+        )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(losses["loss"]).backward()
         if cfg.train.clip_grad > 0:
@@ -210,14 +222,20 @@ class _Trainer:
                     window_start, window_images = time.perf_counter(), 0
                 else:
                     progress.update(self.iteration, None)
-                stop = D.broadcast_flag(self.stop_requested, info) if info.distributed else self.stop_requested
+                stop = (
+                    D.broadcast_flag(self.stop_requested, info) if info.distributed else self.stop_requested
+                )
                 if stop:
                     self.save()
                     raise TrainingInterrupted(
                         f"interrupted at iteration {self.iteration}; checkpoint saved to {self.path}, "
                         "run the same command to resume"
                     )
-                if t.checkpoint_every and self.iteration % t.checkpoint_every == 0 and self.iteration < t.iters:
+                if (
+                    t.checkpoint_every
+                    and self.iteration % t.checkpoint_every == 0
+                    and self.iteration < t.iters
+                ):
                     self.save()
                 if t.val_every and self.iteration % t.val_every == 0 and self.iteration < t.iters:
                     self.validate()

@@ -55,7 +55,9 @@ def export_onnx(checkpoint: str | Path, output: str | Path, cfg: ExportConfig | 
     try:
         import onnx
     except ImportError as exc:
-        raise MissingDependency("ONNX export needs onnx and onnxruntime: pip install 'retinaflow[onnx]'") from exc
+        raise MissingDependency(
+            "ONNX export needs onnx and onnxruntime: pip install 'retinaflow[onnx]'"
+        ) from exc
     cfg = cfg or ExportConfig()
     if cfg.height % 128 or cfg.width % 128:
         raise ConfigError(f"export size {cfg.height}x{cfg.width} must be a multiple of 128 on both sides")
@@ -107,7 +109,7 @@ def check_parity(model: torch.nn.Module, path: Path, cfg: ExportConfig, seed: in
         with torch.no_grad():
             expected = [t.numpy() for t in model(images)]
         got = session.run(None, {"images": images.numpy()})
-        for e, g in zip(expected, got):
+        for e, g in zip(expected, got, strict=True):
             diff = np.abs(e - g)
             max_abs = max(max_abs, float(diff.max()))
             max_rel = max(max_rel, float((diff / (np.abs(e) + 1e-6)).max()))
