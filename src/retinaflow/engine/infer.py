@@ -124,9 +124,16 @@ def predict(
 
 
 def to_coco_results(dets: Detections, batch: Batch, cat_lut: torch.Tensor) -> list[dict[str, Any]]:
-    """One host transfer per batch, then plain lists (no per-box tensor ops)."""
+    """COCO results of a batch: boxes mapped back to original pixels and clipped to the original image.
+
+    One host transfer per batch, then plain lists (no per-box tensor ops).
+    """
     scores = dets.scores.float().cpu()
-    boxes = dets.boxes.float().cpu() / batch.scales.view(-1, 1, 1)
+    scales = batch.scales.float().cpu().view(-1, 1, 1)
+    boxes = dets.boxes.float().cpu() / scales
+    original_hw = (batch.sizes.float().cpu().view(-1, 1, 2) / scales).round()  # (B, 1, 2) = (h, w)
+    limit = original_hw.flip(-1).repeat(1, 1, 2)  # (B, 1, 4) = (w, h, w, h)
+    boxes = torch.minimum(boxes.clamp(min=0), limit)
     classes = dets.classes.cpu()
     counts = dets.counts.cpu().tolist()
     xywh = torch.cat([boxes[..., :2], boxes[..., 2:] - boxes[..., :2]], dim=-1)

@@ -1,0 +1,69 @@
+"""Inference: COCO results in original-image pixels, with and without ground truth; CUDA graphs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tests.conftest import tiny_config
+
+from retinaflow.engine.infer import infer, load_model, make_detector
+from retinaflow.engine.train import train
+from retinaflow.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def trained(synth_small, tmp_path_factory):
+    return train(tiny_config(synth_small, iters=2), tmp_path_factory.mktemp("infer") / "m.pth")
+
+
+def test_infer_writes_coco_results_in_original_pixels(trained, synth_small, tmp_path):
+    cfg = tiny_config(synth_small).infer
+    cfg.score_thresh = 0.0  # an untrained model: keep every candidate so there is something to check
+    result = infer(
+        trained, synth_small.val_images, tmp_path / "d.json", cfg, synth_small.val_annotations, "cpu"
+    )
+    dets = json.loads((tmp_path / "d.json").read_text())
+    gt = json.loads(synth_small.val_annotations.read_text())
+    sizes = {im["id"]: (im["width"], im["height"]) for im in gt["images"]}
+    cats = {c["id"] for c in gt["categories"]}
+    assert dets and result is not None and result.num_images == len(gt["images"])
+    per_image: dict[int, int] = {}
+    for d in dets:
+        w, h = sizes[d["image_id"]]
+        x, y, bw, bh = d["bbox"]
+        assert d["category_id"] in cats and 0.0 <= d["score"] <= 1.0
+        assert x >= -0.01 and y >= -0.01 and x + bw <= w + 0.01 and y + bh <= h + 0.01
+        per_image[d["image_id"]] = per_image.get(d["image_id"], 0) + 1
+    assert max(per_image.values()) <= cfg.max_det
+
+
+def test_infer_on_a_bare_folder_of_images(trained, synth_small, tmp_path):
+    cfg = tiny_config(synth_small).infer
+    assert infer(trained, synth_small.val_images, tmp_path / "d.json", cfg, None, "cpu") is None
+    ids = {d["image_id"] for d in json.loads((tmp_path / "d.json").read_text())}
+    assert ids <= set(range(1, 100))
+    with pytest.raises(DataError, match="no images"):
+        infer(trained, tmp_path, tmp_path / "e.json", cfg, None, "cpu")
+    with pytest.raises(DataError, match="not found"):
+        infer(trained, tmp_path / "none", tmp_path / "e.json", cfg, None, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_detector_equals_eager(trained):
+    model, config, _ = load_model(trained, torch.device("cuda"))
+    config.infer.score_thresh = 0.0
+    eager = make_detector(model, config, torch.float16, cast_weights=True)
+    config.infer.cuda_graph = True
+    graphed = make_detector(model, config, None)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for shape in ((2, 3, 128, 256), (1, 3, 256, 128), (2, 3, 128, 256)):
+        images = torch.randint(0, 256, shape, dtype=torch.uint8, device="cuda", generator=gen)
+        sizes = torch.tensor([[shape[2], shape[3]]] * shape[0], device="cuda")
+        a, b = eager(images, sizes), graphed(images, sizes)
+        assert torch.equal(a.counts, b.counts)
+        torch.testing.assert_close(a.scores, b.scores)
+        torch.testing.assert_close(a.boxes, b.boxes)
+    assert len(graphed.graphs) == 2  # type: ignore[attr-defined]
