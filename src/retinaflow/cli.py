@@ -10,7 +10,8 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -123,16 +124,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from retinaflow.engine.train import train
 
     config = _load_config(args, _TRAIN_FLAGS)
-    _resolve_remote_data(config)
-    model_path, upload = _local_output(args.model)
-    callbacks = _tracking_callbacks(args, config)
-    if args.classes is not None:
-        callbacks.append(_ClassCountCheck(args.classes))
-    path = train(config, model_path, callbacks)
-    if upload:
-        upload(path)
-    print(f"checkpoint: {args.model}")
+    target = args.model
+    data = config.data
+    for name in _DATA_PATHS:  # paths may come from the YAML config: resolve them like flags
+        setattr(args, name, getattr(data, name))
+    with _remote(args, inputs=_DATA_PATHS, resume=("model",)):
+        for name in _DATA_PATHS:
+            value = getattr(args, name)
+            setattr(data, name, None if value is None else str(value))
+        callbacks = _tracking_callbacks(args, config)
+        if args.classes is not None:
+            callbacks.append(_ClassCountCheck(args.classes))
+        train(config, Path(args.model), callbacks)
+    print(f"checkpoint: {target}")
     return 0
+
+
+_DATA_PATHS = ("images", "annotations", "val_images", "val_annotations")
 
 
 class _ClassCountCheck:
@@ -191,18 +199,23 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     cfg.cuda_graph = args.cuda_graph
-    images = _resolve_input(args.images)
-    annotations = _resolve_input(args.annotations) if args.annotations else None
-    output, upload = _local_output(args.output)
-    result = infer(_resolve_input(args.model), images, output, cfg, annotations, args.device)
-    if upload:
-        upload(output)
-    print(f"detections: {args.output}")
-    if result is not None:
-        print(render_table(result))
-        if args.report:
-            write_report(result, args.report)
-        print(f"mAP: {result.map:.4f}")
+    target = args.output
+    params = {"checkpoint": args.model, "images": args.images, **cfg.__dict__}
+    with (
+        _remote(args, inputs=("model", "images", "annotations"), outputs=("output", "report")),
+        _tracked(args, "infer", params) as run,
+    ):
+        result = infer(args.model, args.images, args.output, cfg, args.annotations, args.device)
+        print(f"detections: {target}")
+        if result is not None:
+            print(render_table(result))
+            if args.report:
+                write_report(result, args.report)
+            print(f"mAP: {result.map:.4f}")
+        if run is not None:
+            run.log_artifact(args.output, "detections")
+            if result is not None:
+                run.log_eval(result, args.annotations, args.output, args.images)
     return 0
 
 
@@ -222,10 +235,18 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from retinaflow.engine.evaluate import evaluate, render_table, write_report
 
-    result = evaluate(_resolve_input(args.annotations), _resolve_input(args.detections))
-    print(render_table(result))
+    params = {"annotations": args.annotations, "detections": args.detections}
+    with (
+        _remote(args, inputs=("annotations", "detections"), outputs=("output",)),
+        _tracked(args, "eval", params) as run,
+    ):
+        result = evaluate(args.annotations, args.detections)
+        print(render_table(result))
+        if args.output:
+            write_report(result, args.output)
+        if run is not None:
+            run.log_eval(result, args.annotations, args.detections)
     if args.output:
-        write_report(result, args.output)
         print(f"report: {args.output}")
     print(f"mAP: {result.map:.4f}")
     return 0
@@ -260,11 +281,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     cfg = ExportConfig(
         opset=args.opset, height=args.size[0], width=args.size[1], dynamic_batch=not args.static_batch
     )
-    output, upload = _local_output(args.output)
-    export_onnx(_resolve_input(args.model), output, cfg)
-    if upload:
-        upload(output)
-    print(f"onnx: {args.output}")
+    target = args.output
+    params = {"checkpoint": args.model, **cfg.__dict__}
+    with _remote(args, inputs=("model",), outputs=("output",)), _tracked(args, "export", params) as run:
+        export_onnx(args.model, args.output, cfg)
+        if run is not None:
+            run.log_artifact(args.output, "onnx")
+    print(f"onnx: {target}")
     return 0
 
 
@@ -313,13 +336,12 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from retinaflow.data.validate import validate_dataset
 
-    report = validate_dataset(
-        _resolve_input(args.images), _resolve_input(args.annotations), Path(args.out_annotations)
-    )
-    text = json.dumps(report, indent=2, default=str)
+    with _remote(args, inputs=("images", "annotations"), outputs=("out_annotations", "report")):
+        report = validate_dataset(args.images, args.annotations, Path(args.out_annotations))
+        text = json.dumps(report, indent=2, default=str)
+        if args.report:
+            Path(args.report).write_text(text)
     print(text)
-    if args.report:
-        Path(args.report).write_text(text)
     return 0
 
 
@@ -374,36 +396,34 @@ def _tracking_callbacks(args: argparse.Namespace, config: Config) -> list[Any]:
     return list(make_callbacks(args, config))
 
 
-def _resolve_input(path: str | None) -> Any:
-    if path is None or not str(path).startswith("s3://"):
-        return path
+def _tracked(args: argparse.Namespace, kind: str, params: dict[str, Any]) -> Any:
+    """An MLflow-tracked command context with ``--mlflow`` (yields the run), else a no-op (yields None)."""
+    if not getattr(args, "mlflow", False):
+        return nullcontext(None)
+    from retinaflow.mlops.cli import tracked
+
+    return tracked(args, kind, params)
+
+
+@contextmanager
+def _remote(
+    args: argparse.Namespace,
+    inputs: Sequence[str] = (),
+    outputs: Sequence[str] = (),
+    resume: Sequence[str] = (),
+) -> Iterator[None]:
+    """Replace ``s3://`` values of the named ``args`` by local paths (inputs downloaded, ``resume``
+    outputs downloaded if they exist) and upload the outputs on exit, also after an error."""
+    names = (*inputs, *outputs, *resume)
+    if not any(str(getattr(args, n, None) or "").startswith("s3://") for n in names):
+        yield
+        return
     try:
-        from retinaflow.mlops.storage import resolve_input
+        from retinaflow.mlops.cli import s3_paths
     except ImportError as exc:
         raise MissingDependency("s3:// paths need the MLOps extras: pip install 'retinaflow[mlops]'") from exc
-    return resolve_input(path)
-
-
-def _resolve_remote_data(config: Config) -> None:
-    d = config.data
-    d.images, d.annotations = _resolve_input(d.images), _resolve_input(d.annotations)
-    d.val_images, d.val_annotations = _resolve_input(d.val_images), _resolve_input(d.val_annotations)
-    for name in ("images", "annotations", "val_images", "val_annotations"):
-        value = getattr(d, name)
-        if value is not None:
-            setattr(d, name, str(value))
-
-
-def _local_output(path: str) -> tuple[Path, Callable[[Path], Any] | None]:
-    """A local path to write to, and the upload to run afterwards when ``path`` is s3://."""
-    if not path.startswith("s3://"):
-        return Path(path), None
-    try:
-        from retinaflow.mlops.storage import local_output_path, upload
-    except ImportError as exc:
-        raise MissingDependency("s3:// paths need the MLOps extras: pip install 'retinaflow[mlops]'") from exc
-    local = local_output_path(path)
-    return local, lambda p: upload(p, path)
+    with s3_paths(args, inputs=inputs, outputs=outputs, resume=resume):
+        yield
 
 
 def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
