@@ -123,3 +123,25 @@ def test_bad_training_configs(synth_small, tmp_path):
     cfg.data.val_images = str(synth_small.val_images)
     with pytest.raises(ConfigError, match="both"):
         train(cfg, tmp_path / "m.pth")
+
+
+def test_validation_every_n_iterations_reports_coco_stats(synth_small, tmp_path):
+    class Validations(Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_validation(self, state, result):
+            self.seen.append((state.iteration, result))
+
+    cfg = tiny_config(synth_small, iters=2)
+    cfg.data.val_images, cfg.data.val_annotations = (
+        str(synth_small.val_images),
+        str(synth_small.val_annotations),
+    )
+    cfg.train.val_every = 1
+    rec = Validations()
+    train(cfg, tmp_path / "m.pth", [rec])
+    assert [it for it, _ in rec.seen] == [1, 2]  # every iteration, then once more at the end
+    result = rec.seen[-1][1]
+    assert len(result.stats) == 12 and 0.0 <= result.map <= 1.0
+    assert set(result.per_class) == set(load_checkpoint(tmp_path / "m.pth")["class_names"])
