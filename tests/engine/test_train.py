@@ -145,3 +145,16 @@ def test_validation_every_n_iterations_reports_coco_stats(synth_small, tmp_path)
     result = rec.seen[-1][1]
     assert len(result.stats) == 12 and 0.0 <= result.map <= 1.0
     assert set(result.per_class) == set(load_checkpoint(tmp_path / "m.pth")["class_names"])
+
+
+def test_resume_on_other_classes_is_refused(synth_small, tmp_path):
+    path = train(tiny_config(synth_small, iters=2), tmp_path / "m.pth")
+    data = json.loads(synth_small.train_annotations.read_text())
+    for cat in data["categories"]:
+        cat["name"] = f"renamed-{cat['name']}"
+    renamed = tmp_path / "renamed.json"
+    renamed.write_text(json.dumps(data))
+    cfg = tiny_config(synth_small, iters=4)
+    cfg.data.annotations = str(renamed)
+    with pytest.raises(CheckpointError, match="--fine-tune"):
+        train(cfg, path)

@@ -33,7 +33,7 @@ from retinaflow.engine.checkpoint import (
 )
 from retinaflow.engine.progress import Progress
 from retinaflow.engine.schedule import autocast_dtype, lr_at
-from retinaflow.errors import ConfigError, DataError, TrainingDiverged, TrainingInterrupted
+from retinaflow.errors import CheckpointError, ConfigError, DataError, TrainingDiverged, TrainingInterrupted
 from retinaflow.model.anchors import generate_anchors
 from retinaflow.model.loss import detection_loss
 from retinaflow.model.retinanet import RetinaNet, build_model
@@ -95,6 +95,12 @@ class _Trainer:
         model = build_model(cfg.model, backbone_weights=weights)
         if self.resume_state:
             check_arch(self.resume_state["arch"], model.arch, self.path)
+            saved = list(self.resume_state.get("class_names") or [])
+            if saved and saved != cfg.class_names:
+                raise CheckpointError(
+                    f"checkpoint {self.path} was trained on classes {saved}, but the annotations define "
+                    f"{cfg.class_names}: use --fine-tune to start from it on other classes"
+                )
             model.load_state_dict(self.resume_state["model"])
         elif cfg.train.fine_tune:
             _load_for_fine_tune(model, cfg.train.fine_tune)
