@@ -71,13 +71,17 @@ def gather_to_main(obj: Any, info: DistInfo) -> list[Any] | None:
     return out
 
 
-def broadcast_flag(flag: bool, info: DistInfo) -> bool:
-    """True on every rank if ``flag`` is true on any rank (used for stop requests)."""
+def any_rank(flags: tuple[bool, ...], info: DistInfo) -> tuple[bool, ...]:
+    """Each flag true on every rank if it is true on any rank (one all-reduce for all of them).
+
+    Used for decisions every rank must take together (stop requests, a non-finite loss), so that no
+    rank leaves the loop while the others wait in a collective.
+    """
     if not (info.distributed and dist.is_initialized()):
-        return flag
-    t = torch.tensor([1 if flag else 0], device=info.device)
+        return flags
+    t = torch.tensor([1 if f else 0 for f in flags], device=info.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return tuple(bool(v) for v in t.tolist())
 
 
 def shutdown(info: DistInfo) -> None:

@@ -207,9 +207,10 @@ class _Trainer:
                 batch = next(batches)
                 losses = self.step(batch)
                 loss_value = float(losses["loss"].detach())
-                if not math.isfinite(loss_value):
+                diverged, stop = D.any_rank((not math.isfinite(loss_value), self.stop_requested), info)
+                if diverged:
                     raise TrainingDiverged(
-                        f"loss became {loss_value} at iteration {self.iteration + 1}; "
+                        f"loss became non-finite at iteration {self.iteration + 1}; "
                         f"stopped, the last good checkpoint is kept at {self.path}"
                     )
                 self.iteration += 1
@@ -228,9 +229,6 @@ class _Trainer:
                     window_start, window_images = time.perf_counter(), 0
                 else:
                     progress.update(self.iteration, None)
-                stop = (
-                    D.broadcast_flag(self.stop_requested, info) if info.distributed else self.stop_requested
-                )
                 if stop:
                     self.save()
                     raise TrainingInterrupted(
