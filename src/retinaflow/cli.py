@@ -366,14 +366,17 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "evaluates it and exports ONNX; prints the mAP and where the outputs are.",
     )
     p.add_argument("--output", default="runs/demo", help="output folder")
-    p.add_argument("--iters", type=int, default=None, help="training iterations")
+    p.add_argument("--iters", type=int, default=None, help="training iterations (default: the preset's)")
+    p.add_argument("--images", type=int, default=240, help="synthetic images to generate")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from retinaflow.demo import run_demo
 
-    run_demo(Path(args.output), iters=args.iters)
+    if args.images < 4:
+        raise ConfigError("--images must be at least 4")
+    run_demo(Path(args.output), iters=args.iters, images=args.images)
     return 0
 
 
