@@ -1,0 +1,143 @@
+"""``retinaflow infer``, ``eval`` and ``export``."""
+
+from __future__ import annotations
+
+import argparse
+
+from retinaflow.commands.optional import add_tracking_args, remote, tracked
+from retinaflow.config import ExportConfig
+
+
+def _add_infer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "infer",
+        help="detect objects in a folder of images",
+        description="Batched inference with AMP, GPU decode + NMS; writes COCO results JSON and, with "
+        "--annotations, evaluates them.",
+    )
+    p.add_argument("model", help="checkpoint")
+    p.add_argument("--images", required=True, help="images folder")
+    p.add_argument("--annotations", help="ground truth COCO JSON (evaluates the detections)")
+    p.add_argument("--output", required=True, help="detections JSON to write")
+    p.add_argument("--report", help="evaluation report JSON (with --annotations)")
+    p.add_argument("--batch", type=int, help="images per batch (default 8)")
+    p.add_argument("--resize", type=int, help="shorter side (default 800)")
+    p.add_argument("--max-size", type=int, help="cap on the longer side (default 1333)")
+    p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], help="autocast precision")
+    p.add_argument("--score-thresh", type=float, help="minimum score (default 0.05)")
+    p.add_argument("--nms-iou", type=float, help="NMS IoU threshold (default 0.5)")
+    p.add_argument("--max-det", type=int, help="detections per image (default 100)")
+    p.add_argument("--top-n", type=int, help="candidates per level before NMS (default 1000)")
+    p.add_argument(
+        "--cuda-graph", action="store_true", help="replay the network + post-processing as a CUDA graph"
+    )
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if present)")
+    add_tracking_args(p)
+    p.set_defaults(func=_cmd_infer)
+
+
+def _cmd_infer(args: argparse.Namespace) -> int:
+    from retinaflow.config import InferConfig
+    from retinaflow.engine.evaluate import render_table, write_report
+    from retinaflow.engine.infer import infer
+
+    cfg = InferConfig()
+    for name in ("batch", "resize", "max_size", "precision", "score_thresh", "nms_iou", "max_det", "top_n"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    cfg.cuda_graph = args.cuda_graph
+    target = args.output
+    params = {"checkpoint": args.model, "images": args.images, **cfg.__dict__}
+    with (
+        remote(args, inputs=("model", "images", "annotations"), outputs=("output", "report")),
+        tracked(args, "infer", params) as run,
+    ):
+        result = infer(args.model, args.images, args.output, cfg, args.annotations, args.device)
+        print(f"detections: {target}")
+        if result is not None:
+            print(render_table(result))
+            if args.report:
+                write_report(result, args.report)
+            print(f"mAP: {result.map:.4f}")
+        if run is not None:
+            run.log_artifact(args.output, "detections")
+            if result is not None:
+                run.log_eval(result, args.annotations, args.output, args.images)
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="COCO-evaluate a detections JSON",
+        description="pycocotools COCOeval: the 12 summary stats and AP per class, as a table and JSON.",
+    )
+    p.add_argument("--annotations", required=True, help="ground truth COCO instances JSON")
+    p.add_argument("--detections", required=True, help="COCO results JSON")
+    p.add_argument("--output", help="report JSON to write")
+    add_tracking_args(p)
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from retinaflow.engine.evaluate import evaluate, render_table, write_report
+
+    params = {"annotations": args.annotations, "detections": args.detections}
+    with (
+        remote(args, inputs=("annotations", "detections"), outputs=("output",)),
+        tracked(args, "eval", params) as run,
+    ):
+        result = evaluate(args.annotations, args.detections)
+        print(render_table(result))
+        if args.output:
+            write_report(result, args.output)
+        if run is not None:
+            run.log_eval(result, args.annotations, args.detections)
+    if args.output:
+        print(f"report: {args.output}")
+    print(f"mAP: {result.map:.4f}")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a checkpoint to ONNX",
+        description="Backbone + FPN + heads to ONNX (dynamic batch), checked with the ONNX checker and "
+        "against PyTorch in ONNX Runtime.",
+    )
+    p.add_argument("model", help="checkpoint")
+    p.add_argument("output", help="model.onnx to write")
+    p.add_argument("--opset", type=int, default=ExportConfig.opset, help="ONNX opset (>= 17)")
+    p.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        default=(800, 1344),
+        help="input size (multiples of 128)",
+    )
+    p.add_argument("--static-batch", action="store_true", help="fix the batch dimension")
+    add_tracking_args(p)
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from retinaflow.export.onnx import export_onnx
+
+    cfg = ExportConfig(
+        opset=args.opset, height=args.size[0], width=args.size[1], dynamic_batch=not args.static_batch
+    )
+    target = args.output
+    params = {"checkpoint": args.model, **cfg.__dict__}
+    with remote(args, inputs=("model",), outputs=("output",)), tracked(args, "export", params) as run:
+        export_onnx(args.model, args.output, cfg)
+        if run is not None:
+            run.log_artifact(args.output, "onnx")
+    print(f"onnx: {target}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    for add in (_add_infer, _add_eval, _add_export):
+        add(sub)
