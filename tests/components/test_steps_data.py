@@ -53,6 +53,28 @@ def test_separate_validation_set_and_dropped_entries(synth_small, tmp_path):
     assert set(report) == {"train", "val"}
 
 
+def test_dropped_totals_count_every_kind(synth_small, tmp_path):
+    """Image entries dropped by CocoDataset (missing file, invalid, duplicate) count as dropped."""
+    doc = json.loads(Path(synth_small.train_annotations).read_text())
+    first = doc["images"][0]
+    doc["images"] += [
+        {**first, "id": 10**6, "file_name": "not_there.png"},  # missing_files
+        {"id": 10**6 + 1, "file_name": first["file_name"], "width": 0, "height": 8},  # invalid_images
+        dict(first),  # duplicate_images
+    ]
+    doc["annotations"].append({**doc["annotations"][0], "id": 10**6, "image_id": 10**7})  # unknown image
+    bad = tmp_path / "train_bad.json"
+    bad.write_text(json.dumps(doc))
+    req = DataPrepRequest(
+        str(synth_small.train_images), str(bad), str(synth_small.val_images), str(synth_small.val_annotations)
+    )
+    manifest = prepare_dataset(req, tmp_path / "ds")
+    kinds = ("missing_files", "invalid_images", "duplicate_images", "dropped_unknown_image")
+    assert {k: manifest.dropped.get(k) for k in kinds} == dict.fromkeys(kinds, 1)
+    assert manifest.metadata()["dropped"] == sum(manifest.dropped.values()) >= 4
+    assert "images_listed" not in manifest.dropped and "clipped" not in manifest.dropped  # counts, not drops
+
+
 def test_expected_classes_are_checked(synth_small, tmp_path):
     req = DataPrepRequest(str(synth_small.train_images), str(synth_small.train_annotations), classes=["cat"])
     with pytest.raises(DataError, match="not the expected"):

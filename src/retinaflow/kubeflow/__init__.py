@@ -2,7 +2,8 @@
 
 Layout:
 
-- ``images``: the container image tags, pinned in this one module.
+- ``images``: the container image tags, pinned in this one module; ``cluster``: the Kubernetes
+  names (GPU resource and node label, Secret keys) the DAG and the TrainJob share.
 - ``steps``: plain functions (no kfp import) that map a component's inputs onto library calls; the
   components call exactly one of them, so the logic is unit-testable without a KFP server.
 - ``components``: the ``@dsl.component`` definitions (compiled copies live in the repository's

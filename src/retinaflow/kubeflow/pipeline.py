@@ -9,6 +9,7 @@ kfp-kubernetes and are ignored by ``kfp.local``, so the same DAG runs on this ma
 from kfp import dsl, kubernetes
 from kfp.dsl import PipelineTask
 
+from retinaflow.kubeflow.cluster import GPU_NODE_LABEL, GPU_RESOURCE, MLFLOW_KEYS, S3_KEYS, SHM_SIZE
 from retinaflow.kubeflow.components import (
     build_engine,
     data_prep,
@@ -20,13 +21,6 @@ from retinaflow.kubeflow.components import (
 )
 
 PIPELINE_NAME = "retinaflow-train"
-GPU_RESOURCE = "nvidia.com/gpu"
-#: Label set on GPU nodes by NVIDIA's GPU feature discovery (GPU operator); see manifests/gpu.
-GPU_NODE_LABEL = ("nvidia.com/gpu.present", "true")
-#: Keys read from the Secrets of manifests/secrets (same names as the environment variables).
-S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
-MLFLOW_KEYS = ("MLFLOW_TRACKING_URI",)
-SHM_SIZE = "16Gi"
 TRAIN_RETRIES = 3
 
 

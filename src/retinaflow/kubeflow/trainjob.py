@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from retinaflow.errors import ConfigError
+from retinaflow.kubeflow.cluster import GPU_NODE_LABEL, GPU_RESOURCE, MLFLOW_KEYS, S3_KEYS, SHM_SIZE
 from retinaflow.kubeflow.images import GPU_IMAGE
 from retinaflow.kubeflow.steps.common import find_run_id, is_remote, local_input, tracking_enabled
 from retinaflow.kubeflow.steps.data import DatasetManifest, load_manifest
@@ -33,10 +34,6 @@ log = logging.getLogger(__name__)
 
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 RUNTIME = "torch-distributed"
-S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
-MLFLOW_KEYS = ("MLFLOW_TRACKING_URI",)
-GPU_RESOURCE = "nvidia.com/gpu"
-GPU_NODE_LABEL = ("nvidia.com/gpu.present", "true")
 
 
 @dataclass
@@ -48,7 +45,7 @@ class TrainJobRequest:
     mlflow_secret: str = "retinaflow-mlflow"
     image: str = GPU_IMAGE
     runtime: str = RUNTIME
-    shm_size: str = "16Gi"
+    shm_size: str = SHM_SIZE
     poll_seconds: float = 30.0
     labels: dict[str, str] = field(default_factory=lambda: {"app.kubernetes.io/part-of": "retinaflow"})
 

@@ -28,20 +28,9 @@ def data_prep(
     uploaded under ``{stage_uri}/{fingerprint}/``. The artifact is a folder holding ``dataset.json``
     (the manifest later steps read), the cleaned annotations and the validation report.
     """
+    from retinaflow.kubeflow.steps.common import request_from
     from retinaflow.kubeflow.steps.data import DataPrepRequest, prepare_dataset
 
-    manifest = prepare_dataset(
-        DataPrepRequest(
-            images=images,
-            annotations=annotations,
-            val_images=val_images,
-            val_annotations=val_annotations,
-            val_fraction=val_fraction,
-            seed=seed,
-            classes=list(classes),
-            stage_uri=stage_uri,
-        ),
-        dataset.path,
-    )
+    manifest = prepare_dataset(request_from(DataPrepRequest, locals()), dataset.path)
     dataset.metadata.update(manifest.metadata())
     return (manifest.fingerprint, manifest.num_train, manifest.num_val)

@@ -38,35 +38,17 @@ def launch_trainjob(
     under ``torchrun``; the checkpoint goes to ``checkpoint_root`` (must be ``s3://``), from where
     it is copied into the Model artifact once the job succeeded. A failed job fails this step.
     """
+    from retinaflow.kubeflow.steps.common import request_from
     from retinaflow.kubeflow.steps.training import TrainRequest
     from retinaflow.kubeflow.trainjob import TrainJobRequest, run_trainjob
 
-    result = run_trainjob(
-        TrainJobRequest(
-            train=TrainRequest(
-                backbone=backbone,
-                iterations=iterations,
-                batch=batch,
-                lr=lr,
-                precision=precision,
-                resize=resize,
-                max_size=max_size,
-                gpus=gpus,
-                val_every=val_every,
-                checkpoint_every=checkpoint_every,
-                backbone_weights=backbone_weights,
-                overrides=list(overrides),
-                checkpoint_root=checkpoint_root,
-                experiment=experiment,
-                run_name=run_name,
-            ),
-            nodes=nodes,
-            namespace=namespace,
-            s3_secret=s3_secret,
-            mlflow_secret=mlflow_secret,
-        ),
-        dataset.path,
-        model.path,
+    req = TrainJobRequest(
+        train=request_from(TrainRequest, locals()),
+        nodes=nodes,
+        namespace=namespace,
+        s3_secret=s3_secret,
+        mlflow_secret=mlflow_secret,
     )
+    result = run_trainjob(req, dataset.path, model.path)
     model.metadata.update(result.metadata())
     return (result.mlflow_run_id, result.iterations)

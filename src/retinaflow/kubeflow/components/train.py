@@ -36,28 +36,9 @@ def train(
     config overrides. With ``MLFLOW_TRACKING_URI`` set (or the embedded store), the run is tracked
     in ``experiment``; its id is returned for the later steps.
     """
+    from retinaflow.kubeflow.steps.common import request_from
     from retinaflow.kubeflow.steps.training import TrainRequest, run_training
 
-    result = run_training(
-        TrainRequest(
-            backbone=backbone,
-            iterations=iterations,
-            batch=batch,
-            lr=lr,
-            precision=precision,
-            resize=resize,
-            max_size=max_size,
-            gpus=gpus,
-            val_every=val_every,
-            checkpoint_every=checkpoint_every,
-            backbone_weights=backbone_weights,
-            overrides=list(overrides),
-            checkpoint_root=checkpoint_root,
-            experiment=experiment,
-            run_name=run_name,
-        ),
-        dataset.path,
-        model.path,
-    )
+    result = run_training(request_from(TrainRequest, locals()), dataset.path, model.path)
     model.metadata.update(result.metadata())
     return (result.mlflow_run_id, result.iterations)

@@ -1,14 +1,37 @@
-"""Helpers shared by the steps: s3:// inputs made local, uploads, the MLflow run of a training."""
+"""Helpers shared by the steps: requests from component inputs, s3:// inputs made local, uploads,
+the MLflow run of a training."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from retinaflow.errors import MissingDependency
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+    R = TypeVar("R", bound=DataclassInstance)
+
 log = logging.getLogger(__name__)
+
+
+def request_from(cls: type[R], inputs: Mapping[str, Any]) -> R:
+    """The request dataclass ``cls`` filled, field by field, from a component's inputs (its ``locals()``).
+
+    The field list is written once, in ``cls``; the component's signature (which KFP needs spelled
+    out) must name every field, or this raises. Lists are copied (``overrides``, ``classes``).
+    """
+    names = [f.name for f in dataclasses.fields(cls)]
+    missing = [n for n in names if n not in inputs]
+    if missing:
+        raise TypeError(f"{cls.__name__} needs the component input(s) {', '.join(missing)}")
+    values = {n: inputs[n] for n in names}
+    return cls(**{n: list(v) if isinstance(v, list) else v for n, v in values.items()})
 
 
 def is_remote(uri: str) -> bool:

@@ -27,6 +27,9 @@ from retinaflow.kubeflow.steps.common import is_remote, local_input, remote_exis
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "dataset.json"
+#: Image entries ``retinaflow.data.coco`` drops whose report keys do not start with ``dropped``/``corrupt``
+#: (those are the dropped annotations and the undecodable images).
+DROPPED_IMAGE_KINDS = ("invalid_images", "duplicate_images", "missing_files")
 
 
 @dataclass
@@ -156,12 +159,16 @@ def _count_images(annotations: Path) -> int:
     return len(json.loads(annotations.read_text())["images"])
 
 
+def _is_dropped(key: str) -> bool:
+    return key.startswith(("dropped", "corrupt")) or key in DROPPED_IMAGE_KINDS
+
+
 def _dropped(reports: dict[str, Any]) -> dict[str, int]:
-    """Every ``dropped*``/``corrupt*`` count of the validation reports, summed over the files."""
+    """Every dropped kind of the validation reports (:func:`_is_dropped`), summed over the files."""
     totals: dict[str, int] = {}
     for report in reports.values():
         for key, value in report.items():
-            if key.startswith(("dropped", "corrupt")) and isinstance(value, int):
+            if _is_dropped(key) and isinstance(value, int):
                 totals[key] = totals.get(key, 0) + value
     return totals
 
