@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,27 @@ def _number(value: Any) -> float | None:
         return None
 
 
+def _failure(exc: MlflowException, uri: str, action: str, missing: str) -> MlopsError:
+    """The error to raise for an MLflow failure while trying to ``action``: :class:`RegistryError`
+    (message ``missing``) when MLflow says something does not exist, else :class:`TrackingUnavailable`."""
+    if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+        return RegistryError(missing)
+    return unavailable(uri, action, exc)
+
+
+def _versions(client: MlflowClient, name: str) -> Iterator[ModelVersion]:
+    """Every version of ``name``, newest first (pages fetched as they are consumed)."""
+    token = None
+    while True:
+        page = client.search_model_versions(
+            f"name = '{name}'", max_results=200, order_by=["version_number DESC"], page_token=token
+        )
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
 def _upload(client: MlflowClient, run_id: str, files: ModelFiles) -> None:
     for path in files.present():
         if not path.is_file():
@@ -170,26 +192,12 @@ def register(
         )
         _converge_challenger(client, name)
         return client.get_model_version(name, mv.version)
-    except MlopsError:
-        raise
     except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise RegistryError(f"cannot register {name}: {one_line(exc)}") from exc
-        raise unavailable(uri, f"register {name}", exc) from exc
+        raise _failure(exc, uri, f"register {name}", f"cannot register {name}: {one_line(exc)}") from exc
 
 
 def _newest_complete(client: MlflowClient, name: str) -> ModelVersion | None:
-    token = None
-    while True:
-        page = client.search_model_versions(
-            f"name = '{name}'", max_results=200, order_by=["version_number DESC"], page_token=token
-        )
-        for mv in page:
-            if mv.tags.get(COMPLETE_TAG) == "true":
-                return mv
-        token = page.token
-        if not token:
-            return None
+    return next((mv for mv in _versions(client, name) if mv.tags.get(COMPLETE_TAG) == "true"), None)
 
 
 def _alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
@@ -284,12 +292,8 @@ def promote(
         for key, value in redact_mapping(record).items():
             client.set_model_version_tag(name, challenger.version, key, value)
         client.set_registered_model_tag(name, "promotion.last", decision.summary()[:5000])
-    except MlopsError:
-        raise
     except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise RegistryError(f"no registered model named {name}") from exc
-        raise unavailable(uri, f"promote {name}", exc) from exc
+        raise _failure(exc, uri, f"promote {name}", f"no registered model named {name}") from exc
     (log.info if promoted else log.warning)("%s", decision.summary())
     return decision
 
@@ -301,33 +305,22 @@ def list_versions(name: str, settings: TrackingSettings | None = None) -> list[V
         aliases: dict[str, list[str]] = {}
         for alias, version in client.get_registered_model(name).aliases.items():
             aliases.setdefault(str(version), []).append(alias)
-        rows, token = [], None
-        while True:
-            page = client.search_model_versions(
-                f"name = '{name}'", max_results=200, order_by=["version_number DESC"], page_token=token
+        return [
+            VersionRow(
+                version=str(mv.version),
+                aliases=sorted(aliases.get(str(mv.version), [])),
+                map=_number(mv.tags.get("map")),
+                latency_ms=_number(mv.tags.get("latency_ms")),
+                precision=mv.tags.get("precision"),
+                backbone=mv.tags.get("backbone"),
+                run_id=mv.run_id,
+                created=mv.creation_timestamp / 1000.0,
+                decision=mv.tags.get("promotion.decision"),
             )
-            for mv in page:
-                t = mv.tags
-                rows.append(
-                    VersionRow(
-                        version=str(mv.version),
-                        aliases=sorted(aliases.get(str(mv.version), [])),
-                        map=_number(t.get("map")),
-                        latency_ms=_number(t.get("latency_ms")),
-                        precision=t.get("precision"),
-                        backbone=t.get("backbone"),
-                        run_id=mv.run_id,
-                        created=mv.creation_timestamp / 1000.0,
-                        decision=t.get("promotion.decision"),
-                    )
-                )
-            token = page.token
-            if not token:
-                return rows
+            for mv in _versions(client, name)
+        ]
     except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise RegistryError(f"no registered model named {name}") from exc
-        raise unavailable(uri, f"list {name}", exc) from exc
+        raise _failure(exc, uri, f"list {name}", f"no registered model named {name}") from exc
 
 
 def fetch(name: str, alias: str, destination: str | Path, settings: TrackingSettings | None = None) -> Path:

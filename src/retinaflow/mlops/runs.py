@@ -161,6 +161,11 @@ def describe(report: WriterReport, uri: str) -> str:
             f"artifact(s)) not sent ({why}), {where}; they are sent on resume or by "
             "`retinaflow tracking sync`"
         )
+    if report.dropped:
+        parts.append(
+            f"{report.dropped} metric record(s) ({report.dropped_metrics} metric points) dropped and lost: "
+            "the in-memory buffer was full (TrackingSettings.max_buffered_records)"
+        )
     if report.lost:
         parts.append(f"{len(report.lost)} record(s) rejected by the server and lost, e.g. {report.lost[0]}")
     return "; ".join(parts)

@@ -32,6 +32,9 @@ class TrackingSettings:
     seconds the end of a run waits for a down server before spilling what is left to the sidecar file.
     ``probe_interval``: seconds between reachability probes while the server is down.
     ``system_metrics_interval``: seconds between CPU/RAM/GPU samples (0 disables system metrics).
+    ``max_buffered_records``: records a run keeps in memory while the server is unreachable; beyond it
+    the oldest metric records are dropped (and reported). One record is one ``log_metrics`` call (or a
+    params/tags/artifact/status record); the default holds hours of per-iteration logging.
     """
 
     tracking_uri: str | None = None
@@ -41,6 +44,7 @@ class TrackingSettings:
     flush_timeout: float = 120.0
     probe_interval: float = 2.0
     probe_timeout: float = 3.0
+    max_buffered_records: int = 100_000
 
     def resolved_uri(self) -> str:
         return resolve_tracking_uri(self.tracking_uri)

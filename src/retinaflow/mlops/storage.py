@@ -46,6 +46,7 @@ _AUTH_CODES = {
     "403",
 }
 _MISSING_BUCKET = {"NoSuchBucket"}
+_MISSING_OBJECT = {"404", "NoSuchKey"}
 _PLAIN_MD5 = re.compile(r"^[0-9a-f]{32}$")
 MiB = 1024 * 1024
 
@@ -115,6 +116,11 @@ def _new_client(s: S3Settings, endpoint: str | None, region: str) -> Any:
     return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region, config=config)
 
 
+def _code(exc: ClientError) -> str:
+    """The S3 error code of a failed request (``""`` when the reply has none)."""
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
 def _error(exc: Exception, uri: str, action: str) -> StorageError:
     """One clear, secret-free line for a boto failure."""
     where = f" (endpoint {endpoint_url()})" if endpoint_url() else ""
@@ -124,7 +130,7 @@ def _error(exc: Exception, uri: str, action: str) -> StorageError:
             "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
         )
     if isinstance(exc, ClientError):
-        code = str(exc.response.get("Error", {}).get("Code", ""))
+        code = _code(exc)
         if code in _AUTH_CODES:
             return StorageAuthError(
                 f"S3 refused the credentials to {action} {uri}{where} ({code}): check AWS_ACCESS_KEY_ID, "
@@ -135,6 +141,14 @@ def _error(exc: Exception, uri: str, action: str) -> StorageError:
         message = exc.response.get("Error", {}).get("Message", "") or str(exc)
         return StorageError(redact(f"S3 error {code} while trying to {action} {uri}{where}: {message}"))
     return StorageError(f"cannot {action} {uri}{where}: {one_line(exc)}")
+
+
+def _transfer(s: S3Settings) -> TransferConfig:
+    return TransferConfig(
+        multipart_threshold=s.multipart_threshold,
+        multipart_chunksize=s.multipart_chunksize,
+        max_concurrency=s.workers,
+    )
 
 
 def _check_bucket(s3: Any, bucket: str, uri: str, action: str) -> None:
@@ -151,26 +165,25 @@ def _check_bucket(s3: Any, bucket: str, uri: str, action: str) -> None:
         s3.list_objects_v2(Bucket=bucket, MaxKeys=1)
     except (ClientError, BotoCoreError) as exc:
         raise _error(exc, uri, action) from exc
-    code = str(first.response.get("Error", {}).get("Code", ""))
-    if code == "404":
+    if _code(first) == "404":
         raise StorageError(f"S3 bucket {bucket!r} does not exist: cannot {action} {uri}") from first
     raise _error(first, uri, action) from first
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def _hexdigest(path: Path, h: Any) -> str:
+    """``h`` (a fresh :mod:`hashlib` object) fed the file in 1 MiB chunks."""
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(MiB), b""):
             h.update(chunk)
-    return h.hexdigest()
+    return str(h.hexdigest())
+
+
+def _sha256(path: Path) -> str:
+    return _hexdigest(path, hashlib.sha256())
 
 
 def _md5(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(MiB), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return _hexdigest(path, hashlib.md5(usedforsecurity=False))
 
 
 def default_cache() -> Path:
@@ -178,13 +191,23 @@ def default_cache() -> Path:
 
 
 def _objects(s3: Any, bucket: str, key: str, uri: str) -> tuple[bool, list[dict[str, Any]]]:
-    """(is_single_object, [{Key, Size, ETag}...]) for ``key`` as an object, else as a prefix."""
+    """(is_single_object, [{Key, Size, ETag}...]) for ``key`` as an object, else as a prefix.
+    Bucket, credential and request failures raise :class:`StorageError`."""
+    _check_bucket(s3, bucket, uri, "read")
+    try:
+        return _list(s3, bucket, key)
+    except (ClientError, BotoCoreError) as exc:
+        raise _error(exc, uri, "read") from exc
+
+
+def _list(s3: Any, bucket: str, key: str) -> tuple[bool, list[dict[str, Any]]]:
+    """:func:`_objects` without the bucket check; boto errors propagate."""
     if key and not key.endswith("/"):
         try:
             head = s3.head_object(Bucket=bucket, Key=key)
             return True, [{"Key": key, "Size": head["ContentLength"], "ETag": head["ETag"]}]
         except ClientError as exc:
-            if str(exc.response.get("Error", {}).get("Code")) not in ("404", "NoSuchKey"):
+            if _code(exc) not in _MISSING_OBJECT:
                 raise
     prefix = key if (not key or key.endswith("/")) else key + "/"
     found: list[dict[str, Any]] = []
@@ -203,18 +226,10 @@ def resolve_input(uri: str, cache_dir: str | Path | None = None, settings: S3Set
     bucket, key = parse(uri)
     root = Path(cache_dir) if cache_dir else default_cache()
     s3 = client(s)
-    _check_bucket(s3, bucket, uri, "read")
-    try:
-        single, objects = _objects(s3, bucket, key, uri)
-    except (ClientError, BotoCoreError) as exc:
-        raise _error(exc, uri, "read") from exc
+    single, objects = _objects(s3, bucket, key, uri)
     if not objects:
         raise StorageError(f"no object or prefix at {uri}")
-    transfer = TransferConfig(
-        multipart_threshold=s.multipart_threshold,
-        multipart_chunksize=s.multipart_chunksize,
-        max_concurrency=s.workers,
-    )
+    transfer = _transfer(s)
 
     def fetch(obj: dict[str, Any]) -> bool:
         return _fetch(s3, bucket, obj, root, transfer)
@@ -266,11 +281,7 @@ def download(uri: str, destination: str | Path, settings: S3Settings | None = No
         head = s3.head_object(Bucket=bucket, Key=key)
     except (ClientError, BotoCoreError) as exc:
         raise _error(exc, uri, "read") from exc
-    transfer = TransferConfig(
-        multipart_threshold=s.multipart_threshold,
-        multipart_chunksize=s.multipart_chunksize,
-        max_concurrency=s.workers,
-    )
+    transfer = _transfer(s)
     target = Path(destination)
     _download(s3, bucket, key, int(head["ContentLength"]), str(head["ETag"]).strip('"'), target, transfer)
     return target
@@ -285,7 +296,7 @@ def download_if_exists(uri: str, destination: str | Path, settings: S3Settings |
     try:
         s3.head_object(Bucket=bucket, Key=key)
     except ClientError as exc:
-        if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey"):
+        if _code(exc) in _MISSING_OBJECT:
             return False
         raise _error(exc, uri, "read") from exc
     except BotoCoreError as exc:
@@ -358,11 +369,7 @@ def upload(local_path: str | Path, uri: str, settings: S3Settings | None = None)
             for p in sorted(src.rglob("*"))
             if p.is_file()
         ]
-    transfer = TransferConfig(
-        multipart_threshold=s.multipart_threshold,
-        multipart_chunksize=s.multipart_chunksize,
-        max_concurrency=s.workers,
-    )
+    transfer = _transfer(s)
 
     def put(item: tuple[Path, str]) -> str:
         path, object_key = item
@@ -395,10 +402,5 @@ def upload(local_path: str | Path, uri: str, settings: S3Settings | None = None)
 def exists(uri: str, settings: S3Settings | None = None) -> bool:
     """True when ``uri`` names an object or a non-empty prefix (bucket errors raise)."""
     bucket, key = parse(uri)
-    s3 = client(settings)
-    _check_bucket(s3, bucket, uri, "read")
-    try:
-        _, objects = _objects(s3, bucket, key, uri)
-    except (ClientError, BotoCoreError) as exc:
-        raise _error(exc, uri, "read") from exc
+    _, objects = _objects(client(settings), bucket, key, uri)
     return bool(objects)

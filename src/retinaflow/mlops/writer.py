@@ -7,10 +7,15 @@ queued (the outage is logged once, with the number of records waiting) and are f
 with their original timestamps, as soon as it answers again. A record the server *rejects* while
 reachable (e.g. an invalid metric name) is dropped and counted as lost, with the reason.
 
+The buffer is bounded: beyond ``settings.max_buffered_records`` queued records (a long outage), the
+oldest metric records are dropped to make room, counted in :attr:`WriterReport.dropped` and reported
+at the end of the run. Params, tags, artifacts and statuses are never dropped.
+
 :meth:`RunWriter.close` waits up to ``flush_timeout`` seconds for the queue to drain. If the server is
 still down then, the remaining records are *spilled* to a JSON file (with copies of the writer's own
 scratch files, e.g. plots) and :func:`replay` sends them later (on resume, or ``retinaflow tracking
-sync``). Nothing buffered is lost silently: it is either delivered, spilled to disk, or reported lost.
+sync``). Nothing buffered is lost silently: it is either delivered, spilled to disk, or reported lost
+(rejected, or dropped at the buffer cap).
 """
 
 from __future__ import annotations
@@ -50,6 +55,11 @@ class _Record:
     artifact_path: str | None = None
     status: str = ""
 
+    @property
+    def metrics_only(self) -> bool:
+        """Metric points and nothing else: such records merge into one request and may be dropped."""
+        return self.kind == "data" and not self.params and not self.tags
+
     def describe(self) -> str:
         if self.kind == "artifact":
             return f"artifact {Path(self.path).name}"
@@ -65,6 +75,8 @@ class WriterReport:
     run_id: str
     delivered: int = 0  # records sent
     lost: list[str] = field(default_factory=list)  # records the server rejected, with reasons
+    dropped: int = 0  # metric records dropped because the buffer was full (settings.max_buffered_records)
+    dropped_metrics: int = 0  # metric points in them
     pending: int = 0  # records not delivered at close (spilled when a spill file was given)
     pending_metrics: int = 0
     pending_artifacts: int = 0
@@ -74,7 +86,7 @@ class WriterReport:
 
     @property
     def complete(self) -> bool:
-        return not self.lost and not self.pending
+        return not self.lost and not self.pending and not self.dropped
 
 
 class RunWriter:
@@ -86,6 +98,7 @@ class RunWriter:
         self._queue: deque[_Record] = deque()
         self._cond = threading.Condition()
         self._busy = False
+        self._sending = 0  # records at the head of the queue in a request right now: never dropped
         self._closing = False
         self._stop = threading.Event()
         self._down_since: float | None = None
@@ -100,7 +113,26 @@ class RunWriter:
                 self.report.lost.append(f"{record.describe()}: handed to the writer after it was closed")
                 return
             self._queue.append(record)
+            if len(self._queue) > self.settings.max_buffered_records:
+                self._drop_oldest_metrics()
             self._cond.notify_all()
+
+    def _drop_oldest_metrics(self) -> None:
+        """Make room for one record: drop the oldest metric-only record not being sent (with the lock
+        held). When there is none (only params, tags, artifacts, statuses) the buffer goes over the cap."""
+        oldest = next((i for i, r in enumerate(self._queue) if i >= self._sending and r.metrics_only), None)
+        if oldest is None:
+            return
+        rec = self._queue[oldest]
+        del self._queue[oldest]
+        if not self.report.dropped:
+            log.warning(
+                "MLflow buffer full (%d records): dropping the oldest metric records until the tracking "
+                "server answers (raise TrackingSettings.max_buffered_records to keep more)",
+                self.settings.max_buffered_records,
+            )
+        self.report.dropped += 1
+        self.report.dropped_metrics += len(rec.metrics)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
@@ -133,11 +165,11 @@ class RunWriter:
     def _take(self) -> list[_Record]:
         """Head of the queue, merging consecutive metric-only records into one request."""
         head = self._queue[0]
-        if head.kind != "data" or head.params or head.tags:
+        if not head.metrics_only:
             return [head]
         batch, count = [], 0
         for rec in self._queue:
-            if rec.kind != "data" or rec.params or rec.tags or count + len(rec.metrics) > _MAX_MERGED_METRICS:
+            if not rec.metrics_only or count + len(rec.metrics) > _MAX_MERGED_METRICS:
                 break
             batch.append(rec)
             count += len(rec.metrics)
@@ -177,6 +209,10 @@ class RunWriter:
                 self.queued,
             )
 
+    def _wait_down(self, reason: str) -> None:
+        self._mark_down(reason)
+        self._stop.wait(self.settings.probe_interval)
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             with self._cond:
@@ -184,37 +220,44 @@ class RunWriter:
                     self._cond.wait()
                 if not self._queue:
                     return
-                batch = self._take()
                 self._busy = True
             try:
-                reason = probe(self.uri, self.settings.probe_timeout)
-                if reason:
-                    self._mark_down(reason)
-                    self._stop.wait(self.settings.probe_interval)
-                    continue
-                self._mark_up()
-                try:
-                    self._send(batch)
-                except Exception as exc:
-                    reason = probe(self.uri, self.settings.probe_timeout)
-                    if reason:  # went down during the request: keep the records, retry later
-                        self._mark_down(reason)
-                        self._stop.wait(self.settings.probe_interval)
-                        continue
-                    message = one_line(exc)
-                    self.report.lost.extend(f"{rec.describe()}: {message}" for rec in batch)
-                    log.warning("MLflow rejected %s of run %s: %s", batch[0].describe(), self.run_id, message)
-                else:
-                    self.report.delivered += len(batch)
-                with self._cond:
-                    for rec in batch:  # close() may have emptied the queue meanwhile
-                        if self._queue and self._queue[0] is rec:
-                            self._queue.popleft()
-                    self._cond.notify_all()
+                self._send_head()
             finally:
                 with self._cond:
                     self._busy = False
+                    self._sending = 0
                     self._cond.notify_all()
+
+    def _send_head(self) -> None:
+        """Probe, then send the head of the queue; while the server is down, wait and leave it queued."""
+        reason = probe(self.uri, self.settings.probe_timeout)
+        if reason:
+            self._wait_down(reason)
+            return
+        self._mark_up()
+        with self._cond:
+            if not self._queue:  # close() emptied it meanwhile
+                return
+            batch = self._take()
+            self._sending = len(batch)
+        try:
+            self._send(batch)
+        except Exception as exc:
+            reason = probe(self.uri, self.settings.probe_timeout)
+            if reason:  # went down during the request: keep the records, retry later
+                self._wait_down(reason)
+                return
+            message = one_line(exc)
+            self.report.lost.extend(f"{rec.describe()}: {message}" for rec in batch)
+            log.warning("MLflow rejected %s of run %s: %s", batch[0].describe(), self.run_id, message)
+        else:
+            self.report.delivered += len(batch)
+        with self._cond:
+            for rec in batch:  # close() may have emptied the queue meanwhile
+                if self._queue and self._queue[0] is rec:
+                    self._queue.popleft()
+            self._cond.notify_all()
 
     # -- draining ------------------------------------------------------------------------------
     def flush(self, timeout: float) -> bool:
