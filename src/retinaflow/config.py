@@ -86,7 +86,11 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation. ``schedule`` scales iterations, warmup and milestones (ODTK's habit)."""
+    """Optimisation. ``schedule`` scales iterations, warmup and milestones (ODTK's habit).
+
+    ``compile``: "" (off) or a ``torch.compile`` backend for the network: "inductor" on GPUs; "eager" or
+    "aot_eager" to debug graph capture. Multi-scale training recompiles once per new padded size.
+    """
 
     iters: int = 90000
     batch: int = 16
@@ -101,6 +105,7 @@ class TrainConfig:
     clip_grad: float = 0.0
     precision: str = "auto"
     channels_last: bool = True
+    compile: str = ""
     checkpoint_every: int = 1000
     val_every: int = 0
     log_every: int = 20

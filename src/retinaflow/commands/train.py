@@ -47,6 +47,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     opt.add_argument("--warmup", type=int, help="warmup iterations (default 1000)")
     opt.add_argument("--milestones", type=int, nargs="+", help="lr decay iterations (default 60000 80000)")
     opt.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], help="mixed precision")
+    opt.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        metavar="BACKEND",
+        help="torch.compile the network (default backend inductor; eager/aot_eager to debug)",
+    )
     opt.add_argument("--clip-grad", type=float, help="max gradient norm (0 = off)")
     opt.add_argument("--seed", type=int, help="random seed")
     run = p.add_argument_group("run")
@@ -78,6 +85,7 @@ _TRAIN_FLAGS = {
     "milestones": "train.milestones",
     "precision": "train.precision",
     "clip_grad": "train.clip_grad",
+    "compile": "train.compile",
     "seed": "train.seed",
     "val_every": "train.val_every",
     "checkpoint_every": "train.checkpoint_every",

@@ -114,6 +114,8 @@ class _Trainer:
         if info.distributed:
             ids = [info.device.index] if info.device.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if cfg.train.compile:
+            self.ddp = torch.compile(self.ddp, backend=cfg.train.compile)  # type: ignore[assignment]
 
         params = [p for p in model.parameters() if p.requires_grad]
         t = cfg.train
