@@ -14,6 +14,11 @@ from retinaflow.errors import MissingDependency
 Handler = Callable[[argparse.Namespace], int]
 
 
+def _tracking_requested(args: argparse.Namespace) -> bool:
+    """``--mlflow``, or ``--tracking-uri`` (which implies it)."""
+    return bool(getattr(args, "mlflow", False) or getattr(args, "tracking_uri", None))
+
+
 def add_tracking_args(p: argparse.ArgumentParser) -> None:
     """``--mlflow --experiment --run-name`` (and friends) when the MLOps extras are installed."""
     try:
@@ -25,7 +30,7 @@ def add_tracking_args(p: argparse.ArgumentParser) -> None:
 
 def tracking_callbacks(args: argparse.Namespace, config: Config) -> list[Any]:
     """The MLflow sink for ``train --mlflow`` (empty without the flag)."""
-    if not getattr(args, "mlflow", False):
+    if not _tracking_requested(args):
         return []
     try:
         from retinaflow.mlops.cli import make_callbacks
@@ -36,7 +41,7 @@ def tracking_callbacks(args: argparse.Namespace, config: Config) -> list[Any]:
 
 def tracked(args: argparse.Namespace, kind: str, params: dict[str, Any]) -> Any:
     """An MLflow-tracked command context with ``--mlflow`` (yields the run), else a no-op (yields None)."""
-    if not getattr(args, "mlflow", False):
+    if not _tracking_requested(args):
         return nullcontext(None)
     from retinaflow.mlops.cli import tracked
 
