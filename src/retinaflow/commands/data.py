@@ -79,9 +79,10 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="the main job on the embedded default: synthesize, train, evaluate, export",
+        help="the core-only job (no MLflow/Kubeflow): synthesize, train, evaluate, export",
         description="Synthesizes a small dataset, trains a small detector on the CPU for a few minutes, "
-        "evaluates it and exports ONNX; prints the mAP and where the outputs are.",
+        "evaluates it and exports ONNX; prints the mAP and where the outputs are. `make demo` runs the "
+        "same steps as the full Kubeflow pipeline (`retinaflow pipeline run --local`).",
     )
     p.add_argument("--output", default="runs/demo", help="output folder")
     p.add_argument("--iters", type=int, default=None, help="training iterations (default: the preset's)")
