@@ -1,14 +1,16 @@
 """End-to-end latency: uint8 image on the GPU -> detections, one CUDA graph, vs torchvision eager.
 
-retinaflow: R50-FPN (random init, 80 classes) in fp16 and channels_last; the captured graph holds the
-GPU pre-processing (uint8 HWC 800x1333 -> zero-padded to multiples of 128 -> NCHW channels_last view;
-the network normalises inside), the network and the decode + NMS kernels. torchvision:
-retinanet_resnet50_fpn eager under fp16 autocast (its transform and postprocess_detections), same
+retinaflow: R50-FPN (random init, 80 classes) prepared as ``retinaflow infer`` prepares it (frozen BN
+folded into the convolutions, fp16 weights, channels_last); the captured graph holds the GPU
+pre-processing (uint8 HWC 800x1333 -> zero-padded to a multiple of ``--pads`` (32 = the inference
+default, 128 = the training padding) -> NCHW channels_last view; the network normalises inside), the
+network and the decode + NMS kernels. ``network_graph_ms`` is the bare network alone, for reference.
+torchvision: retinanet_resnet50_fpn eager under fp16 autocast (its transform and postprocess_detections), same
 process, same image. Random-init heads score every pair near the prior, so each detector's score
 threshold is calibrated to leave ~5,000 candidates per image (a trained model on a busy image).
 Issue targets: <= 4 ms batch-1 end to end; >= 400 img/s at batch 8/16/32 including post-processing.
 
-    python benchmarks/bench_e2e_latency.py [--batches 1 8 16 32]
+    python benchmarks/bench_e2e_latency.py [--batches 1 8 16 32] [--pads 32 128]
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from triton.testing import do_bench
 
 from retinaflow.config import Config
 from retinaflow.model.anchors import generate_anchors
+from retinaflow.model.norm import fold_batchnorm
 from retinaflow.model.retinanet import build_model
 from retinaflow.ops import boxes
 from retinaflow.ops.graph import CudaGraphRunner
@@ -36,8 +39,12 @@ def threshold_for(logits: list[torch.Tensor], count: int) -> float:
     return float(torch.sigmoid(flat.topk(count).values[-1]))
 
 
-def make_pipeline(model, cfg: Config, batch: int):
-    ph, pw = -(-H // 128) * 128, -(-W // 128) * 128
+def padded_size(pad: int) -> tuple[int, int]:
+    return -(-H // pad) * pad, -(-W // pad) * pad
+
+
+def make_pipeline(model, cfg: Config, batch: int, pad: int):
+    ph, pw = padded_size(pad)
     anchors = generate_anchors(cfg.model.anchors, (ph, pw), torch.device("cuda"), torch.float32)
     sizes = torch.tensor([[H, W]] * batch, device="cuda")
 
@@ -50,21 +57,28 @@ def make_pipeline(model, cfg: Config, batch: int):
     return pipeline
 
 
-def measure(model, cfg: Config, image: torch.Tensor, batch: int) -> dict[str, float]:
-    """Graph replay time (and, at batch 1, eager time and detections) of the whole pipeline."""
+def bench(fn) -> float:
+    return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
+
+
+def measure(model, cfg: Config, image: torch.Tensor, batch: int, pad: int) -> dict[str, float]:
+    """Graph replay time of the whole pipeline and of the bare network (at batch 1 also eager time)."""
     images = image.expand(batch, -1, -1, -1).contiguous()
-    pipeline = make_pipeline(model, cfg, batch)
+    pipeline = make_pipeline(model, cfg, batch, pad)
     runner = CudaGraphRunner(pipeline, [images])
-    t_graph = float(do_bench(lambda: runner(images), warmup=25, rep=200, return_mode="median"))
+    t_graph = bench(lambda: runner(images))
+    ph, pw = padded_size(pad)
+    x = torch.zeros(batch, ph, pw, 3, dtype=torch.uint8, device="cuda").permute(0, 3, 1, 2)
+    network = CudaGraphRunner(model, [x])
+    p = f"pad{pad}_b{batch}"
     res = {
-        f"b{batch}_retinaflow_graph_ms": t_graph,
-        f"b{batch}_retinaflow_img_per_s": batch * 1000.0 / t_graph,
+        f"{p}_graph_ms": t_graph,
+        f"{p}_img_per_s": batch * 1000.0 / t_graph,
+        f"{p}_network_graph_ms": bench(lambda: network(x)),
     }
     if batch == 1:
-        res["b1_retinaflow_eager_ms"] = float(
-            do_bench(lambda: pipeline(images), warmup=25, rep=200, return_mode="median")
-        )
-        res["b1_retinaflow_detections"] = float(runner(images).counts[0])
+        res[f"{p}_eager_ms"] = bench(lambda: pipeline(images))
+        res[f"{p}_detections"] = float(runner(images).counts[0])
     return res
 
 
@@ -72,15 +86,18 @@ def measure(model, cfg: Config, image: torch.Tensor, batch: int) -> dict[str, fl
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16, 32])
+    ap.add_argument("--pads", type=int, nargs="+", default=[32, 128])
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = True
     cfg = Config()
     cfg.model.num_classes = 80
-    model = build_model(cfg.model).cuda().eval().half().to(memory_format=torch.channels_last)
+    model = build_model(cfg.model).cuda().eval()
+    fold_batchnorm(model)
+    model = model.half().to(memory_format=torch.channels_last)
     g = torch.Generator(device="cuda").manual_seed(0)
     image = torch.randint(0, 256, (1, H, W, 3), dtype=torch.uint8, device="cuda", generator=g)
 
-    ph, pw = -(-H // 128) * 128, -(-W // 128) * 128
+    ph, pw = padded_size(128)
     x = torch.zeros(1, ph, pw, 3, dtype=torch.uint8, device="cuda")
     x[:, :H, :W] = image
     cfg.infer.score_thresh = threshold_for(model(x.permute(0, 3, 1, 2))[0], CANDIDATES)
@@ -100,14 +117,19 @@ def main() -> None:
         with torch.autocast("cuda", dtype=torch.float16):
             return tv(tv_images)
 
-    out: dict[str, object] = {"image": [H, W], "padded": [ph, pw], "precision": "fp16", "channels_last": True}
+    out: dict[str, object] = {"image": [H, W], "precision": "fp16", "channels_last": True}
     out["score_thresh"] = {"retinaflow": cfg.infer.score_thresh, "torchvision": tv.score_thresh}
     out["b1_torchvision_eager_ms"] = float(do_bench(tv_run, warmup=25, rep=200, return_mode="median"))
     out["b1_torchvision_detections"] = int(tv_run()[0]["scores"].numel())
-    for batch in args.batches:
-        out.update(measure(model, cfg, image, batch))
-        torch.cuda.empty_cache()
-    out["b1_speedup_vs_torchvision"] = out["b1_torchvision_eager_ms"] / out["b1_retinaflow_graph_ms"]
+    for pad in args.pads:
+        out[f"pad{pad}_padded"] = list(padded_size(pad))
+        for batch in args.batches:
+            out.update(measure(model, cfg, image, batch, pad))
+            torch.cuda.empty_cache()
+        if 1 in args.batches:
+            out[f"pad{pad}_b1_speedup_vs_torchvision"] = (
+                out["b1_torchvision_eager_ms"] / out[f"pad{pad}_b1_graph_ms"]
+            )
     emit("e2e_latency", {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()})
 
 

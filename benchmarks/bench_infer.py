@@ -1,7 +1,8 @@
 """Inference: batch-1 latency and batch-N throughput including pre- and post-processing.
 
-retinaflow R50-FPN through the engine's detector (uint8 image on the GPU -> pad -> network with
-fp16 weights, channels_last, normalising inside -> decode + NMS kernels), eager and with
+retinaflow R50-FPN through the engine's detector (uint8 image on the GPU -> pad to ``infer.pad_stride``
+-> network with frozen BN folded, fp16 weights, channels_last, normalising inside -> decode + NMS
+kernels), eager and with
 ``--cuda-graph`` (one captured graph per input shape), vs torchvision retinanet_resnet50_fpn (its
 own transform and postprocess_detections, fp16 autocast), same process, same images (800x1333).
 Issue 2 target: batch-1 latency ratio (retinaflow / torchvision) <= 0.6.
@@ -30,12 +31,13 @@ def make_retinaflow(model, cfg: Config, cuda_graph: bool):
     """The engine's detector (weights cast to fp16 once; optionally per-shape CUDA graphs)."""
     cfg = copy.deepcopy(cfg)
     cfg.infer.cuda_graph = cuda_graph
-    detector = make_detector(model, cfg, torch.float16, cast_weights=True)
+    detector = make_detector(model, cfg, torch.float16, inference_only=True)
 
     def run(images_hwc: list[torch.Tensor]) -> None:
         h = max(im.shape[0] for im in images_hwc)
         w = max(im.shape[1] for im in images_hwc)
-        ph, pw = -(-h // 128) * 128, -(-w // 128) * 128
+        pad = cfg.infer.pad_stride  # as `retinaflow infer` pads
+        ph, pw = -(-h // pad) * pad, -(-w // pad) * pad
         batch = torch.zeros(len(images_hwc), ph, pw, 3, dtype=torch.uint8, device="cuda")
         for i, im in enumerate(images_hwc):
             batch[i, : im.shape[0], : im.shape[1]] = im

@@ -50,12 +50,30 @@ def test_infer_on_a_bare_folder_of_images(trained, synth_small, tmp_path):
         infer(trained, tmp_path / "none", tmp_path / "e.json", cfg, None, "cpu")
 
 
+def test_inference_only_detector_folds_batchnorm_and_keeps_detections(trained):
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    model, config, _ = load_model(trained, torch.device("cpu"))
+    config.infer.score_thresh = 0.0
+    reference = make_detector(load_model(trained, torch.device("cpu"))[0], config, None)
+    folded = make_detector(model, config, None, inference_only=True)
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    images = torch.randint(
+        0, 256, (2, 3, 128, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    sizes = torch.tensor([[128, 256], [100, 200]])
+    a, b = folded(images, sizes), reference(images, sizes)
+    assert torch.equal(a.counts, b.counts)
+    torch.testing.assert_close(a.scores, b.scores, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a.boxes, b.boxes, atol=1e-3, rtol=1e-4)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_detector_equals_eager(trained):
     model, config, _ = load_model(trained, torch.device("cuda"))
     config.infer.score_thresh = 0.0
-    eager = make_detector(model, config, torch.float16, cast_weights=True)
+    eager = make_detector(model, config, torch.float16, inference_only=True)
     config.infer.cuda_graph = True
     graphed = make_detector(model, config, None)
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -18,6 +18,7 @@ from retinaflow.engine.checkpoint import load_checkpoint
 from retinaflow.engine.schedule import autocast_dtype
 from retinaflow.errors import DataError
 from retinaflow.model.anchors import generate_anchors
+from retinaflow.model.norm import fold_batchnorm
 from retinaflow.model.retinanet import RetinaNet, build_model
 from retinaflow.ops.boxes import Detections, postprocess
 
@@ -47,20 +48,23 @@ def make_detector(
     model: RetinaNet,
     config: Config,
     amp_dtype: torch.dtype | None,
-    cast_weights: bool = False,
+    inference_only: bool = False,
 ) -> Detector:
     """``detector(images, sizes) -> Detections`` for padded batches on the model's device.
 
-    amp_dtype:    run the network in this precision (None = float32).
-    cast_weights: convert the model's weights to ``amp_dtype`` once instead of autocasting every call
-                  (for a model used only for inference; saves the per-call weight casts).
+    amp_dtype:      run the network in this precision (None = float32).
+    inference_only: the model will never train again: fold its frozen batch norms into the
+                    convolutions and convert its weights to ``amp_dtype`` once instead of autocasting
+                    every call (modifies ``model`` in place; its state dict no longer loads checkpoints).
     With ``config.infer.cuda_graph`` and CUDA tensors, each input shape is captured once as a CUDA
     graph (pre-processing, network and post-processing) and replayed; outputs are copied out.
     """
     autocast_dtype_ = amp_dtype
-    if cast_weights and amp_dtype is not None:
-        model.to(amp_dtype)
-        autocast_dtype_ = None
+    if inference_only:
+        fold_batchnorm(model)
+        if amp_dtype is not None:
+            model.to(amp_dtype)
+            autocast_dtype_ = None
 
     def eager(images: torch.Tensor, sizes: torch.Tensor) -> Detections:
         if autocast_dtype_ is None:
@@ -180,6 +184,7 @@ def infer(
     if cfg is not None:
         config.infer = cfg
     config.data.resize, config.data.max_size = config.infer.resize, config.infer.max_size
+    config.data.pad_stride = config.infer.pad_stride
     images_dir = Path(images)
     if not images_dir.is_dir():
         raise DataError(f"images folder not found: {images_dir}")
@@ -187,7 +192,7 @@ def infer(
         ann = Path(annotations) if annotations else _image_list_as_coco(images_dir, state, Path(tmp))
         loader, _ = build_eval_loader(str(images_dir), str(ann), config.data, config.infer.batch)
         amp = autocast_dtype(config.infer.precision, dev)
-        detector = make_detector(model, config, amp, cast_weights=True)
+        detector = make_detector(model, config, amp, inference_only=True)
         dets = predict(model, loader, config, dev, amp, state["category_ids"], detector)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)

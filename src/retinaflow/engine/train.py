@@ -6,6 +6,7 @@ nodes) or as a single process. ``config.train.batch`` is the global batch, split
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -271,7 +272,7 @@ class _Trainer:
         loader, _ = build_eval_loader(
             cfg.data.val_images,
             cfg.data.val_annotations,
-            cfg.data,
+            dataclasses.replace(cfg.data, pad_stride=cfg.infer.pad_stride),
             cfg.infer.batch,
             self.info.rank,
             self.info.world_size,

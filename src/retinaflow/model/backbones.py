@@ -24,9 +24,9 @@ import torch
 import torchvision
 from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 from retinaflow.errors import CheckpointError, ConfigError, MissingDependency
+from retinaflow.model.norm import FrozenBatchNorm2d
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -114,7 +114,7 @@ def build_backbone(name: str, weights: str | Path | None = None, frozen_bn: bool
 
     weights:   None (random init), a path to a torchvision classification state dict (``.pth``), or
                ``"offline"`` for the weights shipped in a package (:data:`OFFLINE_WEIGHTS`).
-    frozen_bn: use ``FrozenBatchNorm2d`` (statistics and affine fixed) instead of ``BatchNorm2d``.
+    frozen_bn: use ``norm.FrozenBatchNorm2d`` (statistics and affine fixed) instead of ``BatchNorm2d``.
     The stem and first stage are always frozen (``requires_grad=False``).
     Raises ConfigError (unknown name), CheckpointError (bad weights file), MissingDependency (``"offline"``
     without the package that ships them).
