@@ -87,6 +87,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16, 32])
     ap.add_argument("--pads", type=int, nargs="+", default=[32, 128])
+    ap.add_argument(
+        "--compile",
+        choices=["none", "default", "freezing"],
+        default="none",
+        help="torch.compile the network (inductor; 'freezing' also folds weights as constants)",
+    )
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = True
     cfg = Config()
@@ -121,6 +127,12 @@ def main() -> None:
     out["score_thresh"] = {"retinaflow": cfg.infer.score_thresh, "torchvision": tv.score_thresh}
     out["b1_torchvision_eager_ms"] = float(do_bench(tv_run, warmup=25, rep=200, return_mode="median"))
     out["b1_torchvision_detections"] = int(tv_run()[0]["scores"].numel())
+    out["compile"] = args.compile
+    if args.compile != "none":
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = args.compile == "freezing"
+        model = torch.compile(model, dynamic=False)
     for pad in args.pads:
         out[f"pad{pad}_padded"] = list(padded_size(pad))
         for batch in args.batches:
