@@ -7,7 +7,7 @@ kernels), eager and with
 own transform and postprocess_detections, fp16 autocast), same process, same images (800x1333).
 Issue 2 target: batch-1 latency ratio (retinaflow / torchvision) <= 0.6.
 
-    python benchmarks/bench_infer.py [--batches 1 8] [--iters 50]
+    python benchmarks/bench_infer.py [--batches 1 8] [--iters 50] [--compile]
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ from retinaflow.model.retinanet import build_model
 NUM_CLASSES = 80
 
 
-def make_retinaflow(model, cfg: Config, cuda_graph: bool):
-    """The engine's detector (weights cast to fp16 once; optionally per-shape CUDA graphs)."""
+def make_retinaflow(model, cfg: Config, cuda_graph: bool, compile_backend: str = ""):
+    """The engine's detector (weights cast to fp16 once; optionally per-shape CUDA graphs, compiled)."""
     cfg = copy.deepcopy(cfg)
     cfg.infer.cuda_graph = cuda_graph
+    cfg.infer.compile = compile_backend
     detector = make_detector(model, cfg, torch.float16, inference_only=True)
 
     def run(images_hwc: list[torch.Tensor]) -> None:
@@ -78,6 +79,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--compile", action="store_true", help="also time --compile --cuda-graph (inductor)")
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = True
     cfg = Config()
@@ -94,6 +96,7 @@ def main() -> None:
         cls, _ = model(padded.permute(0, 3, 1, 2))
     cfg.infer.score_thresh = threshold_for(cls, CANDIDATES)
     ours, ours_graph = make_retinaflow(model, cfg, False), make_retinaflow(model, cfg, True)
+    ours_compiled = make_retinaflow(model, cfg, True, "inductor") if args.compile else None
     out: dict[str, object] = {"size": [800, 1333], "precision": "fp16", "candidates_per_image": CANDIDATES}
     for b in args.batches:
         imgs = [probe] + [
@@ -111,6 +114,11 @@ def main() -> None:
         out[f"b{b}_torchvision_img_s"] = round(b * 1000 / t_tv, 1)
         out[f"b{b}_retinaflow_img_s"] = round(b * 1000 / t_rf, 1)
         out[f"b{b}_latency_ratio"] = round(t_rf / t_tv, 3)
+        if ours_compiled is not None:
+            t_comp = time_ms(lambda imgs=imgs: ours_compiled(imgs), args.warmup, args.iters)
+            out[f"b{b}_retinaflow_compiled_graph_ms"] = round(t_comp, 2)
+            out[f"b{b}_retinaflow_compiled_graph_img_s"] = round(b * 1000 / t_comp, 1)
+            out[f"b{b}_compiled_graph_latency_ratio"] = round(t_comp / t_tv, 3)
     emit("inference", out)
 
 

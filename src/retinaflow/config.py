@@ -133,6 +133,9 @@ class InferConfig:
     # backbone's stride, is all the network needs; 128 would add up to 18 % pixels at 800x1333.
     pad_stride: int = 32
     cuda_graph: bool = False
+    # "" (off) or a torch.compile backend for the network ("inductor" on GPUs: fuses each conv's bias,
+    # ReLU and residual add into one kernel). Compiles once per new input shape.
+    compile: str = ""
 
 
 @dataclass

@@ -10,7 +10,7 @@ from tests.conftest import tiny_config
 
 from retinaflow.engine.infer import infer, load_model, make_detector
 from retinaflow.engine.train import train
-from retinaflow.errors import DataError
+from retinaflow.errors import ConfigError, DataError
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,49 @@ def test_inference_only_detector_folds_batchnorm_and_keeps_detections(trained):
     assert torch.equal(a.counts, b.counts)
     torch.testing.assert_close(a.scores, b.scores, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(a.boxes, b.boxes, atol=1e-3, rtol=1e-4)
+
+
+def test_compiled_detector_equals_eager(trained):
+    model, config, _ = load_model(trained, torch.device("cpu"))
+    config.infer.score_thresh = 0.0
+    reference = make_detector(model, config, None)
+    config.infer.compile = "eager"  # graph capture without code generation: fast on a CPU
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = make_detector(model, config, None)
+    images = torch.randint(0, 256, (1, 3, 128, 192), dtype=torch.uint8)
+    sizes = torch.tensor([[128, 192]])
+    a, b = compiled(images, sizes), reference(images, sizes)
+    assert counters["stats"]["unique_graphs"] > 0  # the network really went through torch.compile
+    assert torch.equal(a.counts, b.counts)
+    torch.testing.assert_close(a.scores, b.scores)
+    torch.testing.assert_close(a.boxes, b.boxes)
+
+
+def test_infer_pads_batches_to_infer_pad_stride(trained, synth_small, tmp_path, monkeypatch):
+    from retinaflow.data import loader as loader_module
+
+    shapes: list[tuple[int, ...]] = []
+    build = loader_module.build_eval_loader
+
+    def spy(*args, **kwargs):
+        loader, dataset = build(*args, **kwargs)
+        shapes.extend(tuple(b.images.shape[-2:]) for b in loader)
+        return loader, dataset
+
+    monkeypatch.setattr(loader_module, "build_eval_loader", spy)
+    cfg = tiny_config(synth_small).infer
+    cfg.pad_stride = 96
+    infer(trained, synth_small.val_images, tmp_path / "d.json", cfg, None, "cpu")
+    assert shapes and all(h % 96 == 0 and w % 96 == 0 for h, w in shapes)
+    assert any(h % 128 or w % 128 for h, w in shapes)  # not the training padding
+
+
+def test_infer_rejects_a_bad_pad_stride(trained, synth_small, tmp_path):
+    cfg = tiny_config(synth_small).infer
+    cfg.pad_stride = 0
+    with pytest.raises(ConfigError, match="pad_stride"):
+        infer(trained, synth_small.val_images, tmp_path / "d.json", cfg, None, "cpu")
 
 
 @pytest.mark.gpu

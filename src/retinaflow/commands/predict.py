@@ -28,8 +28,16 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nms-iou", type=float, help="NMS IoU threshold (default 0.5)")
     p.add_argument("--max-det", type=int, help="detections per image (default 100)")
     p.add_argument("--top-n", type=int, help="candidates per level before NMS (default 1000)")
+    p.add_argument("--pad-stride", type=int, help="pad batches to a multiple of this (default 32)")
     p.add_argument(
         "--cuda-graph", action="store_true", help="replay the network + post-processing as a CUDA graph"
+    )
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        metavar="BACKEND",
+        help="torch.compile the network (default backend inductor; compiles once per input shape)",
     )
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if present)")
     add_tracking_args(p)
@@ -42,7 +50,8 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     from retinaflow.engine.infer import infer
 
     cfg = InferConfig()
-    for name in ("batch", "resize", "max_size", "precision", "score_thresh", "nms_iou", "max_det", "top_n"):
+    names = ("batch", "resize", "max_size", "precision", "score_thresh", "nms_iou", "max_det", "top_n")
+    for name in (*names, "pad_stride", "compile"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     cfg.cuda_graph = args.cuda_graph

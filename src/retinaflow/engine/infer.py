@@ -27,14 +27,18 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
-@torch.no_grad()
-def detect(model: RetinaNet, images: torch.Tensor, sizes: torch.Tensor, config: Config) -> Detections:
-    """Network + post-processing for one padded batch already on the model's device.
+Network = Callable[[torch.Tensor], tuple[list[torch.Tensor], list[torch.Tensor]]]
 
-    images: (B, 3, H, W) uint8/float RGB 0..255; sizes: (B, 2) (height, width) before padding.
+
+@torch.no_grad()
+def detect(network: Network, images: torch.Tensor, sizes: torch.Tensor, config: Config) -> Detections:
+    """Network + post-processing for one padded batch already on the network's device.
+
+    network: a RetinaNet (or a compiled one); images: (B, 3, H, W) uint8/float RGB 0..255;
+    sizes: (B, 2) (height, width) before padding.
     Returns fixed-size Detections (B, max_det) in resized-image pixels.
     """
-    cls_out, box_out = model(images)
+    cls_out, box_out = network(images)
     anchors = generate_anchors(
         config.model.anchors, (images.shape[-2], images.shape[-1]), images.device, torch.float32
     )
@@ -56,6 +60,7 @@ def make_detector(
     inference_only: the model will never train again: fold its frozen batch norms into the
                     convolutions and convert its weights to ``amp_dtype`` once instead of autocasting
                     every call (modifies ``model`` in place; its state dict no longer loads checkpoints).
+    With ``config.infer.compile`` (a backend name) the network goes through ``torch.compile``.
     With ``config.infer.cuda_graph`` and CUDA tensors, each input shape is captured once as a CUDA
     graph (pre-processing, network and post-processing) and replayed; outputs are copied out.
     """
@@ -65,12 +70,15 @@ def make_detector(
         if amp_dtype is not None:
             model.to(amp_dtype)
             autocast_dtype_ = None
+    network: Network = model
+    if config.infer.compile:
+        network = torch.compile(model, backend=config.infer.compile)  # type: ignore[assignment]
 
     def eager(images: torch.Tensor, sizes: torch.Tensor) -> Detections:
         if autocast_dtype_ is None:
-            return detect(model, images, sizes, config)
+            return detect(network, images, sizes, config)
         with torch.autocast(images.device.type, dtype=autocast_dtype_):
-            return detect(model, images, sizes, config)
+            return detect(network, images, sizes, config)
 
     if not config.infer.cuda_graph:
         return eager
