@@ -12,6 +12,7 @@ from retinaflow.config import Config, ExportConfig
 from retinaflow.engine.checkpoint import save_checkpoint
 from retinaflow.errors import CheckpointError, ConfigError
 from retinaflow.export.onnx import ATOL, RTOL, export_onnx
+from retinaflow.model.norm import FrozenBatchNorm2d
 from retinaflow.model.retinanet import build_model
 
 
@@ -27,6 +28,12 @@ def checkpoint(tmp_path_factory):
     cfg.class_names = ["a", "b", "c"]
     torch.manual_seed(0)
     model = build_model(cfg.model)
+    for m in model.modules():  # non-trivial frozen statistics, so folding them into the convs shows
+        if isinstance(m, FrozenBatchNorm2d):
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_(0, 0.1)
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
     path = tmp_path_factory.mktemp("ckpt") / "m.pth"
     save_checkpoint(
         path,
@@ -49,6 +56,8 @@ def test_export_is_valid_and_matches_pytorch_at_several_batch_sizes(checkpoint, 
     assert graph.opset_import[0].version >= 17
     assert [o.name for o in graph.graph.output] == [f"{k}_p{i}" for k in ("cls", "box") for i in range(3, 8)]
     assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    ops = [node.op_type for node in graph.graph.node]
+    assert ops.count("Mul") == 1  # the input normalisation; every frozen BN is folded into its conv
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     model.eval()
     for batch in (1, 3):
