@@ -39,17 +39,14 @@ class FrozenBatchNorm2d(misc.FrozenBatchNorm2d):
         return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
 
 
-def _scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """float64 (scale, shift) of a frozen or eval-mode BatchNorm2d."""
-    if isinstance(bn, nn.BatchNorm2d):
-        assert bn.running_mean is not None and bn.running_var is not None
-        weight = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
-        bias = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
-    else:
-        weight, bias = bn.weight, bn.bias
-    mean, var = bn.running_mean.double(), bn.running_var.double()  # type: ignore[union-attr]
-    scale = weight.detach().double() * (var + bn.eps).rsqrt()
-    return scale, bias.detach().double() - mean * scale
+def _scale_shift(bn: misc.FrozenBatchNorm2d | nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 (scale, shift) of a frozen or eval-mode BatchNorm2d: ``bn(x) = x * scale + shift``."""
+    mean, var = bn.running_mean, bn.running_var
+    assert isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor)
+    weight = bn.weight if isinstance(bn.weight, torch.Tensor) else torch.ones_like(var)
+    bias = bn.bias if isinstance(bn.bias, torch.Tensor) else torch.zeros_like(mean)
+    scale = weight.detach().double() * (var.double() + bn.eps).rsqrt()
+    return scale, bias.detach().double() - mean.double() * scale
 
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
@@ -77,6 +74,7 @@ def fold_batchnorm(module: nn.Module) -> int:
             if not _foldable(conv, bn):
                 continue
             assert isinstance(conv, nn.Conv2d)
+            assert isinstance(bn, (misc.FrozenBatchNorm2d, nn.BatchNorm2d))
             scale, shift = _scale_shift(bn)
             weight = conv.weight.double() * scale.view(-1, 1, 1, 1)
             bias = shift if conv.bias is None else conv.bias.double() * scale + shift
