@@ -1,4 +1,4 @@
-// Device helpers shared by decode.cu and nms.cu (internal; not part of the C API).
+// Device helpers shared by decode.cu, nms.cu and match.cu (internal; not part of the C API).
 #pragma once
 
 #include <cuda_bf16.h>

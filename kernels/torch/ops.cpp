@@ -1,7 +1,7 @@
-// Thin PyTorch binding: the CUDA implementations of retinaflow::decode and retinaflow::nms.
+// Thin PyTorch binding: the CUDA implementations of retinaflow::decode, retinaflow::nms and retinaflow::match.
 // The operator schemas are declared once, in Python (src/retinaflow/ops/_library.py); this file only
 // checks tensors, allocates outputs and workspace through PyTorch's caching allocator, and calls the
-// C API of decode.h / nms.h on the current stream (so it can be captured in a CUDA graph).
+// C API of decode.h / nms.h / match.h on the current stream (so it can be captured in a CUDA graph).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "decode.h"
+#include "match.h"
 #include "nms.h"
 
 namespace {
@@ -153,9 +154,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nms_cuda(const at::Te
   return {out_scores, out_boxes, out_classes, out_counts};
 }
 
+at::Tensor match_cuda(const at::Tensor& anchors, const at::Tensor& gt_boxes, const at::Tensor& gt_labels, double fg_iou,
+                      double bg_iou, bool allow_low_quality) {
+  TORCH_CHECK(anchors.is_cuda() && anchors.dim() == 2 && anchors.size(1) == 4,
+              "retinaflow match: anchors must be a CUDA (N, 4) tensor");
+  TORCH_CHECK(gt_boxes.dim() == 3 && gt_boxes.size(2) == 4 && gt_labels.dim() == 2 &&
+                  gt_labels.size(0) == gt_boxes.size(0) && gt_labels.size(1) == gt_boxes.size(1),
+              "retinaflow match: ground truth must be boxes (B, M, 4) and labels (B, M)");
+  TORCH_CHECK(gt_boxes.device() == anchors.device(), "retinaflow match: tensors on one device");
+  const c10::cuda::CUDAGuard guard(anchors.device());
+  const at::Tensor a = anchors.to(at::kFloat).contiguous();
+  const at::Tensor g = gt_boxes.to(at::kFloat).contiguous();
+  const at::Tensor l = index_tensor(gt_labels, anchors.device());
+  const int64_t batch = g.size(0), num_anchors = a.size(0), num_gt = g.size(1);
+  TORCH_CHECK(batch >= 1 && batch <= 65535 && num_anchors < (int64_t{1} << 31) && num_gt < (int64_t{1} << 31),
+              "retinaflow match: 1..65535 images and fewer than 2^31 anchors and ground truths");
+  at::Tensor matches = at::empty({batch, num_anchors}, a.options().dtype(at::kLong));
+
+  rf_match_params p{};
+  p.batch = static_cast<int32_t>(batch);
+  p.num_anchors = static_cast<int32_t>(num_anchors);
+  p.num_gt = static_cast<int32_t>(num_gt);
+  p.anchors = a.data_ptr<float>();
+  p.gt_boxes = g.data_ptr<float>();
+  p.gt_labels = l.data_ptr();
+  p.labels_type = index_type(l);
+  p.fg_iou = static_cast<float>(fg_iou);
+  p.bg_iou = static_cast<float>(bg_iou);
+  p.allow_low_quality = allow_low_quality ? 1 : 0;
+  p.matches = matches.data_ptr();
+  p.matches_type = RF_INT64;
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(anchors.device().index()).stream();
+  const int64_t bytes = rf_match(&p, nullptr, 0, stream);
+  at::Tensor work = workspace(bytes, a, "match");
+  const int64_t status = rf_match(&p, work.data_ptr(), static_cast<size_t>(bytes), stream);
+  TORCH_CHECK(status == 0, "retinaflow match: ", rf_status_string(status));
+  return matches;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(retinaflow, CUDA, m) {
   m.impl("decode", &decode_cuda);
   m.impl("nms", &nms_cuda);
+  m.impl("match", &match_cuda);
 }

@@ -67,7 +67,8 @@ def test_compiler_failure_becomes_one_line_and_is_not_retried(monkeypatch):
     assert not _ext.available()
     assert len(calls) == 1
     assert calls[0]["is_python_module"] is False
-    assert [s.rsplit("/", 2)[-1] for s in calls[0]["sources"]] == ["decode.cu", "nms.cu", "ops.cpp"]
+    sources = [s.rsplit("/", 2)[-1] for s in calls[0]["sources"]]
+    assert sources == ["decode.cu", "nms.cu", "match.cu", "ops.cpp"]
 
 
 def test_available_warns_once_and_returns_false(monkeypatch, caplog):

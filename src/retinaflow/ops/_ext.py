@@ -1,7 +1,7 @@
 """Build and load the CUDA kernels as the CUDA implementation of the ``retinaflow::`` operators.
 
-One build path: ``torch.utils.cpp_extension.load`` compiles ``kernels/decode.cu``, ``kernels/nms.cu``
-and the thin binding ``kernels/torch/ops.cpp`` on first use and caches the library under
+One build path: ``torch.utils.cpp_extension.load`` compiles ``kernels/decode.cu``, ``kernels/nms.cu``,
+``kernels/match.cu`` and the thin binding ``kernels/torch/ops.cpp`` on first use and caches the library under
 ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); later processes only load it.
 ``python -m retinaflow.ops.build`` runs the same build ahead of time (container images: set
 ``TORCH_CUDA_ARCH_LIST``, e.g. ``9.0``, when the build machine has no GPU).
@@ -26,7 +26,7 @@ from retinaflow.ops.detections import Detections
 log = logging.getLogger(__name__)
 
 EXTENSION_NAME = "retinaflow_kernels"
-SOURCES = ("decode.cu", "nms.cu", "torch/ops.cpp")
+SOURCES = ("decode.cu", "nms.cu", "match.cu", "torch/ops.cpp")
 # Candidates kept per (image, level) by the decode kernels' fast path; more fall back to an exact
 # slower path (see kernels/decode.h).
 DEFAULT_CAPACITY = 32768
@@ -140,3 +140,18 @@ def nms(
     if "path" not in _state:
         load()
     return Detections(*torch.ops.retinaflow.nms(scores, boxes, classes, float(iou_threshold), int(max_det)))
+
+
+def match(
+    anchors: torch.Tensor,
+    gt_boxes: torch.Tensor,
+    gt_labels: torch.Tensor,
+    fg_iou: float,
+    bg_iou: float,
+    allow_low_quality: bool,
+) -> torch.Tensor:
+    """``retinaflow::match`` (see :func:`retinaflow.ops.matching.match`); loads the kernels first."""
+    if "path" not in _state:
+        load()
+    op = torch.ops.retinaflow.match
+    return op(anchors, gt_boxes, gt_labels, float(fg_iou), float(bg_iou), bool(allow_low_quality))

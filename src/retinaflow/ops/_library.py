@@ -1,7 +1,7 @@
-"""The ``retinaflow::decode`` / ``retinaflow::nms`` operators: schema (declared here, once), the CPU
-implementation (the reference) and the fake implementation used by torch.compile, torch.export and
-tracing. The CUDA implementation is registered by the compiled library (``kernels/torch/ops.cpp``, a
-``TORCH_LIBRARY_IMPL`` block) when :mod:`retinaflow.ops._ext` loads it.
+"""The ``retinaflow::decode`` / ``retinaflow::nms`` / ``retinaflow::match`` operators: schema (declared
+here, once), the CPU implementation (the reference) and the fake implementation used by torch.compile,
+torch.export and tracing. The CUDA implementation is registered by the compiled library
+(``kernels/torch/ops.cpp``, a ``TORCH_LIBRARY_IMPL`` block) when :mod:`retinaflow.ops._ext` loads it.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from retinaflow.ops import _reference
 
 DECODE = "retinaflow::decode"
 NMS = "retinaflow::nms"
+MATCH = "retinaflow::match"
 DECODE_SIGNATURE = (
     "(Tensor[] cls, Tensor[] box, Tensor[] anchors, Tensor sizes, float score_thresh, int top_n, "
     "int capacity) -> (Tensor, Tensor, Tensor)"
@@ -19,6 +20,11 @@ DECODE_SIGNATURE = (
 NMS_SIGNATURE = (
     "(Tensor scores, Tensor boxes, Tensor classes, float iou_threshold, int max_det) "
     "-> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+MATCH_SIGNATURE = (
+    "(Tensor anchors, Tensor gt_boxes, Tensor gt_labels, float fg_iou, float bg_iou, bool allow_low_quality) "
+    "-> Tensor"
 )
 
 
@@ -72,6 +78,28 @@ def _nms_fake(
     )
 
 
+def _match_cpu(
+    anchors: torch.Tensor,
+    gt_boxes: torch.Tensor,
+    gt_labels: torch.Tensor,
+    fg_iou: float,
+    bg_iou: float,
+    allow_low_quality: bool,
+) -> torch.Tensor:
+    return _reference.match(anchors, gt_boxes, gt_labels, fg_iou, bg_iou, allow_low_quality)
+
+
+def _match_fake(
+    anchors: torch.Tensor,
+    gt_boxes: torch.Tensor,
+    gt_labels: torch.Tensor,
+    fg_iou: float,
+    bg_iou: float,
+    allow_low_quality: bool,
+) -> torch.Tensor:
+    return torch.empty(gt_labels.shape[0], anchors.shape[0], dtype=torch.int64, device=anchors.device)
+
+
 _registered = False
 
 
@@ -82,10 +110,13 @@ def register() -> None:
         return
     torch.library.define(DECODE, DECODE_SIGNATURE)
     torch.library.define(NMS, NMS_SIGNATURE)
+    torch.library.define(MATCH, MATCH_SIGNATURE)
     torch.library.impl(DECODE, "CPU", _decode_cpu)
     torch.library.impl(NMS, "CPU", _nms_cpu)
+    torch.library.impl(MATCH, "CPU", _match_cpu)
     torch.library.register_fake(DECODE, _decode_fake)
     torch.library.register_fake(NMS, _nms_fake)
+    torch.library.register_fake(MATCH, _match_fake)
     _registered = True
 
 

@@ -12,6 +12,10 @@ are padding: score 0, box 0, class -1 (real candidates always have score > ``sco
 
 nms — batched, class-aware greedy NMS (torchvision ``batched_nms``) over the rows of each image whose
 class is >= 0 (padding rows, class -1, are ignored), keeping at most ``max_det`` rows.
+
+match — RetinaNet's anchor assignment (see :func:`match`): the IoU of every anchor with every ground truth
+of its image, best ground truth per anchor (first index among ties), fg/bg thresholds, optional
+low-quality matches. The kernel reproduces each float32 rounding of :func:`pairwise_iou`.
 """
 
 from __future__ import annotations
@@ -143,3 +147,77 @@ def nms(
         out_classes[i, :n] = c[keep]
         counts[i] = n
     return Detections(out_scores, out_boxes, out_classes, counts)
+
+
+BACKGROUND = -1
+IGNORE = -2
+DEFAULT_MAX_ELEMENTS = 2**26
+
+
+def pairwise_iou(anchors: torch.Tensor, gt_boxes: torch.Tensor, gt_valid: torch.Tensor) -> torch.Tensor:
+    """IoU of each anchor with each ground truth of each image.
+
+    anchors: (N, 4) float x1y1x2y2; gt_boxes: (B, M, 4) float x1y1x2y2; gt_valid: (B, M) bool.
+    Returns (B, N, M) float32 ``inter / max(area_a + area_g - inter, tiny)``; invalid (padding) ground
+    truths get -1 so they never win a ``max``. Matches torchvision.ops.box_iou per image, without its
+    extra (N, M, 2) temporaries.
+    """
+    a = anchors.float()[None, :, None, :]  # (1, N, 1, 4)
+    g = gt_boxes.float()[:, None, :, :]  # (B, 1, M, 4)
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])  # (1, N, 1)
+    area_g = (g[..., 2] - g[..., 0]) * (g[..., 3] - g[..., 1])  # (B, 1, M)
+    inter = torch.minimum(a[..., 2], g[..., 2]).sub_(torch.maximum(a[..., 0], g[..., 0])).clamp_(min=0)
+    inter.mul_(torch.minimum(a[..., 3], g[..., 3]).sub_(torch.maximum(a[..., 1], g[..., 1])).clamp_(min=0))
+    union = (area_a + area_g).sub_(inter).clamp_(min=torch.finfo(torch.float32).tiny)
+    iou = inter.div_(union)
+    return iou.masked_fill_(~gt_valid[:, None, :], -1.0)
+
+
+def match(
+    anchors: torch.Tensor,
+    gt_boxes: torch.Tensor,
+    gt_labels: torch.Tensor,
+    fg_iou: float,
+    bg_iou: float,
+    allow_low_quality: bool,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> torch.Tensor:
+    """Assign every anchor of every image (shapes and result as ``retinaflow.ops.matching.match``).
+
+    Memory: the IoU of every anchor with every ground truth is ``B * N * M`` float32 values; computing
+    it needs about three such buffers at once, so anchors are processed in chunks of at most
+    ``max_elements // (B * M)`` (default 2**26 elements, 256 MiB per buffer). Besides the chunk buffers
+    it keeps ``B * N`` best IoUs and indices and, for ``allow_low_quality``, makes a second pass.
+    """
+    batch, num_gt = gt_labels.shape
+    num_anchors = anchors.shape[0]
+    device = anchors.device
+    if num_gt == 0:
+        return torch.full((batch, num_anchors), BACKGROUND, dtype=torch.int64, device=device)
+
+    valid = gt_labels >= 0
+    chunk = max(1, max_elements // max(1, batch * num_gt))
+    best_iou = torch.empty(batch, num_anchors, dtype=torch.float32, device=device)
+    best_idx = torch.empty(batch, num_anchors, dtype=torch.int64, device=device)
+    best_per_gt = torch.full((batch, num_gt), -1.0, dtype=torch.float32, device=device)
+    for start in range(0, num_anchors, chunk):
+        iou = pairwise_iou(anchors[start : start + chunk], gt_boxes, valid)  # (B, n, M)
+        value, index = iou.max(dim=2)  # best ground truth of each anchor
+        best_iou[:, start : start + chunk] = value
+        best_idx[:, start : start + chunk] = index
+        if allow_low_quality:
+            best_per_gt = torch.maximum(best_per_gt, iou.amax(dim=1))
+
+    matches = torch.where(best_iou >= fg_iou, best_idx, torch.full_like(best_idx, IGNORE))
+    matches = matches.masked_fill_(best_iou < bg_iou, BACKGROUND)
+
+    if allow_low_quality:
+        # Only real overlaps: a ground truth that touches no anchor must not claim every IoU-0 anchor.
+        # (B, 1, M) targets; 2 never equals an IoU.
+        target = best_per_gt.masked_fill(best_per_gt <= 0, 2.0)[:, None, :]
+        for start in range(0, num_anchors, chunk):
+            iou = pairwise_iou(anchors[start : start + chunk], gt_boxes, valid)
+            hit = (iou == target).any(dim=2)  # (B, n)
+            part = matches[:, start : start + chunk]
+            part.copy_(torch.where(hit, best_idx[:, start : start + chunk], part))
+    return matches
