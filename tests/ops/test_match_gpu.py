@@ -74,8 +74,8 @@ def test_adversarial_boxes() -> None:
     boxes[0, 3] = torch.tensor([50.0, 50.0, 50.0, 90.0])  # zero area
     boxes[0, 4] = anchors[1234]  # exactly an anchor: IoU 1
     boxes[0, 5] = torch.tensor([0.0, 0.0, 384.0, 256.0])  # the whole image
-    boxes[1, 0] = torch.tensor([-50.0, -50.0, -10.0, -10.0])  # outside the image: overlaps nothing
-    boxes[1, 1] = torch.tensor([1000.0, 1000.0, 1001.0, 1001.0])
+    boxes[1, 0] = torch.tensor([-5000.0, -5000.0, -4990.0, -4990.0])  # beyond every anchor
+    boxes[1, 1] = torch.tensor([5000.0, 5000.0, 5001.0, 5001.0])
     got = check(anchors, boxes, labels)
     assert got[0, 1234] == 4
     assert not (got[0] == 1).any() and not (got[0] == 2).any()
