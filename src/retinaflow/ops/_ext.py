@@ -112,7 +112,7 @@ def available() -> bool:
     try:
         load()
     except MissingDependency as exc:
-        log.warning("CUDA post-processing kernels unavailable, using the PyTorch reference: %s", exc)
+        log.warning("retinaflow CUDA kernels unavailable, using the PyTorch reference: %s", exc)
         return False
     return True
 
