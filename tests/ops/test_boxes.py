@@ -10,7 +10,7 @@ from tests.ops.oracle import GRID_THRESH, random_heads
 
 from retinaflow.config import InferConfig
 from retinaflow.errors import ConfigError, MissingDependency
-from retinaflow.ops import _ext, _reference, boxes
+from retinaflow.ops import _ext, _reference, boxes, dispatch
 
 SHAPES = [(6, 8), (3, 4)]
 
@@ -68,12 +68,12 @@ def test_unknown_backend_from_environment_is_rejected(heads, monkeypatch):
 def test_auto_backend_falls_back_when_kernels_unavailable(monkeypatch):
     """CUDA tensors without kernels go to the reference (simulated: kernels reported unavailable)."""
     monkeypatch.setattr(_ext, "available", lambda: False)
-    assert boxes._use_kernels(torch.empty(0), "auto") is False
+    assert dispatch.use_kernels(torch.empty(0), "auto") is False
     t = SimpleNamespace(device=torch.device("cuda", 0))  # only the device is consulted
-    assert boxes._use_kernels(t, "auto") is False
+    assert dispatch.use_kernels(t, "auto") is False
     monkeypatch.setattr(_ext, "available", lambda: True)
-    assert boxes._use_kernels(t, "auto") is True
-    assert boxes._use_kernels(t, "reference") is False
+    assert dispatch.use_kernels(t, "auto") is True
+    assert dispatch.use_kernels(t, "reference") is False
 
 
 @pytest.mark.parametrize(
@@ -115,4 +115,4 @@ def test_cuda_backend_without_toolkit_raises_missing_dependency(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", None)
     t = SimpleNamespace(device=torch.device("cuda", 0))
     with pytest.raises(MissingDependency, match="CUDA build of PyTorch"):
-        boxes._use_kernels(t, "cuda")
+        dispatch.use_kernels(t, "cuda")

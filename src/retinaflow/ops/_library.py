@@ -78,17 +78,6 @@ def _nms_fake(
     )
 
 
-def _match_cpu(
-    anchors: torch.Tensor,
-    gt_boxes: torch.Tensor,
-    gt_labels: torch.Tensor,
-    fg_iou: float,
-    bg_iou: float,
-    allow_low_quality: bool,
-) -> torch.Tensor:
-    return _reference.match(anchors, gt_boxes, gt_labels, fg_iou, bg_iou, allow_low_quality)
-
-
 def _match_fake(
     anchors: torch.Tensor,
     gt_boxes: torch.Tensor,
@@ -113,7 +102,7 @@ def register() -> None:
     torch.library.define(MATCH, MATCH_SIGNATURE)
     torch.library.impl(DECODE, "CPU", _decode_cpu)
     torch.library.impl(NMS, "CPU", _nms_cpu)
-    torch.library.impl(MATCH, "CPU", _match_cpu)
+    torch.library.impl(MATCH, "CPU", _reference.match)
     torch.library.register_fake(DECODE, _decode_fake)
     torch.library.register_fake(NMS, _nms_fake)
     torch.library.register_fake(MATCH, _match_fake)

@@ -4,14 +4,12 @@ CUDA tensors go to the compiled kernels (``kernels/``, loaded by :mod:`retinaflo
 can be loaded, otherwise — and for CPU tensors — to the pure-PyTorch reference
 (:mod:`retinaflow.ops._reference`), which defines the semantics (padding, tie order) both share.
 
-``backend`` selects explicitly: ``"auto"`` (default: kernels for CUDA tensors if available),
-``"cuda"`` (kernels or :class:`~retinaflow.errors.MissingDependency`), ``"reference"``.
-The environment variable ``RETINAFLOW_OPS_BACKEND`` changes the default.
+``backend`` selects explicitly (:mod:`retinaflow.ops.dispatch`): ``"auto"`` (default), ``"cuda"`` or
+``"reference"``; ``RETINAFLOW_OPS_BACKEND`` changes the default.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -20,29 +18,10 @@ from retinaflow.config import InferConfig
 from retinaflow.errors import ConfigError
 from retinaflow.ops import _ext, _reference
 from retinaflow.ops.detections import Detections
+from retinaflow.ops.dispatch import use_kernels
 
-BACKENDS = ("auto", "cuda", "reference")
 MAX_LEVELS = 8
 MAX_TOP_N = 16384
-
-
-def _backend(backend: str | None) -> str:
-    name = backend or os.environ.get("RETINAFLOW_OPS_BACKEND", "auto")
-    if name not in BACKENDS:
-        raise ConfigError(f"ops backend must be one of {', '.join(BACKENDS)}, got {name!r}")
-    return name
-
-
-def _use_kernels(t: torch.Tensor, backend: str | None) -> bool:
-    name = _backend(backend)
-    if name == "reference":
-        return False
-    if name == "cuda":
-        if t.device.type != "cuda":
-            raise ConfigError(f"ops backend 'cuda' needs CUDA tensors, got tensors on {t.device}")
-        _ext.load()
-        return True
-    return t.device.type == "cuda" and _ext.available()
 
 
 def _check_decode(
@@ -114,7 +93,7 @@ def decode(
     score 0, box 0 and class -1.
     """
     _check_decode(cls_heads, box_heads, anchors, sizes, score_thresh, top_n)
-    if _use_kernels(cls_heads[0], backend):
+    if use_kernels(cls_heads[0], backend):
         return _ext.decode(list(cls_heads), list(box_heads), list(anchors), sizes, score_thresh, top_n)
     return _reference.decode(list(cls_heads), list(box_heads), list(anchors), sizes, score_thresh, top_n)
 
@@ -143,7 +122,7 @@ def nms(
         raise ConfigError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
     if max_det < 1:
         raise ConfigError(f"max_det must be >= 1, got {max_det}")
-    if _use_kernels(scores, backend):
+    if use_kernels(scores, backend):
         return _ext.nms(scores, boxes, classes, iou_threshold, max_det)
     return _reference.nms(scores, boxes, classes, iou_threshold, max_det)
 

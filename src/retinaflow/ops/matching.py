@@ -3,7 +3,7 @@
 CUDA tensors go to the ``match`` kernel (``kernels/match.cu``: one thread per anchor, the IoU matrix is
 never stored) when the kernels can be loaded; CPU tensors, and machines without them, use the chunked
 PyTorch reference (:func:`retinaflow.ops._reference.match`), which defines the semantics. ``backend`` as in
-:mod:`retinaflow.ops.boxes` (``"auto"``, ``"cuda"``, ``"reference"``; ``RETINAFLOW_OPS_BACKEND``).
+:mod:`retinaflow.ops.dispatch` (``"auto"``, ``"cuda"``, ``"reference"``; ``RETINAFLOW_OPS_BACKEND``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 from retinaflow.ops import _ext, _reference
 from retinaflow.ops._reference import BACKGROUND, IGNORE
-from retinaflow.ops.boxes import _use_kernels
+from retinaflow.ops.dispatch import use_kernels
 
 __all__ = ["BACKGROUND", "IGNORE", "match"]
 
@@ -34,6 +34,6 @@ def match(
     (-2) in between; with ``allow_low_quality`` each ground truth's best anchors (all ties, IoU > 0) are
     also matched, to their own best ground truth. Inputs are assumed valid (see ``model.matcher``).
     """
-    if _use_kernels(anchors, backend):
+    if use_kernels(anchors, backend):
         return _ext.match(anchors, gt_boxes, gt_labels, fg_iou, bg_iou, allow_low_quality)
     return _reference.match(anchors, gt_boxes, gt_labels, fg_iou, bg_iou, allow_low_quality)
