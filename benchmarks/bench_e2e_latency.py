@@ -23,8 +23,8 @@ from common import emit
 from triton.testing import do_bench
 
 from retinaflow.config import Config
+from retinaflow.engine.infer import prepare_for_inference
 from retinaflow.model.anchors import generate_anchors
-from retinaflow.model.norm import fold_batchnorm
 from retinaflow.model.retinanet import build_model
 from retinaflow.ops import boxes
 from retinaflow.ops.graph import CudaGraphRunner
@@ -97,9 +97,8 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     cfg = Config()
     cfg.model.num_classes = 80
-    model = build_model(cfg.model).cuda().eval()
-    fold_batchnorm(model)
-    model = model.half().to(memory_format=torch.channels_last)
+    model = build_model(cfg.model).cuda().eval().to(memory_format=torch.channels_last)
+    prepare_for_inference(model, torch.float16)  # as `retinaflow infer` does
     g = torch.Generator(device="cuda").manual_seed(0)
     image = torch.randint(0, 256, (1, H, W, 3), dtype=torch.uint8, device="cuda", generator=g)
 

@@ -12,7 +12,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from retinaflow.config import Config
-from retinaflow.model.norm import fold_batchnorm
+from retinaflow.engine.infer import prepare_for_inference
 from retinaflow.model.retinanet import build_model
 
 
@@ -26,9 +26,8 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     cfg = Config()
     cfg.model.num_classes = 80
-    model = build_model(cfg.model).cuda().eval()
-    fold_batchnorm(model)
-    model = model.half().to(memory_format=torch.channels_last)
+    model = build_model(cfg.model).cuda().eval().to(memory_format=torch.channels_last)
+    prepare_for_inference(model, torch.float16)  # as `retinaflow infer` does
     net = torch.compile(model, dynamic=False) if args.compile else model
     x = torch.zeros(args.batch, 800, 1344, 3, dtype=torch.uint8, device="cuda").permute(0, 3, 1, 2)
     for _ in range(5):

@@ -48,6 +48,15 @@ def detect(network: Network, images: torch.Tensor, sizes: torch.Tensor, config: 
 Detector = Callable[[torch.Tensor, torch.Tensor], Detections]
 
 
+def prepare_for_inference(model: RetinaNet, dtype: torch.dtype | None) -> RetinaNet:
+    """In place, for a model that will never train again: frozen batch norms folded into the
+    convolutions, weights converted to ``dtype`` (None keeps them). Returns ``model``."""
+    fold_batchnorm(model)
+    if dtype is not None:
+        model.to(dtype)
+    return model
+
+
 def make_detector(
     model: RetinaNet,
     config: Config,
@@ -66,10 +75,8 @@ def make_detector(
     """
     autocast_dtype_ = amp_dtype
     if inference_only:
-        fold_batchnorm(model)
-        if amp_dtype is not None:
-            model.to(amp_dtype)
-            autocast_dtype_ = None
+        prepare_for_inference(model, amp_dtype)
+        autocast_dtype_ = None
     network: Network = model
     if config.infer.compile:
         network = torch.compile(model, backend=config.infer.compile)  # type: ignore[assignment]
