@@ -63,15 +63,30 @@ __device__ __forceinline__ void load_tile(GtTile& s, const MatchArgs& a, int b, 
   }
 }
 
+// The anchor of this thread (blockIdx.x tiles the anchors); inactive threads past N still take part in
+// the block's shared-memory tiles and warp reductions, with a zero box.
+struct ThreadAnchor {
+  int64_t n;
+  bool active;
+  float4 box;
+  float area;
+};
+
+__device__ __forceinline__ ThreadAnchor thread_anchor(const MatchArgs& a) {
+  ThreadAnchor t;
+  t.n = static_cast<int64_t>(blockIdx.x) * kMatchThreads + threadIdx.x;
+  t.active = t.n < a.N;
+  t.box = t.active ? a.anchors[t.n] : make_float4(0.f, 0.f, 0.f, 0.f);
+  t.area = area_of(t.box);
+  return t;
+}
+
 // Pass 1: best ground truth of every anchor (written as the thresholded match), and the best IoU of
 // every ground truth (as uint bits, max over positive IoUs only) into best_gt.
 __global__ void __launch_bounds__(kMatchThreads) match_best(MatchArgs a, unsigned* best_gt, int32_t* best_idx) {
   __shared__ GtTile s;
   const int b = blockIdx.y;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kMatchThreads + threadIdx.x;
-  const bool active = n < a.N;
-  const float4 anc = active ? a.anchors[n] : make_float4(0.f, 0.f, 0.f, 0.f);
-  const float area_a = area_of(anc);
+  const ThreadAnchor t = thread_anchor(a);
   const int lane = threadIdx.x & 31;
   float best = -INFINITY;
   int idx = 0;
@@ -82,13 +97,13 @@ __global__ void __launch_bounds__(kMatchThreads) match_best(MatchArgs a, unsigne
     if (threadIdx.x < count) reinterpret_cast<unsigned*>(s.target)[threadIdx.x] = 0u;
     __syncthreads();
     for (int j = 0; j < count; ++j) {
-      const float v = s.valid[j] ? iou_of(anc, area_a, s.box[j], s.area[j]) : -1.0f;
-      if (active && v > best) {
+      const float v = s.valid[j] ? iou_of(t.box, t.area, s.box[j], s.area[j]) : -1.0f;
+      if (t.active && v > best) {
         best = v;
         idx = t0 + j;
       }
       if (a.low_quality) {
-        const unsigned bits = (active && v > 0.0f) ? __float_as_uint(v) : 0u;
+        const unsigned bits = (t.active && v > 0.0f) ? __float_as_uint(v) : 0u;
         const unsigned top = warp_max(bits);
         if (lane == 0 && top != 0u) atomicMax(reinterpret_cast<unsigned*>(s.target) + j, top);
       }
@@ -99,8 +114,8 @@ __global__ void __launch_bounds__(kMatchThreads) match_best(MatchArgs a, unsigne
       if (threadIdx.x < count && bits != 0u) atomicMax(best_gt + static_cast<int64_t>(b) * a.M + t0 + threadIdx.x, bits);
     }
   }
-  if (!active) return;
-  const int64_t out = static_cast<int64_t>(b) * a.N + n;
+  if (!t.active) return;
+  const int64_t out = static_cast<int64_t>(b) * a.N + t.n;
   const int64_t m = best >= a.fg ? idx : (best < a.bg ? kBackground : kIgnore);
   store_int(a.matches, out, a.matches_type, m);
   if (a.low_quality) best_idx[out] = idx;
@@ -112,10 +127,7 @@ __global__ void __launch_bounds__(kMatchThreads) match_low_quality(MatchArgs a, 
                                                                    const int32_t* best_idx) {
   __shared__ GtTile s;
   const int b = blockIdx.y;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kMatchThreads + threadIdx.x;
-  const bool active = n < a.N;
-  const float4 anc = active ? a.anchors[n] : make_float4(0.f, 0.f, 0.f, 0.f);
-  const float area_a = area_of(anc);
+  const ThreadAnchor t = thread_anchor(a);
   bool hit = false;
   for (int t0 = 0; t0 < a.M; t0 += kMatchThreads) {
     const int count = min(kMatchThreads, a.M - t0);
@@ -126,17 +138,17 @@ __global__ void __launch_bounds__(kMatchThreads) match_low_quality(MatchArgs a, 
       s.target[threadIdx.x] = bits != 0u ? __uint_as_float(bits) : 2.0f;  // 2 never equals an IoU
     }
     __syncthreads();
-    if (active && !hit) {
+    if (t.active && !hit) {
       for (int j = 0; j < count; ++j) {
-        if (s.valid[j] && iou_of(anc, area_a, s.box[j], s.area[j]) == s.target[j]) {
+        if (s.valid[j] && iou_of(t.box, t.area, s.box[j], s.area[j]) == s.target[j]) {
           hit = true;
           break;
         }
       }
     }
   }
-  if (active && hit) {
-    const int64_t out = static_cast<int64_t>(b) * a.N + n;
+  if (t.active && hit) {
+    const int64_t out = static_cast<int64_t>(b) * a.N + t.n;
     store_int(a.matches, out, a.matches_type, best_idx[out]);
   }
 }
