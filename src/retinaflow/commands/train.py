@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +132,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.classes is not None:
             callbacks.append(_ClassCountCheck(args.classes))
         train(config, Path(args.model), callbacks)
-    print(f"checkpoint: {target}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns here; one line is enough
+        print(f"checkpoint: {target}")
     return 0
 
 

@@ -1,0 +1,325 @@
+"""Multi-GPU DDP in one call: throughput scaling, 1-vs-N-GPU equivalence, sharded evaluation.
+
+    python benchmarks/bench_ddp.py --gpus 2 --out-dir $OUT [--compile] [--quick]
+
+The driver writes a JPEG dataset of varied sizes and aspect ratios (the synthetic generator, images
+480-800 px per side), then launches ``torchrun`` workers (this file, ``worker`` sub-command) for:
+
+1. **throughput**: R50-FPN, 800x1333 (shorter side 800, long side capped at 1333), bf16, batch 8 per GPU,
+   the real training loop (``retinaflow.engine.train.train``) with the torch loader, on 1 and on N GPUs.
+   img/s is *global* (images of all ranks per second) over the same steady-state window of iterations
+   (after ``--warmup``), from per-iteration wall times on rank 0 (the loop syncs every iteration on the loss
+   value, so wall time is GPU time + loader waits). The loader alone (same workers, this rank's share) is
+   timed too, to tell a loader-bound run from a GPU-bound one.
+2. **equivalence**: MobileNetV2-FPN, 512 px: N GPUs x batch b vs 1 GPU x batch N*b from the same seed (same
+   initial weights): loss curves compared as means over windows, and validation mAP after training; a
+   second 1-GPU run with another seed gives the noise both differences are judged against.
+3. **sharded evaluation**: the equivalence checkpoint evaluated on N ranks (each its shard, gathered) vs on
+   one rank: the same detections and the same COCO stats.
+
+Prints one JSON object (and writes it to ``--out-dir/ddp.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from retinaflow.config import Config
+from retinaflow.engine.callbacks import Callback, TrainState
+
+HERE = Path(__file__).resolve()
+
+
+# ---------------------------------------------------------------------------------------------------
+# worker side (runs under torchrun)
+# ---------------------------------------------------------------------------------------------------
+class _StepLog(Callback):
+    """Rank 0: wall time and loss of every iteration (``train.log_every`` must be 1)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.losses: list[float] = []
+        self.val_map: float | None = None
+
+    def on_step(self, state: TrainState, metrics: dict[str, float]) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        self.losses.append(metrics["loss"])
+
+    def on_validation(self, state: TrainState, result: Any) -> None:
+        self.val_map = result.map
+
+
+def _config(args: argparse.Namespace, world: int) -> Config:
+    cfg = Config()
+    data = Path(args.data)
+    cfg.data.images, cfg.data.annotations = str(data / "train"), str(data / "annotations/train.json")
+    cfg.data.workers = args.workers
+    t = cfg.train
+    t.iters, t.batch, t.seed, t.precision = args.iters, args.batch_per_gpu * world, args.seed, "bf16"
+    t.log_every, t.checkpoint_every, t.warmup, t.milestones = 1, 0, min(100, args.iters // 4), ()
+    t.compile = "inductor" if args.compile else ""
+    if args.task == "throughput":
+        cfg.model.num_classes = 6
+        cfg.data.resize, cfg.data.max_size, cfg.data.jitter = 800, 1333, (800, 800)
+    else:  # small and quick to converge: the equivalence / evaluation model
+        cfg.model.backbone, cfg.model.fpn_channels, cfg.model.head_convs = "mobilenet_v2", 128, 2
+        cfg.data.resize, cfg.data.max_size, cfg.data.jitter = 512, 512, (448, 512)
+        cfg.matcher.allow_low_quality = True
+        t.lr, t.clip_grad = 0.01, 10.0
+        cfg.data.val_images, cfg.data.val_annotations = str(data / "val"), str(data / "annotations/val.json")
+        cfg.infer.resize, cfg.infer.max_size = 512, 512
+    return cfg
+
+
+def _loader_rate(cfg: Config, rank: int, world: int, batches: int) -> float:
+    """img/s of this rank's training loader alone (same workers and transforms as the run)."""
+    from retinaflow.data.loader import build_train_loader
+
+    loader, _ = build_train_loader(cfg.data, cfg.train.batch // world, cfg.train.seed, rank, world)
+    it = iter(loader)
+    for _ in range(5):
+        next(it)
+    t0, n = time.perf_counter(), 0
+    for _ in range(batches):
+        n += len(next(it))
+    rate = n / (time.perf_counter() - t0)
+    loader.close()
+    return rate
+
+
+def worker(args: argparse.Namespace) -> None:
+    from retinaflow.engine.train import train
+
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if args.task == "evaluate":
+        _worker_evaluate(args)
+        return
+    cfg = _config(args, world)
+    log = _StepLog()
+    train(cfg, Path(args.checkpoint), [log])
+    result: dict[str, Any] = {"world": world, "global_batch": cfg.train.batch}
+    if rank == 0:
+        times, w = log.times, args.warmup
+        window = len(times) - 1 - w
+        if window > 0:
+            result["img_s"] = round(window * cfg.train.batch / (times[-1] - times[w]), 1)
+            result["window"] = [w + 1, len(times)]
+        result["losses"] = log.losses
+        result["val_map"] = log.val_map
+    if args.task == "throughput":  # the process group is gone: time each rank's loader alone
+        result["loader_img_s_rank"] = round(_loader_rate(_config(args, world), rank, world, 30), 1)
+    if rank == 0:
+        Path(args.result).write_text(json.dumps(result))
+
+
+def _worker_evaluate(args: argparse.Namespace) -> None:
+    """Detections of the val set sharded over the ranks (gathered) vs all on rank 0; COCO stats of both."""
+    from retinaflow.data.loader import build_eval_loader
+    from retinaflow.engine import distributed as D
+    from retinaflow.engine.evaluate import evaluate
+    from retinaflow.engine.infer import load_model, predict
+    from retinaflow.engine.schedule import autocast_dtype
+
+    info = D.init_distributed()
+    model, cfg, state = load_model(args.checkpoint, info.device)
+    dtype = autocast_dtype("bf16", info.device)
+    cat_ids = list(state["category_ids"])
+    data = Path(args.data)
+    images, ann = data / "val", data / "annotations/val.json"
+    data_cfg = cfg.data
+    data_cfg.resize, data_cfg.max_size, data_cfg.pad_stride = cfg.infer.resize, cfg.infer.max_size, 32
+
+    def detect(rank: int, world: int) -> list[dict[str, Any]]:
+        loader, _ = build_eval_loader(images, ann, data_cfg, cfg.infer.batch, rank, world)
+        return predict(model, loader, cfg, info.device, dtype, cat_ids)
+
+    sharded = D.gather_to_main(detect(info.rank, info.world_size), info)
+    if info.is_main and sharded is not None:
+        merged = [d for part in sharded for d in part]
+        alone = detect(0, 1)
+        names = list(cfg.class_names)
+        stats_n = evaluate(str(ann), merged, names).stats
+        stats_1 = evaluate(str(ann), alone, names).stats
+        key = lambda d: (d["image_id"], d["category_id"], round(d["score"], 4))  # noqa: E731
+        a, b = sorted(merged, key=key), sorted(alone, key=key)
+        box_diff = max(
+            (
+                max(abs(x - y) for x, y in zip(p["bbox"], q["bbox"], strict=True))
+                for p, q in zip(a, b, strict=False)
+            ),
+            default=0.0,
+        )
+        out = {
+            "detections_sharded": len(merged),
+            "detections_one_rank": len(alone),
+            "same_image_category_pairs": sorted((d["image_id"], d["category_id"]) for d in merged)
+            == sorted((d["image_id"], d["category_id"]) for d in alone),
+            "max_box_diff_px": round(box_diff, 5) if len(a) == len(b) else None,
+            "stats_equal": stats_n == stats_1,
+            "AP_sharded": stats_n["AP"],
+            "AP_one_rank": stats_1["AP"],
+        }
+        Path(args.result).write_text(json.dumps(out))
+    D.shutdown(info)
+
+
+# ---------------------------------------------------------------------------------------------------
+# driver side
+# ---------------------------------------------------------------------------------------------------
+def _launch(args: argparse.Namespace, gpus: int, task: str, name: str, **extra: Any) -> dict[str, Any]:
+    result = Path(args.out_dir) / f"{name}.json"
+    ckpt = Path(args.work) / f"{name}.pth"
+    ckpt.unlink(missing_ok=True)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+        str(HERE), "worker", "--task", task, "--data", args.data_dir, "--checkpoint",
+        str(extra.pop("checkpoint", ckpt)), "--result", str(result),
+    ]  # fmt: skip
+    for key, value in extra.items():
+        if value is True:
+            cmd.append(f"--{key.replace('_', '-')}")
+        elif value not in (None, False):
+            cmd += [f"--{key.replace('_', '-')}", str(value)]
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0", OMP_NUM_THREADS="1")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    (Path(args.out_dir) / f"{name}.log").write_text(proc.stdout[-20000:] + proc.stderr[-20000:])
+    if proc.returncode != 0:
+        return {"error": f"exit {proc.returncode}", "tail": proc.stderr[-1500:]}
+    out = json.loads(result.read_text())
+    out["wall_s"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def _windows(losses: list[float], size: int) -> list[float]:
+    return [sum(losses[i : i + size]) / size for i in range(0, len(losses) - size + 1, size)]
+
+
+def _compare_losses(a: list[float], b: list[float], size: int) -> float:
+    """Largest relative difference between window means of two loss curves."""
+    wa, wb = _windows(a, size), _windows(b, size)
+    return max(abs(x - y) / max(abs(y), 1e-9) for x, y in zip(wa, wb, strict=False))
+
+
+def driver(args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(HERE.parent))
+    from common import environment
+
+    from retinaflow.data.synthetic import SynthConfig, generate
+
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    generate(SynthConfig(out=Path(args.data_dir), images=args.images, seed=0, image_size=(480, 800)))
+    report: dict[str, Any] = {
+        "env": environment(),
+        "gpus": args.gpus,
+        "dataset_s": round(time.perf_counter() - t0),
+    }
+    n = args.gpus
+    common = {"iters": args.tp_iters, "warmup": args.tp_warmup, "batch_per_gpu": 8, "workers": args.workers}
+    modes = [] if args.skip_throughput else [False, True] if args.compile else [False]
+    for comp in modes:
+        tag = "compiled" if comp else "eager"
+        one = _launch(args, 1, "throughput", f"tp_{tag}_1", compile=comp, **common)
+        many = _launch(args, n, "throughput", f"tp_{tag}_{n}", compile=comp, **common)
+        for r in (one, many):
+            r.pop("losses", None)
+        entry: dict[str, Any] = {"1gpu": one, f"{n}gpu": many}
+        if "img_s" in one and "img_s" in many:
+            entry["scaling"] = round(many["img_s"] / one["img_s"], 3)
+        report[f"throughput_{tag}"] = entry
+    if not args.skip_equivalence:
+        eq = {"iters": args.eq_iters, "warmup": 20, "batch_per_gpu": args.eq_batch, "workers": args.workers}
+        ddp = _launch(args, n, "equivalence", "eq_ddp", seed=0, **eq)
+        single = _launch(
+            args, 1, "equivalence", "eq_single", seed=0, **{**eq, "batch_per_gpu": n * args.eq_batch}
+        )
+        noise = _launch(
+            args, 1, "equivalence", "eq_single_seed1", seed=1, **{**eq, "batch_per_gpu": n * args.eq_batch}
+        )
+        summary: dict[str, Any] = {
+            "iters": args.eq_iters,
+            "batch": f"{n}x{args.eq_batch} vs 1x{n * args.eq_batch}",
+        }
+        if all("losses" in r for r in (ddp, single, noise)):
+            size = max(10, args.eq_iters // 10)
+            summary["loss_window"] = size
+            summary["loss_rel_diff_ddp_vs_single"] = round(
+                _compare_losses(ddp["losses"], single["losses"], size), 4
+            )
+            summary["loss_rel_diff_seed_noise"] = round(
+                _compare_losses(noise["losses"], single["losses"], size), 4
+            )
+            summary["loss_windows"] = {
+                k: [round(v, 4) for v in _windows(r["losses"], size)]
+                for k, r in (("ddp", ddp), ("single", single), ("single_seed1", noise))
+            }
+            summary["val_map"] = {
+                "ddp": ddp["val_map"],
+                "single": single["val_map"],
+                "single_seed1": noise["val_map"],
+            }
+        else:
+            summary["errors"] = {
+                k: r.get("tail") for k, r in (("ddp", ddp), ("single", single), ("noise", noise))
+            }
+        report["equivalence"] = summary
+        report["sharded_evaluation"] = _launch(
+            args, n, "evaluate", "eval_sharded", checkpoint=Path(args.work) / "eq_ddp.pth"
+        )
+    text = json.dumps(report, indent=1)
+    (Path(args.out_dir) / "ddp.json").write_text(text)
+    print(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="mode", required=True)
+    d = sub.add_parser("run", help="the whole benchmark (default)")
+    d.add_argument("--gpus", type=int, default=2)
+    d.add_argument("--out-dir", default=os.environ.get("OUT", "/tmp/bench_ddp"))
+    d.add_argument("--work", default="/tmp/bench_ddp_work")
+    d.add_argument("--data-dir", default="/tmp/bench_ddp_data")
+    d.add_argument("--images", type=int, default=1200)
+    d.add_argument("--workers", type=int, default=8, help="DataLoader workers per rank")
+    d.add_argument("--tp-iters", type=int, default=90)
+    d.add_argument("--tp-warmup", type=int, default=30, help="iterations left out of the img/s window")
+    d.add_argument("--eq-iters", type=int, default=300)
+    d.add_argument("--eq-batch", type=int, default=8, help="per-GPU batch of the N-GPU equivalence run")
+    d.add_argument("--compile", action="store_true", help="also measure throughput under torch.compile")
+    d.add_argument("--skip-equivalence", action="store_true")
+    d.add_argument("--skip-throughput", action="store_true")
+    w = sub.add_parser("worker", help="internal: one torchrun task")
+    w.add_argument("--task", choices=["throughput", "equivalence", "evaluate"], required=True)
+    w.add_argument("--data", required=True)
+    w.add_argument("--checkpoint", required=True)
+    w.add_argument("--result", required=True)
+    w.add_argument("--iters", type=int, default=90)
+    w.add_argument("--warmup", type=int, default=30)
+    w.add_argument("--batch-per-gpu", type=int, default=8)
+    w.add_argument("--workers", type=int, default=8)
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--compile", action="store_true")
+    args = ap.parse_args(
+        sys.argv[1:] if len(sys.argv) > 1 and sys.argv[1] in ("run", "worker") else ["run", *sys.argv[1:]]
+    )
+    if args.mode == "worker":
+        worker(args)
+    else:
+        driver(args)
+
+
+if __name__ == "__main__":
+    main()
