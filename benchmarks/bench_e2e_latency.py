@@ -26,7 +26,7 @@ from retinaflow.config import Config
 from retinaflow.engine.infer import prepare_for_inference
 from retinaflow.model.anchors import generate_anchors
 from retinaflow.model.retinanet import build_model
-from retinaflow.ops import boxes
+from retinaflow.ops import _ext, boxes
 from retinaflow.ops.graph import CudaGraphRunner
 
 H, W = 800, 1333
@@ -52,7 +52,7 @@ def make_pipeline(model, cfg: Config, batch: int, pad: int):
         canvas = torch.zeros(batch, ph, pw, 3, dtype=torch.uint8, device="cuda")
         canvas[:, :H, :W] = images
         cls, box = model(canvas.permute(0, 3, 1, 2))  # NHWC memory = channels_last NCHW, no copy
-        return boxes.postprocess(cls, box, anchors, sizes, cfg.infer, backend="cuda")
+        return boxes.postprocess(cls, box, anchors, sizes, cfg.infer)
 
     return pipeline
 
@@ -95,6 +95,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = True
+    _ext.load()  # the kernels, or an error: never time the reference by accident
     cfg = Config()
     cfg.model.num_classes = 80
     model = build_model(cfg.model).cuda().eval().to(memory_format=torch.channels_last)

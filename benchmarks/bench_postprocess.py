@@ -92,18 +92,16 @@ def run_batch(batch: int, tv: torchvision.models.detection.RetinaNet, anchors: l
     above = sum(int((torch.sigmoid(c) > CFG.score_thresh).sum()) for c in cls) / batch
     res["candidates_per_image"] = round(above)
 
-    ours = lambda: boxes.postprocess(cls, box, anchors, sizes, CFG, backend="cuda")  # noqa: E731
+    ours = lambda: boxes.postprocess(cls, box, anchors, sizes, CFG)  # noqa: E731
     res["retinaflow_ms"] = bench(ours)
     res["retinaflow_graph_ms"] = bench(graphed(ours))
     cls16, box16 = [c.half() for c in cls], [b.half() for b in box]
-    res["retinaflow_fp16_ms"] = bench(
-        lambda: boxes.postprocess(cls16, box16, anchors, sizes, CFG, backend="cuda")
-    )
-    dec = boxes.decode(cls, box, anchors, sizes, CFG.score_thresh, CFG.top_n, backend="cuda")
+    res["retinaflow_fp16_ms"] = bench(lambda: boxes.postprocess(cls16, box16, anchors, sizes, CFG))
+    dec = boxes.decode_detections(cls, box, anchors, sizes, CFG.score_thresh, CFG.top_n)
     res["retinaflow_decode_ms"] = bench(
-        lambda: boxes.decode(cls, box, anchors, sizes, CFG.score_thresh, CFG.top_n, backend="cuda")
+        lambda: boxes.decode_detections(cls, box, anchors, sizes, CFG.score_thresh, CFG.top_n)
     )
-    res["retinaflow_nms_ms"] = bench(lambda: boxes.nms(*dec, CFG.nms_iou, CFG.max_det, backend="cuda"))
+    res["retinaflow_nms_ms"] = bench(lambda: boxes.batched_nms(*dec, CFG.nms_iou, CFG.max_det))
 
     head_outputs = {
         "cls_logits": [_reference.flatten_level(c, A) for c in cls],
@@ -138,11 +136,15 @@ def nms_only(num_boxes: int = 5000) -> dict:
     c = torch.randint(0, C, (num_boxes,), device="cuda", generator=g)
     res = {"boxes": num_boxes}
     res["torchvision_batched_nms_ms"] = bench(lambda: torchvision.ops.batched_nms(b, s, c, 0.5))
-    res["retinaflow_nms_max_det_100_ms"] = bench(lambda: _ext.nms(s[None], b[None], c[None], 0.5, 100))
-    res["retinaflow_nms_all_kept_ms"] = bench(lambda: _ext.nms(s[None], b[None], c[None], 0.5, num_boxes))
+    res["retinaflow_nms_max_det_100_ms"] = bench(
+        lambda: boxes.batched_nms(s[None], b[None], c[None], 0.5, 100)
+    )
+    res["retinaflow_nms_all_kept_ms"] = bench(
+        lambda: boxes.batched_nms(s[None], b[None], c[None], 0.5, num_boxes)
+    )
     res["speedup_max_det_100"] = res["torchvision_batched_nms_ms"] / res["retinaflow_nms_max_det_100_ms"]
     res["speedup_all_kept"] = res["torchvision_batched_nms_ms"] / res["retinaflow_nms_all_kept_ms"]
-    full = _ext.nms(s[None], b[None], c[None], 0.5, num_boxes)
+    full = boxes.batched_nms(s[None], b[None], c[None], 0.5, num_boxes)
     res["kept"] = int(full.counts[0])
     res["same_count_as_torchvision"] = res["kept"] == torchvision.ops.batched_nms(b, s, c, 0.5).numel()
     return res
@@ -155,7 +157,7 @@ def profile(batch: int, anchors: list[torch.Tensor]) -> None:
     for dtype in (torch.float32, torch.float16):
         cls, box = heads(batch, seed=batch)
         cls, box = [c.to(dtype) for c in cls], [b.to(dtype) for b in box]
-        run = lambda c=cls, b=box: boxes.postprocess(c, b, anchors, sizes, CFG, backend="cuda")  # noqa: E731
+        run = lambda c=cls, b=box: boxes.postprocess(c, b, anchors, sizes, CFG)  # noqa: E731
         for _ in range(5):
             run()
         torch.cuda.synchronize()

@@ -1,16 +1,15 @@
-"""Dispatch by device/backend, input validation, and postprocess = nms(decode(...))."""
+"""The public wrappers on the CPU: the reference through the op, input validation, postprocess chaining."""
 
 from __future__ import annotations
-
-from types import SimpleNamespace
 
 import pytest
 import torch
 from tests.ops.oracle import GRID_THRESH, random_heads
 
 from retinaflow.config import InferConfig
-from retinaflow.errors import ConfigError, MissingDependency
-from retinaflow.ops import _ext, _reference, boxes, dispatch
+from retinaflow.errors import ConfigError
+from retinaflow.ops import _ext, _library, _reference, boxes
+from retinaflow.ops.detections import Detections
 
 SHAPES = [(6, 8), (3, 4)]
 
@@ -29,12 +28,11 @@ def no_kernels(monkeypatch):
         raise AssertionError("CUDA kernels requested for CPU tensors")
 
     monkeypatch.setattr(_ext, "load", fail)
-    monkeypatch.setattr(_ext, "available", fail)
 
 
 def test_cpu_tensors_use_the_reference(heads, no_kernels):
     cls, box, anchors, sizes = heads
-    got = boxes.decode(cls, box, anchors, sizes, GRID_THRESH, 20)
+    got = boxes.decode_detections(cls, box, anchors, sizes, GRID_THRESH, 20)
     ref = _reference.decode(cls, box, anchors, sizes, GRID_THRESH, 20)
     for g, r in zip(got, ref, strict=True):
         assert torch.equal(g, r)
@@ -45,35 +43,11 @@ def test_postprocess_chains_decode_and_nms(heads, no_kernels):
     cfg = InferConfig(score_thresh=GRID_THRESH, top_n=30, nms_iou=0.5, max_det=15)
     d = boxes.postprocess(cls, box, anchors, sizes, cfg)
     s, b, c = _reference.decode(cls, box, anchors, sizes, cfg.score_thresh, cfg.top_n)
-    ref = _reference.nms(s, b, c, cfg.nms_iou, cfg.max_det)
+    ref = Detections(*_reference.nms(s, b, c, cfg.nms_iou, cfg.max_det))
     assert d.scores.shape == (2, 15) and d.counts.shape == (2,)
     for name in ("scores", "boxes", "classes", "counts"):
         assert torch.equal(getattr(d, name), getattr(ref, name))
     assert (d.counts > 0).all()
-
-
-def test_explicit_cuda_backend_with_cpu_tensors_is_rejected(heads):
-    cls, box, anchors, sizes = heads
-    with pytest.raises(ConfigError, match="needs CUDA tensors"):
-        boxes.decode(cls, box, anchors, sizes, 0.05, 10, backend="cuda")
-
-
-def test_unknown_backend_from_environment_is_rejected(heads, monkeypatch):
-    cls, box, anchors, sizes = heads
-    monkeypatch.setenv("RETINAFLOW_OPS_BACKEND", "tensorrt")
-    with pytest.raises(ConfigError, match="ops backend must be one of"):
-        boxes.decode(cls, box, anchors, sizes, 0.05, 10)
-
-
-def test_auto_backend_falls_back_when_kernels_unavailable(monkeypatch):
-    """CUDA tensors without kernels go to the reference (simulated: kernels reported unavailable)."""
-    monkeypatch.setattr(_ext, "available", lambda: False)
-    assert dispatch.use_kernels(torch.empty(0), "auto") is False
-    t = SimpleNamespace(device=torch.device("cuda", 0))  # only the device is consulted
-    assert dispatch.use_kernels(t, "auto") is False
-    monkeypatch.setattr(_ext, "available", lambda: True)
-    assert dispatch.use_kernels(t, "auto") is True
-    assert dispatch.use_kernels(t, "reference") is False
 
 
 @pytest.mark.parametrize(
@@ -90,29 +64,23 @@ def test_auto_backend_falls_back_when_kernels_unavailable(monkeypatch):
 def test_decode_rejects_mismatched_inputs(heads, change, message):
     cls, box, anchors, sizes = change(*heads)
     with pytest.raises(ConfigError, match=message):
-        boxes.decode(cls, box, anchors, sizes, 0.05, 10)
+        boxes.decode_detections(cls, box, anchors, sizes, 0.05, 10)
 
 
-@pytest.mark.parametrize(("thresh", "top_n"), [(-0.1, 10), (1.0, 10), (0.05, 0), (0.05, boxes.MAX_TOP_N + 1)])
+@pytest.mark.parametrize(
+    ("thresh", "top_n"), [(-0.1, 10), (1.0, 10), (0.05, 0), (0.05, _library.MAX_TOP_N + 1)]
+)
 def test_decode_rejects_bad_settings(heads, thresh, top_n):
     cls, box, anchors, sizes = heads
     with pytest.raises(ConfigError):
-        boxes.decode(cls, box, anchors, sizes, thresh, top_n)
+        boxes.decode_detections(cls, box, anchors, sizes, thresh, top_n)
 
 
 def test_nms_rejects_bad_shapes_and_settings():
     s, b, c = torch.rand(2, 5), torch.rand(2, 5, 4), torch.zeros(2, 5, dtype=torch.int64)
     with pytest.raises(ConfigError, match="nms needs"):
-        boxes.nms(s, b[:, :4], c, 0.5, 10)
+        boxes.batched_nms(s, b[:, :4], c, 0.5, 10)
     with pytest.raises(ConfigError, match="iou_threshold"):
-        boxes.nms(s, b, c, 1.5, 10)
+        boxes.batched_nms(s, b, c, 1.5, 10)
     with pytest.raises(ConfigError, match="max_det"):
-        boxes.nms(s, b, c, 0.5, 0)
-
-
-def test_cuda_backend_without_toolkit_raises_missing_dependency(monkeypatch):
-    monkeypatch.setattr(_ext, "_state", {})
-    monkeypatch.setattr(torch.version, "cuda", None)
-    t = SimpleNamespace(device=torch.device("cuda", 0))
-    with pytest.raises(MissingDependency, match="CUDA build of PyTorch"):
-        dispatch.use_kernels(t, "cuda")
+        boxes.batched_nms(s, b, c, 0.5, 0)

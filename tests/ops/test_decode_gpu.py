@@ -32,9 +32,9 @@ def _cuda(ts):
     return [t.cuda() for t in ts]
 
 
-def check(cls, box, anchors, sizes, thresh, top_n, capacity=_ext.DEFAULT_CAPACITY):
-    """Kernel on (CUDA) inputs == reference on CPU copies; returns the kernel's outputs."""
-    got = _ext.decode(cls, box, anchors, sizes, thresh, top_n, capacity)
+def check(cls, box, anchors, sizes, thresh, top_n, capacity=0):
+    """Kernel on CUDA inputs == reference on CPU copies; returns the kernel outputs (capacity 0: default)."""
+    got = torch.ops.retinaflow.decode(cls, box, anchors, sizes, thresh, top_n, capacity)
     ref = _reference.decode(
         [c.cpu() for c in cls], [b.cpu() for b in box], [a.cpu() for a in anchors], sizes.cpu(), thresh, top_n
     )
@@ -92,7 +92,7 @@ def test_nothing_above_threshold_and_mixed_batch():
     )
     assert (classes[0] == -1).all() and (scores[0] == 0).all()
     assert (classes[2, :30] >= 0).all()
-    above_all = _ext.decode(
+    above_all = boxes.decode_detections(
         _cuda(cls), _cuda(box), _cuda(anchors), torch.tensor([[96, 160]] * 3).cuda(), 0.999, 5
     )
     assert (above_all[2] == -1).all() and (above_all[0] == 0).all()
@@ -143,9 +143,7 @@ def test_postprocess_is_capturable_in_a_cuda_graph():
     levels = len(cls)
 
     def pipeline(*heads):
-        return boxes.postprocess(
-            list(heads[:levels]), list(heads[levels:]), anchors, sizes, cfg, backend="cuda"
-        )
+        return boxes.postprocess(list(heads[:levels]), list(heads[levels:]), anchors, sizes, cfg)
 
     run = CudaGraphRunner(pipeline, _cuda(cls) + _cuda(box))
     fresh_cls, fresh_box, _ = random_heads(2, SHAPES, 9, 8, seed=17, mean=-1.0)
@@ -166,6 +164,6 @@ def test_opcheck_on_cuda():
         torch.tensor([[90, 150], [80, 120]]).cuda(),
         GRID_THRESH,
         9,
-        _ext.DEFAULT_CAPACITY,
+        0,
     )
     torch.library.opcheck(torch.ops.retinaflow.decode.default, args)

@@ -1,8 +1,11 @@
-"""Building/loading the kernels (errors without a toolchain) and the operator registration (CPU)."""
+"""Loading the kernels (errors without a toolchain, the reference fallback) and the operators on the CPU."""
 
 from __future__ import annotations
 
 import logging
+import math
+import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import cpp_extension
 
 from retinaflow.errors import MissingDependency
-from retinaflow.ops import _ext, _library, build
+from retinaflow.ops import _ext, _library, _reference, build
 
 
 @pytest.fixture(autouse=True)
@@ -64,19 +67,35 @@ def test_compiler_failure_becomes_one_line_and_is_not_retried(monkeypatch):
     with pytest.raises(MissingDependency) as info:
         _ext.load()
     assert "Error building extension" in _one_line(info.value)
-    assert not _ext.available()
+    with pytest.raises(MissingDependency):
+        _ext.load()
     assert len(calls) == 1
     assert calls[0]["is_python_module"] is False
     sources = [s.rsplit("/", 2)[-1] for s in calls[0]["sources"]]
     assert sources == ["decode.cu", "nms.cu", "match.cu", "ops.cpp"]
 
 
-def test_available_warns_once_and_returns_false(monkeypatch, caplog):
+def test_cuda_tensors_without_kernels_fall_back_to_the_reference_with_one_warning(monkeypatch, caplog):
     monkeypatch.setattr(torch.version, "cuda", None)
+    fallbacks = []
+    monkeypatch.setattr(_library, "register_reference_for_cuda", lambda: fallbacks.append(1))
+    cuda_tensor = SimpleNamespace(device=torch.device("cuda", 0))  # only the device is consulted
     with caplog.at_level(logging.WARNING, logger="retinaflow.ops._ext"):
-        assert _ext.available() is False
-        assert _ext.available() is False
+        _ext.ensure_loaded_for(torch.empty(0))  # CPU tensors need nothing
+        assert not fallbacks and not caplog.records
+        _ext.ensure_loaded_for(cuda_tensor)
+        _ext.ensure_loaded_for(cuda_tensor)
+    assert fallbacks == [1]
     assert len([r for r in caplog.records if "unavailable" in r.message]) == 1
+
+
+def test_cuda_tensors_load_the_kernels_once(monkeypatch):
+    loads = []
+    monkeypatch.setattr(_ext, "load", lambda: loads.append(1))
+    monkeypatch.setattr(_library, "register_reference_for_cuda", lambda: pytest.fail("no fallback expected"))
+    for _ in range(3):
+        _ext.ensure_loaded_for(SimpleNamespace(device=torch.device("cuda", 0)))
+    assert loads == [1]
 
 
 def test_build_command_reports_missing_toolkit(monkeypatch, capsys):
@@ -89,6 +108,16 @@ def test_build_command_reports_missing_toolkit(monkeypatch, capsys):
 def test_checkout_ships_every_kernel_source():
     for name in _ext.SOURCES:
         assert (_ext.kernel_dir() / name).is_file(), name
+
+
+def test_python_constants_equal_the_kernels():
+    """The limits and the dw/dh clamp are defined in the kernels and in Python: they must agree."""
+    header = (_ext.kernel_dir() / "decode.h").read_text()
+    source = (_ext.kernel_dir() / "decode.cu").read_text()
+    assert re.search(rf"#define RF_DECODE_MAX_LEVELS {_library.MAX_LEVELS}\b", header)
+    assert re.search(rf"#define RF_DECODE_MAX_TOP_N {_library.MAX_TOP_N}\b", header)
+    clip = re.search(r"constexpr float kClip = ([0-9.]+)f;", source)
+    assert clip and math.isclose(float(clip.group(1)), _reference.BBOX_XFORM_CLIP, rel_tol=1e-7)
 
 
 def _decode_args():
@@ -106,7 +135,7 @@ def _nms_args():
 
 def test_operators_pass_opcheck_on_cpu():
     torch.library.opcheck(torch.ops.retinaflow.decode.default, _decode_args())
-    torch.library.opcheck(torch.ops.retinaflow.nms.default, _nms_args())
+    torch.library.opcheck(torch.ops.retinaflow.nms.default, _nms_args())  # match: test_matching.py
 
 
 def test_fake_implementations_give_fixed_shapes():

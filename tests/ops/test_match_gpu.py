@@ -40,7 +40,7 @@ def ground_truth(batch: int, m: int, seed: int, height: int, width: int, pad: fl
 
 
 def check(anchors, boxes, labels, fg=0.5, bg=0.4, low_quality=True) -> torch.Tensor:
-    got = _ext.match(anchors, boxes, labels, fg, bg, low_quality)
+    got = torch.ops.retinaflow.match(anchors, boxes, labels, fg, bg, low_quality)
     expected = _reference.match(anchors, boxes, labels, fg, bg, low_quality)
     assert got.dtype == torch.int64 and got.shape == expected.shape
     mismatched = (got != expected).nonzero()
@@ -88,10 +88,12 @@ def test_input_types_and_layouts() -> None:
     expected = _reference.match(anchors, boxes, labels, 0.5, 0.4, True)
     wide = torch.zeros(2, 30, 8, device="cuda")
     wide[..., ::2] = boxes  # non-contiguous boxes
-    assert torch.equal(_ext.match(anchors, wide[..., ::2], labels.int(), 0.5, 0.4, True), expected)
+    assert torch.equal(
+        torch.ops.retinaflow.match(anchors, wide[..., ::2], labels.int(), 0.5, 0.4, True), expected
+    )
     half = boxes.round().half()  # integer coordinates: exact in fp16
     assert torch.equal(
-        _ext.match(anchors, half, labels, 0.5, 0.4, True),
+        torch.ops.retinaflow.match(anchors, half, labels, 0.5, 0.4, True),
         _reference.match(anchors, half, labels, 0.5, 0.4, True),
     )
 
@@ -99,16 +101,20 @@ def test_input_types_and_layouts() -> None:
 def test_no_ground_truth_rows_and_no_anchors() -> None:
     anchors = anchors_for(128, 128)
     no_boxes = torch.zeros(2, 0, 4, device="cuda")
-    empty = _ext.match(anchors, no_boxes, torch.zeros(2, 0, dtype=torch.long, device="cuda"), 0.5, 0.4, True)
+    empty = torch.ops.retinaflow.match(
+        anchors, no_boxes, torch.zeros(2, 0, dtype=torch.long, device="cuda"), 0.5, 0.4, True
+    )
     assert empty.shape == (2, anchors.shape[0]) and (empty == _reference.BACKGROUND).all()
     boxes, labels = ground_truth(2, 5, seed=4, height=128, width=128)
-    assert _ext.match(anchors[:0], boxes, labels, 0.5, 0.4, True).shape == (2, 0)
+    assert torch.ops.retinaflow.match(anchors[:0], boxes, labels, 0.5, 0.4, True).shape == (2, 0)
 
 
 def test_captured_in_a_cuda_graph() -> None:
     anchors = anchors_for(256, 256)
     boxes, labels = ground_truth(2, 16, seed=5, height=256, width=256)
-    runner = CudaGraphRunner(lambda b, lab: _ext.match(anchors, b, lab, 0.5, 0.4, True), [boxes, labels])
+    runner = CudaGraphRunner(
+        lambda b, lab: torch.ops.retinaflow.match(anchors, b, lab, 0.5, 0.4, True), [boxes, labels]
+    )
     for seed in (6, 7):
         b, lab = ground_truth(2, 16, seed=seed, height=256, width=256)
         assert torch.equal(runner(b, lab), _reference.match(anchors, b, lab, 0.5, 0.4, True))

@@ -13,6 +13,8 @@ import torchvision
 from tests.ops.oracle import greedy_nms
 
 from retinaflow.ops import _ext, _reference
+from retinaflow.ops.boxes import batched_nms
+from retinaflow.ops.detections import Detections
 
 pytestmark = [
     pytest.mark.gpu,
@@ -39,7 +41,7 @@ def make(batch, k, num_classes, seed, pad=0.1, spread=300.0, size=80.0, score_le
 
 def check(scores, boxes, classes, iou, max_det):
     """Kernel output == oracle per image; returns the kernel's Detections (on the CPU)."""
-    d = _ext.nms(scores, boxes, classes, iou, max_det).to("cpu")
+    d = batched_nms(scores, boxes, classes, iou, max_det).to("cpu")
     assert d.scores.shape == (scores.shape[0], max_det) and d.boxes.shape == (scores.shape[0], max_det, 4)
     s, b, c = scores.cpu().float(), boxes.cpu().float(), classes.cpu().long()
     for i in range(scores.shape[0]):
@@ -77,8 +79,8 @@ def test_matches_torchvision_batched_nms_on_tie_free_inputs():
     # 6000 rows: torchvision takes its per-class path (no coordinate offsets that would move IoUs)
     scores, boxes, classes = make(2, 6000, 20, seed=20, pad=0.0)
     scores, boxes, classes = scores.cuda(), boxes.cuda(), classes.cuda()
-    d = _ext.nms(scores, boxes, classes, 0.5, 6000)
-    ref = _reference.nms(scores, boxes, classes, 0.5, 6000)
+    d = batched_nms(scores, boxes, classes, 0.5, 6000)
+    ref = Detections(*_reference.nms(scores, boxes, classes, 0.5, 6000))
     assert torch.equal(d.counts, ref.counts)
     for i in range(2):
         keep = torchvision.ops.batched_nms(boxes[i], scores[i], classes[i], 0.5)
@@ -123,7 +125,7 @@ def test_int32_classes_non_contiguous_and_empty_inputs():
     s = scores.t().contiguous().cuda().t()  # transposed storage
     b = boxes.permute(2, 0, 1).contiguous().cuda().permute(1, 2, 0)
     check(s, b, classes.int().cuda(), 0.5, 40)
-    empty = _ext.nms(
+    empty = batched_nms(
         torch.empty(2, 0).cuda(), torch.empty(2, 0, 4).cuda(), torch.empty(2, 0).long().cuda(), 0.5, 5
     )
     assert empty.counts.tolist() == [0, 0] and (empty.classes == -1).all()

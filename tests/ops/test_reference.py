@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torchvision
 from tests.ops.oracle import GRID_THRESH, greedy_nms, loop_decode, random_heads
 
 from retinaflow.ops import _reference
+from retinaflow.ops.detections import Detections
 
 SHAPES = [(6, 8), (3, 4), (2, 2)]
 
@@ -92,14 +95,16 @@ def test_decode_accepts_channels_last_and_half_inputs():
         torch.testing.assert_close(got[1], ref[1], rtol=2e-3, atol=2e-2)
 
 
-def test_decode_deltas_match_model_box_coder():
-    box_coder = pytest.importorskip("retinaflow.model.box_coder", reason="model.box_coder not present")
-    g = torch.Generator().manual_seed(5)
-    xy = torch.rand(200, 2, generator=g) * 100
-    anchors = torch.cat([xy, xy + 1 + torch.rand(200, 2, generator=g) * 50], 1)
-    deltas = torch.randn(200, 4, generator=g) * 3  # some dw/dh beyond the clamp
-    deltas[:5, 2:] = 10.0
-    torch.testing.assert_close(_reference.decode_deltas(anchors, deltas), box_coder.decode(anchors, deltas))
+def test_decode_deltas_clamp_log_sizes():
+    anchors = torch.tensor([[0.0, 0.0, 16.0, 32.0]])
+    boxes = _reference.decode_deltas(anchors, torch.tensor([[0.0, 0.0, 50.0, 1e4]]))  # exp(1e4) is inf
+    assert torch.isfinite(boxes).all()
+    scale = math.exp(_reference.BBOX_XFORM_CLIP)  # 1000 / 16
+    torch.testing.assert_close(boxes[0, 2] - boxes[0, 0], torch.tensor(16.0 * scale))
+    torch.testing.assert_close(boxes[0, 3] - boxes[0, 1], torch.tensor(32.0 * scale))
+    # negative log-sizes are not clamped: boxes shrink
+    small = _reference.decode_deltas(anchors, torch.tensor([[0.0, 0.0, -math.log(4.0), 0.0]]))
+    torch.testing.assert_close(small, torch.tensor([[6.0, 0.0, 10.0, 32.0]]))
 
 
 def _random_dets(batch, k, num_classes, seed, pad_fraction=0.2):
@@ -117,7 +122,7 @@ def _random_dets(batch, k, num_classes, seed, pad_fraction=0.2):
 def test_nms_matches_torchvision_and_greedy_loop(iou):
     scores, boxes, classes = _random_dets(3, 300, 4, seed=6)
     max_det = 60
-    d = _reference.nms(scores, boxes, classes, iou, max_det)
+    d = Detections(*_reference.nms(scores, boxes, classes, iou, max_det))
     assert d.scores.shape == (3, max_det) and d.boxes.shape == (3, max_det, 4)
     assert d.classes.dtype == torch.int64 and d.counts.dtype == torch.int64
     for i in range(3):
@@ -139,7 +144,7 @@ def test_nms_max_det_reached_and_padding_rows_ignored():
     scores, boxes, classes = _random_dets(2, 400, 80, seed=7)
     classes[1] = -1  # image 1 is all padding
     scores[0, :10] = float("nan")
-    d = _reference.nms(scores, boxes, classes, 0.5, 25)
+    d = Detections(*_reference.nms(scores, boxes, classes, 0.5, 25))
     assert d.counts.tolist() == [25, 0]
     assert not torch.isnan(d.scores).any()
     assert (d.scores[0, :-1] >= d.scores[0, 1:]).all()
@@ -150,7 +155,7 @@ def test_nms_identical_boxes_suppress_within_a_class_only():
     boxes = torch.tensor([[10.0, 10.0, 50.0, 50.0]]).repeat(6, 1)[None]
     scores = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5, 0.4]])
     classes = torch.tensor([[0, 0, 1, 1, 0, 2]])
-    d = _reference.nms(scores, boxes, classes, 0.5, 10)
+    d = Detections(*_reference.nms(scores, boxes, classes, 0.5, 10))
     assert d.counts.tolist() == [3]
     assert d.classes[0, :3].tolist() == [0, 1, 2]
     assert torch.allclose(d.scores[0, :3], torch.tensor([0.9, 0.7, 0.4]))
@@ -159,5 +164,5 @@ def test_nms_identical_boxes_suppress_within_a_class_only():
 def test_nms_zero_area_boxes_are_never_suppressed():
     boxes = torch.tensor([[5.0, 5.0, 5.0, 9.0]]).repeat(4, 1)[None]  # width 0: IoU is 0/0 = NaN
     scores, classes = torch.tensor([[0.4, 0.3, 0.2, 0.1]]), torch.zeros(1, 4, dtype=torch.int64)
-    d = _reference.nms(scores, boxes, classes, 0.5, 10)
+    d = Detections(*_reference.nms(scores, boxes, classes, 0.5, 10))
     assert d.counts.tolist() == [4]

@@ -14,8 +14,8 @@ from retinaflow.config import LossConfig, MatcherConfig
 from retinaflow.errors import DataError
 from retinaflow.model.box_coder import encode
 from retinaflow.model.focal import focal_loss_sum
-from retinaflow.model.matcher import IGNORE, match
 from retinaflow.model.retinanet import flatten_outputs
+from retinaflow.ops.matching import IGNORE, match_anchors
 
 Normaliser = float | torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 
@@ -67,7 +67,7 @@ def detection_loss(
         flat_anchors = flat_anchors.float()
         gt_boxes = gt_boxes.float()
 
-        matches = match(flat_anchors, gt_boxes, gt_labels, matcher_cfg)  # (B, N)
+        matches = match_anchors(flat_anchors, gt_boxes, gt_labels, matcher_cfg)  # (B, N)
         foreground = matches >= 0
         gt_index = matches.clamp(min=0)
 

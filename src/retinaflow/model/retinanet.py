@@ -19,6 +19,7 @@ from retinaflow.errors import ConfigError, DataError
 from retinaflow.model.backbones import build_backbone
 from retinaflow.model.fpn import FPN
 from retinaflow.model.head import RetinaNetHead
+from retinaflow.ops._reference import flatten_level
 
 # ImageNet statistics in 0..255 RGB.
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -32,18 +33,8 @@ def flatten_outputs(cls: list[torch.Tensor], box: list[torch.Tensor]) -> tuple[t
     Returns (B, N, C) and (B, N, 4), N = sum_l H_l*W_l*A, location-major (y, then x), anchor-minor: the
     order of ``generate_anchors`` and of torchvision's RetinaNet.
     """
-    num_anchors = box[0].shape[1] // 4
-    return _flatten(cls, num_anchors), _flatten(box, num_anchors)
-
-
-def _flatten(levels: list[torch.Tensor], num_anchors: int) -> torch.Tensor:
-    out = []
-    for x in levels:
-        batch, channels, height, width = x.shape
-        k = channels // num_anchors
-        # (B, A*K, H, W) -> (B, A, K, H, W) -> (B, H, W, A, K) -> (B, H*W*A, K)
-        out.append(x.view(batch, num_anchors, k, height, width).permute(0, 3, 4, 1, 2).reshape(batch, -1, k))
-    return torch.cat(out, dim=1)
+    a = box[0].shape[1] // 4
+    return torch.cat([flatten_level(x, a) for x in cls], 1), torch.cat([flatten_level(x, a) for x in box], 1)
 
 
 class RetinaNet(nn.Module):

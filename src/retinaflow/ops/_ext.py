@@ -6,8 +6,8 @@ One build path: ``torch.utils.cpp_extension.load`` compiles ``kernels/decode.cu`
 ``python -m retinaflow.ops.build`` runs the same build ahead of time (container images: set
 ``TORCH_CUDA_ARCH_LIST``, e.g. ``9.0``, when the build machine has no GPU).
 
-Nothing here is imported eagerly by ``import retinaflow``; a machine without the CUDA toolkit gets
-:class:`~retinaflow.errors.MissingDependency` only when it asks for the kernels explicitly.
+Nothing is built by ``import retinaflow``: the public ops call :func:`ensure_loaded_for` on their first
+CUDA tensor; :func:`load` raises :class:`~retinaflow.errors.MissingDependency` with a how-to.
 """
 
 from __future__ import annotations
@@ -21,15 +21,11 @@ import torch
 
 from retinaflow.errors import MissingDependency
 from retinaflow.ops import _library
-from retinaflow.ops.detections import Detections
 
 log = logging.getLogger(__name__)
 
 EXTENSION_NAME = "retinaflow_kernels"
 SOURCES = ("decode.cu", "nms.cu", "match.cu", "torch/ops.cpp")
-# Candidates kept per (image, level) by the decode kernels' fast path; more fall back to an exact
-# slower path (see kernels/decode.h).
-DEFAULT_CAPACITY = 32768
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -44,8 +40,7 @@ def kernel_dir() -> Path:
 def _check_toolchain() -> None:
     if torch.version.cuda is None:
         raise MissingDependency(
-            f"the CUDA kernels need a CUDA build of PyTorch (this is {torch.__version__}); "
-            "use CPU tensors or RETINAFLOW_OPS_BACKEND=reference"
+            f"the CUDA kernels need a CUDA build of PyTorch (this is {torch.__version__})"
         )
     from torch.utils import cpp_extension
 
@@ -53,7 +48,7 @@ def _check_toolchain() -> None:
     if home is None or not (Path(home) / "bin" / "nvcc").exists():
         raise MissingDependency(
             f"the CUDA kernels compile once with nvcc, which was not found: install the CUDA "
-            f"{torch.version.cuda} toolkit and set CUDA_HOME (or use RETINAFLOW_OPS_BACKEND=reference)"
+            f"{torch.version.cuda} toolkit and set CUDA_HOME"
         )
     src = kernel_dir()
     missing = [s for s in SOURCES if not (src / s).is_file()]
@@ -76,7 +71,6 @@ def load(verbose: bool = False) -> str:
             raise MissingDependency(str(_state["error"]))
         try:
             _check_toolchain()
-            _library.register()
             from torch.utils import cpp_extension
 
             src = kernel_dir()
@@ -103,55 +97,18 @@ def load(verbose: bool = False) -> str:
         return str(path)
 
 
-def available() -> bool:
-    """True if the kernels are loaded or can be built now (tries once; logs a warning on failure)."""
-    if "path" in _state:
-        return True
-    if "error" in _state:
-        return False
+def ensure_loaded_for(t: torch.Tensor) -> None:
+    """Give the operators a CUDA implementation before their first call on a CUDA tensor ``t``.
+
+    The one load guard of the public ops: loads the kernels (building them the first time); where they
+    cannot be built, logs one warning and registers the PyTorch reference as the CUDA implementation, so
+    CUDA tensors still get (slower) results. CPU tensors need nothing.
+    """
+    if t.device.type != "cuda" or "resolved" in _state:
+        return
     try:
         load()
     except MissingDependency as exc:
         log.warning("retinaflow CUDA kernels unavailable, using the PyTorch reference: %s", exc)
-        return False
-    return True
-
-
-def decode(
-    cls: list[torch.Tensor],
-    box: list[torch.Tensor],
-    anchors: list[torch.Tensor],
-    sizes: torch.Tensor,
-    score_thresh: float,
-    top_n: int,
-    capacity: int = DEFAULT_CAPACITY,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``retinaflow::decode`` (see :func:`retinaflow.ops.boxes.decode`); loads the kernels first."""
-    if "path" not in _state:
-        load()
-    op = torch.ops.retinaflow.decode
-    return op(cls, box, anchors, sizes, float(score_thresh), int(top_n), int(capacity))
-
-
-def nms(
-    scores: torch.Tensor, boxes: torch.Tensor, classes: torch.Tensor, iou_threshold: float, max_det: int
-) -> Detections:
-    """``retinaflow::nms`` (see :func:`retinaflow.ops.boxes.nms`); loads the kernels first."""
-    if "path" not in _state:
-        load()
-    return Detections(*torch.ops.retinaflow.nms(scores, boxes, classes, float(iou_threshold), int(max_det)))
-
-
-def match(
-    anchors: torch.Tensor,
-    gt_boxes: torch.Tensor,
-    gt_labels: torch.Tensor,
-    fg_iou: float,
-    bg_iou: float,
-    allow_low_quality: bool,
-) -> torch.Tensor:
-    """``retinaflow::match`` (see :func:`retinaflow.ops.matching.match`); loads the kernels first."""
-    if "path" not in _state:
-        load()
-    op = torch.ops.retinaflow.match
-    return op(anchors, gt_boxes, gt_labels, float(fg_iou), float(bg_iou), bool(allow_low_quality))
+        _library.register_reference_for_cuda()
+    _state["resolved"] = True

@@ -1,44 +1,36 @@
-"""The ``retinaflow::decode`` / ``retinaflow::nms`` / ``retinaflow::match`` operators: schema (declared
-here, once), the CPU implementation (the reference) and the fake implementation used by torch.compile,
-torch.export and tracing. The CUDA implementation is registered by the compiled library
-(``kernels/torch/ops.cpp``, a ``TORCH_LIBRARY_IMPL`` block) when :mod:`retinaflow.ops._ext` loads it.
+"""The ``retinaflow::decode`` / ``retinaflow::nms`` / ``retinaflow::match`` operators, declared once.
+
+Importing :mod:`retinaflow.ops` defines them with their CPU implementation (the reference,
+:mod:`._reference`) and their fake implementation (torch.compile, torch.export, tracing). The CUDA
+implementation is the compiled library (``kernels/torch/ops.cpp``), registered when :mod:`._ext` loads it,
+or the reference again where the kernels cannot be built (:func:`register_reference_for_cuda`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from retinaflow.ops import _reference
 
-DECODE = "retinaflow::decode"
-NMS = "retinaflow::nms"
-MATCH = "retinaflow::match"
-DECODE_SIGNATURE = (
-    "(Tensor[] cls, Tensor[] box, Tensor[] anchors, Tensor sizes, float score_thresh, int top_n, "
-    "int capacity) -> (Tensor, Tensor, Tensor)"
-)
-NMS_SIGNATURE = (
-    "(Tensor scores, Tensor boxes, Tensor classes, float iou_threshold, int max_det) "
-    "-> (Tensor, Tensor, Tensor, Tensor)"
-)
+# Limits of the decode kernel (RF_DECODE_MAX_* in kernels/decode.h; tests/ops/test_ext.py checks they agree).
+MAX_LEVELS = 8
+MAX_TOP_N = 16384
 
-MATCH_SIGNATURE = (
-    "(Tensor anchors, Tensor gt_boxes, Tensor gt_labels, float fg_iou, float bg_iou, bool allow_low_quality) "
-    "-> Tensor"
-)
-
-
-def _decode_cpu(
-    cls: list[torch.Tensor],
-    box: list[torch.Tensor],
-    anchors: list[torch.Tensor],
-    sizes: torch.Tensor,
-    score_thresh: float,
-    top_n: int,
-    capacity: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # ``capacity`` only tunes the kernels' fast path; the reference has no such limit.
-    return _reference.decode(cls, box, anchors, sizes, score_thresh, top_n)
+SCHEMAS = {
+    "decode": "(Tensor[] cls, Tensor[] box, Tensor[] anchors, Tensor sizes, float score_thresh, int top_n, "
+    "int capacity) -> (Tensor, Tensor, Tensor)",
+    "nms": "(Tensor scores, Tensor boxes, Tensor classes, float iou_threshold, int max_det) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
+    "match": "(Tensor anchors, Tensor gt_boxes, Tensor gt_labels, float fg_iou, float bg_iou, "
+    "bool allow_low_quality) -> Tensor",
+}
+REFERENCE: dict[str, Callable[..., object]] = {
+    "decode": _reference.decode,
+    "nms": _reference.nms,
+    "match": _reference.match,
+}
 
 
 def _decode_fake(
@@ -50,20 +42,12 @@ def _decode_fake(
     top_n: int,
     capacity: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    batch, slots = cls[0].shape[0], len(cls) * top_n
-    device = cls[0].device
+    batch, slots, device = cls[0].shape[0], len(cls) * top_n, cls[0].device
     return (
         torch.empty(batch, slots, dtype=torch.float32, device=device),
         torch.empty(batch, slots, 4, dtype=torch.float32, device=device),
         torch.empty(batch, slots, dtype=torch.int64, device=device),
     )
-
-
-def _nms_cpu(
-    scores: torch.Tensor, boxes: torch.Tensor, classes: torch.Tensor, iou_threshold: float, max_det: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    d = _reference.nms(scores, boxes, classes, iou_threshold, max_det)
-    return d.scores, d.boxes, d.classes, d.counts
 
 
 def _nms_fake(
@@ -89,24 +73,28 @@ def _match_fake(
     return torch.empty(gt_labels.shape[0], anchors.shape[0], dtype=torch.int64, device=anchors.device)
 
 
-_registered = False
+FAKE: dict[str, Callable[..., object]] = {"decode": _decode_fake, "nms": _nms_fake, "match": _match_fake}
+_registered: set[str] = set()
 
 
 def register() -> None:
     """Define the operators with their CPU and fake implementations, once per process."""
-    global _registered
-    if _registered:
+    if "CPU" in _registered:
         return
-    torch.library.define(DECODE, DECODE_SIGNATURE)
-    torch.library.define(NMS, NMS_SIGNATURE)
-    torch.library.define(MATCH, MATCH_SIGNATURE)
-    torch.library.impl(DECODE, "CPU", _decode_cpu)
-    torch.library.impl(NMS, "CPU", _nms_cpu)
-    torch.library.impl(MATCH, "CPU", _reference.match)
-    torch.library.register_fake(DECODE, _decode_fake)
-    torch.library.register_fake(NMS, _nms_fake)
-    torch.library.register_fake(MATCH, _match_fake)
-    _registered = True
+    for name, schema in SCHEMAS.items():
+        torch.library.define(f"retinaflow::{name}", schema)
+        torch.library.impl(f"retinaflow::{name}", "CPU", REFERENCE[name])
+        torch.library.register_fake(f"retinaflow::{name}", FAKE[name])
+    _registered.add("CPU")
+
+
+def register_reference_for_cuda() -> None:
+    """Make the reference the CUDA implementation too (no kernels in this process), once."""
+    if "CUDA" in _registered:
+        return
+    for name in SCHEMAS:
+        torch.library.impl(f"retinaflow::{name}", "CUDA", REFERENCE[name])
+    _registered.add("CUDA")
 
 
 register()

@@ -1,6 +1,7 @@
-"""Pure-PyTorch reference of the post-processing ops; runs on CPU and CUDA tensors.
+"""Pure-PyTorch reference of the ``retinaflow::`` operators; runs on CPU and CUDA tensors.
 
-It defines the semantics that the CUDA kernels (``kernels/``) reproduce:
+``decode``, ``nms`` and ``match`` are the operators' CPU implementations (registered by :mod:`._library`)
+and define the semantics that the CUDA kernels (``kernels/``) reproduce:
 
 decode — per image and per FPN level: sigmoid of the class logits, keep (anchor, class) pairs whose
 score is above ``score_thresh``, take the ``top_n`` best of them, decode their anchor's box deltas
@@ -25,8 +26,7 @@ import math
 import torch
 import torchvision
 
-from retinaflow.ops.detections import Detections
-
+# dw, dh clamp before ``exp``; kernels/decode.cu has it as kClip (tests/ops/test_ext.py checks they agree).
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
 _LOW32 = (1 << 32) - 1
 
@@ -76,6 +76,7 @@ def decode(
     sizes: torch.Tensor,
     score_thresh: float,
     top_n: int,
+    capacity: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top candidates of every level, decoded and clamped; fixed-size, no host synchronisation.
 
@@ -83,6 +84,7 @@ def decode(
     anchors: per level (H_l*W_l*A, 4) float x1y1x2y2 in input pixels; sizes: (B, 2) (height, width) of
     each unpadded image (boxes are clamped to it).
     Returns scores (B, K) float32, boxes (B, K, 4) float32, classes (B, K) int64 with K = levels * top_n.
+    ``capacity`` tunes only the kernels' fast path (0: their default); the result does not depend on it.
     """
     batch = cls_heads[0].shape[0]
     device = cls_heads[0].device
@@ -123,11 +125,12 @@ def decode(
 
 def nms(
     scores: torch.Tensor, boxes: torch.Tensor, classes: torch.Tensor, iou_threshold: float, max_det: int
-) -> Detections:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Class-aware greedy NMS per image (torchvision ``batched_nms``), padded to ``max_det`` rows.
 
     scores: (B, K) float; boxes: (B, K, 4) float x1y1x2y2; classes: (B, K) int, rows with class < 0 or a
-    NaN score are ignored. Returns Detections (B, max_det), scores/boxes float32, classes/counts int64.
+    NaN score are ignored. Returns the fields of a :class:`~retinaflow.ops.detections.Detections`
+    (B, max_det): scores (B, D) and boxes (B, D, 4) float32, classes (B, D) and counts (B,) int64.
     Loops over images and synchronises with the host (the kept count is data-dependent).
     """
     batch = scores.shape[0]
@@ -146,7 +149,7 @@ def nms(
         out_boxes[i, :n] = b[keep]
         out_classes[i, :n] = c[keep]
         counts[i] = n
-    return Detections(out_scores, out_boxes, out_classes, counts)
+    return out_scores, out_boxes, out_classes, counts
 
 
 BACKGROUND = -1
@@ -182,7 +185,7 @@ def match(
     allow_low_quality: bool,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
 ) -> torch.Tensor:
-    """Assign every anchor of every image (shapes and result as ``retinaflow.ops.matching.match``).
+    """Assign every anchor of every image (shapes and result as ``retinaflow.ops.matching.match_anchors``).
 
     Memory: the IoU of every anchor with every ground truth is ``B * N * M`` float32 values; computing
     it needs about three such buffers at once, so anchors are processed in chunks of at most

@@ -1,11 +1,8 @@
-"""Post-processing ops: decode, NMS and both chained; dispatched by the tensors' device.
+"""Post-processing ops: decode, NMS and both chained; each one ``torch.ops.retinaflow`` call.
 
-CUDA tensors go to the compiled kernels (``kernels/``, loaded by :mod:`retinaflow.ops._ext`) when they
-can be loaded, otherwise — and for CPU tensors — to the pure-PyTorch reference
+The dispatcher picks the implementation by the tensors' device: the CUDA kernels (``kernels/``, loaded by
+:mod:`retinaflow.ops._ext` on the first CUDA tensor) or, on the CPU, the pure-PyTorch reference
 (:mod:`retinaflow.ops._reference`), which defines the semantics (padding, tie order) both share.
-
-``backend`` selects explicitly (:mod:`retinaflow.ops.dispatch`): ``"auto"`` (default), ``"cuda"`` or
-``"reference"``; ``RETINAFLOW_OPS_BACKEND`` changes the default.
 """
 
 from __future__ import annotations
@@ -16,12 +13,11 @@ import torch
 
 from retinaflow.config import InferConfig
 from retinaflow.errors import ConfigError
-from retinaflow.ops import _ext, _reference
+from retinaflow.ops import _ext
+from retinaflow.ops._library import MAX_LEVELS, MAX_TOP_N
 from retinaflow.ops.detections import Detections
-from retinaflow.ops.dispatch import use_kernels
 
-MAX_LEVELS = 8
-MAX_TOP_N = 16384
+__all__ = ["Detections", "batched_nms", "decode_detections", "postprocess"]
 
 
 def _check_decode(
@@ -74,14 +70,13 @@ def _check_decode(
             raise ConfigError(f"level {level}: heads are on different devices")
 
 
-def decode(
+def decode_detections(
     cls_heads: Sequence[torch.Tensor],
     box_heads: Sequence[torch.Tensor],
     anchors: Sequence[torch.Tensor],
     sizes: torch.Tensor,
     score_thresh: float,
     top_n: int,
-    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``top_n`` candidates per image and level, decoded and clamped to the image.
 
@@ -93,18 +88,15 @@ def decode(
     score 0, box 0 and class -1.
     """
     _check_decode(cls_heads, box_heads, anchors, sizes, score_thresh, top_n)
-    if use_kernels(cls_heads[0], backend):
-        return _ext.decode(list(cls_heads), list(box_heads), list(anchors), sizes, score_thresh, top_n)
-    return _reference.decode(list(cls_heads), list(box_heads), list(anchors), sizes, score_thresh, top_n)
+    _ext.ensure_loaded_for(cls_heads[0])
+    # capacity 0: the kernels' default fast-path size (kernels/decode.h)
+    return torch.ops.retinaflow.decode(
+        list(cls_heads), list(box_heads), list(anchors), sizes, float(score_thresh), int(top_n), 0
+    )
 
 
-def nms(
-    scores: torch.Tensor,
-    boxes: torch.Tensor,
-    classes: torch.Tensor,
-    iou_threshold: float,
-    max_det: int,
-    backend: str | None = None,
+def batched_nms(
+    scores: torch.Tensor, boxes: torch.Tensor, classes: torch.Tensor, iou_threshold: float, max_det: int
 ) -> Detections:
     """Batched class-aware NMS with fixed-size output.
 
@@ -122,9 +114,8 @@ def nms(
         raise ConfigError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
     if max_det < 1:
         raise ConfigError(f"max_det must be >= 1, got {max_det}")
-    if use_kernels(scores, backend):
-        return _ext.nms(scores, boxes, classes, iou_threshold, max_det)
-    return _reference.nms(scores, boxes, classes, iou_threshold, max_det)
+    _ext.ensure_loaded_for(scores)
+    return Detections(*torch.ops.retinaflow.nms(scores, boxes, classes, float(iou_threshold), int(max_det)))
 
 
 def postprocess(
@@ -133,14 +124,13 @@ def postprocess(
     anchors: Sequence[torch.Tensor],
     sizes: torch.Tensor,
     cfg: InferConfig,
-    backend: str | None = None,
 ) -> Detections:
     """decode (``cfg.score_thresh``, ``cfg.top_n``) then NMS (``cfg.nms_iou``, ``cfg.max_det``).
 
-    Inputs as in :func:`decode`; returns Detections (B, cfg.max_det), boxes in resized-image pixels.
+    Inputs as in :func:`decode_detections`; returns Detections (B, cfg.max_det) in resized-image pixels.
     On CUDA with the kernels there is no host synchronisation (CUDA-graph capturable).
     """
-    scores, boxes, classes = decode(
-        cls_heads, box_heads, anchors, sizes, cfg.score_thresh, cfg.top_n, backend
+    scores, boxes, classes = decode_detections(
+        cls_heads, box_heads, anchors, sizes, cfg.score_thresh, cfg.top_n
     )
-    return nms(scores, boxes, classes, cfg.nms_iou, cfg.max_det, backend)
+    return batched_nms(scores, boxes, classes, cfg.nms_iou, cfg.max_det)
