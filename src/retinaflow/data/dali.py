@@ -287,9 +287,7 @@ class DaliTrainLoader:
         transform = TrainTransform(data)
         colour = data.color_jitter > 0
         self.source = BatchSource(dataset, train_plans(sampler, transform), policy, data.max_size, colour)
-        opts = PipelineOptions(
-            sampler.batch, _device_id(device), max(2, data.workers), colour, seed=seed
-        )
+        opts = PipelineOptions(sampler.batch, _device_id(device), max(2, data.workers), colour, seed=seed)
         self.pipe = build_pipeline(self.source, opts)
 
     @property
