@@ -36,6 +36,7 @@ import torch
 from common import emit
 
 from retinaflow.config import Config
+from retinaflow.data.select import dali_installed
 from retinaflow.data.synthetic import COCO_SIZES, SynthConfig, generate
 from retinaflow.engine import distributed as D
 from retinaflow.engine.callbacks import CallbackList
@@ -122,9 +123,13 @@ def train_benchmark(args: argparse.Namespace, images: str, annotations: str) -> 
     t.batch, t.iters, t.warmup, t.lr, t.log_every = args.batch, 10**9, 100, 0.01, 10**9
     t.precision = args.precision
     results: dict[str, Any] = {}
+    peers = args.peers.split(",")
+    if "dali" in peers and not dali_installed():
+        print("DALI is not installed: the dali peer is left out (pip install retinaflow[dali])", flush=True)
+        peers.remove("dali")
     with tempfile.TemporaryDirectory() as tmp:
         for compiled, cudnn, peer in itertools.product(
-            [False, True] if args.compile else [False], args.cudnn.split(","), args.peers.split(",")
+            [False, True] if args.compile else [False], args.cudnn.split(","), peers
         ):
             run = dataclasses.replace(
                 config.train, compile="inductor" if compiled else "", cudnn_benchmark=cudnn
@@ -158,8 +163,9 @@ def loader_only(args: argparse.Namespace, images: str, annotations: str) -> dict
             yield ((x.float() - mean) / std).to(torch.bfloat16)
 
     out["torch_img_s"] = _rate(torch_batches(), args.iters, args.batch)
-    out["dali_img_s"] = _rate(_dali_batches(data, args.batch), args.iters, args.batch)
-    out["ratio"] = round(out["dali_img_s"] / out["torch_img_s"], 2)
+    if dali_installed():
+        out["dali_img_s"] = _rate(_dali_batches(data, args.batch), args.iters, args.batch)
+        out["ratio"] = round(out["dali_img_s"] / out["torch_img_s"], 2)
     return out
 
 
