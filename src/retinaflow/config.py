@@ -82,6 +82,15 @@ class DataConfig:
     color_jitter: float = 0.1
     pad_stride: int = 128
     workers: int = 4
+    # Shape policy (data/shapes.py): "buckets" pads each batch to the smallest of a few canonical shapes
+    # (aspect_groups x bucket_levels, batches drawn from one aspect-ratio group); "stride" pads to a
+    # multiple of pad_stride (any number of shapes).
+    shapes: str = "buckets"
+    aspect_groups: int = 2
+    bucket_levels: int = 3
+    # "dali" (GPU decode + augment, needs retinaflow[dali]), "torch" (DataLoader workers), or "auto":
+    # dali on a GPU when DALI is installed, torch otherwise. Training, its validation and infer.
+    loader: str = "auto"
 
 
 @dataclass
@@ -106,6 +115,8 @@ class TrainConfig:
     precision: str = "auto"
     channels_last: bool = True
     compile: str = ""
+    # cuDNN autotuning: "auto" (on when data.shapes bounds the shapes), "on" or "off"; see data/shapes.py.
+    cudnn_benchmark: str = "auto"
     checkpoint_every: int = 1000
     val_every: int = 0
     log_every: int = 20
@@ -136,6 +147,8 @@ class InferConfig:
     # "" (off) or a torch.compile backend for the network ("inductor" on GPUs: fuses each conv's bias,
     # ReLU and residual add into one kernel). Compiles once per new input shape.
     compile: str = ""
+    cudnn_benchmark: str = "auto"  # as train.cudnn_benchmark
+    loader: str = "auto"  # as data.loader
 
 
 @dataclass

@@ -22,6 +22,13 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--images", type=int, default=200, help="number of images (train + val)")
     s.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
     s.add_argument("--val-fraction", type=float, default=0.2, help="share of images in the val split")
+    s.add_argument(
+        "--sizes",
+        choices=["small", "coco"],
+        default="small",
+        help="image sizes: small (192-320 px a side) or coco (640x480, 480x640, 500x375, 1024x768, ...)",
+    )
+    s.add_argument("--workers", type=int, default=1, help="processes drawing images")
     s.set_defaults(func=_cmd_synth)
     v = dsub.add_parser(
         "validate",
@@ -37,15 +44,17 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from retinaflow.data.synthetic import SynthConfig, generate
+    from retinaflow.data.synthetic import COCO_SIZES, SynthConfig, generate
 
     if args.images < 2:
         raise ConfigError("--images must be at least 2 (train and val)")
     if not 0 < args.val_fraction < 1:
         raise ConfigError("--val-fraction must be between 0 and 1")
-    paths = generate(
-        SynthConfig(out=Path(args.out), images=args.images, seed=args.seed, val_fraction=args.val_fraction)
-    )
+    cfg = SynthConfig(out=Path(args.out), images=args.images, seed=args.seed, val_fraction=args.val_fraction)
+    if args.sizes == "coco":
+        cfg.sizes = COCO_SIZES
+    cfg.workers = args.workers
+    paths = generate(cfg)
     for name in ("train_images", "train_annotations", "val_images", "val_annotations"):
         print(f"{name}: {getattr(paths, name)}")
     return 0

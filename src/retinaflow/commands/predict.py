@@ -40,6 +40,12 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
         help="torch.compile the network (default backend inductor; compiles once per input shape)",
     )
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if present)")
+    p.add_argument(
+        "--loader",
+        choices=["auto", "dali", "torch"],
+        help="data loader (default auto: dali on GPUs if installed)",
+    )
+    p.add_argument("--cudnn-benchmark", choices=["auto", "on", "off"], help="cuDNN autotuning (default auto)")
     add_tracking_args(p)
     p.set_defaults(func=_cmd_infer)
 
@@ -51,7 +57,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 
     cfg = InferConfig()
     names = ("batch", "resize", "max_size", "precision", "score_thresh", "nms_iou", "max_det", "top_n")
-    for name in (*names, "pad_stride", "compile"):
+    for name in (*names, "pad_stride", "compile", "loader", "cudnn_benchmark"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     cfg.cuda_graph = args.cuda_graph

@@ -31,6 +31,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--max-size", type=int, help="cap on the longer side (default 1333)")
     data.add_argument("--jitter", type=int, nargs=2, metavar=("MIN", "MAX"), help="train shorter side range")
     data.add_argument("--workers", type=int, help="DataLoader worker processes per rank")
+    data.add_argument(
+        "--loader",
+        choices=["auto", "dali", "torch"],
+        help="data loader (default auto: dali on GPUs if installed)",
+    )
     model = p.add_argument_group("model")
     model.add_argument(
         "--backbone", help="backbone name, e.g. resnet50, mobilenet_v2 (see `retinaflow backbones`)"
@@ -56,6 +61,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="torch.compile the network (default backend inductor; eager/aot_eager to debug)",
     )
     opt.add_argument("--clip-grad", type=float, help="max gradient norm (0 = off)")
+    opt.add_argument(
+        "--cudnn-benchmark",
+        choices=["auto", "on", "off"],
+        help="cuDNN autotuning (auto: on with shape buckets)",
+    )
     opt.add_argument("--seed", type=int, help="random seed")
     run = p.add_argument_group("run")
     run.add_argument("--val-every", type=int, help="validate every N iterations (0 = at the end only)")
@@ -75,6 +85,7 @@ _TRAIN_FLAGS = {
     "max_size": "data.max_size",
     "jitter": "data.jitter",
     "workers": "data.workers",
+    "loader": "data.loader",
     "backbone": "model.backbone",
     "backbone_weights": "train.backbone_weights",
     "fine_tune": "train.fine_tune",
@@ -86,6 +97,7 @@ _TRAIN_FLAGS = {
     "milestones": "train.milestones",
     "precision": "train.precision",
     "clip_grad": "train.clip_grad",
+    "cudnn_benchmark": "train.cudnn_benchmark",
     "compile": "train.compile",
     "seed": "train.seed",
     "val_every": "train.val_every",

@@ -139,6 +139,10 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
         """COCO ids of the kept images, in dataset order."""
         return [int(i) for i in self._ids]
 
+    def image_sizes(self) -> np.ndarray:
+        """(N, 2) int64 (height, width) of every kept image as the COCO file lists it, in dataset order."""
+        return self._hw
+
     def file_path(self, index: int) -> Path:
         return self.images_dir / str(self._files[index])
 
@@ -285,6 +289,7 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
         counts = [len(per_image[i]) for i in order]
         self._ids = np.asarray(order, dtype=np.int64)
         self._files = np.asarray([entries[i]["file_name"] for i in order], dtype=np.str_)
+        self._hw = np.asarray([sizes[i][::-1] for i in order], dtype=np.int64).reshape(-1, 2)
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         flat = [t for i in order for t in per_image[i]]
         self._boxes = np.asarray([b for b, _ in flat], dtype=np.float32).reshape(-1, 4)

@@ -6,14 +6,18 @@ across epochs, so batch ``k`` of a run is a pure function of (seed, rank, world 
 gets its own augmentation seed from (seed, epoch, index). Resuming at iteration ``k`` therefore sees
 exactly the data an uninterrupted run would have seen, whatever the number of workers.
 
+With ``data.shapes == "buckets"`` each batch holds images of one aspect-ratio group only and is padded to
+one of a few canonical shapes (see :mod:`retinaflow.data.shapes`); grouping is a pure function of the
+same stream, so resuming stays exact.
+
 Evaluation: each image exactly once across ranks (rank r takes images r, r + world, ...), no padding.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
-import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,16 +28,18 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from retinaflow.config import DataConfig
 from retinaflow.data.batch import Batch
 from retinaflow.data.coco import CocoDataset, Sample
+from retinaflow.data.shapes import ShapePolicy, aspect_groups, build_policy, shorter_levels
 from retinaflow.data.transforms import EvalTransform, TrainTransform
 from retinaflow.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
-def collate(samples: list[Sample], pad_stride: int) -> Batch:
-    """Stack samples into a Batch: images zero-padded (bottom/right) to a multiple of ``pad_stride``,
-    boxes/labels padded to the largest count M (at least 1) with label -1. Samples without an image
-    (corrupt, not replaced) are left out; their ids, and those passed over, go to ``Batch.skipped``."""
+def collate(samples: list[Sample], pad_stride: int, policy: ShapePolicy | None = None) -> Batch:
+    """Stack samples into a Batch: images zero-padded (bottom/right) to ``policy.pad_shape`` (default: a
+    multiple of ``pad_stride``), boxes/labels padded to the largest count M (at least 1) with label -1.
+    Samples without an image (corrupt, not replaced) are left out; their ids, and those passed over, go
+    to ``Batch.skipped``."""
     skipped = tuple(i for s in samples for i in s.skipped)
     kept = [s for s in samples if s.image is not None]
     count = max([1] + [len(s.labels) for s in kept])
@@ -42,7 +48,7 @@ def collate(samples: list[Sample], pad_stride: int) -> Batch:
         width = max(int(s.image.shape[-1]) for s in kept if s.image is not None)
     else:
         height = width = pad_stride
-    height, width = (math.ceil(v / pad_stride) * pad_stride for v in (height, width))
+    height, width = (policy or ShapePolicy((), pad_stride)).pad_shape(height, width)
     images = torch.zeros((len(kept), 3, height, width), dtype=torch.uint8)
     boxes = torch.zeros((len(kept), count, 4), dtype=torch.float32)
     labels = torch.full((len(kept), count), -1, dtype=torch.int64)
@@ -72,27 +78,60 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class TrainBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Endless batches of (dataset index, augmentation seed) for one rank, starting at ``start_iteration``."""
+    """Endless batches of (dataset index, augmentation seed) for one rank, starting at ``start_iteration``.
 
-    def __init__(self, sampler: DistributedSampler[int], batch: int, seed: int, start_iteration: int = 0):
+    groups: optional group id per dataset index (aspect-ratio groups). Then every batch holds one group
+    only: the rank's index stream is read in order and each index waits in its group's buffer until that
+    buffer holds ``batch`` (torchvision's GroupedBatchSampler, endless). Resuming replays the buffering
+    from iteration 0 without loading anything (index arithmetic only), so batch k is still a pure
+    function of (seed, rank, world size, k).
+    """
+
+    def __init__(
+        self,
+        sampler: DistributedSampler[int],
+        batch: int,
+        seed: int,
+        start_iteration: int = 0,
+        groups: np.ndarray | None = None,
+    ):
         self.sampler, self.batch, self.seed, self.start_iteration = sampler, batch, seed, start_iteration
+        self.groups = None if groups is None or len(np.unique(groups)) <= 1 else groups
         self.per_epoch = len(sampler)
 
     def epoch_of(self, iteration: int) -> int:
-        """The epoch the first sample of batch ``iteration`` belongs to."""
+        """The epoch the first sample of batch ``iteration`` belongs to (approximate with groups)."""
         return iteration * self.batch // self.per_epoch
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        epoch, offset = divmod(self.start_iteration * self.batch, self.per_epoch)
-        current: list[tuple[int, int]] = []
+    def _stream(self, epoch: int, offset: int) -> Iterator[tuple[int, int]]:
+        """(epoch, index) pairs of this rank, endless, from position ``offset`` of ``epoch``."""
         while True:
             self.sampler.set_epoch(epoch)
             for index in list(self.sampler)[offset:]:
-                current.append((index, sample_seed(self.seed, epoch, index)))
-                if len(current) == self.batch:
-                    yield current
-                    current = []
+                yield epoch, index
             epoch, offset = epoch + 1, 0
+
+    def _grouped(self) -> Iterator[list[tuple[int, int]]]:
+        assert self.groups is not None
+        buffers: dict[int, list[tuple[int, int]]] = {}
+        for item in self._stream(0, 0):
+            buffer = buffers.setdefault(int(self.groups[item[1]]), [])
+            buffer.append(item)
+            if len(buffer) == self.batch:
+                yield buffer[:]
+                buffer.clear()
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        if self.groups is None:
+            epoch, offset = divmod(self.start_iteration * self.batch, self.per_epoch)
+            stream = self._stream(epoch, offset)
+            batches: Iterator[list[tuple[int, int]]] = iter(
+                lambda: list(itertools.islice(stream, self.batch)), []
+            )
+        else:
+            batches = itertools.islice(self._grouped(), self.start_iteration, None)
+        for items in batches:
+            yield [(index, sample_seed(self.seed, epoch, index)) for epoch, index in items]
 
 
 class TrainLoader:
@@ -102,8 +141,15 @@ class TrainLoader:
     ``skipped_ids``.
     """
 
-    def __init__(self, loader: DataLoader[Sample], dataset: CocoDataset, sampler: TrainBatchSampler) -> None:
+    def __init__(
+        self,
+        loader: DataLoader[Sample],
+        dataset: CocoDataset,
+        sampler: TrainBatchSampler,
+        policy: ShapePolicy | None = None,
+    ) -> None:
         self.loader, self.dataset, self.batch_sampler = loader, dataset, sampler
+        self.policy = policy or ShapePolicy((), 1)
         self.iteration = sampler.start_iteration
         self.skipped_ids: set[int] = set()
         self._it: Iterator[Batch] | None = None
@@ -132,8 +178,11 @@ class EvalLoader:
     """One pass over this rank's share of an evaluation set per iteration; batches whose images were all
     corrupt are not yielded (their ids are still recorded, like in :class:`TrainLoader`)."""
 
-    def __init__(self, loader: DataLoader[Sample], dataset: CocoDataset) -> None:
+    def __init__(
+        self, loader: DataLoader[Sample], dataset: CocoDataset, policy: ShapePolicy | None = None
+    ) -> None:
         self.loader, self.dataset = loader, dataset
+        self.policy = policy or ShapePolicy((), 1)
         self.skipped_ids: set[int] = set()
 
     def __len__(self) -> int:
@@ -179,20 +228,54 @@ def build_train_loader(
     if start_iteration < 0:
         raise ConfigError(f"start_iteration must be >= 0, got {start_iteration}")
     dataset = CocoDataset(data.images, data.annotations, TrainTransform(data), replace_corrupt=True)
-    sampler: DistributedSampler[int] = DistributedSampler(
-        dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed
-    )
-    batch_sampler = TrainBatchSampler(sampler, batch, seed, start_iteration)
+    batch_sampler, policy = train_batches(dataset, data, batch, seed, rank, world_size, start_iteration)
     loader = DataLoader(
         dataset,
         batch_sampler=batch_sampler,
         num_workers=data.workers,
-        collate_fn=functools.partial(collate, pad_stride=data.pad_stride),
+        collate_fn=functools.partial(collate, pad_stride=data.pad_stride, policy=policy),
         pin_memory=_pin(pin_memory),
         persistent_workers=data.workers > 0,
         generator=torch.Generator().manual_seed(seed),
     )
-    return TrainLoader(loader, dataset, batch_sampler), dataset
+    return TrainLoader(loader, dataset, batch_sampler, policy), dataset
+
+
+def train_batches(
+    dataset: CocoDataset,
+    data: DataConfig,
+    batch: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    start_iteration: int,
+) -> tuple[TrainBatchSampler, ShapePolicy]:
+    """The batch sampler (this rank's share, grouped by aspect ratio under the bucket policy) and the
+    shape policy of a training set: shared by the torch and DALI loaders, so both see the same batches."""
+    sampler: DistributedSampler[int] = DistributedSampler(
+        dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed
+    )
+    sizes = dataset.image_sizes()
+    groups = aspect_groups(sizes, data.aspect_groups if data.shapes == "buckets" else 1)
+    levels = shorter_levels(data.jitter[0], data.jitter[1], data.bucket_levels)
+    policy = build_policy(data, sizes, groups, levels, data.pad_stride)
+    return TrainBatchSampler(sampler, batch, seed, start_iteration, groups), policy
+
+
+def eval_batches(
+    dataset: CocoDataset, data: DataConfig, batch: int, rank: int, world_size: int
+) -> tuple[list[list[int]], ShapePolicy]:
+    """This rank's evaluation batches (images rank, rank + world, ...; under the bucket policy each batch
+    from one aspect-ratio group, groups in turn) and the shape policy at ``data.resize``."""
+    indices = np.arange(rank, len(dataset), world_size)
+    sizes = dataset.image_sizes()
+    groups = aspect_groups(sizes, data.aspect_groups if data.shapes == "buckets" else 1)
+    policy = build_policy(data, sizes, groups, [data.resize], data.pad_stride)
+    batches: list[list[int]] = []
+    for g in np.unique(groups[indices]):
+        members = indices[groups[indices] == g].tolist()
+        batches.extend(members[i : i + batch] for i in range(0, len(members), batch))
+    return batches, policy
 
 
 def build_eval_loader(
@@ -204,21 +287,22 @@ def build_eval_loader(
     world_size: int = 1,
     pin_memory: bool | None = None,
 ) -> tuple[EvalLoader, CocoDataset]:
-    """Batches of ``images`` resized to ``data.resize`` (cap ``data.max_size``), in dataset order, this
-    rank's share only, and the dataset. A file listing no annotations is accepted (inference)."""
+    """Batches of ``images`` resized to ``data.resize`` (cap ``data.max_size``), this rank's share only
+    (in dataset order within each aspect-ratio group), and the dataset. A file listing no annotations is
+    accepted (inference)."""
     _check_common(data, batch, rank, world_size)
     transform = EvalTransform(data.resize, data.max_size)
     dataset = CocoDataset(images, annotations, transform, replace_corrupt=False, require_annotations=False)
+    batches, policy = eval_batches(dataset, data, batch, rank, world_size)
     loader = DataLoader(
         dataset,
-        batch_size=batch,
-        sampler=ShardSampler(len(dataset), rank, world_size),
+        batch_sampler=batches,
         num_workers=data.workers,
-        collate_fn=functools.partial(collate, pad_stride=data.pad_stride),
+        collate_fn=functools.partial(collate, pad_stride=data.pad_stride, policy=policy),
         pin_memory=_pin(pin_memory),
         persistent_workers=data.workers > 0,
     )
-    return EvalLoader(loader, dataset), dataset
+    return EvalLoader(loader, dataset, policy), dataset
 
 
 def _check_common(data: DataConfig, batch: int, rank: int, world_size: int) -> None:

@@ -15,8 +15,10 @@ Layout under ``out``::
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import multiprocessing
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +48,17 @@ class SynthConfig:
     objects_per_image: tuple[int, int] = (1, 6)
     classes: tuple[str, ...] = SHAPES
     jpeg_quality: int = 90
+    # (width, height) choices, one drawn per image; empty: each side uniform in image_size. COCO_SIZES
+    # gives the spread of sizes and aspect ratios of real photos (loader and shape-policy benchmarks).
+    sizes: tuple[tuple[int, int], ...] = ()
+    workers: int = 1  # processes drawing images (same bytes for any count)
+
+
+# Common COCO image sizes (width, height): landscape, portrait, square and wide, small to large.
+COCO_SIZES: tuple[tuple[int, int], ...] = (
+    (640, 480), (480, 640), (640, 427), (427, 640), (500, 375), (375, 500), (640, 360),
+    (612, 612), (640, 640), (800, 600), (1024, 768), (768, 1024), (1280, 720),
+)  # fmt: skip
 
 
 @dataclass
@@ -76,14 +89,9 @@ def generate(cfg: SynthConfig) -> SynthPaths:
         ann_path.parent.mkdir(parents=True, exist_ok=True)
         images: list[dict[str, Any]] = []
         anns: list[dict[str, Any]] = []
-        for index in indices:
-            image_id = index + 1
-            name = f"{image_id:06d}.jpg"
-            pixels, objects = _draw_image(cfg, index)
-            Image.fromarray(pixels).save(folder / name, "JPEG", quality=cfg.jpeg_quality)
-            images.append(
-                {"id": image_id, "file_name": name, "width": pixels.shape[1], "height": pixels.shape[0]}
-            )
+        for entry, objects in _write_images(cfg, folder, indices):
+            images.append(entry)
+            image_id = entry["id"]
             for label, (x1, y1, x2, y2), area in objects:
                 bbox = [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)]
                 anns.append(
@@ -106,6 +114,24 @@ def generate(cfg: SynthConfig) -> SynthPaths:
         }
         ann_path.write_text(json.dumps(doc, separators=(",", ":")))
     return paths
+
+
+def _write_images(cfg: SynthConfig, folder: Path, indices: range) -> list[tuple[dict[str, Any], list[Any]]]:
+    """Draw and save images ``indices`` (in ``cfg.workers`` processes); their COCO entries and objects."""
+    job = functools.partial(_write_image, cfg, folder)
+    if cfg.workers <= 1 or len(indices) < 2:
+        return [job(i) for i in indices]
+    with multiprocessing.get_context("fork").Pool(cfg.workers) as pool:
+        return pool.map(job, indices, chunksize=16)
+
+
+def _write_image(cfg: SynthConfig, folder: Path, index: int) -> tuple[dict[str, Any], list[Any]]:
+    image_id = index + 1
+    name = f"{image_id:06d}.jpg"
+    pixels, objects = _draw_image(cfg, index)
+    Image.fromarray(pixels).save(folder / name, "JPEG", quality=cfg.jpeg_quality)
+    entry = {"id": image_id, "file_name": name, "width": pixels.shape[1], "height": pixels.shape[0]}
+    return entry, objects
 
 
 def _check(cfg: SynthConfig) -> None:
@@ -152,7 +178,10 @@ Box = tuple[float, float, float, float]
 def _draw_image(cfg: SynthConfig, index: int) -> tuple[np.ndarray, list[tuple[int, Box, float]]]:
     """One image: (H, W, 3) uint8 RGB and its objects as (label, x1y1x2y2 box in pixels, area)."""
     rng = np.random.default_rng([cfg.seed, index])
-    h, w = (int(v) for v in rng.integers(cfg.image_size[0], cfg.image_size[1] + 1, size=2))
+    if cfg.sizes:
+        w, h = cfg.sizes[int(rng.integers(len(cfg.sizes)))]
+    else:
+        h, w = (int(v) for v in rng.integers(cfg.image_size[0], cfg.image_size[1] + 1, size=2))
     background = _background(rng, h, w)
     canvas = Image.fromarray(background)
     draw = ImageDraw.Draw(canvas)

@@ -9,6 +9,8 @@ the one scale factor it also returns (Batch.scales), so dividing by it restores 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
@@ -26,28 +28,52 @@ def resize_scale(height: int, width: int, shorter: int, max_size: int) -> float:
     return scale
 
 
+def resized_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """(round(H*s), round(W*s)), at least 1: the size :func:`resize` produces (the DALI loader's too)."""
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def resize_boxes(boxes: torch.Tensor, scale: float, height: int, width: int) -> torch.Tensor:
+    """Boxes (N, 4) x1y1x2y2 multiplied by ``scale`` and clipped to the resized ``height`` x ``width``."""
+    boxes = boxes * scale
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    return boxes
+
+
 def resize(image: torch.Tensor, boxes: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Resize image (3, H, W) uint8 by ``scale`` (antialiased) to (3, round(H*s), round(W*s)); boxes (N, 4)
     are multiplied by ``scale`` and clipped to the new image."""
     h, w = image.shape[-2:]
-    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    new_h, new_w = resized_size(h, w, scale)
     if (new_h, new_w) != (h, w):
         image = F.resize(image, [new_h, new_w], antialias=True)
-    boxes = boxes * scale
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, new_w)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, new_h)
-    return image, boxes
+    return image, resize_boxes(boxes, scale, new_h, new_w)
+
+
+def hflip_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Boxes (N, 4) x1y1x2y2 of a ``height`` x ``width`` image mirrored left–right."""
+    wrapped = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width))
+    return F.horizontal_flip(wrapped).as_subclass(torch.Tensor)
 
 
 def hflip(image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mirror image (3, H, W) and boxes (N, 4) x1y1x2y2 left–right."""
     h, w = image.shape[-2:]
-    wrapped = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w))
-    return F.horizontal_flip(image), F.horizontal_flip(wrapped).as_subclass(torch.Tensor)
+    return F.horizontal_flip(image), hflip_boxes(boxes, h, w)
 
 
 def _uniform(generator: torch.Generator | None, low: float, high: float) -> float:
     return low + (high - low) * float(torch.rand((), generator=generator))
+
+
+@dataclass(frozen=True)
+class TrainDraw:
+    """One sample's augmentation: shorter side, flip, and (brightness, contrast, saturation) factors."""
+
+    shorter: int
+    flip: bool
+    colour: tuple[float, float, float] | None
 
 
 class TrainTransform:
@@ -66,22 +92,36 @@ class TrainTransform:
         self.jitter, self.max_size = (lo, hi), cfg.max_size
         self.flip, self.color_jitter = cfg.flip, cfg.color_jitter
 
+    def draw(self, generator: torch.Generator | None = None) -> TrainDraw:
+        """The random choices for one sample, in a fixed order (the DALI loader draws them here too)."""
+        lo, hi = self.jitter
+        shorter = int(torch.randint(lo, hi + 1, (), generator=generator))
+        flip = float(torch.rand((), generator=generator)) < self.flip
+        colour = None
+        if self.color_jitter > 0:
+            cj = self.color_jitter
+            colour = (
+                _uniform(generator, 1 - cj, 1 + cj),
+                _uniform(generator, 1 - cj, 1 + cj),
+                _uniform(generator, 1 - cj, 1 + cj),
+            )
+        return TrainDraw(shorter, flip, colour)
+
     def __call__(
         self, image: torch.Tensor, boxes: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """image (3, H, W) uint8, boxes (N, 4) float32 x1y1x2y2 → transformed image, boxes, scale."""
         h, w = image.shape[-2:]
-        lo, hi = self.jitter
-        shorter = int(torch.randint(lo, hi + 1, (), generator=generator))
-        scale = resize_scale(h, w, shorter, self.max_size)
+        d = self.draw(generator)
+        scale = resize_scale(h, w, d.shorter, self.max_size)
         image, boxes = resize(image, boxes, scale)
-        if float(torch.rand((), generator=generator)) < self.flip:
+        if d.flip:
             image, boxes = hflip(image, boxes)
-        if self.color_jitter > 0:
-            cj = self.color_jitter
-            image = F.adjust_brightness(image, _uniform(generator, 1 - cj, 1 + cj))
-            image = F.adjust_contrast(image, _uniform(generator, 1 - cj, 1 + cj))
-            image = F.adjust_saturation(image, _uniform(generator, 1 - cj, 1 + cj))
+        if d.colour is not None:
+            brightness, contrast, saturation = d.colour
+            image = F.adjust_brightness(image, brightness)
+            image = F.adjust_contrast(image, contrast)
+            image = F.adjust_saturation(image, saturation)
         return image, boxes, scale
 
 

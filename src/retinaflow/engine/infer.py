@@ -189,23 +189,24 @@ def infer(
 
     With ``annotations`` the detections are also evaluated (COCOeval) and the result returned.
     """
-    from retinaflow.data.loader import build_eval_loader
+    from retinaflow.data.select import build_eval
+    from retinaflow.data.shapes import use_cudnn_benchmark
     from retinaflow.engine.evaluate import evaluate
 
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     model, config, state = load_model(checkpoint, dev)
     if cfg is not None:
         config.infer = cfg
     config.data.resize, config.data.max_size = config.infer.resize, config.infer.max_size
-    config.data.pad_stride = config.infer.pad_stride
+    config.data.pad_stride, config.data.loader = config.infer.pad_stride, config.infer.loader
     images_dir = Path(images)
     if not images_dir.is_dir():
         raise DataError(f"images folder not found: {images_dir}")
     with tempfile.TemporaryDirectory() as tmp:
         ann = Path(annotations) if annotations else _image_list_as_coco(images_dir, state, Path(tmp))
-        loader, _ = build_eval_loader(str(images_dir), str(ann), config.data, config.infer.batch)
+        loader, _ = build_eval(str(images_dir), str(ann), config.data, config.infer.batch, 0, 1, dev)
+        if dev.type == "cuda":
+            torch.backends.cudnn.benchmark = use_cudnn_benchmark(config.infer.cudnn_benchmark, loader.policy)
         amp = autocast_dtype(config.infer.precision, dev)
         detector = make_detector(model, config, amp, inference_only=True)
         dets = predict(model, loader, config, dev, amp, state["category_ids"], detector)

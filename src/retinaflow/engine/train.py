@@ -76,7 +76,8 @@ class _Trainer:
 
     # -- set-up -------------------------------------------------------------------------------
     def _build(self) -> None:
-        from retinaflow.data.loader import build_train_loader
+        from retinaflow.data.select import build_train
+        from retinaflow.data.shapes import use_cudnn_benchmark
 
         cfg, info = self.config, self.info
         if cfg.train.batch % info.world_size:
@@ -84,8 +85,14 @@ class _Trainer:
         self.resume_state = load_checkpoint(self.path) if self.path.exists() else None
         start = int(self.resume_state["iteration"]) if self.resume_state else 0
         _seed_everything(cfg.train.seed + info.rank)
-        loader, dataset = build_train_loader(
-            cfg.data, cfg.train.batch // info.world_size, cfg.train.seed, info.rank, info.world_size, start
+        loader, dataset = build_train(
+            cfg.data,
+            cfg.train.batch // info.world_size,
+            cfg.train.seed,
+            info.rank,
+            info.world_size,
+            start,
+            info.device,
         )
         self.loader, self.dataset = loader, dataset
         cfg.class_names = list(dataset.class_names)
@@ -107,7 +114,7 @@ class _Trainer:
             _load_for_fine_tune(model, cfg.train.fine_tune)
         model.to(info.device)
         if info.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+            torch.backends.cudnn.benchmark = use_cudnn_benchmark(cfg.train.cudnn_benchmark, loader.policy)
         if cfg.train.channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model
@@ -263,19 +270,20 @@ class _Trainer:
 
     def validate(self) -> EvalResult | None:
         """Detect on the validation set (sharded over ranks), evaluate on rank 0, notify sinks."""
-        from retinaflow.data.loader import build_eval_loader
+        from retinaflow.data.select import build_eval
         from retinaflow.engine.evaluate import evaluate
         from retinaflow.engine.infer import predict
 
         cfg = self.config
         assert cfg.data.val_images and cfg.data.val_annotations
-        loader, _ = build_eval_loader(
+        loader, _ = build_eval(
             cfg.data.val_images,
             cfg.data.val_annotations,
             dataclasses.replace(cfg.data, pad_stride=cfg.infer.pad_stride),
             cfg.infer.batch,
             self.info.rank,
             self.info.world_size,
+            self.info.device,
         )
         dets = predict(self.model, loader, cfg, self.info.device, self.amp_dtype, self.category_ids)
         gathered = D.gather_to_main(dets, self.info)

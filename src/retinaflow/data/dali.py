@@ -1,0 +1,383 @@
+"""NVIDIA DALI loaders (``data.loader: dali``): JPEG decode, resize, flip, colour jitter, padding on GPU.
+
+What each batch holds is decided exactly as in the torch loader: the same batch sampler
+(``loader.train_batches`` / ``loader.eval_batches``: DDP shard by rank, aspect-ratio groups, exact resume),
+the same per-sample draws (``TrainTransform.draw``: shorter side capped by ``max_size``, flip, colour
+factors) and the same box arithmetic (``transforms.resize_boxes`` / ``hflip_boxes``), so boxes are
+identical to the torch loader's. A Python source feeds the encoded files, sizes and factors to a
+``@pipeline_def`` pipeline through ``fn.external_source``; DALI decodes (``decoders.image``, device
+"mixed": nvJPEG / the hardware JPEG decoder), resizes (antialiased linear, to the exact integer size),
+flips, applies torchvision's colour-jitter arithmetic and pads every image to the batch's bucket
+(``fn.pad`` with a per-sample shape). Pixels differ from the torch loader's only by decoder and
+resampling rounding (see tests/data/test_dali.py for the measured tolerance).
+
+``fn.readers.coco`` is not used on purpose: its own shuffling cannot group batches by aspect ratio (so no
+bounded set of shapes), cannot reproduce the torch loader's batches, and would need reader checkpoints to
+resume exactly. Reading the files is a small share of the work; decoding and resizing are what DALI
+accelerates.
+
+Images reach the trainer as (B, 3, H, W) channels_last tensors on the GPU holding 0..255 (uint8 by
+default: the network normalises its input itself, and uint8 moves a quarter of the bytes of float32).
+Corrupt images abort with DataError (run ``retinaflow data validate`` first, or use ``--loader torch``,
+which skips them).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from retinaflow.config import DataConfig
+from retinaflow.data.batch import Batch
+from retinaflow.data.coco import CocoDataset
+from retinaflow.data.loader import TrainBatchSampler, eval_batches, train_batches
+from retinaflow.data.select import DALI_HINT
+from retinaflow.data.shapes import ShapePolicy
+from retinaflow.data.transforms import (
+    TrainTransform,
+    hflip_boxes,
+    resize_boxes,
+    resize_scale,
+    resized_size,
+)
+from retinaflow.errors import ConfigError, DataError, MissingDependency
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+
+
+def require_dali() -> Any:
+    """The ``nvidia.dali`` module, or MissingDependency with the install hint."""
+    try:
+        import nvidia.dali as dali
+    except ImportError as exc:
+        raise MissingDependency(f"the DALI loader needs NVIDIA DALI: {DALI_HINT}") from exc
+    return dali
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """How the DALI graph is built.
+
+    device_id: GPU to run on; None builds a CPU-only pipeline (decoder "cpu"), for tests and CPU hosts.
+    colour:    include the colour-jitter ops (brightness, contrast, saturation as in torchvision).
+    output:    "uint8" (0..255), "float16" (0..255), or "normalized" (ImageNet mean/std, float16).
+    """
+
+    batch: int
+    device_id: int | None
+    threads: int = 4
+    colour: bool = True
+    output: str = "uint8"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One sample of a batch: dataset index, shorter side, flip, (brightness, contrast, saturation)."""
+
+    index: int
+    shorter: int
+    flip: bool
+    colour: tuple[float, float, float]
+
+
+class BatchSource:
+    """``fn.external_source`` callback: each call turns the next plan list into the pipeline's inputs
+    (encoded files, sizes, flips, colour factors, bucket shape) and queues the host-side targets, which
+    :meth:`pop` hands back in the same order as the pipeline's outputs."""
+
+    def __init__(
+        self,
+        dataset: CocoDataset,
+        plans: Iterator[list[Plan]],
+        policy: ShapePolicy,
+        max_size: int,
+        colour: bool,
+    ) -> None:
+        self.dataset, self.plans, self.policy, self.max_size = dataset, plans, policy, max_size
+        self.colour = colour  # also feed the colour factors (the graph has the colour-jitter ops)
+        self.sizes, self.ids = dataset.image_sizes(), dataset.image_ids
+        self.pending: collections.deque[Batch] = collections.deque()
+
+    def __call__(self) -> tuple[list[Any], ...]:
+        plans = next(self.plans)  # StopIteration ends the pipeline's epoch
+        files, rx, ry, flips, colours, boxes, labels, scales, sizes = ([] for _ in range(9))
+        for p in plans:
+            files.append(np.fromfile(self.dataset.file_path(p.index), dtype=np.uint8))
+            b, scale, (h, w) = self._boxes(p)
+            rx.append(np.float32(w))
+            ry.append(np.float32(h))
+            flips.append(np.int32(p.flip))
+            colours.append(np.asarray(p.colour, dtype=np.float32))
+            boxes.append(b)
+            labels.append(torch.from_numpy(self.dataset.targets(p.index)[1].astype(np.int64)))
+            scales.append(scale)
+            sizes.append((h, w))
+        shape = self.policy.pad_shape(max(s[0] for s in sizes), max(s[1] for s in sizes))
+        ids = [self.ids[p.index] for p in plans]
+        self.pending.append(_host_batch(boxes, labels, ids, scales, sizes))
+        shapes = [np.asarray(shape, dtype=np.int32)] * len(plans)
+        if self.colour:
+            return files, rx, ry, flips, shapes, colours
+        return files, rx, ry, flips, shapes
+
+    def _boxes(self, p: Plan) -> tuple[torch.Tensor, float, tuple[int, int]]:
+        """Boxes (N, 4) in resized (and flipped) pixels, the scale, and the resized (h, w)."""
+        h, w = (int(v) for v in self.sizes[p.index])
+        boxes = torch.from_numpy(self.dataset.targets(p.index)[0].copy())
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+        scale = resize_scale(h, w, p.shorter, self.max_size)
+        nh, nw = resized_size(h, w, scale)
+        boxes = resize_boxes(boxes, scale, nh, nw)
+        if p.flip:
+            boxes = hflip_boxes(boxes, nh, nw)
+        return boxes, scale, (nh, nw)
+
+    def pop(self) -> Batch:
+        return self.pending.popleft()
+
+
+def _host_batch(
+    boxes: list[torch.Tensor],
+    labels: list[torch.Tensor],
+    ids: list[int],
+    scales: list[float],
+    sizes: list[tuple[int, int]],
+) -> Batch:
+    """The Batch of one plan list without images: boxes/labels padded to M >= 1 rows (label -1)."""
+    count = max([1] + [len(lab) for lab in labels])
+    padded_boxes = torch.zeros((len(ids), count, 4), dtype=torch.float32)
+    padded_labels = torch.full((len(ids), count), -1, dtype=torch.int64)
+    for i, (b, lab) in enumerate(zip(boxes, labels, strict=True)):
+        padded_boxes[i, : len(lab)] = b
+        padded_labels[i, : len(lab)] = lab
+    return Batch(
+        images=torch.empty(0),
+        boxes=padded_boxes,
+        labels=padded_labels,
+        image_ids=torch.tensor(ids, dtype=torch.int64),
+        scales=torch.tensor(scales, dtype=torch.float32),
+        sizes=torch.tensor(sizes, dtype=torch.int64).view(-1, 2),
+    )
+
+
+def build_pipeline(source: Callable[[], Any], opts: PipelineOptions) -> Any:
+    """The DALI pipeline: external source → decode → resize → flip → colour → pad → (B, H, W, 3)."""
+    dali = require_dali()
+    from nvidia.dali import fn, types
+
+    @dali.pipeline_def(enable_conditionals=False)
+    def pipeline() -> Any:
+        inputs = fn.external_source(source=source, num_outputs=6 if opts.colour else 5, batch=True)
+        files, rx, ry, flips, shapes = inputs[:5]
+        decoder = "mixed" if opts.device_id is not None else "cpu"
+        images: Any = fn.decoders.image(files, device=decoder, output_type=types.DALIImageType.RGB)
+        images = fn.resize(
+            images, resize_x=rx, resize_y=ry, antialias=True, interp_type=types.DALIInterpType.INTERP_LINEAR
+        )
+        images = fn.flip(images, horizontal=flips)
+        if opts.colour:
+            factors = inputs[5].gpu() if opts.device_id is not None else inputs[5]
+            images = fn.cast(_colour_jitter(images, factors), dtype=types.DALIDataType.UINT8)
+        if opts.output == "normalized":
+            images = fn.crop_mirror_normalize(
+                images,
+                dtype=types.DALIDataType.FLOAT16,
+                output_layout="HWC",
+                mean=IMAGENET_MEAN,
+                std=IMAGENET_STD,
+            )
+        elif opts.output == "float16":
+            images = fn.cast(images, dtype=types.DALIDataType.FLOAT16)
+        return fn.pad(images, axes=(0, 1), shape=shapes, fill_value=0.0)
+
+    threads = max(1, opts.threads)
+    pipe = pipeline(
+        batch_size=opts.batch,
+        num_threads=threads,
+        device_id=opts.device_id,
+        seed=opts.seed,
+        prefetch_queue_depth=2,
+    )
+    pipe.build()
+    return pipe
+
+
+def _colour_jitter(images: Any, factors: Any) -> Any:
+    """torchvision's adjust_brightness → adjust_contrast → adjust_saturation on uint8 images, in float
+    with the same truncations (floor) after each step. factors: per-sample (3,) float32."""
+    import nvidia.dali.math as dmath
+    from nvidia.dali import fn, types
+
+    def gray(x: Any) -> Any:
+        return dmath.floor(x[:, :, 0] * GRAY[0] + x[:, :, 1] * GRAY[1] + x[:, :, 2] * GRAY[2])
+
+    x = fn.cast(images, dtype=types.DALIDataType.FLOAT)
+    x = dmath.floor(dmath.clamp(x * factors[0], 0.0, 255.0))
+    mean = fn.reductions.mean(gray(x))
+    x = dmath.floor(dmath.clamp(x * factors[1] + mean * (1.0 - factors[1]), 0.0, 255.0))
+    g = fn.expand_dims(gray(x), axes=[2], new_axis_names="C")
+    return dmath.floor(dmath.clamp(x * factors[2] + g * (1.0 - factors[2]), 0.0, 255.0))
+
+
+def run_batch(pipe: Any, source: BatchSource, device: torch.device) -> Batch:
+    """One pipeline iteration as a Batch; images (B, 3, H, W) channels_last on ``device``."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+    try:
+        (out,) = pipe.run()
+    except RuntimeError as exc:
+        reason = (str(exc).splitlines() or ["decode failed"])[0]
+        raise DataError(
+            f"DALI could not load a batch ({reason}); check the images with `retinaflow data validate` "
+            "or use --loader torch, which skips corrupt images"
+        ) from exc
+    batch = source.pop()
+    dense = out.as_tensor()
+    images = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=device)
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    feed_ndarray(dense, images, cuda_stream=stream)
+    batch.images = images.permute(0, 3, 1, 2)  # (B, H, W, 3) memory = channels_last (B, 3, H, W)
+    return batch
+
+
+def _device_id(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return device.index if device.index is not None else torch.cuda.current_device()
+    return None
+
+
+def train_plans(sampler: TrainBatchSampler, transform: TrainTransform) -> Iterator[list[Plan]]:
+    """The sampler's batches with each sample's augmentation drawn from its own seed (as the torch path)."""
+    for items in sampler:
+        plans = []
+        for index, seed in items:
+            d = transform.draw(torch.Generator().manual_seed(seed))
+            plans.append(Plan(index, d.shorter, d.flip, d.colour or (1.0, 1.0, 1.0)))
+        yield plans
+
+
+class DaliTrainLoader:
+    """Endless training batches from DALI (same interface as ``loader.TrainLoader``)."""
+
+    def __init__(
+        self,
+        dataset: CocoDataset,
+        data: DataConfig,
+        sampler: TrainBatchSampler,
+        policy: ShapePolicy,
+        device: torch.device,
+        seed: int,
+    ) -> None:
+        self.dataset, self.batch_sampler, self.policy, self.device = dataset, sampler, policy, device
+        self.iteration = sampler.start_iteration
+        self.skipped_ids: set[int] = set()
+        transform = TrainTransform(data)
+        colour = data.color_jitter > 0
+        self.source = BatchSource(dataset, train_plans(sampler, transform), policy, data.max_size, colour)
+        opts = PipelineOptions(sampler.batch, _device_id(device), max(2, data.workers), colour, seed=seed)
+        self.pipe = build_pipeline(self.source, opts)
+
+    @property
+    def epoch(self) -> int:
+        return self.batch_sampler.epoch_of(self.iteration)
+
+    def __iter__(self) -> DaliTrainLoader:
+        return self
+
+    def __next__(self) -> Batch:
+        batch = run_batch(self.pipe, self.source, self.device)
+        self.iteration += 1
+        return batch
+
+    def close(self) -> None:
+        self.pipe = None
+
+
+class DaliEvalLoader:
+    """One pass over this rank's evaluation batches per iteration (same interface as ``EvalLoader``)."""
+
+    def __init__(
+        self,
+        dataset: CocoDataset,
+        data: DataConfig,
+        batches: list[list[int]],
+        policy: ShapePolicy,
+        device: torch.device,
+    ) -> None:
+        self.dataset, self.data, self.batches, self.policy, self.device = (
+            dataset,
+            data,
+            batches,
+            policy,
+            device,
+        )
+        self.skipped_ids: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[Batch]:
+        if not self.batches:
+            return
+        plans = ([Plan(i, self.data.resize, False, (1.0, 1.0, 1.0)) for i in b] for b in self.batches)
+        source = BatchSource(self.dataset, plans, self.policy, self.data.max_size, colour=False)
+        opts = PipelineOptions(
+            max(len(b) for b in self.batches),
+            _device_id(self.device),
+            max(2, self.data.workers),
+            colour=False,
+        )
+        pipe = build_pipeline(source, opts)
+        for _ in self.batches:
+            yield run_batch(pipe, source, self.device)
+
+
+def build_dali_train_loader(
+    data: DataConfig,
+    batch: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    start_iteration: int,
+    device: torch.device,
+) -> tuple[DaliTrainLoader, CocoDataset]:
+    """As ``loader.build_train_loader``, decoding and augmenting with DALI on ``device``."""
+    require_dali()
+    if not data.images or not data.annotations:
+        raise ConfigError("training needs data.images and data.annotations")
+    if batch <= 0 or start_iteration < 0:
+        raise ConfigError(f"need batch > 0 and start_iteration >= 0, got {batch} and {start_iteration}")
+    dataset = CocoDataset(data.images, data.annotations, None, replace_corrupt=True)
+    sampler, policy = train_batches(dataset, data, batch, seed, rank, world_size, start_iteration)
+    return DaliTrainLoader(dataset, data, sampler, policy, device, seed), dataset
+
+
+def build_dali_eval_loader(
+    images: str | Path,
+    annotations: str | Path,
+    data: DataConfig,
+    batch: int,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+) -> tuple[DaliEvalLoader, CocoDataset]:
+    """As ``loader.build_eval_loader``, decoding and resizing with DALI on ``device``."""
+    require_dali()
+    if batch <= 0 or world_size <= 0 or not 0 <= rank < world_size:
+        raise ConfigError(f"bad batch {batch} or rank {rank} of {world_size}")
+    dataset = CocoDataset(images, annotations, None, replace_corrupt=False, require_annotations=False)
+    batches, policy = eval_batches(dataset, data, batch, rank, world_size)
+    return DaliEvalLoader(dataset, data, batches, policy, device), dataset

@@ -1,0 +1,90 @@
+"""DALI loader vs the torch loader: same batches, same boxes exactly, pixels within a measured tolerance.
+
+Tolerance (measured on random-noise JPEGs, the worst case for resampling; CPU: DALI's and torchvision's
+libjpeg-turbo decoders): upscaling differs by at most 1 level (4 with colour jitter), downscaling by a mean
+of ~0.2 levels with a few pixels (< 0.1 %) up to 14 apart. Asserted: mean |diff| <= 0.5, < 1 % of values
+more than 4 apart. The GPU decoder (nvJPEG) may add IDCT differences: mean <= 1.0, < 2 % beyond 4.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from retinaflow.data import select
+from retinaflow.data.loader import build_eval_loader, build_train_loader
+from retinaflow.errors import MissingDependency
+
+from .test_shapes import _cfg, _mixed_coco
+
+pytest.importorskip("nvidia.dali")
+
+from retinaflow.data.dali import build_dali_eval_loader, build_dali_train_loader
+
+CPU = torch.device("cpu")
+
+
+def _assert_close_pixels(a: torch.Tensor, b: torch.Tensor, mean: float, share: float) -> None:
+    assert a.shape == b.shape and a.dtype == b.dtype == torch.uint8
+    diff = (a.int() - b.int()).abs().float()
+    assert float(diff.mean()) <= mean, float(diff.mean())
+    assert float((diff > 4).float().mean()) <= share, float((diff > 4).float().mean())
+
+
+def _compare_train(tmp_path: Path, device: torch.device, jitter: tuple[int, int], max_size: int, tol) -> None:
+    images, annotations = _mixed_coco(tmp_path)
+    cfg = _cfg(images, annotations, jitter=jitter, max_size=max_size, color_jitter=0.1)
+    ref, _ = build_train_loader(cfg, 3, seed=1, pin_memory=False)
+    dali, _ = build_dali_train_loader(cfg, 3, 1, 0, 1, 0, device)
+    for a, b in zip(itertools.islice(ref, 8), itertools.islice(dali, 8), strict=True):
+        assert a.image_ids.tolist() == b.image_ids.tolist()
+        assert torch.equal(a.boxes, b.boxes.cpu()) and torch.equal(a.labels, b.labels.cpu())
+        assert torch.equal(a.sizes, b.sizes) and torch.equal(a.scales, b.scales)
+        assert b.images.is_contiguous(memory_format=torch.channels_last)
+        _assert_close_pixels(a.images, b.images.cpu(), *tol)
+
+
+@pytest.mark.parametrize(("jitter", "max_size"), [((48, 96), 160), ((20, 32), 60)], ids=["up", "down"])
+def test_train_batches_match_the_torch_loader_cpu(tmp_path, jitter, max_size) -> None:
+    _compare_train(tmp_path, CPU, jitter, max_size, (0.5, 0.01))
+
+
+def test_eval_batches_match_the_torch_loader_cpu(tmp_path) -> None:
+    images, annotations = _mixed_coco(tmp_path, n=14)
+    cfg = _cfg(images, annotations, resize=40, max_size=64)
+    for rank in range(2):
+        ref, _ = build_eval_loader(images, annotations, cfg, 4, rank, 2, pin_memory=False)
+        dali, _ = build_dali_eval_loader(images, annotations, cfg, 4, rank, 2, CPU)
+        assert len(ref) == len(dali)
+        for a, b in zip(ref, dali, strict=True):
+            assert a.image_ids.tolist() == b.image_ids.tolist() and torch.equal(a.sizes, b.sizes)
+            _assert_close_pixels(a.images, b.images, 0.5, 0.01)
+
+
+def test_dali_resume_is_exact(tmp_path) -> None:
+    images, annotations = _mixed_coco(tmp_path)
+    cfg = _cfg(images, annotations, color_jitter=0.1)
+    full, _ = build_dali_train_loader(cfg, 4, 5, 0, 1, 0, CPU)
+    expected = list(itertools.islice(full, 9))[6:]
+    resumed, _ = build_dali_train_loader(cfg, 4, 5, 0, 1, 6, CPU)
+    for a, b in zip(expected, itertools.islice(resumed, 3), strict=True):
+        assert a.image_ids.tolist() == b.image_ids.tolist() and torch.equal(a.images, b.images)
+
+
+def test_loader_choice(monkeypatch) -> None:
+    assert select.resolve_loader("auto", CPU) == "torch"
+    assert select.resolve_loader("auto", torch.device("cuda")) == "dali"
+    monkeypatch.setattr(select, "dali_installed", lambda: False)
+    assert select.resolve_loader("auto", torch.device("cuda")) == "torch"
+    with pytest.raises(MissingDependency, match=r"pip install retinaflow\[dali\]"):
+        select.resolve_loader("dali", CPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("jitter", "max_size"), [((48, 96), 160), ((20, 32), 60)], ids=["up", "down"])
+def test_train_batches_match_the_torch_loader_gpu_mixed_decoder(tmp_path, jitter, max_size) -> None:
+    _compare_train(tmp_path, torch.device("cuda"), jitter, max_size, (1.0, 0.02))
