@@ -64,7 +64,7 @@ def _config(args: argparse.Namespace, world: int) -> Config:
     cfg = Config()
     data = Path(args.data)
     cfg.data.images, cfg.data.annotations = str(data / "train"), str(data / "annotations/train.json")
-    cfg.data.workers = args.workers
+    cfg.data.workers, cfg.data.loader = args.workers, args.loader
     t = cfg.train
     t.iters, t.batch, t.seed, t.precision = args.iters, args.batch_per_gpu * world, args.seed, "bf16"
     t.log_every, t.checkpoint_every, t.warmup, t.milestones = 1, 0, min(100, args.iters // 4), ()
@@ -84,9 +84,10 @@ def _config(args: argparse.Namespace, world: int) -> Config:
 
 def _loader_rate(cfg: Config, rank: int, world: int, batches: int) -> float:
     """img/s of this rank's training loader alone (same workers and transforms as the run)."""
-    from retinaflow.data.loader import build_train_loader
+    from retinaflow.data.select import build_train
 
-    loader, _ = build_train_loader(cfg.data, cfg.train.batch // world, cfg.train.seed, rank, world)
+    device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
+    loader, _ = build_train(cfg.data, cfg.train.batch // world, cfg.train.seed, rank, world, 0, device)
     it = iter(loader)
     for _ in range(5):
         next(it)
@@ -94,7 +95,8 @@ def _loader_rate(cfg: Config, rank: int, world: int, batches: int) -> float:
     for _ in range(batches):
         n += len(next(it))
     rate = n / (time.perf_counter() - t0)
-    loader.close()
+    if hasattr(loader, "close"):
+        loader.close()
     return rate
 
 
@@ -216,12 +218,12 @@ def driver(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(HERE.parent))
     from common import environment
 
-    from retinaflow.data.synthetic import SynthConfig, generate
+    from retinaflow.data.synthetic import COCO_SIZES, SynthConfig, generate
 
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     Path(args.work).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    generate(SynthConfig(out=Path(args.data_dir), images=args.images, seed=0, image_size=(480, 800)))
+    generate(SynthConfig(out=Path(args.data_dir), images=args.images, seed=0, sizes=COCO_SIZES))
     report: dict[str, Any] = {
         "env": environment(),
         "gpus": args.gpus,
@@ -230,10 +232,11 @@ def driver(args: argparse.Namespace) -> None:
     n = args.gpus
     common = {"iters": args.tp_iters, "warmup": args.tp_warmup, "batch_per_gpu": 8, "workers": args.workers}
     modes = [] if args.skip_throughput else [False, True] if args.compile else [False]
-    for comp in modes:
-        tag = "compiled" if comp else "eager"
-        one = _launch(args, 1, "throughput", f"tp_{tag}_1", compile=comp, **common)
-        many = _launch(args, n, "throughput", f"tp_{tag}_{n}", compile=comp, **common)
+    runs = [(comp, loader) for comp in modes for loader in args.loaders.split(",")]
+    for comp, loader in runs:
+        tag = f"{loader}_{'compiled' if comp else 'eager'}"
+        one = _launch(args, 1, "throughput", f"tp_{tag}_1", compile=comp, loader=loader, **common)
+        many = _launch(args, n, "throughput", f"tp_{tag}_{n}", compile=comp, loader=loader, **common)
         for r in (one, many):
             r.pop("losses", None)
         entry: dict[str, Any] = {"1gpu": one, f"{n}gpu": many}
@@ -299,6 +302,7 @@ def main() -> None:
     d.add_argument("--eq-iters", type=int, default=300)
     d.add_argument("--eq-batch", type=int, default=8, help="per-GPU batch of the N-GPU equivalence run")
     d.add_argument("--compile", action="store_true", help="also measure throughput under torch.compile")
+    d.add_argument("--loaders", default="torch", help="comma-separated loaders to measure throughput with")
     d.add_argument("--skip-equivalence", action="store_true")
     d.add_argument("--skip-throughput", action="store_true")
     w = sub.add_parser("worker", help="internal: one torchrun task")
@@ -312,6 +316,7 @@ def main() -> None:
     w.add_argument("--workers", type=int, default=8)
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--compile", action="store_true")
+    w.add_argument("--loader", default="torch", choices=["torch", "dali"])
     args = ap.parse_args(
         sys.argv[1:] if len(sys.argv) > 1 and sys.argv[1] in ("run", "worker") else ["run", *sys.argv[1:]]
     )

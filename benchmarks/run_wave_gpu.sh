@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# GPU checks of this wave, in phases (one device call each; logs and JSON under $OUT):
+#   bash benchmarks/run_wave_gpu.sh tests     build the CUDA ops, every `gpu` test of ops/model/data/infer
+#   bash benchmarks/run_wave_gpu.sh realdata  real-shaped training (preloaded / torch / DALI) + loader-only
+#   bash benchmarks/run_wave_gpu.sh ddp       bench_ddp.py on all visible GPUs (scaling, equivalence, eval)
+# Wheels the machine lacks (DALI via .device-wheels, pycocotools in .whl) are installed into /tmp/site first.
+set -uo pipefail
+export PYTHONPATH="/tmp/site:$PWD/src:$PWD/benchmarks:$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+export TORCH_EXTENSIONS_DIR="$PWD/.torch_ext" TORCH_CUDA_ARCH_LIST=9.0 NCCL_NVLS_ENABLE=0
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if [ -d .whl ] && ! python -c "import pycocotools" 2>/dev/null; then
+  python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+fi
+python -c "import nvidia.dali as d; print('dali', d.__version__)" 2>&1 | tail -1
+python -m retinaflow.ops.build 2>&1 | tail -1
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+case "${1:-tests}" in
+  tests)
+    python -m pytest -q -p no:cacheprovider -m gpu tests/ops tests/model tests/engine/test_infer.py tests/data \
+      2>&1 | tee "$OUT/gpu_tests.log" | tail -8 ;;
+  realdata)
+    python benchmarks/bench_train_realdata.py --loader-only 2>&1 | tee "$OUT/loader_only.log" | tail -30
+    python benchmarks/bench_train_realdata.py ${REALDATA_ARGS:---first 40 --second 80 --cudnn on,off --peers preloaded,torch,dali} \
+      2>&1 | tee "$OUT/realdata.log" | tail -60 ;;
+  ddp)
+    python benchmarks/bench_ddp.py --gpus "$(nvidia-smi -L | wc -l)" --out-dir "$OUT" ${DDP_ARGS:-} 2>&1 | tail -80 ;;
+esac
