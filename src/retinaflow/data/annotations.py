@@ -70,6 +70,38 @@ def check_annotation(
     return None, (x1, y1, x2, y2, clipped)
 
 
+def with_coco_defaults(data: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """A copy of a COCO instances dict holding every key COCO tools (pycocotools) read, and the number
+    of annotations left out.
+
+    Filled as COCO tools assume: ``info`` {} and ``licenses`` [], annotation ``area`` from the box (w * h)
+    and ``iscrowd`` 0, category ``name`` from the id. Annotations that training drops as malformed (not
+    an object, no integer ``image_id`` or ``category_id``, no 4-number ``bbox``) are left out; they would
+    crash the evaluation. The input is not modified.
+    """
+    kept = []
+    for ann in data.get("annotations") or []:
+        bbox = ann.get("bbox") if isinstance(ann, dict) else None
+        if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(is_number(v) for v in bbox)):
+            continue
+        if not (is_int(ann.get("image_id")) and is_int(ann.get("category_id"))):
+            continue
+        area = ann.get("area")
+        kept.append(
+            {
+                **ann,
+                "area": float(area) if is_number(area) else float(bbox[2]) * float(bbox[3]),
+                "iscrowd": int(bool(ann.get("iscrowd", 0))),
+            }
+        )
+    categories = [
+        {**c, "name": str(c.get("name", c.get("id")))} if isinstance(c, dict) else c
+        for c in data.get("categories") or []
+    ]
+    doc = {"info": {}, "licenses": [], **data, "annotations": kept, "categories": categories}
+    return doc, len(data.get("annotations") or []) - len(kept)
+
+
 def check_folder(images: str | Path) -> Path:
     """``images`` as a Path once it is known to be a readable local folder."""
     p = Path(images)

@@ -5,13 +5,17 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from retinaflow.data.annotations import with_coco_defaults
 from retinaflow.engine.callbacks import EvalResult
 from retinaflow.errors import DataError
+
+log = logging.getLogger(__name__)
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -46,7 +50,9 @@ def evaluate(
         raise DataError("detections must be a JSON list of COCO results")
     if not isinstance(gt_data, dict) or "images" not in gt_data or "categories" not in gt_data:
         raise DataError(f"annotations file {gt_path} is not COCO instances JSON (needs images, categories)")
-    gt_data.setdefault("annotations", [])
+    gt_data, left_out = with_coco_defaults(gt_data)
+    if left_out:
+        log.warning("%s: %d malformed annotation(s) left out of the evaluation", gt_path, left_out)
     image_ids = {img["id"] for img in gt_data["images"]}
     unknown = {d.get("image_id") for d in dets} - image_ids
     if unknown:
