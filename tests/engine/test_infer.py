@@ -128,3 +128,26 @@ def test_cuda_graph_detector_equals_eager(trained):
         torch.testing.assert_close(a.scores, b.scores)
         torch.testing.assert_close(a.boxes, b.boxes)
     assert len(graphed.graphs) == 2  # type: ignore[attr-defined]
+
+
+def test_cli_infer_starts_from_the_checkpoints_settings(trained, synth_small, tmp_path, capsys):
+    """``--set infer.*`` given at training time is honoured by ``retinaflow infer`` (as by the pipeline's
+    evaluate step); a flag overrides only its own setting."""
+    from retinaflow.cli import main
+    from retinaflow.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(trained)
+    state["config"]["infer"].update(score_thresh=0.0, max_det=2)
+    ckpt = save_checkpoint(tmp_path / "m.pth", state)
+
+    def per_image(*flags: str) -> set[int]:
+        out = tmp_path / "d.json"
+        argv = ["infer", str(ckpt), "--images", str(synth_small.val_images), "--output", str(out)]
+        assert main([*argv, "--device", "cpu", *flags]) == 0
+        counts: dict[int, int] = {}
+        for d in json.loads(out.read_text()):
+            counts[d["image_id"]] = counts.get(d["image_id"], 0) + 1
+        return set(counts.values())
+
+    assert per_image() == {2}
+    assert per_image("--max-det", "3") == {3}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
@@ -184,10 +185,13 @@ def infer(
     cfg: InferConfig | None = None,
     annotations: str | Path | None = None,
     device: str | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> EvalResult | None:
     """Detect objects in every image of ``images``, write COCO results to ``output``.
 
-    With ``annotations`` the detections are also evaluated (COCOeval) and the result returned.
+    The inference settings are ``cfg`` when given, else the checkpoint's (those saved at training
+    time), with ``overrides`` (``InferConfig`` field -> value, e.g. from command-line flags) applied on
+    top. With ``annotations`` the detections are also evaluated (COCOeval) and the result returned.
     """
     from retinaflow.data.loader import build_eval_loader
     from retinaflow.engine.evaluate import evaluate
@@ -198,6 +202,7 @@ def infer(
     model, config, state = load_model(checkpoint, dev)
     if cfg is not None:
         config.infer = cfg
+    config.infer = dataclasses.replace(config.infer, **(overrides or {}))
     config.data.resize, config.data.max_size = config.infer.resize, config.infer.max_size
     config.data.pad_stride = config.infer.pad_stride
     images_dir = Path(images)
