@@ -60,6 +60,11 @@ def _extra_keys(doc: Doc) -> None:
         c["supercategory"] = "thing"
 
 
+def _float_sizes(doc: Doc) -> None:
+    for image in doc["images"]:
+        image.update(width=float(image["width"]), height=float(image["height"]))
+
+
 VARIANTS: dict[str, Callable[[Doc], None]] = {
     "minimal: no info, no licenses": lambda doc: None,
     "info and licenses": _with_info_and_licenses,
@@ -67,6 +72,7 @@ VARIANTS: dict[str, Callable[[Doc], None]] = {
     "annotations without area": _drop("annotations", "area"),
     "annotations without iscrowd": _drop("annotations", "iscrowd"),
     "categories without name": _drop("categories", "name"),
+    "integral float width and height (640.0)": _float_sizes,
 }
 
 

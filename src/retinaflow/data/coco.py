@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from retinaflow.data.annotations import (
+    IMAGE_REFUSALS,
     check_annotation,
     check_folder,
     image_entry,
@@ -52,6 +53,7 @@ _COUNTS = (
     "annotations",
     "categories",
     "invalid_images",
+    *IMAGE_REFUSALS,
     "duplicate_images",
     "missing_files",
     "corrupt_images",
@@ -237,8 +239,9 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
         c["images_listed"] = len(data["images"])
         for entry in data["images"]:
             parsed = image_entry(entry)
-            if parsed is None:
+            if isinstance(parsed, str):
                 c["invalid_images"] += 1
+                c[parsed] += 1
                 continue
             image_id, name, w, h = parsed
             if image_id in entries or image_id in missing:
@@ -248,12 +251,12 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
                 c["missing_files"] += 1
                 missing.add(image_id)
                 continue
-            entries[image_id], sizes[image_id] = entry, (w, h)
+            entries[image_id], sizes[image_id] = {**entry, "width": w, "height": h}, (w, h)
             order.append(image_id)
         if not order:
             raise DataError(
                 f"no usable images: {path} lists {c['images_listed']}, {c['missing_files']} missing "
-                f"in {self.images_dir}, {c['invalid_images']} invalid"
+                f"in {self.images_dir}, {c['invalid_images']} invalid{self._refusals()}"
             )
 
         per_image: dict[int, list[tuple[list[float], int]]] = {i: [] for i in order}
@@ -296,6 +299,11 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
         dropped_total = sum(v for k, v in c.items() if k.startswith("dropped_"))
         if dropped_total or c["missing_files"] or c["invalid_images"] or c["duplicate_images"]:
             log.warning("%s: %s", path, ", ".join(f"{k} {v}" for k, v in c.items() if v and k not in _KEPT))
+
+    def _refusals(self) -> str:
+        """`` (invalid_image_id 3: id is not an integer, ...)`` for the refused image entries, or ''."""
+        found = [f"{k} {self._counts[k]}: {why}" for k, why in IMAGE_REFUSALS.items() if self._counts[k]]
+        return f" ({', '.join(found)})" if found else ""
 
     def _parse_categories(self, categories: list[Any]) -> dict[int, int]:
         by_id: dict[int, str] = {}
