@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from retinaflow.data.annotations import (
     IMAGE_REFUSALS,
@@ -31,12 +30,8 @@ from retinaflow.data.annotations import (
     listing,
     load_annotations,
 )
+from retinaflow.data.images import decode_file
 from retinaflow.errors import DataError
-
-try:  # deprecated in torchvision 0.29 in favour of TorchCodec; PIL does the job where it is gone
-    from torchvision.io import ImageReadMode, decode_image, read_file
-except ImportError:  # pragma: no cover - depends on the installed torchvision
-    decode_image = None
 
 log = logging.getLogger(__name__)
 
@@ -180,17 +175,11 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
         return len(self._ids)
 
     def decode(self, index: int) -> torch.Tensor | None:
-        """Image ``index`` as (3, H, W) uint8 RGB, or None (logged once) when it cannot be decoded."""
+        """Image ``index`` as (3, H, W) uint8 RGB as displayed (see :mod:`retinaflow.data.images`), or
+        None (logged once) when it cannot be decoded."""
         path = self.file_path(index)
-        if decode_image is not None:
-            try:
-                return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-            except (RuntimeError, OSError, ValueError):
-                pass  # formats or variants torchvision does not read: try PIL
         try:
-            with Image.open(path) as im:
-                array = np.asarray(im.convert("RGB"))
-            return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+            return decode_file(path)
         except Exception as exc:  # PIL raises many types for bad files; all mean "unreadable"
             image_id = int(self._ids[index])
             if self.record_corrupt([image_id]):
