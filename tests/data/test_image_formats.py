@@ -8,6 +8,7 @@ displayed size that COCO ``width``/``height`` describe.
 from __future__ import annotations
 
 import io
+import logging
 import struct
 import zlib
 from pathlib import Path
@@ -19,6 +20,7 @@ from PIL import Image
 
 from retinaflow.data.coco import CocoDataset
 from retinaflow.data.images import decode_file, to_uint8
+from retinaflow.data.validate import validate_dataset
 
 from .conftest import ann
 
@@ -146,3 +148,22 @@ def test_exif_rotated_photo_matches_its_json_size(make_coco) -> None:
     sample = CocoDataset(images, annotations)[0]
     assert sample.image is not None and sample.image.shape == (3, 40, 30)
     assert sample.boxes.tolist() == [[2.0, 3.0, 12.0, 23.0]]
+
+
+def test_decoded_size_differing_from_the_json_is_warned_once(make_coco, caplog) -> None:
+    """An annotation tool that ignored the EXIF orientation wrote the stored size: say so, once."""
+    images, annotations = make_coco(1, [ann(1, 1, [2, 3, 10, 8])], size=(40, 30))
+    _exif_jpeg(images / "000001.jpg", RGB8, 6)  # displayed 30x40, the JSON says 40x30
+    dataset = CocoDataset(images, annotations)
+    with caplog.at_level(logging.WARNING, logger="retinaflow.data.coco"):
+        dataset[0], dataset[0]
+    warnings = [r.getMessage() for r in caplog.records if "000001.jpg" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "30x40" in warnings[0] and "40x30" in warnings[0] and "transpose" in warnings[0]
+
+
+def test_validate_counts_sizes_that_are_the_transpose(make_coco, tmp_path: Path) -> None:
+    images, annotations = make_coco(2, size=(40, 30))
+    _exif_jpeg(images / "000001.jpg", RGB8, 6)
+    report = validate_dataset(images, annotations, tmp_path / "out.json")
+    assert report["size_mismatch"] == 1 and report["size_transposed"] == 1

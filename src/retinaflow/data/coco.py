@@ -116,6 +116,7 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
         self.replace_corrupt = replace_corrupt
         self._counts = dict.fromkeys(_COUNTS, 0)
         self._corrupt: set[int] = set()
+        self._size_warned: set[int] = set()
         data = load_annotations(self.annotations_path)
         self._json: dict[str, Any] | None = None
         self._parse(data, require_annotations, keep_json)
@@ -164,6 +165,36 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
         out["corrupt_images"] = len(self._corrupt)
         return out
 
+    def json_size(self, index: int) -> tuple[int, int]:
+        """(width, height) that the annotation file gives image ``index``."""
+        w, h = self._sizes[index]
+        return int(w), int(h)
+
+    def _check_size(self, index: int, width: int, height: int) -> None:
+        """Warn (once per image and process) when the decoded size is not the annotated one: the boxes
+        may not fit the pixels (they are clipped to the image)."""
+        json_w, json_h = self.json_size(index)
+        image_id = int(self._ids[index])
+        if (json_w, json_h) == (width, height) or image_id in self._size_warned:
+            return
+        self._size_warned.add(image_id)
+        hint = (
+            ": the transpose, as written by a tool that ignored the EXIF orientation; check its boxes"
+            if (json_w, json_h) == (height, width)
+            else ""
+        )
+        log.warning(
+            "image %s (id %d) is %dx%d as displayed but %s says %dx%d%s",
+            self.file_path(index),
+            image_id,
+            width,
+            height,
+            self.annotations_path.name,
+            json_w,
+            json_h,
+            hint,
+        )
+
     def record_corrupt(self, image_ids: tuple[int, ...] | list[int]) -> list[int]:
         """Note corrupt images found (possibly in a worker); returns the ids not known before."""
         new = [int(i) for i in image_ids if int(i) not in self._corrupt]
@@ -205,6 +236,7 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
             raise DataError(f"none of the {len(self)} images in {self.images_dir} could be decoded")
         np_boxes, np_labels = self.targets(index)
         h, w = image.shape[-2:]
+        self._check_size(index, int(w), int(h))
         boxes = torch.from_numpy(np_boxes.copy())
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)  # guard against a JSON width/height that is off
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
@@ -277,6 +309,7 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
         counts = [len(per_image[i]) for i in order]
         self._ids = np.asarray(order, dtype=np.int64)
         self._files = np.asarray([entries[i]["file_name"] for i in order], dtype=np.str_)
+        self._sizes = np.asarray([sizes[i] for i in order], dtype=np.int64).reshape(-1, 2)
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         flat = [t for i in order for t in per_image[i]]
         self._boxes = np.asarray([b for b, _ in flat], dtype=np.float32).reshape(-1, 4)
