@@ -151,3 +151,24 @@ def test_cli_infer_starts_from_the_checkpoints_settings(trained, synth_small, tm
 
     assert per_image() == {2}
     assert per_image("--max-det", "3") == {3}
+
+
+def test_detections_name_their_image_files(trained, synth_small, tmp_path):
+    """Detections of a bare folder (ids 1..N in file order) carry the file name, so that ``eval``
+    against an annotation file numbering the same images differently refuses instead of mispairing."""
+    from retinaflow.engine.evaluate import evaluate
+
+    cfg = tiny_config(synth_small).infer
+    cfg.score_thresh = 0.0
+    infer(trained, synth_small.val_images, tmp_path / "d.json", cfg, None, "cpu")
+    dets = json.loads((tmp_path / "d.json").read_text())
+    files = sorted(p.name for p in synth_small.val_images.iterdir())
+    assert dets and all(d["file_name"] == files[d["image_id"] - 1] for d in dets)
+    gt = json.loads(synth_small.val_annotations.read_text())
+    renumbered = {im["file_name"]: len(files) - files.index(im["file_name"]) for im in gt["images"]}
+    for im in gt["images"]:
+        im["id"] = renumbered[im["file_name"]]
+    gt["annotations"] = []
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    with pytest.raises(DataError, match="other images"):
+        evaluate(tmp_path / "gt.json", tmp_path / "d.json")

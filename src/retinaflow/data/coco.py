@@ -137,6 +137,11 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
         """COCO ids of the kept images, in dataset order."""
         return [int(i) for i in self._ids]
 
+    @property
+    def file_names(self) -> dict[int, str]:
+        """``file_name`` of each kept image, by COCO id."""
+        return {int(i): str(f) for i, f in zip(self._ids, self._files, strict=True)}
+
     def file_path(self, index: int) -> Path:
         return self.images_dir / str(self._files[index])
 

@@ -6,7 +6,7 @@ import contextlib
 import io
 import json
 import logging
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -54,12 +54,7 @@ def evaluate(
     if left_out:
         log.warning("%s: %d malformed annotation(s) left out of the evaluation", gt_path, left_out)
     image_ids = {img["id"] for img in gt_data["images"]}
-    unknown = {d.get("image_id") for d in dets} - image_ids
-    if unknown:
-        raise DataError(
-            f"detections refer to {len(unknown)} image id(s) absent from {gt_path}, "
-            f"e.g. {sorted(map(str, unknown))[0]}"
-        )
+    _check_images(dets, gt_data["images"], gt_path)
 
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
@@ -91,6 +86,28 @@ def evaluate(
         num_detections=len(dets),
         precision=np.asarray(precision),
     )
+
+
+def _check_images(dets: list[dict[str, Any]], images: list[dict[str, Any]], gt_path: Path) -> None:
+    """Raise :class:`DataError` when detections refer to image ids absent from the ground truth, or
+    name (``file_name``, written by ``infer``) other files than the ground truth's images of the same
+    ids: ids alone would pair the wrong images. Names compare by their last component."""
+    names = {img["id"]: PurePosixPath(str(img.get("file_name", ""))).name for img in images}
+    unknown = {d.get("image_id") for d in dets} - names.keys()
+    if unknown:
+        raise DataError(
+            f"detections refer to {len(unknown)} image id(s) absent from {gt_path}, "
+            f"e.g. {sorted(map(str, unknown))[0]}"
+        )
+    theirs = {d["image_id"]: PurePosixPath(str(d["file_name"])).name for d in dets if "file_name" in d}
+    wrong = sorted((i, name) for i, name in theirs.items() if name != names[i])
+    if wrong:
+        i, name = wrong[0]
+        raise DataError(
+            f"the detections were made on other images than {gt_path} describes: {len(wrong)} of "
+            f"{len(theirs)} image id(s) name another file, e.g. id {i} is {name} in the detections but "
+            f"{names[i]} in the annotations (run infer with --annotations {gt_path.name})"
+        )
 
 
 def report_dict(result: EvalResult) -> dict[str, Any]:

@@ -187,7 +187,8 @@ def infer(
     device: str | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> EvalResult | None:
-    """Detect objects in every image of ``images``, write COCO results to ``output``.
+    """Detect objects in every image of ``images``, write COCO results to ``output`` (each with the
+    ``file_name`` of its image: without ``annotations`` the ids are 1..N in file-name order).
 
     The inference settings are ``cfg`` when given, else the checkpoint's (those saved at training
     time), with ``overrides`` (``InferConfig`` field -> value, e.g. from command-line flags) applied on
@@ -210,10 +211,13 @@ def infer(
         raise DataError(f"images folder not found: {images_dir}")
     with tempfile.TemporaryDirectory() as tmp:
         ann = Path(annotations) if annotations else _image_list_as_coco(images_dir, state, Path(tmp))
-        loader, _ = build_eval_loader(str(images_dir), str(ann), config.data, config.infer.batch)
+        loader, dataset = build_eval_loader(str(images_dir), str(ann), config.data, config.infer.batch)
         amp = autocast_dtype(config.infer.precision, dev)
         detector = make_detector(model, config, amp, inference_only=True)
         dets = predict(model, loader, config, dev, amp, state["category_ids"], detector)
+    names = dataset.file_names  # with each detection, so that it can be traced back to its file
+    for d in dets:
+        d["file_name"] = names[d["image_id"]]
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dets))
@@ -225,7 +229,7 @@ def infer(
 
 def _image_list_as_coco(images_dir: Path, state: dict[str, Any], tmp: Path) -> Path:
     """Describe a bare folder of images as a COCO file without annotations, for the eval loader."""
-    from PIL import Image
+    from retinaflow.data.images import displayed_size
 
     files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
@@ -233,8 +237,7 @@ def _image_list_as_coco(images_dir: Path, state: dict[str, Any], tmp: Path) -> P
     entries = []
     for i, p in enumerate(files, start=1):
         try:
-            with Image.open(p) as im:
-                w, h = im.size
+            w, h = displayed_size(p)
         except OSError:
             log.warning("skipping unreadable image %s", p)
             continue
