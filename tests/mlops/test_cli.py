@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -199,3 +200,42 @@ def test_tracking_sync_keeps_the_spill_file_when_records_are_not_accepted(
     out = capsys.readouterr().out
     assert "does not exist" in out and str(spill) in out
     assert spill.read_text() == before
+
+
+def test_sqlite_store_in_an_unusable_folder_fails_at_once(
+    embedded: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not MLflow's ~100 s of retries and a generic OperationalError: one line, the tracking exit code."""
+    from retinaflow.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    uri = f"sqlite:///{blocker / 'runs' / 'mlruns.db'}"
+    started = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match="cannot use the MLflow store") as info:
+        tracking_settings_connect(uri)
+    assert time.monotonic() - started < 5 and str(blocker) in str(info.value)
+    assert "\n" not in str(info.value) and info.value.exit_code == 9
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    code = main(["eval", "--annotations", str(gt), "--detections", str(gt), "--tracking-uri", uri])
+    assert code == 9
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_sqlite_store_in_a_read_only_folder_fails_at_once(embedded: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(TrackingUnavailable, match="not writable"):
+            tracking_settings_connect(f"sqlite:///{folder / 'mlruns.db'}")
+    finally:
+        folder.chmod(0o755)
+
+
+def tracking_settings_connect(uri: str) -> None:
+    from retinaflow.mlops.runs import connect
+    from retinaflow.mlops.settings import TrackingSettings
+
+    connect(TrackingSettings(tracking_uri=uri))

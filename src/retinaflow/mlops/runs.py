@@ -26,6 +26,7 @@ from retinaflow.mlops.settings import (
     git_commit,
     library_versions,
     probe,
+    sqlite_problem,
 )
 from retinaflow.mlops.writer import (
     RunWriter,
@@ -42,8 +43,15 @@ MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 
 
 def connect(settings: TrackingSettings) -> tuple[MlflowClient, str]:
-    """A client on the resolved tracking URI; a down server raises :class:`TrackingUnavailable` at once."""
+    """A client on the resolved tracking URI; a down server or an unwritable sqlite store raises
+    :class:`TrackingUnavailable` at once."""
     uri = settings.resolved_uri()
+    problem = sqlite_problem(uri)
+    if problem:
+        raise TrackingUnavailable(
+            f"cannot use the MLflow store {redact(uri)}: {problem}; choose another --tracking-uri / "
+            "MLFLOW_TRACKING_URI (or RETINAFLOW_PROJECT_DIR for the embedded store)"
+        )
     reason = probe(uri, settings.probe_timeout)
     if reason:
         raise TrackingUnavailable(
