@@ -85,6 +85,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         data = torch.load(p, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as exc:
+        if "weights only load failed" in str(exc).lower():  # torch advises weights_only=False: runs code
+            raise CheckpointError(
+                f"{p} is not a retinaflow checkpoint: it holds Python objects other than tensors and "
+                "plain values (a pickled model, or another program's file?)"
+            ) from exc
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot read checkpoint {p}: {reason[:200]}") from exc
     if not isinstance(data, dict) or "model" not in data:
