@@ -31,7 +31,7 @@ def _other_format(path: Path) -> None:
 
 REFUSED = {
     "not a torch file": (_garbage, "cannot read checkpoint"),
-    "a pickled Python object": (_pickled_object, "is not a retinaflow checkpoint"),
+    "a pickled Python object": (_pickled_object, r"holds a Python object \(argparse.Namespace\)"),
     "a bare state dict": (_plain_state_dict, "is not a retinaflow checkpoint"),
     "another checkpoint format": (_other_format, "checkpoint format"),
 }
