@@ -62,3 +62,35 @@ def test_detections_of_other_files_are_refused(gt: Path) -> None:
         DataError, match=r"2 of 3 image id\(s\).*id 1 is zebra.jpg in the detections but 001.jpg"
     ):
         evaluate(gt, dets)
+
+
+REFUSED = {
+    "not a list": ({"annotations": []}, "must be a JSON list"),
+    "an entry that is not an object": ([1, 2], "entry 0 is not a COCO result"),
+    "an entry without bbox": ([{"image_id": 1, "category_id": 1, "score": 0.5}], "entry 0 is not"),
+    "a bbox of 3 numbers": (
+        [{"image_id": 1, "category_id": 1, "bbox": [1, 2, 3], "score": 0.5}],
+        "entry 0 is not",
+    ),
+    "a score that is text": (
+        [{"image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4], "score": "high"}],
+        "entry 0 is not",
+    ),
+}
+
+
+@pytest.mark.parametrize(("content", "message"), REFUSED.values(), ids=REFUSED.keys())
+def test_malformed_detections_are_one_clear_line(gt: Path, tmp_path: Path, content, message) -> None:
+    path = tmp_path / "dets.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(DataError, match=message) as info:
+        evaluate(gt, path)
+    assert "\n" not in str(info.value)
+
+
+def test_detections_of_unknown_categories_are_counted_and_reported(gt: Path, caplog) -> None:
+    dets = _dets() + [{"image_id": 1, "category_id": 9, "bbox": [0, 0, 5, 5], "score": 0.5}] * 2
+    with caplog.at_level("WARNING", logger="retinaflow.engine.evaluate"):
+        result = evaluate(gt, dets)
+    assert result.map == pytest.approx(1.0)
+    assert "2 detection(s) of category id(s) absent from" in caplog.text and "9" in caplog.text

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from retinaflow.data.annotations import with_coco_defaults
+from retinaflow.data.annotations import is_int, is_number, with_coco_defaults
 from retinaflow.engine.callbacks import EvalResult
 from retinaflow.errors import DataError
 
@@ -54,7 +54,9 @@ def evaluate(
     if left_out:
         log.warning("%s: %d malformed annotation(s) left out of the evaluation", gt_path, left_out)
     image_ids = {img["id"] for img in gt_data["images"]}
+    _check_results(dets)
     _check_images(dets, gt_data["images"], gt_path)
+    _report_unknown_categories(dets, gt_data["categories"], gt_path)
 
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
@@ -86,6 +88,38 @@ def evaluate(
         num_detections=len(dets),
         precision=np.asarray(precision),
     )
+
+
+def _check_results(dets: list[Any]) -> None:
+    """Raise :class:`DataError` naming the first entry that is not a COCO result."""
+    for k, d in enumerate(dets):
+        bbox = d.get("bbox") if isinstance(d, dict) else None
+        ok = (
+            isinstance(bbox, (list, tuple))
+            and len(bbox) == 4
+            and all(is_number(v) for v in bbox)
+            and is_number(d.get("score"))
+            and is_int(d.get("image_id"))
+            and is_int(d.get("category_id"))
+        )
+        if not ok:
+            raise DataError(
+                f"detections entry {k} is not a COCO result (needs integer image_id and category_id, "
+                f"bbox [x, y, w, h], numeric score): {json.dumps(d)[:120]}"
+            )
+
+
+def _report_unknown_categories(dets: list[dict[str, Any]], categories: list[Any], gt_path: Path) -> None:
+    """COCOeval ignores detections of categories the ground truth lacks: count them and say so."""
+    known = {c.get("id") for c in categories if isinstance(c, dict)}
+    unknown = [d["category_id"] for d in dets if d["category_id"] not in known]
+    if unknown:
+        log.warning(
+            "%d detection(s) of category id(s) absent from %s (%s) are not evaluated",
+            len(unknown),
+            gt_path,
+            ", ".join(map(str, sorted(set(unknown))[:10])),
+        )
 
 
 def _check_images(dets: list[dict[str, Any]], images: list[dict[str, Any]], gt_path: Path) -> None:
