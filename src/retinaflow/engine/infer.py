@@ -197,6 +197,8 @@ def infer(
     from retinaflow.data.loader import build_eval_loader
     from retinaflow.engine.evaluate import evaluate
 
+    if Path(output).is_dir():
+        raise DataError(f"--output {output} is a folder; give the detections JSON file to write")
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
