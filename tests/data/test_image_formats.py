@@ -66,10 +66,12 @@ def test_lossless_8bit_rgb(tmp_path: Path, suffix: str, fmt: str, mode: str | No
     assert image.dtype == torch.uint8 and torch.equal(image, torch.from_numpy(RGB8).permute(2, 0, 1))
 
 
-@pytest.mark.parametrize("mode", ["L", "P"], ids=["greyscale", "palette"])
-def test_greyscale_and_palette_become_rgb(tmp_path: Path, mode: str) -> None:
-    path = tmp_path / "a.png"
-    _save(path, RGB8, "PNG", mode)
+@pytest.mark.parametrize(
+    ("mode", "fmt"), [("L", "PNG"), ("P", "PNG"), ("P", "GIF")], ids=["greyscale", "palette", "GIF"]
+)
+def test_greyscale_and_palette_become_rgb(tmp_path: Path, mode: str, fmt: str) -> None:
+    path = tmp_path / f"a.{fmt.lower()}"
+    _save(path, RGB8, fmt, mode)
     expected = np.array(Image.open(path).convert("RGB"))
     assert torch.equal(decode_file(path), torch.from_numpy(expected).permute(2, 0, 1))
 
