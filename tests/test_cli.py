@@ -120,3 +120,23 @@ def test_version(argv, capsys):
         main(argv)
     assert exc.value.code == 0
     assert "retinaflow" in capsys.readouterr().out
+
+
+def test_infer_output_that_is_a_folder_fails_before_inference(capsys, tmp_path, monkeypatch):
+    import retinaflow.engine.infer as infer_module
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(infer_module, "load_model", no_model)
+    (tmp_path / "imgs").mkdir()
+    code, _, err = run_cli(
+        capsys,
+        "infer",
+        str(tmp_path / "m.pth"),
+        "--images",
+        str(tmp_path / "imgs"),
+        "--output",
+        str(tmp_path),
+    )
+    assert_one_line_error(code, err, "is a folder")

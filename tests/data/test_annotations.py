@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from retinaflow.data.annotations import check_annotation, check_folder, image_entry
+from retinaflow.data.annotations import check_annotation, check_folder
 from retinaflow.errors import DataError
 
 SIZES = {1: (40, 30)}  # image id -> (width, height)
@@ -40,18 +40,6 @@ def test_kept_boxes_become_x1y1x2y2_and_clip() -> None:
     assert _check() == (None, (1.0, 2.0, 11.0, 7.0, 0))
     assert _check(bbox=[35, -2, 10, 5], category_id=5) == (None, (35.0, 0.0, 40.0, 3.0, 1))
     assert check_annotation("junk", SIZES, set(), CATS) == ("dropped_malformed", None)
-
-
-def test_image_entries() -> None:
-    assert image_entry({"id": 4, "file_name": "a.jpg", "width": 3, "height": 2}) == (4, "a.jpg", 3, 2)
-    bad = [
-        {"id": 4, "file_name": "a.jpg", "width": 3},
-        {"id": 4, "file_name": "", "width": 3, "height": 2},
-        {"id": "4", "file_name": "a.jpg", "width": 3, "height": 2},
-        {"id": 4, "file_name": "a.jpg", "width": 0, "height": 2},
-        [4],
-    ]
-    assert [image_entry(b) for b in bad] == [None] * len(bad)
 
 
 def test_check_folder_refuses_remote_paths(tmp_path) -> None:

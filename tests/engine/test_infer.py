@@ -128,3 +128,47 @@ def test_cuda_graph_detector_equals_eager(trained):
         torch.testing.assert_close(a.scores, b.scores)
         torch.testing.assert_close(a.boxes, b.boxes)
     assert len(graphed.graphs) == 2  # type: ignore[attr-defined]
+
+
+def test_cli_infer_starts_from_the_checkpoints_settings(trained, synth_small, tmp_path, capsys):
+    """``--set infer.*`` given at training time is honoured by ``retinaflow infer`` (as by the pipeline's
+    evaluate step); a flag overrides only its own setting."""
+    from retinaflow.cli import main
+    from retinaflow.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(trained)
+    state["config"]["infer"].update(score_thresh=0.0, max_det=2)
+    ckpt = save_checkpoint(tmp_path / "m.pth", state)
+
+    def per_image(*flags: str) -> set[int]:
+        out = tmp_path / "d.json"
+        argv = ["infer", str(ckpt), "--images", str(synth_small.val_images), "--output", str(out)]
+        assert main([*argv, "--device", "cpu", *flags]) == 0
+        counts: dict[int, int] = {}
+        for d in json.loads(out.read_text()):
+            counts[d["image_id"]] = counts.get(d["image_id"], 0) + 1
+        return set(counts.values())
+
+    assert per_image() == {2}
+    assert per_image("--max-det", "3") == {3}
+
+
+def test_detections_name_their_image_files(trained, synth_small, tmp_path):
+    """Detections of a bare folder (ids 1..N in file order) carry the file name, so that ``eval``
+    against an annotation file numbering the same images differently refuses instead of mispairing."""
+    from retinaflow.engine.evaluate import evaluate
+
+    cfg = tiny_config(synth_small).infer
+    cfg.score_thresh = 0.0
+    infer(trained, synth_small.val_images, tmp_path / "d.json", cfg, None, "cpu")
+    dets = json.loads((tmp_path / "d.json").read_text())
+    files = sorted(p.name for p in synth_small.val_images.iterdir())
+    assert dets and all(d["file_name"] == files[d["image_id"] - 1] for d in dets)
+    gt = json.loads(synth_small.val_annotations.read_text())
+    renumbered = {im["file_name"]: len(files) - files.index(im["file_name"]) for im in gt["images"]}
+    for im in gt["images"]:
+        im["id"] = renumbered[im["file_name"]]
+    gt["annotations"] = []
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    with pytest.raises(DataError, match="other images"):
+        evaluate(tmp_path / "gt.json", tmp_path / "d.json")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -152,3 +154,88 @@ def test_tracking_sync_sends_spilled_records(embedded: Path, tmp_path: Path, cap
     assert [a.path for a in client.list_artifacts(run_id, "model")] == ["model/m.pth"]
     assert _cli(["tracking", "sync", str(ckpt)]) == 0
     assert "nothing to send" in capsys.readouterr().out
+
+
+def _spill_for(ckpt: Path, run_id: str) -> Path:
+    spill = sidecar_for(ckpt).with_name(f"{sidecar_for(ckpt).name}.pending-{run_id}.json")
+    now = int(time.time() * 1000)
+    records = [
+        _Record("data", metrics=[("train/loss", 0.5, now, 1)]),
+        _Record("status", status="FINISHED"),
+    ]
+    _spill(records, spill, ckpt.parent / "scratch")
+    return spill
+
+
+def test_tracking_sync_uses_the_uri_saved_next_to_the_checkpoint(
+    embedded: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Without --tracking-uri the records go to the server the run lives on (MODEL.pth.mlflow.json),
+    not to a fresh store in the working directory."""
+    uri = resolve_tracking_uri()
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("sync-saved")).info.run_id
+    ckpt = tmp_path / "m.pth"
+    ckpt.write_bytes(b"w")
+    sidecar_for(ckpt).write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+    spill = _spill_for(ckpt, run_id)
+    elsewhere = tmp_path / "elsewhere"
+    monkeypatch.setenv("RETINAFLOW_PROJECT_DIR", str(elsewhere))
+    assert _cli(["tracking", "sync", str(ckpt)]) == 0
+    assert "all 2 record(s) delivered" in capsys.readouterr().out
+    assert not spill.exists() and not (elsewhere / "mlruns.db").exists()
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_tracking_sync_keeps_the_spill_file_when_records_are_not_accepted(
+    embedded: Path, tmp_path: Path, capsys
+) -> None:
+    """A run unknown to the server: nothing is accepted, so the spill file stays, and the message says
+    where the records are and how to send them."""
+    ckpt = tmp_path / "m.pth"
+    ckpt.write_bytes(b"w")
+    spill = _spill_for(ckpt, "0123456789abcdef0123456789abcdef")
+    before = spill.read_text()
+    assert _cli(["tracking", "sync", str(ckpt)]) == 1
+    out = capsys.readouterr().out
+    assert "does not exist" in out and str(spill) in out
+    assert spill.read_text() == before
+
+
+def test_sqlite_store_in_an_unusable_folder_fails_at_once(
+    embedded: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not MLflow's ~100 s of retries and a generic OperationalError: one line, the tracking exit code."""
+    from retinaflow.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    uri = f"sqlite:///{blocker / 'runs' / 'mlruns.db'}"
+    started = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match="cannot use the MLflow store") as info:
+        tracking_settings_connect(uri)
+    assert time.monotonic() - started < 5 and str(blocker) in str(info.value)
+    assert "\n" not in str(info.value) and info.value.exit_code == 9
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    code = main(["eval", "--annotations", str(gt), "--detections", str(gt), "--tracking-uri", uri])
+    assert code == 9
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_sqlite_store_in_a_read_only_folder_fails_at_once(embedded: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(TrackingUnavailable, match="not writable"):
+            tracking_settings_connect(f"sqlite:///{folder / 'mlruns.db'}")
+    finally:
+        folder.chmod(0o755)
+
+
+def tracking_settings_connect(uri: str) -> None:
+    from retinaflow.mlops.runs import connect
+    from retinaflow.mlops.settings import TrackingSettings
+
+    connect(TrackingSettings(tracking_uri=uri))

@@ -72,6 +72,14 @@ def test_samples_from_coco_converts_boxes(tmp_path: Path) -> None:
     assert list(s.pred_scores) == pytest.approx([0.9, 0.1])
 
 
+def test_samples_from_coco_categories_without_name(tmp_path: Path) -> None:
+    """``eval --mlflow`` draws samples from any accepted COCO file: a nameless category is its id."""
+    images, gt, dets = _dataset(tmp_path)
+    del gt["categories"][0]["name"]
+    samples = plots.samples_from_coco(images, gt, dets, count=1)
+    assert samples[0].gt_names == ["7"] and samples[0].pred_names == ["7", "7"]
+
+
 def test_detection_grid_draws_true_and_confident_boxes(tmp_path: Path) -> None:
     images, gt, dets = _dataset(tmp_path)
     samples = plots.samples_from_coco(images, gt, dets, count=3)

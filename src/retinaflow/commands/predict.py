@@ -13,7 +13,8 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
         "infer",
         help="detect objects in a folder of images",
         description="Batched inference with AMP, GPU decode + NMS; writes COCO results JSON and, with "
-        "--annotations, evaluates them.",
+        "--annotations, evaluates them. Settings not given as flags are the checkpoint's (its infer.* "
+        "config, defaults unless changed at training time).",
     )
     p.add_argument("model", help="checkpoint")
     p.add_argument("--images", required=True, help="images folder")
@@ -51,23 +52,24 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
-    from retinaflow.config import InferConfig
     from retinaflow.engine.evaluate import render_table, write_report
     from retinaflow.engine.infer import infer
 
-    cfg = InferConfig()
     names = ("batch", "resize", "max_size", "precision", "score_thresh", "nms_iou", "max_det", "top_n")
-    for name in (*names, "pad_stride", "compile", "loader", "cudnn_benchmark"):
-        if getattr(args, name) is not None:
-            setattr(cfg, name, getattr(args, name))
-    cfg.cuda_graph = args.cuda_graph
+    overrides = {
+        n: getattr(args, n)
+        for n in (*names, "pad_stride", "compile", "loader", "cudnn_benchmark")
+        if getattr(args, n) is not None
+    }
+    if args.cuda_graph:
+        overrides["cuda_graph"] = True
     target = args.output
-    params = {"checkpoint": args.model, "images": args.images, **cfg.__dict__}
+    params = {"checkpoint": args.model, "images": args.images, **overrides}
     with (
         remote(args, inputs=("model", "images", "annotations"), outputs=("output", "report")),
         tracked(args, "infer", params) as run,
     ):
-        result = infer(args.model, args.images, args.output, cfg, args.annotations, args.device)
+        result = infer(args.model, args.images, args.output, None, args.annotations, args.device, overrides)
         print(f"detections: {target}")
         if result is not None:
             print(render_table(result))

@@ -23,15 +23,37 @@ def is_number(value: Any) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def image_entry(entry: Any) -> tuple[int, str, int, int] | None:
-    """(id, file_name, width, height) of a well-formed ``images`` entry, else None."""
+#: Why an ``images`` entry is refused: its count key (``CocoDataset.report()``) and a few words.
+IMAGE_REFUSALS = {
+    "invalid_image_entry": "entry is not an object",
+    "invalid_image_id": "id is not an integer",
+    "invalid_image_file_name": "file_name is missing or empty",
+    "invalid_image_size": "width/height are not positive integers",
+}
+
+
+def integral(value: Any) -> int | None:
+    """``value`` as an int when it is an integer or an integral float (``640.0``), else None."""
+    if is_int(value):
+        return value
+    if is_number(value) and float(value).is_integer():
+        return int(value)
+    return None
+
+
+def image_entry(entry: Any) -> tuple[int, str, int, int] | str:
+    """(id, file_name, width, height) of a well-formed ``images`` entry, else the refusal kind (a key of
+    :data:`IMAGE_REFUSALS`). Integral float sizes (``640.0``) are accepted; ids must be integers."""
     if not isinstance(entry, dict):
-        return None
-    image_id, name, w, h = (entry.get(k) for k in ("id", "file_name", "width", "height"))
-    if not (is_int(image_id) and isinstance(name, str) and name and is_int(w) and is_int(h)):
-        return None
-    if w <= 0 or h <= 0:
-        return None
+        return "invalid_image_entry"
+    image_id, name = entry.get("id"), entry.get("file_name")
+    w, h = integral(entry.get("width")), integral(entry.get("height"))
+    if not is_int(image_id):
+        return "invalid_image_id"
+    if not (isinstance(name, str) and name):
+        return "invalid_image_file_name"
+    if w is None or h is None or w <= 0 or h <= 0:
+        return "invalid_image_size"
     return image_id, name, w, h
 
 
@@ -68,6 +90,38 @@ def check_annotation(
         return "dropped_outside", None
     clipped = int((x1, y1, x2, y2) != (x, y, x + bw, y + bh))
     return None, (x1, y1, x2, y2, clipped)
+
+
+def with_coco_defaults(data: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """A copy of a COCO instances dict holding every key COCO tools (pycocotools) read, and the number
+    of annotations left out.
+
+    Filled as COCO tools assume: ``info`` {} and ``licenses`` [], annotation ``area`` from the box (w * h)
+    and ``iscrowd`` 0, category ``name`` from the id. Annotations that training drops as malformed (not
+    an object, no integer ``image_id`` or ``category_id``, no 4-number ``bbox``) are left out; they would
+    crash the evaluation. The input is not modified.
+    """
+    kept = []
+    for ann in data.get("annotations") or []:
+        bbox = ann.get("bbox") if isinstance(ann, dict) else None
+        if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(is_number(v) for v in bbox)):
+            continue
+        if not (is_int(ann.get("image_id")) and is_int(ann.get("category_id"))):
+            continue
+        area = ann.get("area")
+        kept.append(
+            {
+                **ann,
+                "area": float(area) if is_number(area) else float(bbox[2]) * float(bbox[3]),
+                "iscrowd": int(bool(ann.get("iscrowd", 0))),
+            }
+        )
+    categories = [
+        {**c, "name": str(c.get("name", c.get("id")))} if isinstance(c, dict) else c
+        for c in data.get("categories") or []
+    ]
+    doc = {"info": {}, "licenses": [], **data, "annotations": kept, "categories": categories}
+    return doc, len(data.get("annotations") or []) - len(kept)
 
 
 def check_folder(images: str | Path) -> Path:

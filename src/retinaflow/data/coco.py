@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from retinaflow.data.annotations import (
+    IMAGE_REFUSALS,
     check_annotation,
     check_folder,
     image_entry,
@@ -30,12 +30,8 @@ from retinaflow.data.annotations import (
     listing,
     load_annotations,
 )
+from retinaflow.data.images import decode_file
 from retinaflow.errors import DataError
-
-try:  # deprecated in torchvision 0.29 in favour of TorchCodec; PIL does the job where it is gone
-    from torchvision.io import ImageReadMode, decode_image, read_file
-except ImportError:  # pragma: no cover - depends on the installed torchvision
-    decode_image = None
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +48,7 @@ _COUNTS = (
     "annotations",
     "categories",
     "invalid_images",
+    *IMAGE_REFUSALS,
     "duplicate_images",
     "missing_files",
     "corrupt_images",
@@ -119,6 +116,7 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
         self.replace_corrupt = replace_corrupt
         self._counts = dict.fromkeys(_COUNTS, 0)
         self._corrupt: set[int] = set()
+        self._size_warned: set[int] = set()
         data = load_annotations(self.annotations_path)
         self._json: dict[str, Any] | None = None
         self._parse(data, require_annotations, keep_json)
@@ -141,7 +139,12 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
 
     def image_sizes(self) -> np.ndarray:
         """(N, 2) int64 (height, width) of every kept image as the COCO file lists it, in dataset order."""
-        return self._hw
+        return np.ascontiguousarray(self._sizes[:, ::-1])
+
+    @property
+    def file_names(self) -> dict[int, str]:
+        """``file_name`` of each kept image, by COCO id."""
+        return {int(i): str(f) for i, f in zip(self._ids, self._files, strict=True)}
 
     def file_path(self, index: int) -> Path:
         return self.images_dir / str(self._files[index])
@@ -171,6 +174,36 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
         out["corrupt_images"] = len(self._corrupt)
         return out
 
+    def json_size(self, index: int) -> tuple[int, int]:
+        """(width, height) that the annotation file gives image ``index``."""
+        w, h = self._sizes[index]
+        return int(w), int(h)
+
+    def _check_size(self, index: int, width: int, height: int) -> None:
+        """Warn (once per image and process) when the decoded size is not the annotated one: the boxes
+        may not fit the pixels (they are clipped to the image)."""
+        json_w, json_h = self.json_size(index)
+        image_id = int(self._ids[index])
+        if (json_w, json_h) == (width, height) or image_id in self._size_warned:
+            return
+        self._size_warned.add(image_id)
+        hint = (
+            ": the transpose, as written by a tool that ignored the EXIF orientation; check its boxes"
+            if (json_w, json_h) == (height, width)
+            else ""
+        )
+        log.warning(
+            "image %s (id %d) is %dx%d as displayed but %s says %dx%d%s",
+            self.file_path(index),
+            image_id,
+            width,
+            height,
+            self.annotations_path.name,
+            json_w,
+            json_h,
+            hint,
+        )
+
     def record_corrupt(self, image_ids: tuple[int, ...] | list[int]) -> list[int]:
         """Note corrupt images found (possibly in a worker); returns the ids not known before."""
         new = [int(i) for i in image_ids if int(i) not in self._corrupt]
@@ -182,17 +215,11 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
         return len(self._ids)
 
     def decode(self, index: int) -> torch.Tensor | None:
-        """Image ``index`` as (3, H, W) uint8 RGB, or None (logged once) when it cannot be decoded."""
+        """Image ``index`` as (3, H, W) uint8 RGB as displayed (see :mod:`retinaflow.data.images`), or
+        None (logged once) when it cannot be decoded."""
         path = self.file_path(index)
-        if decode_image is not None:
-            try:
-                return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-            except (RuntimeError, OSError, ValueError):
-                pass  # formats or variants torchvision does not read: try PIL
         try:
-            with Image.open(path) as im:
-                array = np.asarray(im.convert("RGB"))
-            return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+            return decode_file(path)
         except Exception as exc:  # PIL raises many types for bad files; all mean "unreadable"
             image_id = int(self._ids[index])
             if self.record_corrupt([image_id]):
@@ -218,6 +245,7 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
             raise DataError(f"none of the {len(self)} images in {self.images_dir} could be decoded")
         np_boxes, np_labels = self.targets(index)
         h, w = image.shape[-2:]
+        self._check_size(index, int(w), int(h))
         boxes = torch.from_numpy(np_boxes.copy())
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)  # guard against a JSON width/height that is off
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
@@ -241,8 +269,9 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
         c["images_listed"] = len(data["images"])
         for entry in data["images"]:
             parsed = image_entry(entry)
-            if parsed is None:
+            if isinstance(parsed, str):
                 c["invalid_images"] += 1
+                c[parsed] += 1
                 continue
             image_id, name, w, h = parsed
             if image_id in entries or image_id in missing:
@@ -252,12 +281,12 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
                 c["missing_files"] += 1
                 missing.add(image_id)
                 continue
-            entries[image_id], sizes[image_id] = entry, (w, h)
+            entries[image_id], sizes[image_id] = {**entry, "width": w, "height": h}, (w, h)
             order.append(image_id)
         if not order:
             raise DataError(
                 f"no usable images: {path} lists {c['images_listed']}, {c['missing_files']} missing "
-                f"in {self.images_dir}, {c['invalid_images']} invalid"
+                f"in {self.images_dir}, {c['invalid_images']} invalid{self._refusals()}"
             )
 
         per_image: dict[int, list[tuple[list[float], int]]] = {i: [] for i in order}
@@ -289,7 +318,7 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
         counts = [len(per_image[i]) for i in order]
         self._ids = np.asarray(order, dtype=np.int64)
         self._files = np.asarray([entries[i]["file_name"] for i in order], dtype=np.str_)
-        self._hw = np.asarray([sizes[i][::-1] for i in order], dtype=np.int64).reshape(-1, 2)
+        self._sizes = np.asarray([sizes[i] for i in order], dtype=np.int64).reshape(-1, 2)
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         flat = [t for i in order for t in per_image[i]]
         self._boxes = np.asarray([b for b, _ in flat], dtype=np.float32).reshape(-1, 4)
@@ -301,6 +330,11 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
         dropped_total = sum(v for k, v in c.items() if k.startswith("dropped_"))
         if dropped_total or c["missing_files"] or c["invalid_images"] or c["duplicate_images"]:
             log.warning("%s: %s", path, ", ".join(f"{k} {v}" for k, v in c.items() if v and k not in _KEPT))
+
+    def _refusals(self) -> str:
+        """`` (invalid_image_id 3: id is not an integer, ...)`` for the refused image entries, or ''."""
+        found = [f"{k} {self._counts[k]}: {why}" for k, why in IMAGE_REFUSALS.items() if self._counts[k]]
+        return f" ({', '.join(found)})" if found else ""
 
     def _parse_categories(self, categories: list[Any]) -> dict[int, int]:
         by_id: dict[int, str] = {}

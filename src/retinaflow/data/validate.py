@@ -32,7 +32,9 @@ def validate_dataset(
     boxes (partly outside boxes are clipped). Raises :class:`DataError` when nothing usable is left.
 
     Returns the counts of :meth:`CocoDataset.report` (``images``/``annotations`` = what was written),
-    plus ``size_mismatch`` (decoded size differs from the JSON), ``dropped_corrupt_image``,
+    plus ``size_mismatch`` (decoded size, EXIF orientation applied, differs from the JSON), of which
+    ``size_transposed`` (the JSON has height and width swapped: a tool that ignored the EXIF
+    orientation, whose boxes are likely misplaced), ``dropped_corrupt_image``,
     ``class_names``, ``fingerprint`` (of the input) and ``out_annotations``.
     """
     dataset = CocoDataset(images, annotations, transform=None, replace_corrupt=False, keep_json=True)
@@ -47,7 +49,8 @@ def validate_dataset(
         shapes = list(pool.map(shape, range(len(dataset))))
     ids = dataset.image_ids
     corrupt = {i for i, s in zip(ids, shapes, strict=True) if s is None}
-    mismatch = sum(1 for i, s in zip(ids, shapes, strict=True) if s is not None and s != declared[i])
+    wrong = [(s, declared[i]) for i, s in zip(ids, shapes, strict=True) if s is not None and s != declared[i]]
+    transposed = sum(1 for s, d in wrong if s[::-1] == d)
 
     cleaned = dataset.cleaned_json(exclude_ids=corrupt)
     if not cleaned["images"]:
@@ -62,7 +65,8 @@ def validate_dataset(
         annotations=len(cleaned["annotations"]),
         corrupt_images=len(corrupt),
         dropped_corrupt_image=len(doc["annotations"]) - len(cleaned["annotations"]),
-        size_mismatch=mismatch,
+        size_mismatch=len(wrong),
+        size_transposed=transposed,
         class_names=dataset.class_names,
         fingerprint=fingerprint(images, annotations),
         out_annotations=str(out_annotations),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -85,6 +86,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         data = torch.load(p, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as exc:
+        text = str(exc)
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if found:  # torch's own text advises weights_only=False, which would run the file's code
+            raise CheckpointError(
+                f"{p} is not a retinaflow checkpoint: it holds a Python object ({found.group(1)}), not "
+                "only tensors and plain values (a pickled model, or another program's file?)"
+            ) from exc
+        if "weights only load failed" in text.lower():
+            raise CheckpointError(
+                f"cannot read checkpoint {p}: not a PyTorch file, or a damaged one"
+            ) from exc
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot read checkpoint {p}: {reason[:200]}") from exc
     if not isinstance(data, dict) or "model" not in data:

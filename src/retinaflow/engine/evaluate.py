@@ -5,13 +5,17 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from pathlib import Path
+import logging
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
+from retinaflow.data.annotations import is_int, is_number, with_coco_defaults
 from retinaflow.engine.callbacks import EvalResult
 from retinaflow.errors import DataError
+
+log = logging.getLogger(__name__)
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -46,14 +50,13 @@ def evaluate(
         raise DataError("detections must be a JSON list of COCO results")
     if not isinstance(gt_data, dict) or "images" not in gt_data or "categories" not in gt_data:
         raise DataError(f"annotations file {gt_path} is not COCO instances JSON (needs images, categories)")
-    gt_data.setdefault("annotations", [])
+    gt_data, left_out = with_coco_defaults(gt_data)
+    if left_out:
+        log.warning("%s: %d malformed annotation(s) left out of the evaluation", gt_path, left_out)
     image_ids = {img["id"] for img in gt_data["images"]}
-    unknown = {d.get("image_id") for d in dets} - image_ids
-    if unknown:
-        raise DataError(
-            f"detections refer to {len(unknown)} image id(s) absent from {gt_path}, "
-            f"e.g. {sorted(map(str, unknown))[0]}"
-        )
+    _check_results(dets)
+    _check_images(dets, gt_data["images"], gt_path)
+    _report_unknown_categories(dets, gt_data["categories"], gt_path)
 
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
@@ -85,6 +88,60 @@ def evaluate(
         num_detections=len(dets),
         precision=np.asarray(precision),
     )
+
+
+def _check_results(dets: list[Any]) -> None:
+    """Raise :class:`DataError` naming the first entry that is not a COCO result."""
+    for k, d in enumerate(dets):
+        bbox = d.get("bbox") if isinstance(d, dict) else None
+        ok = (
+            isinstance(bbox, (list, tuple))
+            and len(bbox) == 4
+            and all(is_number(v) for v in bbox)
+            and is_number(d.get("score"))
+            and is_int(d.get("image_id"))
+            and is_int(d.get("category_id"))
+        )
+        if not ok:
+            raise DataError(
+                f"detections entry {k} is not a COCO result (needs integer image_id and category_id, "
+                f"bbox [x, y, w, h], numeric score): {json.dumps(d)[:120]}"
+            )
+
+
+def _report_unknown_categories(dets: list[dict[str, Any]], categories: list[Any], gt_path: Path) -> None:
+    """COCOeval ignores detections of categories the ground truth lacks: count them and say so."""
+    known = {c.get("id") for c in categories if isinstance(c, dict)}
+    unknown = [d["category_id"] for d in dets if d["category_id"] not in known]
+    if unknown:
+        log.warning(
+            "%d detection(s) of category id(s) absent from %s (%s) are not evaluated",
+            len(unknown),
+            gt_path,
+            ", ".join(map(str, sorted(set(unknown))[:10])),
+        )
+
+
+def _check_images(dets: list[dict[str, Any]], images: list[dict[str, Any]], gt_path: Path) -> None:
+    """Raise :class:`DataError` when detections refer to image ids absent from the ground truth, or
+    name (``file_name``, written by ``infer``) other files than the ground truth's images of the same
+    ids: ids alone would pair the wrong images. Names compare by their last component."""
+    names = {img["id"]: PurePosixPath(str(img.get("file_name", ""))).name for img in images}
+    unknown = {d.get("image_id") for d in dets} - names.keys()
+    if unknown:
+        raise DataError(
+            f"detections refer to {len(unknown)} image id(s) absent from {gt_path}, "
+            f"e.g. {sorted(map(str, unknown))[0]}"
+        )
+    theirs = {d["image_id"]: PurePosixPath(str(d["file_name"])).name for d in dets if "file_name" in d}
+    wrong = sorted((i, name) for i, name in theirs.items() if name != names[i])
+    if wrong:
+        i, name = wrong[0]
+        raise DataError(
+            f"the detections were made on other images than {gt_path} describes: {len(wrong)} of "
+            f"{len(theirs)} image id(s) name another file, e.g. id {i} is {name} in the detections but "
+            f"{names[i]} in the annotations (run infer with --annotations {gt_path.name})"
+        )
 
 
 def report_dict(result: EvalResult) -> dict[str, Any]:

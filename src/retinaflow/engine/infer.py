@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
@@ -184,19 +185,26 @@ def infer(
     cfg: InferConfig | None = None,
     annotations: str | Path | None = None,
     device: str | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> EvalResult | None:
-    """Detect objects in every image of ``images``, write COCO results to ``output``.
+    """Detect objects in every image of ``images``, write COCO results to ``output`` (each with the
+    ``file_name`` of its image: without ``annotations`` the ids are 1..N in file-name order).
 
-    With ``annotations`` the detections are also evaluated (COCOeval) and the result returned.
+    The inference settings are ``cfg`` when given, else the checkpoint's (those saved at training
+    time), with ``overrides`` (``InferConfig`` field -> value, e.g. from command-line flags) applied on
+    top. With ``annotations`` the detections are also evaluated (COCOeval) and the result returned.
     """
     from retinaflow.data.select import build_eval
     from retinaflow.data.shapes import use_cudnn_benchmark
     from retinaflow.engine.evaluate import evaluate
 
+    if Path(output).is_dir():
+        raise DataError(f"--output {output} is a folder; give the detections JSON file to write")
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, config, state = load_model(checkpoint, dev)
     if cfg is not None:
         config.infer = cfg
+    config.infer = dataclasses.replace(config.infer, **(overrides or {}))
     config.data.resize, config.data.max_size = config.infer.resize, config.infer.max_size
     config.data.pad_stride, config.data.loader = config.infer.pad_stride, config.infer.loader
     images_dir = Path(images)
@@ -204,12 +212,15 @@ def infer(
         raise DataError(f"images folder not found: {images_dir}")
     with tempfile.TemporaryDirectory() as tmp:
         ann = Path(annotations) if annotations else _image_list_as_coco(images_dir, state, Path(tmp))
-        loader, _ = build_eval(str(images_dir), str(ann), config.data, config.infer.batch, 0, 1, dev)
+        loader, dataset = build_eval(str(images_dir), str(ann), config.data, config.infer.batch, 0, 1, dev)
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = use_cudnn_benchmark(config.infer.cudnn_benchmark, loader.policy)
         amp = autocast_dtype(config.infer.precision, dev)
         detector = make_detector(model, config, amp, inference_only=True)
         dets = predict(model, loader, config, dev, amp, state["category_ids"], detector)
+    names = dataset.file_names  # with each detection, so that it can be traced back to its file
+    for d in dets:
+        d["file_name"] = names[d["image_id"]]
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dets))
@@ -221,7 +232,7 @@ def infer(
 
 def _image_list_as_coco(images_dir: Path, state: dict[str, Any], tmp: Path) -> Path:
     """Describe a bare folder of images as a COCO file without annotations, for the eval loader."""
-    from PIL import Image
+    from retinaflow.data.images import displayed_size
 
     files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
@@ -229,8 +240,7 @@ def _image_list_as_coco(images_dir: Path, state: dict[str, Any], tmp: Path) -> P
     entries = []
     for i, p in enumerate(files, start=1):
         try:
-            with Image.open(p) as im:
-                w, h = im.size
+            w, h = displayed_size(p)
         except OSError:
             log.warning("skipping unreadable image %s", p)
             continue

@@ -93,7 +93,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 def _cmd_submit(args: argparse.Namespace) -> int:
     from retinaflow.config import Config
-    from retinaflow.kubeflow.params import config_arguments, parse_params
+    from retinaflow.kubeflow.params import check_arguments, config_arguments, parse_params
     from retinaflow.kubeflow.submit import SubmitOptions, submit
 
     arguments = config_arguments(Config.load(args.config)) if args.config else {}
@@ -101,6 +101,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     if "overrides" in explicit and "overrides" in arguments:
         explicit["overrides"] = [*arguments["overrides"], *explicit["overrides"]]
     arguments.update(explicit)
+    check_arguments(arguments)
     result = submit(
         SubmitOptions(
             host=args.host,

@@ -9,18 +9,23 @@ selectors) are ignored. The data is the synthetic shapes dataset, training runs 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from retinaflow.config import Config
 from retinaflow.errors import RetinaflowError
-from retinaflow.kubeflow.params import config_arguments
+from retinaflow.kubeflow.params import check_arguments, config_arguments
+from retinaflow.kubeflow.steps.common import FAILURE_LOG_ENV
 
 PRESET = "synthetic_cpu"
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 class LocalRunFailed(RetinaflowError):
@@ -50,13 +55,17 @@ class LocalRunResult:
 
 
 def local_arguments(opts: LocalRunOptions, data: Any, output: Path) -> dict[str, Any]:
-    """Pipeline arguments for a CPU run on the synthetic dataset ``data`` (SynthPaths)."""
+    """Pipeline arguments for a CPU run on the synthetic dataset ``data`` (SynthPaths; None: the
+    arguments without dataset paths, to check them before the data exists)."""
     args = config_arguments(Config.load(PRESET))
+    if data is not None:
+        args.update(
+            images=str(data.train_images),
+            annotations=str(data.train_annotations),
+            val_images=str(data.val_images),
+            val_annotations=str(data.val_annotations),
+        )
     args.update(
-        images=str(data.train_images),
-        annotations=str(data.train_annotations),
-        val_images=str(data.val_images),
-        val_annotations=str(data.val_annotations),
         gpus=0,
         nodes=1,
         checkpoint_root=str(output / "checkpoints"),
@@ -88,7 +97,11 @@ def run_local(opts: LocalRunOptions) -> LocalRunResult:
     from retinaflow.mlops.settings import resolve_tracking_uri
 
     output = opts.output.resolve()
+    check_arguments(local_arguments(opts, None, output))  # before anything runs: see check_arguments
     output.mkdir(parents=True, exist_ok=True)
+    failures = output / "failures.jsonl"
+    failures.unlink(missing_ok=True)
+    os.environ[FAILURE_LOG_ENV] = str(failures)
     os.environ.setdefault("RETINAFLOW_PROJECT_DIR", str(output))
     os.environ["MLFLOW_TRACKING_URI"] = resolve_tracking_uri()
     # the components run `python3 -m kfp.dsl.executor_main`: make that this interpreter
@@ -99,9 +112,10 @@ def run_local(opts: LocalRunOptions) -> LocalRunResult:
         runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(artifacts), raise_on_error=True
     )
     try:
-        retinaflow_pipeline(**local_arguments(opts, data, output))
+        with _plain_kfp_logs():
+            retinaflow_pipeline(**local_arguments(opts, data, output))
     except RuntimeError as exc:
-        raise LocalRunFailed(str(exc).strip().splitlines()[0]) from exc
+        raise run_failure(exc, failures) from exc
     return LocalRunResult(
         output=output,
         artifacts=artifacts,
@@ -109,6 +123,40 @@ def run_local(opts: LocalRunOptions) -> LocalRunResult:
         summary=_latest_summary(artifacts),
         versions=_versions(opts.model_name),
     )
+
+
+@contextlib.contextmanager
+def _plain_kfp_logs() -> Iterator[None]:
+    """kfp.local colours task names and statuses with ANSI codes; drop them when the output is not a
+    terminal (logs, CI), restore them after."""
+    from kfp.local import logging_utils
+
+    if sys.stdout.isatty():
+        yield
+        return
+    colours = {k: v for k, v in vars(logging_utils.Color).items() if k.isupper()}
+    for name in colours:
+        setattr(logging_utils.Color, name, "")
+    try:
+        yield
+    finally:
+        for name, value in colours.items():
+            setattr(logging_utils.Color, name, value)
+
+
+def run_failure(exc: BaseException, failures: Path) -> LocalRunFailed:
+    """One plain-text line for a failed run: the failing step and its cause, as the step recorded it
+    (``steps.common.reports_failure``); else kfp.local's own message without its colour codes."""
+    records = []
+    if failures.is_file():
+        for line in failures.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                records.append(json.loads(line))
+    if records:
+        last = records[-1]
+        return LocalRunFailed(f"pipeline step {last.get('step')} failed: {last.get('error')}")
+    text = _ANSI.sub("", str(exc)).strip()
+    return LocalRunFailed(text.splitlines()[0] if text else type(exc).__name__)
 
 
 def _latest_summary(artifacts: Path) -> dict[str, Any]:

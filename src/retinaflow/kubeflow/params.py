@@ -86,6 +86,24 @@ def check_required(arguments: dict[str, Any]) -> None:
         raise ConfigError(f"missing pipeline parameter(s): {', '.join(missing)} (pass --param name=value)")
 
 
+def check_arguments(arguments: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` for arguments a step would refuse, before anything is launched: a
+    configuration error inside a step would only be retried (the train task has a retry policy) and
+    its cause buried in the step's log. Checks the train request, the config overrides (keys and
+    value types) and the split and node counts."""
+    import dataclasses
+
+    from retinaflow.kubeflow.steps.training import TrainRequest
+
+    fields = {f.name for f in dataclasses.fields(TrainRequest)}
+    TrainRequest(**{k: v for k, v in arguments.items() if k in fields}).check()
+    Config().override([str(o) for o in arguments.get("overrides", [])])
+    if not 0 < float(arguments.get("val_fraction", 0.1)) < 1:
+        raise ConfigError(f"val_fraction must be between 0 and 1, got {arguments['val_fraction']}")
+    if int(arguments.get("nodes", 1)) < 1:
+        raise ConfigError(f"nodes must be at least 1, got {arguments['nodes']}")
+
+
 def config_arguments(config: Config) -> dict[str, Any]:
     """Pipeline arguments reproducing ``config``: its dedicated parameters, the rest as ``overrides``.
 

@@ -314,18 +314,24 @@ def _cmd_register(args: argparse.Namespace) -> int:
 
 
 def _cmd_sync(args: argparse.Namespace) -> int:
-    from retinaflow.mlops.runs import connect, describe, replay_pending
+    """Send each spill file to the server its run lives on: ``--tracking-uri`` when given, else the URI
+    saved with the records (or in the checkpoint's sidecar), else the default."""
+    from retinaflow.mlops.runs import connect, describe, pending_files, replay_file, saved_uri
     from retinaflow.mlops.tracking import sidecar_for
 
-    settings = _registry_settings(args)
-    client, uri = connect(settings)
+    install_log_redaction()
     target = Path(args.path)
-    reports = replay_pending(client, uri, settings, target if target.is_dir() else sidecar_for(target))
-    for report in reports:
+    files = pending_files(target if target.is_dir() else sidecar_for(target))
+    complete = True
+    for path in files:
+        settings = TrackingSettings(tracking_uri=args.tracking_uri or saved_uri(path))
+        client, uri = connect(settings)
+        report = replay_file(client, uri, settings, path)
         print(describe(report, uri))
-    if not reports:
+        complete = complete and report.complete
+    if not files:
         print(f"nothing to send: no spilled MLflow records for {target}")
-    return 0 if all(r.complete for r in reports) else 1
+    return 0 if complete else 1
 
 
 def add_registry_commands(subparsers: Any) -> None:

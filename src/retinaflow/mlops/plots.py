@@ -150,7 +150,7 @@ def samples_from_coco(
 
     gt = json.loads(Path(annotations).read_text()) if not isinstance(annotations, dict) else annotations
     dets = json.loads(Path(detections).read_text()) if not isinstance(detections, list) else detections
-    names = {c["id"]: c["name"] for c in gt.get("categories", [])}
+    names = {c["id"]: str(c.get("name", c["id"])) for c in gt.get("categories", [])}
     chosen = choose_images(gt, count, seed)
     by_image_gt: dict[Any, list[dict[str, Any]]] = {}
     for a in gt.get("annotations", []):

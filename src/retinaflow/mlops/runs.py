@@ -26,8 +26,16 @@ from retinaflow.mlops.settings import (
     git_commit,
     library_versions,
     probe,
+    sqlite_problem,
 )
-from retinaflow.mlops.writer import RunWriter, WriterReport, load_spilled, requeue
+from retinaflow.mlops.writer import (
+    RunWriter,
+    WriterReport,
+    load_spilled,
+    requeue,
+    save_spilled,
+    spilled_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +43,15 @@ MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 
 
 def connect(settings: TrackingSettings) -> tuple[MlflowClient, str]:
-    """A client on the resolved tracking URI; a down server raises :class:`TrackingUnavailable` at once."""
+    """A client on the resolved tracking URI; a down server or an unwritable sqlite store raises
+    :class:`TrackingUnavailable` at once."""
     uri = settings.resolved_uri()
+    problem = sqlite_problem(uri)
+    if problem:
+        raise TrackingUnavailable(
+            f"cannot use the MLflow store {redact(uri)}: {problem}; choose another --tracking-uri / "
+            "MLFLOW_TRACKING_URI (or RETINAFLOW_PROJECT_DIR for the embedded store)"
+        )
     reason = probe(uri, settings.probe_timeout)
     if reason:
         raise TrackingUnavailable(
@@ -130,22 +145,52 @@ def replay_pending(
     client: MlflowClient, uri: str, settings: TrackingSettings, sidecar: Path
 ) -> list[WriterReport]:
     """Send the records spilled next to ``sidecar`` (by an earlier run that ended during an outage) to
-    their runs; files are removed once fully delivered. Returns one report per file."""
-    reports = []
-    for path in pending_files(sidecar):
-        run_id = path.name.rsplit(".pending-", 1)[1][: -len(".json")]
-        records = load_spilled(path)
-        writer = RunWriter(client, run_id, uri, settings)
-        requeue(writer, records)
-        report = writer.close(spill=path.with_name(path.name + ".retry"))
-        if report.spilled_to is not None:  # still down: keep the rest for the next attempt
-            report.spilled_to.replace(path)
-        else:
-            path.unlink()
-            shutil.rmtree(path.with_name(path.name + ".files"), ignore_errors=True)
-        log.info("replayed %d spilled MLflow record(s) into run %s", report.delivered, run_id)
-        reports.append(report)
-    return reports
+    their runs on ``uri`` (see :func:`replay_file`). Returns one report per file."""
+    return [replay_file(client, uri, settings, path) for path in pending_files(sidecar)]
+
+
+def saved_uri(spill: Path) -> str | None:
+    """The tracking URI the run of a spill file lives on: the one written in the file, else the one in
+    the sidecar it belongs to (``MODEL.pth.mlflow.json`` for ``MODEL.pth.mlflow.json.pending-*.json``)."""
+    uri = spilled_uri(spill)
+    if uri:
+        return uri
+    info = read_sidecar(spill.with_name(spill.name.rsplit(".pending-", 1)[0]))
+    return str(info["tracking_uri"]) if info and info.get("tracking_uri") else None
+
+
+def replay_file(client: MlflowClient, uri: str, settings: TrackingSettings, path: Path) -> WriterReport:
+    """Send one spill file's records to their run. The file (and its ``.files`` folder) is removed only
+    once every record in it was accepted; otherwise it is rewritten with the records that were not
+    (rejected, or still undelivered because the server went down again), and ``kept_in`` names it."""
+    run_id = path.name.rsplit(".pending-", 1)[1][: -len(".json")]
+    records = load_spilled(path)
+    if not _run_exists(client, run_id):
+        reason = f"run {run_id} does not exist on {redact(uri)}"
+        return WriterReport(run_id, lost=[f"{r.describe()}: {reason}" for r in records], kept_in=path)
+    writer = RunWriter(client, run_id, uri, settings)
+    requeue(writer, records)
+    retry = path.with_name(path.name + ".retry")
+    report = writer.close(spill=retry)
+    left = writer.rejected + load_spilled(retry)
+    retry.unlink(missing_ok=True)
+    if left:  # in their original order: every rejected record was queued before the undelivered ones
+        report.spilled_to = report.kept_in = save_spilled(left, path, redact(uri))
+    else:
+        path.unlink()
+        shutil.rmtree(path.with_name(path.name + ".files"), ignore_errors=True)
+    log.info("replayed %d spilled MLflow record(s) into run %s", report.delivered, run_id)
+    return report
+
+
+def _run_exists(client: MlflowClient, run_id: str) -> bool:
+    try:
+        client.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
 
 
 def describe(report: WriterReport, uri: str) -> str:
@@ -166,7 +211,12 @@ def describe(report: WriterReport, uri: str) -> str:
             f"{report.dropped} metric record(s) ({report.dropped_metrics} metric points) dropped and lost: "
             "the in-memory buffer was full (TrackingSettings.max_buffered_records)"
         )
-    if report.lost:
+    if report.lost and report.kept_in:
+        parts.append(
+            f"{len(report.lost)} record(s) not accepted ({report.lost[0]}), kept in {report.kept_in}; send "
+            "them with `retinaflow tracking sync` (with --tracking-uri if the run lives on another server)"
+        )
+    elif report.lost:
         parts.append(f"{len(report.lost)} record(s) rejected by the server and lost, e.g. {report.lost[0]}")
     return "; ".join(parts)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -115,6 +116,26 @@ def probe(uri: str, timeout: float = 3.0) -> str | None:
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         return redact(f"{type(reason).__name__}: {reason}".splitlines()[0])
+
+
+def sqlite_problem(uri: str) -> str | None:
+    """Why the sqlite store of ``uri`` cannot be written (its folder cannot be created or written, or
+    the database file is read-only), else None; None for other URIs. Checked before MLflow touches it:
+    MLflow retries an unopenable database for minutes and then reports a generic OperationalError."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///") :].split("?", 1)[0])
+    if str(db) in ("", ":memory:"):
+        return None
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=db.parent):
+            pass
+    except OSError as exc:
+        return f"folder {db.parent} is not writable ({exc.strerror or type(exc).__name__})"
+    if db.exists() and not os.access(db, os.R_OK | os.W_OK):
+        return f"database {db} is not writable"
+    return None
 
 
 def git_commit(path: Path | None = None) -> str | None:

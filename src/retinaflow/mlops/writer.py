@@ -83,6 +83,7 @@ class WriterReport:
     outages: int = 0
     down_at_close: bool = False  # pending because the server was unreachable (else: the flush timed out)
     spilled_to: Path | None = None
+    kept_in: Path | None = None  # replay only: the spill file still holding the records not accepted
 
     @property
     def complete(self) -> bool:
@@ -103,6 +104,7 @@ class RunWriter:
         self._stop = threading.Event()
         self._down_since: float | None = None
         self.report = WriterReport(run_id)
+        self.rejected: list[_Record] = []  # the records behind report.lost, for a replay to keep
         self._thread = threading.Thread(target=self._loop, name=f"mlflow-writer-{run_id[:8]}", daemon=True)
         self._thread.start()
 
@@ -249,6 +251,7 @@ class RunWriter:
                 self._wait_down(reason)
                 return
             message = one_line(exc)
+            self.rejected.extend(batch)
             self.report.lost.extend(f"{rec.describe()}: {message}" for rec in batch)
             log.warning("MLflow rejected %s of run %s: %s", batch[0].describe(), self.run_id, message)
         else:
@@ -290,27 +293,30 @@ class RunWriter:
         r.pending_artifacts = sum(x.kind == "artifact" for x in left)
         r.down_at_close = self.down
         if left and spill is not None:
-            r.spilled_to = _spill(left, spill, self.scratch)
+            r.spilled_to = _spill(left, spill, self.scratch, redact(self.uri))
         shutil.rmtree(self.scratch, ignore_errors=True)
         return r
 
 
-def _spill(records: list[_Record], path: Path, scratch: Path) -> Path:
-    """Write ``records`` as JSON to ``path``; artifacts living in ``scratch`` are moved next to it."""
+def _spill(records: list[_Record], path: Path, scratch: Path | None, uri: str | None = None) -> Path:
+    """Append ``records`` as JSON to ``path`` (with ``uri``, the tracking URI their run lives on);
+    artifacts living in ``scratch`` are moved next to it."""
     keep_dir = path.with_name(path.name + ".files")
     out = []
     for rec in records:
         item = {k: v for k, v in rec.__dict__.items() if v not in ("", None, [], {})}
-        if rec.kind == "artifact" and Path(rec.path).is_relative_to(scratch):
+        if rec.kind == "artifact" and scratch is not None and Path(rec.path).is_relative_to(scratch):
             target = keep_dir / Path(rec.path).relative_to(scratch)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(rec.path, target)
             item["path"] = str(target)
         out.append(item)
-    existing = json.loads(path.read_text()).get("records", []) if path.is_file() else []
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    existing = previous.get("records", [])
+    uri = uri or previous.get("tracking_uri")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"records": existing + out}))
+    tmp.write_text(json.dumps({"records": existing + out, **({"tracking_uri": uri} if uri else {})}))
     tmp.replace(path)
     return path
 
@@ -321,6 +327,22 @@ def load_spilled(path: Path) -> list[_Record]:
         return []
     raw = json.loads(path.read_text()).get("records", [])
     return [_Record(**{**r, "metrics": [tuple(m) for m in r.get("metrics", [])]}) for r in raw]
+
+
+def save_spilled(records: list[_Record], path: Path, uri: str | None) -> Path:
+    """Replace the spill file ``path`` with exactly ``records`` (what a replay could not deliver)."""
+    fresh = path.with_name(path.name + ".new")
+    fresh.unlink(missing_ok=True)
+    return _spill(records, fresh, None, uri).replace(path)
+
+
+def spilled_uri(path: Path) -> str | None:
+    """The tracking URI a spill file names (None for files written before it was recorded)."""
+    try:
+        uri = json.loads(path.read_text()).get("tracking_uri")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return str(uri) if uri else None
 
 
 def requeue(writer: RunWriter, records: list[_Record]) -> None:

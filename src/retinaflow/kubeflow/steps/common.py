@@ -4,13 +4,15 @@ the MLflow run of a training."""
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from retinaflow.errors import MissingDependency
+from retinaflow.errors import MissingDependency, RetinaflowError
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -32,6 +34,44 @@ def request_from(cls: type[R], inputs: Mapping[str, Any]) -> R:
         raise TypeError(f"{cls.__name__} needs the component input(s) {', '.join(missing)}")
     values = {n: inputs[n] for n in names}
     return cls(**{n: list(v) if isinstance(v, list) else v for n, v in values.items()})
+
+
+#: Environment variable naming a file where a failing step appends ``{"step", "error"}`` (one JSON
+#: line), so that a local pipeline run can say which step failed and why (kfp.local only says "FAILURE").
+FAILURE_LOG_ENV = "RETINAFLOW_FAILURE_LOG"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def reports_failure(step: str) -> Callable[[F], F]:
+    """Decorator for a step's entry function: an exception is recorded (step name and its first line)
+    in the file ``$RETINAFLOW_FAILURE_LOG`` names, when set, then raised as before."""
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                _record_failure(step, exc)
+                raise
+
+        return cast(F, run)
+
+    return wrap
+
+
+def _record_failure(step: str, exc: BaseException) -> None:
+    target = os.environ.get(FAILURE_LOG_ENV)
+    if not target:
+        return
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    error = text if isinstance(exc, RetinaflowError) else f"{type(exc).__name__}: {text}".rstrip(": ")
+    try:
+        with open(target, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": step, "error": error}) + "\n")
+    except OSError:
+        log.warning("cannot record the failure of step %s in %s", step, target)
 
 
 def is_remote(uri: str) -> bool:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from retinaflow.errors import DataError
-from retinaflow.kubeflow.steps.common import is_remote, local_input, remote_exists, upload
+from retinaflow.kubeflow.steps.common import is_remote, local_input, remote_exists, reports_failure, upload
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ def load_manifest(dataset_dir: str | Path) -> DatasetManifest:
     return manifest
 
 
+@reports_failure("data-prep")
 def prepare_dataset(req: DataPrepRequest, out_dir: str | Path) -> DatasetManifest:
     """Validate (``retinaflow.data.validate``), split if needed, fingerprint, stage; write the artifact."""
     from retinaflow.data.validate import split_dataset, validate_dataset

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from retinaflow.errors import ConfigError, RetinaflowError
-from retinaflow.kubeflow.steps.common import local_input
+from retinaflow.kubeflow.steps.common import local_input, reports_failure
 from retinaflow.kubeflow.steps.data import load_manifest
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class EvalSummary:
         return {k: v for k, v in self.to_dict().items() if not isinstance(v, dict)}
 
 
+@reports_failure("evaluate")
 def evaluate_models(
     dataset_dir: str | Path,
     checkpoint: str | Path,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from retinaflow.errors import ConfigError, MissingDependency
+from retinaflow.kubeflow.steps.common import reports_failure
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ def export_size(checkpoint: str | Path, size: int) -> int:
     return -(-longest // stride) * stride
 
 
+@reports_failure("export-onnx")
 def export_model(checkpoint: str | Path, output: str | Path, opset: int, size: int) -> Exported:
     """Export ``checkpoint`` to ONNX at ``output`` (square input, dynamic batch); see export_onnx."""
     from retinaflow.config import ExportConfig
@@ -62,6 +64,7 @@ class EngineResult:
         return {"built": self.built, "reason": self.reason}
 
 
+@reports_failure("build-engine")
 def build_trt_engine(
     onnx_path: str | Path, out_dir: str | Path, enabled: bool, precision: str
 ) -> EngineResult:

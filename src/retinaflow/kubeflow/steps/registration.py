@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from retinaflow.kubeflow.steps.common import reports_failure
 from retinaflow.kubeflow.steps.data import load_manifest
 from retinaflow.kubeflow.steps.evaluation import load_summary
 from retinaflow.kubeflow.steps.packaging import engine_file
@@ -38,6 +39,7 @@ class RegisterOutcome:
     decision: str
 
 
+@reports_failure("register")
 def register_and_promote(req: RegisterRequest) -> RegisterOutcome:
     """Register checkpoint + ONNX (+ engine when built) under ``model_name``; apply the gate."""
     from retinaflow.mlops.registry import ModelFiles, promote, register

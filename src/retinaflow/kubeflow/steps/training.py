@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from retinaflow.errors import CheckpointError, ConfigError, RetinaflowError
-from retinaflow.kubeflow.steps.common import find_run_id, is_remote, tracking_enabled, upload
+from retinaflow.kubeflow.steps.common import (
+    find_run_id,
+    is_remote,
+    reports_failure,
+    tracking_enabled,
+    upload,
+)
 from retinaflow.kubeflow.steps.data import DatasetManifest, load_manifest
 
 log = logging.getLogger(__name__)
@@ -117,6 +123,7 @@ def train_argv(req: TrainRequest, data: DatasetManifest, checkpoint: str, tracke
     return [*launcher, *args]
 
 
+@reports_failure("train")
 def run_training(req: TrainRequest, dataset_dir: str | Path, model_path: str | Path) -> TrainResult:
     """Train on the dataset of ``dataset_dir``; copy the final checkpoint to ``model_path``."""
     from retinaflow.engine.checkpoint import load_checkpoint
