@@ -112,7 +112,9 @@ def run_retinaflow(job: dict[str, Any]) -> dict[str, Any]:
             results.append(result)
 
     t0 = time.perf_counter()
-    train(cfg, Path(job["workdir"]) / "model.pth", [Grab()])
+    checkpoint = Path(job["workdir"]) / "model.pth"
+    train(cfg, checkpoint, [Grab()])
+    checkpoint.unlink(missing_ok=True)
     return {"train_eval_s": time.perf_counter() - t0, **results[-1].stats}
 
 

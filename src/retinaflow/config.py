@@ -44,7 +44,14 @@ class ModelConfig:
     fpn_channels: int = 256
     head_convs: int = 4
     prior: float = 0.01
-    frozen_bn: bool = True
+    # Backbone normalisation: "frozen_bn" (statistics and affine fixed, stem frozen: fine-tuning ImageNet
+    # weights, as ODTK), "bn" / "sync_bn" (trained; sync_bn synchronises statistics over DDP ranks), "gn"
+    # (GroupNorm, independent of the batch), or "auto": frozen_bn when training starts from weights
+    # (train.backbone_weights or train.fine_tune), gn from random init. Resolved once, saved resolved.
+    norm: str = "auto"
+    # Normalisation in the head's subnets: "none" (paper, ODTK), "gn" (GroupNorm, as torchvision v2), or
+    # "auto": none when training starts from weights, gn from random init (what keeps it from diverging).
+    head_norm: str = "auto"
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
 
 
@@ -167,6 +174,11 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
+        model = data.get("model")
+        if isinstance(model, dict) and "frozen_bn" in model:  # checkpoints written before model.norm
+            model = dict(model)
+            model.setdefault("norm", "frozen_bn" if model.pop("frozen_bn") else "bn")
+            data = {**data, "model": model}
         return _build(cls, data, "")
 
     def dump(self, path: str | Path) -> None:

@@ -50,7 +50,9 @@ Detector = Callable[[torch.Tensor, torch.Tensor], Detections]
 
 def prepare_for_inference(model: RetinaNet, dtype: torch.dtype | None) -> RetinaNet:
     """In place, for a model that will never train again: frozen batch norms folded into the
-    convolutions, weights converted to ``dtype`` (None keeps them). Returns ``model``."""
+    convolutions, weights converted to ``dtype`` (None keeps them). Returns ``model``, in eval mode (so
+    that trained BatchNorm2d layers, ``model.norm=bn``, fold too; GroupNorm layers stay as they are)."""
+    model.eval()
     fold_batchnorm(model)
     if dtype is not None:
         model.to(dtype)

@@ -37,6 +37,7 @@ from retinaflow.engine.schedule import autocast_dtype, lr_at
 from retinaflow.errors import CheckpointError, ConfigError, DataError, TrainingDiverged, TrainingInterrupted
 from retinaflow.model.anchors import generate_anchors
 from retinaflow.model.loss import detection_loss
+from retinaflow.model.norm import resolve_norms
 from retinaflow.model.retinanet import RetinaNet, build_model
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,9 @@ class _Trainer:
         self.category_ids = list(dataset.category_ids)
 
         weights = None if (self.resume_state or cfg.train.fine_tune) else cfg.train.backbone_weights
+        # From the config, not from ``weights``: a resumed run must build the network it saved.
+        pretrained = bool(cfg.train.backbone_weights or cfg.train.fine_tune)
+        cfg.model = resolve_norms(cfg.model, pretrained)
         model = build_model(cfg.model, backbone_weights=weights)
         if self.resume_state:
             check_arch(self.resume_state["arch"], model.arch, self.path)
@@ -105,6 +109,8 @@ class _Trainer:
             model.load_state_dict(self.resume_state["model"])
         elif cfg.train.fine_tune:
             _load_for_fine_tune(model, cfg.train.fine_tune)
+        if cfg.model.norm == "sync_bn" and info.distributed:
+            nn.SyncBatchNorm.convert_sync_batchnorm(model)  # swaps the BN children in place
         model.to(info.device)
         if info.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -213,8 +219,8 @@ class _Trainer:
                 diverged, stop = D.any_rank((not math.isfinite(loss_value), self.stop_requested), info)
                 if diverged:
                     raise TrainingDiverged(
-                        f"loss became non-finite at iteration {self.iteration + 1}; "
-                        f"stopped, the last good checkpoint is kept at {self.path}"
+                        f"loss became non-finite at iteration {self.iteration + 1}; stopped, the last good "
+                        f"checkpoint is kept at {self.path}; {_divergence_hint(cfg)}"
                     )
                 self.iteration += 1
                 self.state.iteration = self.iteration
@@ -289,6 +295,21 @@ class _Trainer:
         self.model.train()
         D.barrier(self.info)
         return result
+
+
+def _divergence_hint(cfg: Config) -> str:
+    """What to try after a non-finite loss, for this config."""
+    if cfg.model.norm == "frozen_bn" and not (cfg.train.backbone_weights or cfg.train.fine_tune):
+        return (
+            "the backbone starts from random init with frozen batch norm (no normalisation at all): "
+            "use --set model.norm=gn model.head_norm=gn (the default without weights), or --backbone-weights"
+        )
+    tips = "lower --lr, a longer train.warmup"
+    if cfg.train.clip_grad <= 0:
+        tips += ", --set train.clip_grad=10"
+    if cfg.model.head_norm == "none":
+        tips += ", or --set model.head_norm=gn"
+    return f"try {tips}"
 
 
 def _seed_everything(seed: int) -> None:
