@@ -66,10 +66,15 @@ class MatcherConfig:
 
 @dataclass
 class LossConfig:
-    """Sigmoid focal loss + smooth L1, both normalised by the number of foreground anchors."""
+    """Sigmoid focal loss + a box loss, both normalised by the number of foreground anchors.
+
+    ``box_loss``: "smooth_l1" (on encoded deltas, beta ``smooth_l1_beta``: paper, ODTK) or "giou"
+    (generalized IoU of the decoded boxes, as torchvision's ``bbox_reg_loss_type="giou"``).
+    """
 
     alpha: float = 0.25
     gamma: float = 2.0
+    box_loss: str = "smooth_l1"
     smooth_l1_beta: float = 0.11
     box_weight: float = 1.0
 
