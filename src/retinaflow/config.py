@@ -102,11 +102,17 @@ class TrainConfig:
 
     ``compile``: "" (off) or a ``torch.compile`` backend for the network: "inductor" on GPUs; "eager" or
     "aot_eager" to debug graph capture. Multi-scale training recompiles once per new padded size.
+
+    ``optimizer``: "sgd" (momentum, paper/ODTK) or "adamw" (e.g. lr 1e-4, weight_decay 0.05).
+    ``lr_schedule``: "step" (decay by ``gamma`` at ``milestones``) or "cosine" (to 0 at ``iters``); both
+    after the linear ``warmup``.
     """
 
     iters: int = 90000
     batch: int = 16
     lr: float = 0.01
+    optimizer: str = "sgd"
+    lr_schedule: str = "step"
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup: int = 1000

@@ -32,6 +32,7 @@ from retinaflow.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from retinaflow.engine.optim import build_optimizer
 from retinaflow.engine.progress import Progress
 from retinaflow.engine.schedule import autocast_dtype, lr_at
 from retinaflow.errors import CheckpointError, ConfigError, DataError, TrainingDiverged, TrainingInterrupted
@@ -124,9 +125,8 @@ class _Trainer:
         if cfg.train.compile:
             self.ddp = torch.compile(self.ddp, backend=cfg.train.compile)  # type: ignore[assignment]
 
-        params = [p for p in model.parameters() if p.requires_grad]
         t = cfg.train
-        self.optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        self.optimizer = build_optimizer(model.parameters(), t)
         self.amp_dtype = autocast_dtype(t.precision, info.device)
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.amp_dtype == torch.float16)
         self.iteration = start
