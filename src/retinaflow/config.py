@@ -121,6 +121,7 @@ class TrainConfig:
     gamma: float = 0.1
     schedule: float = 1.0
     clip_grad: float = 0.0
+    ema: float = 0.0
     precision: str = "auto"
     channels_last: bool = True
     compile: str = ""

@@ -193,3 +193,19 @@ def test_divergence_hint_names_the_scratch_norm_fix() -> None:
     assert "model.norm=gn" in _divergence_hint(cfg)
     cfg.train.backbone_weights = "offline"
     assert "lower --lr" in _divergence_hint(cfg) and "head_norm=gn" in _divergence_hint(cfg)
+
+
+def test_ema_is_saved_and_resumed_exactly(synth_small, tmp_path):
+    def cfg(iters):
+        c = tiny_config(synth_small, iters=iters)
+        c.train.ema = 0.9
+        return c
+
+    straight = train(cfg(4), tmp_path / "straight.pth")
+    train(cfg(2), tmp_path / "resumed.pth")
+    train(cfg(4), tmp_path / "resumed.pth")
+    a, b = load_checkpoint(straight), load_checkpoint(tmp_path / "resumed.pth")
+    assert a["ema"]["updates"] == b["ema"]["updates"] == 4
+    for key, value in a["ema"]["model"].items():
+        torch.testing.assert_close(b["ema"]["model"][key], value)
+    assert any(not torch.equal(a["ema"]["model"][k], a["model"][k]) for k in a["model"])

@@ -32,6 +32,7 @@ from retinaflow.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from retinaflow.engine.ema import EMA
 from retinaflow.engine.optim import build_optimizer
 from retinaflow.engine.progress import Progress
 from retinaflow.engine.schedule import autocast_dtype, lr_at
@@ -130,7 +131,10 @@ class _Trainer:
         self.amp_dtype = autocast_dtype(t.precision, info.device)
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.amp_dtype == torch.float16)
         self.iteration = start
+        self.ema = EMA(model, t.ema) if t.ema > 0 else None
         if self.resume_state:
+            if self.ema is not None and self.resume_state.get("ema"):
+                self.ema.load_state_dict(self.resume_state["ema"])
             self.optimizer.load_state_dict(self.resume_state["optimizer"])
             if self.resume_state.get("scaler"):
                 self.scaler.load_state_dict(self.resume_state["scaler"])
@@ -149,6 +153,7 @@ class _Trainer:
                     "model": self.model.state_dict(),
                     "optimizer": self.optimizer.state_dict(),
                     "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                    "ema": self.ema.state_dict() if self.ema is not None else None,
                     "iteration": self.iteration,
                     "rng": rng_state(),
                     "config": self.config.to_dict(),
@@ -191,6 +196,8 @@ class _Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.model)
         losses["lr"] = torch.tensor(lr)
         return losses
 
@@ -283,7 +290,9 @@ class _Trainer:
             self.info.rank,
             self.info.world_size,
         )
-        dets = predict(self.model, loader, cfg, self.info.device, self.amp_dtype, self.category_ids)
+        network = self.ema.module if self.ema is not None else self.model
+        assert isinstance(network, RetinaNet)
+        dets = predict(network, loader, cfg, self.info.device, self.amp_dtype, self.category_ids)
         gathered = D.gather_to_main(dets, self.info)
         result = None
         if self.info.is_main and gathered is not None:
