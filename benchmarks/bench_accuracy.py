@@ -20,6 +20,16 @@ AP per library/recipe, the difference to torchvision) is printed as JSON and wri
 
     python benchmarks/bench_accuracy.py --out /tmp/acc [--gpus 0,1] [--jobs-per-gpu 6] [--iters 1000]
         [--recipe default=] [--recipe giou=loss.box_loss=giou] [--libs retinaflow,torchvision]
+
+Recipe options to compare (each a config key, see configs/retinanet_odtk.yaml for the ODTK values):
+
+    --recipe lowq=matcher.allow_low_quality=true
+    --recipe giou=loss.box_loss=giou,loss.box_weight=2.0
+    --recipe gnhead=model.head_norm=gn
+    --recipe adamw=train.optimizer=adamw,train.lr=0.0003,train.weight_decay=0.05,train.lr_schedule=cosine
+    --recipe ema=train.ema=0.999
+    --recipe ms=data.jitter=[224,288]
+    --recipe scratchbn=model.norm=bn          (with --backbone-weights none)
 """
 
 from __future__ import annotations
