@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -280,7 +281,10 @@ def make_jobs(args: argparse.Namespace, data: Path, out: Path, weights: str | No
         if lib == "torchvision":
             variants.append((lib, "torchvision", []))
         else:
-            variants += [(lib, name, [o for o in ov.split(",") if o]) for name, ov in recipes]
+            # split on commas outside brackets: data.jitter=[224,288] stays one override
+            variants += [
+                (lib, name, [o for o in re.split(r",(?![^\[]*\])", ov) if o]) for name, ov in recipes
+            ]
     jobs = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for lib, name, overrides in variants:
