@@ -26,6 +26,7 @@ def tiny_config(paths, iters: int = 4) -> Config:
     cfg.model.fpn_channels = 32
     cfg.model.head_convs = 1
     cfg.train.backbone_weights = None  # machinery tests: random init, runs without the weights package
+    cfg.model.norm, cfg.model.head_norm = "frozen_bn", "none"  # ... of the ODTK network all the same
     cfg.data.images, cfg.data.annotations = str(paths.train_images), str(paths.train_annotations)
     cfg.data.resize, cfg.data.max_size, cfg.data.jitter = 128, 128, (96, 128)
     cfg.data.workers = 0

@@ -59,3 +59,11 @@ def test_bad_yaml_files(tmp_path):
 def test_schedule_scales_iterations():
     c = Config().override(["train.schedule=0.5"])
     assert c.train.scaled(c.train.warmup) == 500
+
+
+def test_checkpoints_from_before_model_norm_still_load() -> None:
+    old = Config().to_dict()
+    del old["model"]["norm"], old["model"]["head_norm"]
+    assert Config.from_dict({**old, "model": {**old["model"], "frozen_bn": True}}).model.norm == "frozen_bn"
+    assert Config.from_dict({**old, "model": {**old["model"], "frozen_bn": False}}).model.norm == "bn"
+    assert Config().model.norm == "auto" and Config().model.head_norm == "auto"

@@ -44,7 +44,14 @@ class ModelConfig:
     fpn_channels: int = 256
     head_convs: int = 4
     prior: float = 0.01
-    frozen_bn: bool = True
+    # Backbone normalisation: "frozen_bn" (statistics and affine fixed, stem frozen: fine-tuning ImageNet
+    # weights, as ODTK), "bn" / "sync_bn" (trained; sync_bn synchronises statistics over DDP ranks), "gn"
+    # (GroupNorm, independent of the batch), or "auto": frozen_bn when training starts from weights
+    # (train.backbone_weights or train.fine_tune), gn from random init. Resolved once, saved resolved.
+    norm: str = "auto"
+    # Normalisation in the head's subnets: "none" (paper, ODTK), "gn" (GroupNorm, as torchvision v2), or
+    # "auto": none when training starts from weights, gn from random init (what keeps it from diverging).
+    head_norm: str = "auto"
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
 
 
@@ -59,10 +66,15 @@ class MatcherConfig:
 
 @dataclass
 class LossConfig:
-    """Sigmoid focal loss + smooth L1, both normalised by the number of foreground anchors."""
+    """Sigmoid focal loss + a box loss, both normalised by the number of foreground anchors.
+
+    ``box_loss``: "smooth_l1" (on encoded deltas, beta ``smooth_l1_beta``: paper, ODTK) or "giou"
+    (generalized IoU of the decoded boxes, as torchvision's ``bbox_reg_loss_type="giou"``).
+    """
 
     alpha: float = 0.25
     gamma: float = 2.0
+    box_loss: str = "smooth_l1"
     smooth_l1_beta: float = 0.11
     box_weight: float = 1.0
 
@@ -99,11 +111,17 @@ class TrainConfig:
 
     ``compile``: "" (off) or a ``torch.compile`` backend for the network: "inductor" on GPUs; "eager" or
     "aot_eager" to debug graph capture. Multi-scale training recompiles once per new padded size.
+
+    ``optimizer``: "sgd" (momentum, paper/ODTK) or "adamw" (e.g. lr 1e-4, weight_decay 0.05).
+    ``lr_schedule``: "step" (decay by ``gamma`` at ``milestones``) or "cosine" (to 0 at ``iters``); both
+    after the linear ``warmup``.
     """
 
     iters: int = 90000
     batch: int = 16
     lr: float = 0.01
+    optimizer: str = "sgd"
+    lr_schedule: str = "step"
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup: int = 1000
@@ -112,6 +130,7 @@ class TrainConfig:
     gamma: float = 0.1
     schedule: float = 1.0
     clip_grad: float = 0.0
+    ema: float = 0.0
     precision: str = "auto"
     channels_last: bool = True
     compile: str = ""
@@ -180,6 +199,11 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
+        model = data.get("model")
+        if isinstance(model, dict) and "frozen_bn" in model:  # checkpoints written before model.norm
+            model = dict(model)
+            model.setdefault("norm", "frozen_bn" if model.pop("frozen_bn") else "bn")
+            data = {**data, "model": model}
         return _build(cls, data, "")
 
     def dump(self, path: str | Path) -> None:

@@ -33,3 +33,14 @@ def test_autocast_dtypes():
     assert autocast_dtype("fp16", cpu) is torch.float16
     with pytest.raises(ConfigError, match="precision"):
         autocast_dtype("int8", cpu)
+
+
+def test_warmup_then_cosine_to_zero():
+    cfg = TrainConfig(lr=0.01, iters=1100, warmup=100, warmup_factor=0.1, lr_schedule="cosine")
+    assert lr_at(0, cfg) == pytest.approx(0.001)
+    assert lr_at(100, cfg) == pytest.approx(0.01)
+    assert lr_at(600, cfg) == pytest.approx(0.005)
+    assert lr_at(1100, cfg) == pytest.approx(0.0, abs=1e-12)
+    assert all(lr_at(i, cfg) >= lr_at(i + 50, cfg) for i in range(100, 1100, 50))
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        lr_at(0, TrainConfig(lr_schedule="linear"))

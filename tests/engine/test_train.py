@@ -170,3 +170,42 @@ def test_compiled_network_trains_like_the_eager_one(synth_small, tmp_path):
     assert counters["stats"]["unique_graphs"] > 0  # the network really went through torch.compile
     for key, value in eager.items():
         torch.testing.assert_close(compiled[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_scratch_run_resolves_auto_norms_once_and_resumes_with_them(synth_small, tmp_path):
+    cfg = tiny_config(synth_small, iters=1)
+    cfg.model.norm, cfg.model.head_norm = "auto", "auto"
+    path = train(cfg, tmp_path / "m.pth")
+    saved = load_checkpoint(path)
+    assert saved["arch"]["norm"] == "gn" and saved["arch"]["head_norm"] == "gn"
+    assert saved["config"]["model"]["norm"] == "gn"
+    again = tiny_config(synth_small, iters=2)
+    again.model.norm, again.model.head_norm = "auto", "auto"
+    assert load_checkpoint(train(again, path))["iteration"] == 2
+
+
+def test_divergence_hint_names_the_scratch_norm_fix() -> None:
+    from retinaflow.config import Config
+    from retinaflow.engine.train import _divergence_hint
+
+    cfg = Config()
+    cfg.model.norm, cfg.model.head_norm = "frozen_bn", "none"
+    assert "model.norm=gn" in _divergence_hint(cfg)
+    cfg.train.backbone_weights = "offline"
+    assert "lower --lr" in _divergence_hint(cfg) and "head_norm=gn" in _divergence_hint(cfg)
+
+
+def test_ema_is_saved_and_resumed_exactly(synth_small, tmp_path):
+    def cfg(iters):
+        c = tiny_config(synth_small, iters=iters)
+        c.train.ema = 0.9
+        return c
+
+    straight = train(cfg(4), tmp_path / "straight.pth")
+    train(cfg(2), tmp_path / "resumed.pth")
+    train(cfg(4), tmp_path / "resumed.pth")
+    a, b = load_checkpoint(straight), load_checkpoint(tmp_path / "resumed.pth")
+    assert a["ema"]["updates"] == b["ema"]["updates"] == 4
+    for key, value in a["ema"]["model"].items():
+        torch.testing.assert_close(b["ema"]["model"][key], value)
+    assert any(not torch.equal(a["ema"]["model"][k], a["model"][k]) for k in a["model"])

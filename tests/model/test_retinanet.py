@@ -54,9 +54,13 @@ def test_properties_and_arch(model: RetinaNet) -> None:
     assert arch["fpn_channels"] == 16 and arch["head_convs"] == 1
     assert arch["anchors"]["strides"] == list(STRIDES)
     with torch.device("meta"):
-        same = build_model(dataclasses.replace(TINY, frozen_bn=False, prior=0.05))
+        same = build_model(dataclasses.replace(TINY, norm="frozen_bn", prior=0.05))
         other = build_model(dataclasses.replace(TINY, num_classes=4))
     assert same.arch == arch and other.arch != arch
+    assert "norm" not in arch and "head_norm" not in arch  # the ODTK network, as before model.norm
+    with torch.device("meta"):
+        gn = build_model(dataclasses.replace(TINY, norm="gn", head_norm="gn"))
+    assert gn.arch == {**arch, "norm": "gn", "head_norm": "gn"}
 
 
 def test_flatten_order_matches_anchor_layout() -> None:

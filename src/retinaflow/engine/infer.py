@@ -16,6 +16,7 @@ from retinaflow.config import Config, InferConfig
 from retinaflow.data.batch import Batch
 from retinaflow.engine.callbacks import EvalResult
 from retinaflow.engine.checkpoint import load_checkpoint
+from retinaflow.engine.ema import inference_weights
 from retinaflow.engine.schedule import autocast_dtype
 from retinaflow.errors import DataError
 from retinaflow.model.anchors import generate_anchors
@@ -51,7 +52,9 @@ Detector = Callable[[torch.Tensor, torch.Tensor], Detections]
 
 def prepare_for_inference(model: RetinaNet, dtype: torch.dtype | None) -> RetinaNet:
     """In place, for a model that will never train again: frozen batch norms folded into the
-    convolutions, weights converted to ``dtype`` (None keeps them). Returns ``model``."""
+    convolutions, weights converted to ``dtype`` (None keeps them). Returns ``model``, in eval mode (so
+    that trained BatchNorm2d layers, ``model.norm=bn``, fold too; GroupNorm layers stay as they are)."""
+    model.eval()
     fold_batchnorm(model)
     if dtype is not None:
         model.to(dtype)
@@ -167,11 +170,12 @@ def to_coco_results(dets: Detections, batch: Batch, cat_lut: torch.Tensor) -> li
 
 
 def load_model(checkpoint: str | Path, device: torch.device) -> tuple[RetinaNet, Config, dict[str, Any]]:
-    """Rebuild the network a checkpoint describes and load its weights (eval mode, on ``device``)."""
+    """Rebuild the network a checkpoint describes and load its weights (eval mode, on ``device``): the
+    moving average of the weights if training kept one (``train.ema``), else the trained weights."""
     state = load_checkpoint(checkpoint)
     config = Config.from_dict(state["config"])
     model = build_model(config.model)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(inference_weights(state))
     model.to(device).eval()
     if config.train.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import math
 
 import torch
 
@@ -11,14 +12,21 @@ from retinaflow.errors import ConfigError
 
 
 def lr_at(iteration: int, cfg: TrainConfig) -> float:
-    """Linear warmup from ``lr * warmup_factor`` then step decay by ``gamma`` at each milestone.
+    """Linear warmup from ``lr * warmup_factor``, then (``lr_schedule``) step decay by ``gamma`` at each
+    milestone, or a cosine from ``lr`` at the end of warmup to 0 at ``iters``.
 
     Warmup and milestones are scaled by ``cfg.schedule`` (ODTK's ``--schedule``). Being a pure
     function of the iteration, a resumed run needs no scheduler state.
     """
-    milestones = sorted(cfg.scaled(m) for m in cfg.milestones)
-    lr = cfg.lr * cfg.gamma ** bisect.bisect_right(milestones, iteration)
     warmup = cfg.scaled(cfg.warmup)
+    if cfg.lr_schedule == "step":
+        milestones = sorted(cfg.scaled(m) for m in cfg.milestones)
+        lr = cfg.lr * cfg.gamma ** bisect.bisect_right(milestones, iteration)
+    elif cfg.lr_schedule == "cosine":
+        progress = min(1.0, max(0, iteration - warmup) / max(1, cfg.iters - warmup))
+        lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    else:
+        raise ConfigError(f"train.lr_schedule must be step or cosine, got {cfg.lr_schedule!r}")
     if iteration < warmup:
         alpha = iteration / warmup
         lr *= cfg.warmup_factor * (1 - alpha) + alpha

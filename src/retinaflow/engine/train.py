@@ -32,11 +32,14 @@ from retinaflow.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from retinaflow.engine.ema import EMA
+from retinaflow.engine.optim import build_optimizer
 from retinaflow.engine.progress import Progress
 from retinaflow.engine.schedule import autocast_dtype, lr_at
 from retinaflow.errors import CheckpointError, ConfigError, DataError, TrainingDiverged, TrainingInterrupted
 from retinaflow.model.anchors import generate_anchors
 from retinaflow.model.loss import detection_loss
+from retinaflow.model.norm import resolve_norms
 from retinaflow.model.retinanet import RetinaNet, build_model
 
 log = logging.getLogger(__name__)
@@ -100,6 +103,9 @@ class _Trainer:
         self.category_ids = list(dataset.category_ids)
 
         weights = None if (self.resume_state or cfg.train.fine_tune) else cfg.train.backbone_weights
+        # From the config, not from ``weights``: a resumed run must build the network it saved.
+        pretrained = bool(cfg.train.backbone_weights or cfg.train.fine_tune)
+        cfg.model = resolve_norms(cfg.model, pretrained)
         model = build_model(cfg.model, backbone_weights=weights)
         if self.resume_state:
             check_arch(self.resume_state["arch"], model.arch, self.path)
@@ -112,6 +118,8 @@ class _Trainer:
             model.load_state_dict(self.resume_state["model"])
         elif cfg.train.fine_tune:
             _load_for_fine_tune(model, cfg.train.fine_tune)
+        if cfg.model.norm == "sync_bn" and info.distributed:
+            nn.SyncBatchNorm.convert_sync_batchnorm(model)  # swaps the BN children in place
         model.to(info.device)
         if info.device.type == "cuda":
             torch.backends.cudnn.benchmark = use_cudnn_benchmark(cfg.train.cudnn_benchmark, loader.policy)
@@ -125,13 +133,15 @@ class _Trainer:
         if cfg.train.compile:
             self.ddp = torch.compile(self.ddp, backend=cfg.train.compile)  # type: ignore[assignment]
 
-        params = [p for p in model.parameters() if p.requires_grad]
         t = cfg.train
-        self.optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        self.optimizer = build_optimizer(model.parameters(), t)
         self.amp_dtype = autocast_dtype(t.precision, info.device)
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.amp_dtype == torch.float16)
         self.iteration = start
+        self.ema = EMA(model, t.ema) if t.ema > 0 else None
         if self.resume_state:
+            if self.ema is not None and self.resume_state.get("ema"):
+                self.ema.load_state_dict(self.resume_state["ema"])
             self.optimizer.load_state_dict(self.resume_state["optimizer"])
             if self.resume_state.get("scaler"):
                 self.scaler.load_state_dict(self.resume_state["scaler"])
@@ -150,6 +160,7 @@ class _Trainer:
                     "model": self.model.state_dict(),
                     "optimizer": self.optimizer.state_dict(),
                     "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                    "ema": self.ema.state_dict() if self.ema is not None else None,
                     "iteration": self.iteration,
                     "rng": rng_state(),
                     "config": self.config.to_dict(),
@@ -192,6 +203,8 @@ class _Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.model)
         losses["lr"] = torch.tensor(lr)
         return losses
 
@@ -220,8 +233,8 @@ class _Trainer:
                 diverged, stop = D.any_rank((not math.isfinite(loss_value), self.stop_requested), info)
                 if diverged:
                     raise TrainingDiverged(
-                        f"loss became non-finite at iteration {self.iteration + 1}; "
-                        f"stopped, the last good checkpoint is kept at {self.path}"
+                        f"loss became non-finite at iteration {self.iteration + 1}; stopped, the last good "
+                        f"checkpoint is kept at {self.path}; {_divergence_hint(cfg)}"
                     )
                 self.iteration += 1
                 self.state.iteration = self.iteration
@@ -285,7 +298,9 @@ class _Trainer:
             self.info.world_size,
             self.info.device,
         )
-        dets = predict(self.model, loader, cfg, self.info.device, self.amp_dtype, self.category_ids)
+        network = self.ema.module if self.ema is not None else self.model
+        assert isinstance(network, RetinaNet)
+        dets = predict(network, loader, cfg, self.info.device, self.amp_dtype, self.category_ids)
         gathered = D.gather_to_main(dets, self.info)
         result = None
         if self.info.is_main and gathered is not None:
@@ -297,6 +312,21 @@ class _Trainer:
         self.model.train()
         D.barrier(self.info)
         return result
+
+
+def _divergence_hint(cfg: Config) -> str:
+    """What to try after a non-finite loss, for this config."""
+    if cfg.model.norm == "frozen_bn" and not (cfg.train.backbone_weights or cfg.train.fine_tune):
+        return (
+            "the backbone starts from random init with frozen batch norm (no normalisation at all): "
+            "use --set model.norm=gn model.head_norm=gn (the default without weights), or --backbone-weights"
+        )
+    tips = "lower --lr, a longer train.warmup"
+    if cfg.train.clip_grad <= 0:
+        tips += ", --set train.clip_grad=10"
+    if cfg.model.head_norm == "none":
+        tips += ", or --set model.head_norm=gn"
+    return f"try {tips}"
 
 
 def _seed_everything(seed: int) -> None:

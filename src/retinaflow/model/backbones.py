@@ -26,9 +26,10 @@ from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 
 from retinaflow.errors import CheckpointError, ConfigError, MissingDependency
-from retinaflow.model.norm import FrozenBatchNorm2d
+from retinaflow.model.norm import NormLayer, norm_layer
 
-NormLayer = Callable[[int], nn.Module]
+# BatchNorm statistics that a GroupNorm backbone does not have; dropped when loading ImageNet weights into it.
+_BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 # Classification-only parameters that a detector never uses; ignored when loading ImageNet weights.
 _CLASSIFIER_PREFIXES = ("fc.", "classifier.")
@@ -109,13 +110,14 @@ class Backbone(nn.Module):
         return [feats["0"], feats["1"], feats["2"]]
 
 
-def build_backbone(name: str, weights: str | Path | None = None, frozen_bn: bool = True) -> Backbone:
+def build_backbone(name: str, weights: str | Path | None = None, norm: str = "frozen_bn") -> Backbone:
     """Build backbone ``name``, optionally with ImageNet weights.
 
-    weights:   None (random init), a path to a torchvision classification state dict (``.pth``), or
-               ``"offline"`` for the weights shipped in a package (:data:`OFFLINE_WEIGHTS`).
-    frozen_bn: use ``norm.FrozenBatchNorm2d`` (statistics and affine fixed) instead of ``BatchNorm2d``.
-    The stem and first stage are always frozen (``requires_grad=False``).
+    weights: None (random init), a path to a torchvision classification state dict (``.pth``), or
+             ``"offline"`` for the weights shipped in a package (:data:`OFFLINE_WEIGHTS`).
+    norm:    a concrete ``model.norm`` (``norm.NORMS``). With ``frozen_bn`` the stem and first stage are
+             frozen too (``requires_grad=False``, torchvision's ``trainable_layers=3``); with a trained
+             norm everything trains. ImageNet BN affines load into ``gn`` layers (statistics dropped).
     Raises ConfigError (unknown name), CheckpointError (bad weights file), MissingDependency (``"offline"``
     without the package that ships them).
     """
@@ -125,11 +127,13 @@ def build_backbone(name: str, weights: str | Path | None = None, frozen_bn: bool
     if weights is not None:  # read first: a bad file fails before the network is built
         path = resolve_weights(name, weights)
         source = (path, read_classification_weights(path))
-    norm_layer: NormLayer = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
-    spec = _REGISTRY[name](norm_layer)
+    spec = _REGISTRY[name](norm_layer(norm))
     if source is not None:
-        load_classification_weights(spec.network, source[1], source[0], name)
-    for child in spec.frozen:
+        state = source[1]
+        if norm == "gn":
+            state = {k: v for k, v in state.items() if not k.endswith(_BN_STATS)}
+        load_classification_weights(spec.network, state, source[0], name)
+    for child in spec.frozen if norm == "frozen_bn" else ():
         for param in getattr(spec.body, child).parameters():
             param.requires_grad_(False)
     return Backbone(spec, name)

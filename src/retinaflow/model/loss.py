@@ -1,4 +1,4 @@
-"""RetinaNet training loss: sigmoid focal loss + smooth L1, normalised by the foreground count.
+"""RetinaNet training loss: sigmoid focal loss + a box loss (box_loss.py), normalised by the foreground count.
 
 The whole batch is matched and scored at once (no per-image loop) in float32, also under autocast.
 """
@@ -8,11 +8,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from retinaflow.config import LossConfig, MatcherConfig
 from retinaflow.errors import DataError
-from retinaflow.model.box_coder import encode
+from retinaflow.model.box_loss import box_loss_per_anchor
 from retinaflow.model.focal import focal_loss_sum
 from retinaflow.model.retinanet import flatten_outputs
 from retinaflow.ops.matching import IGNORE, match_anchors
@@ -40,8 +39,8 @@ def detection_loss(
                  or a function of the local count (0-dim float32 tensor) returning the normaliser, e.g. one
                  that all-reduces it over DDP ranks and divides by the world size. Clamped to >= 1.
     Returns 0-dim float32 tensors: "cls" (focal loss over all non-ignored anchors and classes), "box"
-    (smooth L1, beta ``loss_cfg.smooth_l1_beta``, on encoded deltas of foreground anchors, times
-    ``loss_cfg.box_weight``) and "loss" = cls + box.
+    (``loss_cfg.box_loss`` of foreground anchors: smooth L1, beta ``loss_cfg.smooth_l1_beta``, on encoded
+    deltas, or GIoU on decoded boxes; times ``loss_cfg.box_weight``) and "loss" = cls + box.
     """
     if isinstance(cls_outputs, torch.Tensor) and isinstance(box_outputs, torch.Tensor):
         cls, box = cls_outputs, box_outputs
@@ -79,9 +78,8 @@ def detection_loss(
         # Boxes: background anchors are paired with themselves (zero deltas) so nothing is infinite.
         matched = torch.gather(gt_boxes, 1, gt_index[..., None].expand(-1, -1, 4))  # (B, N, 4)
         matched = torch.where(foreground[..., None], matched, flat_anchors[None])
-        box_target = encode(flat_anchors[None], matched)
-        smooth = F.smooth_l1_loss(box, box_target, beta=loss_cfg.smooth_l1_beta, reduction="none")
-        box_sum = (smooth.sum(dim=2) * foreground).sum()
+        per_anchor = box_loss_per_anchor(box, flat_anchors[None], matched, loss_cfg)  # (B, N)
+        box_sum = torch.where(foreground, per_anchor, 0.0).sum()
 
         norm = _normaliser(foreground.sum().to(torch.float32), num_fg_norm)
         cls_loss = cls_sum / norm

@@ -1,4 +1,10 @@
-"""Frozen batch norm for detection backbones, and folding it into the preceding convolutions.
+"""Normalisation layers of the detector (the ``model.norm`` choice), frozen batch norm, and folding it.
+
+``model.norm`` picks the backbone's layer (:func:`norm_layer`): ``frozen_bn`` to fine-tune ImageNet
+weights, ``bn`` / ``sync_bn`` / ``gn`` to train the statistics too, as training from random init needs
+(a frozen BN of a random network is the identity, and the unnormalised network diverges at usual
+learning rates). ``auto`` (:func:`resolve_norms`) picks frozen_bn with weights and gn without, and GroupNorm
+in the head too (``model.head_norm``) when training from random init.
 
 A detector fine-tunes with batches of a few large images, so the backbone's BatchNorm statistics and
 affine are frozen (Detectron, ODTK, torchvision). Frozen, a BN layer is a per-channel ``x * scale + shift``:
@@ -13,11 +19,56 @@ affine are frozen (Detectron, ODTK, torchvision). Frozen, a BN layer is a per-ch
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from torchvision.ops import misc
+
+from retinaflow.config import ModelConfig
+from retinaflow.errors import ConfigError
+
+NORMS = ("frozen_bn", "bn", "sync_bn", "gn")
+HEAD_NORMS = ("none", "gn")
+NormLayer = Callable[[int], nn.Module]
+
+
+def resolve_norms(cfg: ModelConfig, pretrained: bool) -> ModelConfig:
+    """``cfg`` with ``norm`` and ``head_norm`` made concrete: ``auto`` is frozen_bn / none (the ODTK
+    network) when ``pretrained`` (training starts from backbone weights or a checkpoint), gn / gn from
+    random init. Raises ConfigError for an unknown name."""
+    norm = ("frozen_bn" if pretrained else "gn") if cfg.norm == "auto" else cfg.norm
+    head_norm = ("none" if pretrained else "gn") if cfg.head_norm == "auto" else cfg.head_norm
+    if norm not in NORMS:
+        raise ConfigError(f"model.norm must be auto or one of {', '.join(NORMS)}, got {cfg.norm!r}")
+    if head_norm not in HEAD_NORMS:
+        raise ConfigError(
+            f"model.head_norm must be auto or one of {', '.join(HEAD_NORMS)}, got {cfg.head_norm!r}"
+        )
+    return dataclasses.replace(cfg, norm=norm, head_norm=head_norm)
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with 32 groups, or the largest divisor of ``channels`` below (MobileNetV2 has 24, 144), and
+    at least 2 channels a group so that a 1x1 map (P7 of a small image) of one image still normalises."""
+    groups = next(g for g in range(max(1, min(32, channels // 2)), 0, -1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels)
+
+
+def norm_layer(norm: str) -> NormLayer:
+    """The ``channels -> module`` factory of a concrete ``model.norm`` (sync_bn builds BatchNorm2d: the
+    trainer converts it with ``nn.SyncBatchNorm.convert_sync_batchnorm`` once DDP is up)."""
+    table: dict[str, NormLayer] = {
+        "frozen_bn": FrozenBatchNorm2d,
+        "bn": nn.BatchNorm2d,
+        "sync_bn": nn.BatchNorm2d,
+        "gn": group_norm,
+    }
+    if norm not in table:
+        raise ConfigError(f"model.norm must be one of {', '.join(NORMS)} here, got {norm!r}")
+    return table[norm]
 
 
 class FrozenBatchNorm2d(misc.FrozenBatchNorm2d):

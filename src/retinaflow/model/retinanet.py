@@ -19,6 +19,7 @@ from retinaflow.errors import ConfigError, DataError
 from retinaflow.model.backbones import build_backbone
 from retinaflow.model.fpn import FPN
 from retinaflow.model.head import RetinaNetHead
+from retinaflow.model.norm import resolve_norms
 from retinaflow.ops._reference import flatten_level
 
 # ImageNet statistics in 0..255 RGB.
@@ -98,7 +99,14 @@ class RetinaNet(nn.Module):
 
 
 def model_arch(cfg: ModelConfig) -> dict[str, Any]:
-    """The architecture fields of ``cfg`` as plain values (what checkpoints store and compare)."""
+    """The architecture fields of ``cfg`` as plain values (what checkpoints store and compare).
+
+    ``norm`` / ``head_norm`` appear only when they differ from the ODTK network (frozen_bn, none), so
+    checkpoints written before those options describe the same architecture. ``cfg.norm`` is concrete.
+    """
+    extra = {
+        k: v for k, v in (("norm", cfg.norm), ("head_norm", cfg.head_norm)) if v not in ("frozen_bn", "none")
+    }
     return {
         "backbone": cfg.backbone,
         "num_classes": int(cfg.num_classes),
@@ -107,6 +115,7 @@ def model_arch(cfg: ModelConfig) -> dict[str, Any]:
         "anchors": {
             k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg.anchors).items()
         },
+        **extra,
     }
 
 
@@ -114,17 +123,20 @@ def build_model(cfg: ModelConfig, backbone_weights: str | Path | None = None) ->
     """Build the RetinaNet that ``cfg`` describes.
 
     backbone_weights: None, a local torchvision classification ``.pth``, or ``"offline"`` (see
-    ``backbones.build_backbone``). Raises ConfigError for settings the network cannot honour.
+    ``backbones.build_backbone``). ``auto`` norms build the ODTK network (frozen_bn, no head norm): only
+    the trainer knows that a run starts from random init, and resolves them to gn before calling this.
+    Raises ConfigError for settings the network cannot honour.
     """
+    cfg = resolve_norms(cfg, pretrained=True)
     if tuple(cfg.anchors.strides) != FPN.strides:
         raise ConfigError(
             f"model.anchors.strides must be {list(FPN.strides)} (P3-P7), got {list(cfg.anchors.strides)}"
         )
     if cfg.fpn_channels < 1:
         raise ConfigError(f"model.fpn_channels must be positive, got {cfg.fpn_channels}")
-    backbone = build_backbone(cfg.backbone, weights=backbone_weights, frozen_bn=cfg.frozen_bn)
+    backbone = build_backbone(cfg.backbone, weights=backbone_weights, norm=cfg.norm)
     fpn = FPN(backbone.out_channels, cfg.fpn_channels)
     head = RetinaNetHead(
-        cfg.fpn_channels, cfg.anchors.num_anchors, cfg.num_classes, cfg.head_convs, cfg.prior
+        cfg.fpn_channels, cfg.anchors.num_anchors, cfg.num_classes, cfg.head_convs, cfg.prior, cfg.head_norm
     )
     return RetinaNet(backbone, fpn, head, cfg.anchors, arch=model_arch(cfg))
