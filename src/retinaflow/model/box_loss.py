@@ -13,7 +13,8 @@ from torchvision.ops import generalized_box_iou_loss
 
 from retinaflow.config import LossConfig
 from retinaflow.errors import ConfigError
-from retinaflow.model.box_coder import decode, encode
+from retinaflow.model.box_coder import encode
+from retinaflow.ops._reference import decode_deltas
 
 BOX_LOSSES = ("smooth_l1", "giou")
 
@@ -31,6 +32,6 @@ def box_loss_per_anchor(
         target = encode(anchors, matched)
         return F.smooth_l1_loss(deltas, target, beta=cfg.smooth_l1_beta, reduction="none").sum(dim=2)
     if cfg.box_loss == "giou":
-        boxes = decode(anchors, deltas)
+        boxes = decode_deltas(anchors.to(deltas.dtype), deltas)
         return generalized_box_iou_loss(boxes, matched, reduction="none")
     raise ConfigError(f"loss.box_loss must be one of {', '.join(BOX_LOSSES)}, got {cfg.box_loss!r}")
