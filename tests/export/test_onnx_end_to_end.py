@@ -7,10 +7,12 @@ import json
 
 import onnx
 import pytest
+import torch
 
 from retinaflow.cli import main
 from retinaflow.config import ExportConfig
 from retinaflow.engine.infer import infer
+from retinaflow.errors import ConfigError
 from retinaflow.export.engine_infer import infer_engine
 from retinaflow.export.engines import EngineError, open_engine
 from retinaflow.export.onnx import export_onnx, read_metadata
@@ -81,3 +83,15 @@ def test_network_only_onnx_is_refused_as_an_engine(tiny_checkpoint, tmp_path):
     out = export_onnx(path, tmp_path / "net.onnx", ExportConfig(postprocess=False))
     with pytest.raises(EngineError, match="network-only"):
         open_engine(out)
+
+
+def test_onnx_engine_checks_batch_and_size(onnx_engine, tmp_path):
+    engine = open_engine(onnx_engine)
+    with pytest.raises(ConfigError, match=r"outside e2e.onnx's range 1\.\.4: use --batch 4"):
+        engine(torch.zeros(5, 3, 128, 128, dtype=torch.uint8), torch.full((5, 2), 128))
+    with pytest.raises(ConfigError, match="re-export with --size 64 128"):
+        engine(torch.zeros(1, 3, 64, 128, dtype=torch.uint8), torch.full((1, 2), 64))
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"PK\x03\x04 not onnx")
+    with pytest.raises(EngineError, match="not a loadable ONNX model"):
+        open_engine(garbage)

@@ -86,7 +86,9 @@ class Pt2Engine(Engine):
             self.compiled = torch._inductor.aoti_load_package(str(path), device_index=index)
         except Exception as exc:  # the loader's errors are long C++ traces: one line and the fix
             raise EngineError(f"cannot load {path.name} ({_first_line(exc)}): re-export it") from exc
-        super().__init__(path, {**meta, **parse(dict(self.compiled.get_metadata()))}, dev)
+        meta = {**meta, **parse(dict(self.compiled.get_metadata()))}
+        _check_torch_version(meta, path)  # also when the sidecar was not copied along
+        super().__init__(path, meta, dev)
 
     def run(self, images: torch.Tensor, sizes: torch.Tensor) -> tuple[torch.Tensor, ...]:
         with torch.no_grad():
@@ -149,13 +151,17 @@ def _pt2_preflight(path: Path) -> dict[str, Any]:
     if bad is not None:
         raise EngineError(f"{path.name} is damaged ({bad} fails its checksum): re-export it")
     meta = read_sidecar(path) if sidecar(path).is_file() else {}
+    _check_torch_version(meta, path)
+    return meta
+
+
+def _check_torch_version(meta: dict[str, Any], path: Path) -> None:
     built, here = meta.get("torch_version"), torch.__version__.split("+")[0]
     if built and built != here:
         raise EngineError(
             f"{path.name} was built with torch {built}, this is torch {here}: AOTInductor packages only "
             f"load in the torch that built them; re-export it here"
         )
-    return meta
 
 
 def _register_ops(device: torch.device, path: Path) -> None:
