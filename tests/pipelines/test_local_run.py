@@ -64,6 +64,9 @@ def test_local_pipeline_registers_a_tracked_model(tmp_path, monkeypatch, capsys)
     builds = list(result.artifacts.glob("*/build-engine*/engine/build.json"))
     assert builds and json.loads(builds[0].read_text())["built"] is False
     assert json.loads(builds[0].read_text())["reason"]
+    # and so does the .pt2 build on this GPU-less machine
+    (pt2,) = json.loads((builds[0].parent / "engines.json").read_text())
+    assert pt2["name"] == "pt2" and pt2["built"] is False and "no CUDA device" in pt2["reason"]
 
     print_summary(result)
     shown = capsys.readouterr().out

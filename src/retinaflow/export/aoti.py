@@ -40,7 +40,7 @@ def export_pt2(
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"cannot compile a .pt2 for {dev}: no CUDA device here (use --device cpu)")
     model, config, state = load_model(checkpoint, dev)
-    spec = resolve(output, cfg, config)
+    spec = resolve(output, cfg, config, "pt2")
     prepare_for_inference(model, DTYPES[spec.precision] if spec.precision != "fp32" else None)
     module = end_to_end_reference(model, config, spec)
     meta = {**engine_metadata(checkpoint, state, spec), "device": dev.type}

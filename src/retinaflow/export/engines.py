@@ -128,7 +128,7 @@ def open_engine(path: str | Path, device: str | None = None) -> Engine:
     p = Path(path)
     if not p.is_file():
         raise EngineError(f"engine not found: {p}")
-    suffix = p.suffix.lower()
+    suffix = p.suffix.lower() or (".pt2" if zipfile.is_zipfile(p) else ".onnx")  # pipeline artifacts
     if suffix == ".pt2":
         return Pt2Engine(p, device)
     if suffix == ".onnx":

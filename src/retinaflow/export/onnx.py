@@ -68,7 +68,7 @@ def export_onnx(checkpoint: str | Path, output: str | Path, cfg: ExportConfig | 
     if cfg.opset < 17:
         raise ConfigError(f"opset {cfg.opset} is too old; retinaflow exports opset 17 or newer")
     model, config, state = load_model(checkpoint, torch.device("cpu"))
-    spec = resolve(output, cfg, config)
+    spec = resolve(output, cfg, config, "onnx")
     if spec.precision != "fp32":
         raise ConfigError(
             f"ONNX export is fp32 (asked for {spec.precision}): TensorRT builds fp16 from the fp32 ONNX; "

@@ -64,13 +64,14 @@ def default_size(config: Config) -> tuple[int, int]:
     return side, side
 
 
-def resolve(output: str | Path, cfg: ExportConfig, config: Config) -> EngineSpec:
+def resolve(output: str | Path, cfg: ExportConfig, config: Config, fmt: str | None = None) -> EngineSpec:
     """The EngineSpec of exporting a checkpoint with ``config`` to ``output`` under ``cfg``.
 
-    ``cfg.height``/``cfg.width`` 0 take :func:`default_size`. Raises ConfigError for a size that is not
-    a positive multiple of 32, an empty batch range or an unknown precision.
+    ``fmt`` None: from ``output``'s extension (the exporters pass theirs: pipeline artifact paths have
+    none). ``cfg.height``/``cfg.width`` 0 take :func:`default_size`. Raises ConfigError for a size that
+    is not a positive multiple of 32, an empty batch range or an unknown precision.
     """
-    fmt = engine_format(output)
+    fmt = fmt or engine_format(output)
     height, width = cfg.height, cfg.width
     if not height and not width:
         height, width = default_size(config)
