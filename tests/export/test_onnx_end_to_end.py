@@ -95,3 +95,10 @@ def test_onnx_engine_checks_batch_and_size(onnx_engine, tmp_path):
     garbage.write_bytes(b"PK\x03\x04 not onnx")
     with pytest.raises(EngineError, match="not a loadable ONNX model"):
         open_engine(garbage)
+
+
+def test_infer_on_an_engine_refuses_settings_fixed_at_export(onnx_engine, tmp_path, capsys):
+    args = ["infer", str(onnx_engine), "--images", str(tmp_path), "--output", str(tmp_path / "d.json")]
+    assert main([*args, "--score-thresh", "0.3"]) == ConfigError.exit_code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--score-thresh is fixed in the engine" in err[0]

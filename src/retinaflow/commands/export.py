@@ -77,3 +77,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
             run.log_artifact(args.output, result.spec.format)
     print(f"{result.spec.format}: {target}")
     return 0
+
+
+BAKED_INFER_FLAGS = ("resize", "max_size", "precision", "score_thresh", "nms_iou", "max_det", "top_n")
+
+
+def check_engine_flags(args: argparse.Namespace) -> None:
+    """ConfigError for ``retinaflow infer ENGINE`` flags that an exported engine fixes at export time."""
+    given = [f for f in BAKED_INFER_FLAGS if getattr(args, f, None) is not None]
+    given += [f for f in ("pad_stride", "compile") if getattr(args, f, None)]
+    given += ["cuda_graph"] if getattr(args, "cuda_graph", False) else []
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise ConfigError(
+            f"{flag} is fixed in the engine {args.model} when it is exported: drop it, or re-export from the "
+            "checkpoint with the setting in its config (or run the checkpoint)"
+        )

@@ -44,6 +44,7 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
+    from retinaflow.commands.export import check_engine_flags
     from retinaflow.config import InferConfig
     from retinaflow.engine.evaluate import render_table, write_report
     from retinaflow.engine.infer import infer
@@ -63,6 +64,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         tracked(args, "infer", params) as run,
     ):
         if is_engine(args.model):  # .pt2 / .onnx: post-processing and resize are baked into the engine
+            check_engine_flags(args)
             result = infer_engine(
                 args.model, args.images, args.output, args.annotations, args.batch, args.device
             )

@@ -3,7 +3,8 @@
 One flat ``dict[str, str]`` (ONNX ``metadata_props`` need strings): class names and COCO category ids,
 input size, layout and normalisation, score/NMS settings, batch range, precision, the retinaflow and
 torch versions and the checkpoint's SHA-256. ONNX files hold it in ``metadata_props``; ``.pt2`` packages
-next to the file as ``<engine>.json`` (and inside the package as ``extra/retinaflow.json``).
+compile it in (``aot_inductor.metadata``: ``get_metadata()`` in Python and C++) and get it next to them as
+``<engine>.json`` (readable before loading, e.g. to check the torch version).
 """
 
 from __future__ import annotations
