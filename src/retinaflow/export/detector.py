@@ -31,7 +31,8 @@ class EndToEnd(torch.nn.Module):
     def __init__(self, model: RetinaNet, config: Config, spec: EngineSpec, onnx_ops: bool = False) -> None:
         super().__init__()
         self.model, self.infer = model, config.infer
-        anchors = generate_anchors(config.model.anchors, (spec.height, spec.width), "cpu", torch.float32)
+        device = next(model.parameters()).device  # anchors live with the network (constants of the engine)
+        anchors = generate_anchors(config.model.anchors, (spec.height, spec.width), device, torch.float32)
         self.levels = len(anchors)
         self.onnx = OnnxPostprocess(anchors, model.num_classes, config.infer) if onnx_ops else None
         for i, a in enumerate(anchors):

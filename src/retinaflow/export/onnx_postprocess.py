@@ -96,7 +96,7 @@ class OnnxPostprocess(torch.nn.Module):
         self, scores: torch.Tensor, boxes: torch.Tensor, classes: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Class-aware NMS over (B, K) candidates; the ``max_det`` best survivors, best first."""
-        labels = torch.arange(self.num_classes, dtype=classes.dtype)[None, :, None]
+        labels = torch.arange(self.num_classes, dtype=classes.dtype, device=classes.device)[None, :, None]
         per_class = scores[:, None, :] * (classes[:, None, :] == labels).to(scores.dtype)  # (B, C, K)
         max_det = self.cfg.max_det
         selected = _NonMaxSuppression.apply(boxes, per_class, max_det, self.cfg.nms_iou, 0.0)
