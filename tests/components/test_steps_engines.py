@@ -51,6 +51,7 @@ def test_every_built_engine_is_evaluated_and_gated(engines, tmp_path, monkeypatc
     assert seen == ["model.pt2"] and summary.passed
     pt2 = load_summary(tmp_path / "r")["engines"]["pt2"]
     assert pt2["latency_ms"] == 2.0 and pt2["drop"] == pytest.approx(0.002) and pt2["tags"]["gpu"] == "H100"
+    assert load_summary(tmp_path / "r")["onnx_latency_ms"] is None  # m.onnx is no end-to-end graph here
 
 
 def test_an_engine_losing_more_than_the_margin_fails_the_step(engines, tmp_path, monkeypatch):

@@ -37,6 +37,7 @@ def test_local_pipeline_registers_a_tracked_model(tmp_path, monkeypatch, capsys)
     assert set(result.summary["pytorch"]) == STATS and set(result.summary["onnx"]) == STATS
     assert result.summary["passed"] is True
     assert abs(result.summary["export_drop"]) <= result.summary["max_export_drop"]
+    assert result.summary["onnx_latency_ms"] > 0  # the end-to-end ONNX, batch 1
 
     # registry: the first version is challenger and, with no champion before it, champion
     assert [v["version"] for v in result.versions] == ["1"]

@@ -35,6 +35,7 @@ class EvalSummary:
     per_class: dict[str, float] = field(default_factory=dict)
     # per built engine (build_engine's .pt2): its COCO statistics, "latency_ms" and "drop" (AP below PyTorch)
     engines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    onnx_latency_ms: float | None = None  # batch 1, ONNX Runtime CPU; None for a network-only graph
 
     @property
     def map(self) -> float:
@@ -62,6 +63,7 @@ class EvalSummary:
             "export_drop": self.drop,
             "max_export_drop": self.max_drop,
             "engines": self.engines,
+            "onnx_latency_ms": self.onnx_latency_ms,
             "passed": self.passed,
         }
 
@@ -109,6 +111,7 @@ def evaluate_models(
         per_class=dict(torch_result.per_class),
     )
     summary.engines = _evaluate_engines(engine_dir, images, annotations, out, summary.map)
+    summary.onnx_latency_ms = _onnx_latency(onnx_model)
     (out / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2))
     log.info("mAP: PyTorch %.4f, ONNX Runtime %.4f (drop %.4f, bound %.4f)", summary.map, summary.onnx_map,
              summary.drop, max_drop)  # fmt: skip
@@ -128,6 +131,17 @@ def _degraded(summary: EvalSummary) -> str:
         f"{name} mAP {ap:.4f} is {drop:.4f} below the PyTorch mAP {summary.map:.4f}, "
         f"more than the allowed {summary.max_drop:.4f}"
     )
+
+
+def _onnx_latency(onnx_model: str | Path) -> float | None:
+    """Batch-1 latency of an end-to-end ONNX graph; None for one that is not (network only)."""
+    from retinaflow.export.engines import EngineError
+    from retinaflow.kubeflow.steps.engines import batch1_latency_ms
+
+    try:
+        return batch1_latency_ms(onnx_model)
+    except EngineError:
+        return None
 
 
 def _evaluate_engines(
@@ -166,6 +180,8 @@ def _log_to_mlflow(run_id: str, summary: EvalSummary, folder: Path, engine_dir: 
     metrics = {f"eval/{k}": v for k, v in summary.pytorch.items()}
     metrics |= {f"onnx/{k}": v for k, v in summary.onnx.items()}
     metrics["onnx/export_drop"] = summary.drop
+    if summary.onnx_latency_ms is not None:
+        metrics["onnx/latency_ms"] = summary.onnx_latency_ms
     tags: dict[str, str] = {}
     for name, e in summary.engines.items():
         metrics |= {f"engine/{name}/{k}": v for k, v in e.items() if isinstance(v, (int, float))}
