@@ -83,11 +83,11 @@ def test_eval_bad_inputs(capsys, tmp_path):
     assert_one_line_error(code, err, "absent")
 
 
-def test_export_rejects_a_size_that_is_not_a_multiple_of_128(capsys, tmp_path):
+def test_export_rejects_a_size_that_is_not_a_multiple_of_32(capsys, tmp_path):
     ckpt = tmp_path / "m.pth"
     ckpt.write_bytes(b"x")
     code, _, err = run_cli(capsys, "export", str(ckpt), str(tmp_path / "m.onnx"), "--size", "100", "128")
-    assert_one_line_error(code, err, "multiple of 128")
+    assert_one_line_error(code, err, "multiples of 32")
 
 
 def test_synth_rejects_bad_arguments(capsys, tmp_path):

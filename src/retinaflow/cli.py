@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from retinaflow import __version__
-from retinaflow.commands import data, predict, train
+from retinaflow.commands import data, export, predict, train
 from retinaflow.commands.optional import add_optional_commands
 from retinaflow.errors import RetinaflowError
 
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"retinaflow {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (train, predict, data):
+    for module in (train, predict, export, data):
         module.add_commands(sub)
     add_optional_commands(sub)
     return parser

@@ -172,13 +172,22 @@ class InferConfig:
 
 @dataclass
 class ExportConfig:
-    """ONNX / TensorRT export."""
+    """ONNX / AOTInductor (.pt2) / TensorRT export.
+
+    ``height``/``width`` 0: from the checkpoint's inference settings (see ``retinaflow.export.spec``).
+    ``min_batch``..``max_batch``: the engine's batch range (one value: a fixed batch).
+    ``postprocess``: ONNX graphs end with decode + NMS (standard ONNX ops) and fixed-size detections;
+    off, they return the raw head maps (the TensorRT plugin route).
+    """
 
     opset: int = 17
-    height: int = 800
-    width: int = 1344
+    height: int = 0
+    width: int = 0
     dynamic_batch: bool = True
-    precision: str = "fp16"
+    precision: str = "fp32"
+    min_batch: int = 1
+    max_batch: int = 32
+    postprocess: bool = True
 
 
 @dataclass

@@ -37,6 +37,7 @@ def test_local_pipeline_registers_a_tracked_model(tmp_path, monkeypatch, capsys)
     assert set(result.summary["pytorch"]) == STATS and set(result.summary["onnx"]) == STATS
     assert result.summary["passed"] is True
     assert abs(result.summary["export_drop"]) <= result.summary["max_export_drop"]
+    assert result.summary["onnx_latency_ms"] > 0  # the end-to-end ONNX, batch 1
 
     # registry: the first version is challenger and, with no champion before it, champion
     assert [v["version"] for v in result.versions] == ["1"]
@@ -64,6 +65,9 @@ def test_local_pipeline_registers_a_tracked_model(tmp_path, monkeypatch, capsys)
     builds = list(result.artifacts.glob("*/build-engine*/engine/build.json"))
     assert builds and json.loads(builds[0].read_text())["built"] is False
     assert json.loads(builds[0].read_text())["reason"]
+    # and so does the .pt2 build on this GPU-less machine
+    (pt2,) = json.loads((builds[0].parent / "engines.json").read_text())
+    assert pt2["name"] == "pt2" and pt2["built"] is False and "no CUDA device" in pt2["reason"]
 
     print_summary(result)
     shown = capsys.readouterr().out

@@ -1,11 +1,10 @@
-"""``retinaflow infer``, ``eval`` and ``export``."""
+"""``retinaflow infer`` and ``eval`` (``export``: :mod:`retinaflow.commands.export`)."""
 
 from __future__ import annotations
 
 import argparse
 
 from retinaflow.commands.optional import add_tracking_args, remote, tracked
-from retinaflow.config import ExportConfig
 
 
 def _add_infer(sub: argparse._SubParsersAction) -> None:
@@ -16,7 +15,7 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
         "--annotations, evaluates them. Settings not given as flags are the checkpoint's (its infer.* "
         "config, defaults unless changed at training time).",
     )
-    p.add_argument("model", help="checkpoint")
+    p.add_argument("model", help="checkpoint (.pth) or exported engine (.pt2, .onnx)")
     p.add_argument("--images", required=True, help="images folder")
     p.add_argument("--annotations", help="ground truth COCO JSON (evaluates the detections)")
     p.add_argument("--output", required=True, help="detections JSON to write")
@@ -52,8 +51,11 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
+    from retinaflow.commands.export import check_engine_flags
     from retinaflow.engine.evaluate import render_table, write_report
     from retinaflow.engine.infer import infer
+    from retinaflow.export.engine_infer import infer_engine
+    from retinaflow.export.engines import is_engine
 
     names = ("batch", "resize", "max_size", "precision", "score_thresh", "nms_iou", "max_det", "top_n")
     overrides = {
@@ -69,7 +71,15 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         remote(args, inputs=("model", "images", "annotations"), outputs=("output", "report")),
         tracked(args, "infer", params) as run,
     ):
-        result = infer(args.model, args.images, args.output, None, args.annotations, args.device, overrides)
+        if is_engine(args.model):  # .pt2 / .onnx: post-processing and resize are baked into the engine
+            check_engine_flags(args)
+            result = infer_engine(
+                args.model, args.images, args.output, args.annotations, args.batch, args.device
+            )
+        else:
+            result = infer(
+                args.model, args.images, args.output, None, args.annotations, args.device, overrides
+            )
         print(f"detections: {target}")
         if result is not None:
             print(render_table(result))
@@ -116,45 +126,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "export",
-        help="export a checkpoint to ONNX",
-        description="Backbone + FPN + heads to ONNX (dynamic batch), checked with the ONNX checker and "
-        "against PyTorch in ONNX Runtime.",
-    )
-    p.add_argument("model", help="checkpoint")
-    p.add_argument("output", help="model.onnx to write")
-    p.add_argument("--opset", type=int, default=ExportConfig.opset, help="ONNX opset (>= 17)")
-    p.add_argument(
-        "--size",
-        type=int,
-        nargs=2,
-        metavar=("H", "W"),
-        default=(800, 1344),
-        help="input size (multiples of 128)",
-    )
-    p.add_argument("--static-batch", action="store_true", help="fix the batch dimension")
-    add_tracking_args(p)
-    p.set_defaults(func=_cmd_export)
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    from retinaflow.export.onnx import export_onnx
-
-    cfg = ExportConfig(
-        opset=args.opset, height=args.size[0], width=args.size[1], dynamic_batch=not args.static_batch
-    )
-    target = args.output
-    params = {"checkpoint": args.model, **cfg.__dict__}
-    with remote(args, inputs=("model",), outputs=("output",)), tracked(args, "export", params) as run:
-        export_onnx(args.model, args.output, cfg)
-        if run is not None:
-            run.log_artifact(args.output, "onnx")
-    print(f"onnx: {target}")
-    return 0
-
-
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    for add in (_add_infer, _add_eval, _add_export):
+    for add in (_add_infer, _add_eval):
         add(sub)

@@ -1,10 +1,11 @@
 """Detection through an exported ONNX model in ONNX Runtime, evaluated like the PyTorch model.
 
-The ONNX graph (see :mod:`retinaflow.export.onnx`) returns the raw per-level head maps for a fixed
-input ``(batch, 3, H, W)``; this module feeds it the same padded batches as ``retinaflow infer``
-(zero-padded further to H x W at the bottom/right, which leaves pixel coordinates unchanged),
-decodes with the same anchors and post-processing, and writes COCO results. Used by the pipeline's
-evaluate step to catch an mAP drop after export.
+An end-to-end graph (decode + NMS inside, the default export) runs through
+:mod:`retinaflow.export.engine_infer`. A network-only graph (see :mod:`retinaflow.export.onnx`) returns
+the raw per-level head maps for a fixed input ``(batch, 3, H, W)``; this module feeds it the same padded
+batches as ``retinaflow infer`` (zero-padded further to H x W at the bottom/right, which leaves pixel
+coordinates unchanged), decodes with the same anchors and post-processing, and writes COCO results.
+Used by the pipeline's evaluate step to catch an mAP drop after export.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from retinaflow.config import Config, InferConfig
 from retinaflow.engine.callbacks import EvalResult
 from retinaflow.errors import ConfigError, MissingDependency
+from retinaflow.export.metadata import OUTPUTS
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,12 @@ def infer_onnx(
         config.infer = cfg
     config.data.resize, config.data.max_size = config.infer.resize, config.infer.max_size
     session = ort.InferenceSession(str(onnx_model), providers=["CPUExecutionProvider"])
+    if [o.name for o in session.get_outputs()] == list(OUTPUTS):  # end to end: decode + NMS inside
+        from retinaflow.export.engine_infer import infer_engine
+
+        result = infer_engine(onnx_model, images, output, annotations, config.infer.batch)
+        assert result is not None
+        return result
     height, width = _input_hw(session)
     anchors = generate_anchors(config.model.anchors, (height, width), torch.device("cpu"), torch.float32)
     cat_lut = torch.tensor(state["category_ids"], dtype=torch.int64)

@@ -33,6 +33,9 @@ class EvalSummary:
     onnx: dict[str, float]
     max_drop: float
     per_class: dict[str, float] = field(default_factory=dict)
+    # per built engine (build_engine's .pt2): its COCO statistics, "latency_ms" and "drop" (AP below PyTorch)
+    engines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    onnx_latency_ms: float | None = None  # batch 1, ONNX Runtime CPU; None for a network-only graph
 
     @property
     def map(self) -> float:
@@ -48,7 +51,7 @@ class EvalSummary:
 
     @property
     def passed(self) -> bool:
-        return self.drop <= self.max_drop
+        return self.drop <= self.max_drop and all(e["drop"] <= self.max_drop for e in self.engines.values())
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -59,6 +62,8 @@ class EvalSummary:
             "onnx_map": self.onnx_map,
             "export_drop": self.drop,
             "max_export_drop": self.max_drop,
+            "engines": self.engines,
+            "onnx_latency_ms": self.onnx_latency_ms,
             "passed": self.passed,
         }
 
@@ -74,13 +79,16 @@ def evaluate_models(
     report_dir: str | Path,
     max_drop: float,
     mlflow_run_id: str = "",
+    engine_dir: str | Path = "",
 ) -> EvalSummary:
     """Evaluate both models on the validation split of ``dataset_dir``; write reports to ``report_dir``.
 
     ``report_dir`` gets ``detections.json``, ``onnx_detections.json``, ``eval.json`` (the PyTorch
     report) and ``summary.json``; with ``mlflow_run_id`` the statistics (``eval/*``, ``onnx/*``) and
-    the folder (artifact path ``evaluation``) go to that run. Raises ExportDegraded after writing
-    and logging everything when the export lost more than ``max_drop`` AP.
+    the folder (artifact path ``evaluation``) go to that run. Each engine built into ``engine_dir`` (see
+    :mod:`.engines`) is evaluated too (``<name>_detections.json``, mAP and batch-1 latency, MLflow tags).
+    Raises ExportDegraded after writing and logging everything when the ONNX export or an engine lost
+    more than ``max_drop`` AP.
     """
     from retinaflow.engine.evaluate import write_report
     from retinaflow.engine.infer import infer
@@ -103,17 +111,57 @@ def evaluate_models(
         max_drop=max_drop,
         per_class=dict(torch_result.per_class),
     )
+    summary.engines = _evaluate_engines(engine_dir, images, annotations, out, summary.map)
+    summary.onnx_latency_ms = _onnx_latency(onnx_model)
     (out / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2))
     log.info("mAP: PyTorch %.4f, ONNX Runtime %.4f (drop %.4f, bound %.4f)", summary.map, summary.onnx_map,
              summary.drop, max_drop)  # fmt: skip
     if mlflow_run_id:
-        _log_to_mlflow(mlflow_run_id, summary, out)
+        _log_to_mlflow(mlflow_run_id, summary, out, engine_dir)
     if not summary.passed:
-        raise ExportDegraded(
-            f"ONNX mAP {summary.onnx_map:.4f} is {summary.drop:.4f} below the PyTorch mAP {summary.map:.4f}, "
-            f"more than the allowed {max_drop:.4f}"
-        )
+        raise ExportDegraded(_degraded(summary))
     return summary
+
+
+def _degraded(summary: EvalSummary) -> str:
+    """The ExportDegraded message naming the worst artifact."""
+    drops = {"ONNX": (summary.onnx_map, summary.drop)}
+    drops |= {f"{n} engine": (e["AP"], e["drop"]) for n, e in summary.engines.items()}
+    name, (ap, drop) = max(drops.items(), key=lambda kv: kv[1][1])
+    return (
+        f"{name} mAP {ap:.4f} is {drop:.4f} below the PyTorch mAP {summary.map:.4f}, "
+        f"more than the allowed {summary.max_drop:.4f}"
+    )
+
+
+def _onnx_latency(onnx_model: str | Path) -> float | None:
+    """Batch-1 latency of an end-to-end ONNX graph; None for one that is not (network only)."""
+    from retinaflow.export.engines import EngineError
+    from retinaflow.kubeflow.steps.engines import batch1_latency_ms
+
+    try:
+        return batch1_latency_ms(onnx_model)
+    except EngineError:
+        return None
+
+
+def _evaluate_engines(
+    engine_dir: str | Path, images: str | Path, annotations: str | Path, out: Path, reference_map: float
+) -> dict[str, dict[str, Any]]:
+    """Statistics, batch-1 latency and AP drop of every engine built into ``engine_dir``."""
+    from retinaflow.kubeflow.steps.engines import evaluate_engine, read_records
+
+    found: dict[str, dict[str, Any]] = {}
+    for record in read_records(engine_dir) if engine_dir else []:
+        if not record.built:
+            log.info("engine %s not evaluated: %s", record.name, record.reason)
+            continue
+        stats = evaluate_engine(
+            Path(engine_dir) / record.file, images, annotations, out / f"{record.name}.json"
+        )
+        found[record.name] = {**stats, "drop": reference_map - stats["AP"], "tags": record.tags}
+        log.info("%s engine: mAP %.4f, batch-1 %.2f ms", record.name, stats["AP"], stats["latency_ms"])
+    return found
 
 
 def load_summary(report_dir: str | Path) -> dict[str, Any]:
@@ -124,7 +172,7 @@ def load_summary(report_dir: str | Path) -> dict[str, Any]:
     return dict(json.loads(path.read_text()))
 
 
-def _log_to_mlflow(run_id: str, summary: EvalSummary, folder: Path) -> None:
+def _log_to_mlflow(run_id: str, summary: EvalSummary, folder: Path, engine_dir: str | Path = "") -> None:
     import mlflow
 
     from retinaflow.mlops.settings import resolve_tracking_uri
@@ -133,6 +181,15 @@ def _log_to_mlflow(run_id: str, summary: EvalSummary, folder: Path) -> None:
     metrics = {f"eval/{k}": v for k, v in summary.pytorch.items()}
     metrics |= {f"onnx/{k}": v for k, v in summary.onnx.items()}
     metrics["onnx/export_drop"] = summary.drop
+    if summary.onnx_latency_ms is not None:
+        metrics["onnx/latency_ms"] = summary.onnx_latency_ms
+    tags: dict[str, str] = {}
+    for name, e in summary.engines.items():
+        metrics |= {f"engine/{name}/{k}": v for k, v in e.items() if isinstance(v, (int, float))}
+        tags |= {f"engine.{name}.{k}": str(v) for k, v in e["tags"].items()}
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(metrics)
+        mlflow.set_tags(tags)
         mlflow.log_artifacts(str(folder), artifact_path="evaluation")
+        if summary.engines:
+            mlflow.log_artifacts(str(engine_dir), artifact_path="engines")

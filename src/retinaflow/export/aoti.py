@@ -1,0 +1,73 @@
+"""AOTInductor engine (.pt2): the whole detector through ``torch.export``, compiled ahead of time.
+
+The package holds :class:`~retinaflow.export.detector.EndToEnd` (uint8 images + sizes in, fixed-size
+detections out) with batch norms folded and weights in the requested precision, compiled for one device
+(CPU: C++ via the host compiler; CUDA: Triton kernels) with ``torch._inductor.aoti_compile_and_package``.
+Decode and NMS stay calls of ``torch.ops.retinaflow.*``: whoever loads the package registers them first
+(:mod:`retinaflow.export.engines` in Python; the C++ runner links the kernels library). Its metadata
+(:mod:`.metadata`) is compiled in (``get_metadata()``) and written next to it as ``<name>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from retinaflow.config import ExportConfig
+from retinaflow.engine.infer import load_model, prepare_for_inference
+from retinaflow.errors import ConfigError
+from retinaflow.export.detector import EndToEnd, end_to_end_reference
+from retinaflow.export.metadata import engine_metadata, sidecar
+from retinaflow.export.spec import EngineSpec, resolve
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def export_pt2(
+    checkpoint: str | Path, output: str | Path, cfg: ExportConfig, device: str | None = None
+) -> Path:
+    """Export ``checkpoint`` as an AOTInductor package at ``output`` (.pt2) compiled for ``device``.
+
+    ``device``: "cpu", "cuda" or "cuda:N" (default: cuda if present). Writes ``output`` and its metadata
+    ``output.with_suffix('.json')``; returns ``output``.
+    """
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"cannot compile a .pt2 for {dev}: no CUDA device here (use --device cpu)")
+    model, config, state = load_model(checkpoint, dev)
+    spec = resolve(output, cfg, config, "pt2")
+    prepare_for_inference(model, DTYPES[spec.precision] if spec.precision != "fp32" else None)
+    module = end_to_end_reference(model, config, spec)
+    meta = {**engine_metadata(checkpoint, state, spec), "device": dev.type}
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if dev.type == "cuda":
+        from retinaflow.ops import _ext
+
+        _ext.load()  # the CUDA impls of the retinaflow ops must be registered before export
+    program = export_program(module, spec, dev)
+    log.info("compiling %s with AOTInductor for %s (minutes for a large network)", out.name, dev)
+    torch._inductor.aoti_compile_and_package(
+        program, package_path=str(out), inductor_configs={"aot_inductor.metadata": meta}
+    )
+    sidecar(out).write_text(json.dumps(meta, indent=1))
+    return out
+
+
+def export_program(module: EndToEnd, spec: EngineSpec, device: torch.device) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``module`` with a dynamic batch dimension when ``spec`` has a range."""
+    batch = 2 if spec.dynamic_batch else spec.max_batch
+    batch = min(max(batch, spec.min_batch), spec.max_batch)
+    images = torch.zeros(batch, 3, spec.height, spec.width, dtype=torch.uint8, device=device)
+    sizes = torch.tensor([[spec.height, spec.width]] * batch, dtype=torch.int64, device=device)
+    dynamic = None
+    if spec.dynamic_batch:
+        dim = torch.export.Dim("batch", min=spec.min_batch, max=spec.max_batch)
+        dynamic = {"images": {0: dim}, "sizes": {0: dim}}
+    with torch.no_grad():
+        return torch.export.export(module, (images, sizes), dynamic_shapes=dynamic)

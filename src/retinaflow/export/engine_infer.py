@@ -1,0 +1,101 @@
+"""``retinaflow infer`` on an exported engine: the same loader, resize and COCO results as on a checkpoint.
+
+Images are resized with the engine's saved inference settings, zero-padded at the bottom/right to the
+engine's input size (pixel coordinates unchanged) and run through it; the detections JSON is that of
+:func:`retinaflow.engine.infer.infer`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from retinaflow.config import DataConfig
+from retinaflow.engine.callbacks import EvalResult
+from retinaflow.errors import ConfigError, DataError
+from retinaflow.export.engines import Engine, open_engine
+from retinaflow.export.spec import NETWORK_STRIDE
+from retinaflow.ops.detections import Detections
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH = 8
+
+
+def infer_engine(
+    engine_path: str | Path,
+    images: str | Path,
+    output: str | Path,
+    annotations: str | Path | None = None,
+    batch: int | None = None,
+    device: str | None = None,
+) -> EvalResult | None:
+    """Detect every image of ``images`` with the engine; write COCO results; evaluate with ``annotations``."""
+    from retinaflow.engine.evaluate import evaluate
+
+    engine = open_engine(engine_path, device)
+    images_dir = Path(images)
+    if not images_dir.is_dir():
+        raise DataError(f"images folder not found: {images_dir}")
+    with tempfile.TemporaryDirectory() as tmp:
+        dets = detect_folder(engine, images_dir, annotations, batch, Path(tmp))
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dets))
+    log.info("wrote %d detections to %s", len(dets), out)
+    if annotations:
+        return evaluate(annotations, dets, list(engine.meta.get("class_names", [])) or None)
+    return None
+
+
+def detect_folder(
+    engine: Engine, images_dir: Path, annotations: str | Path | None, batch: int | None, tmp: Path
+) -> list[dict[str, Any]]:
+    """COCO results (boxes [x, y, w, h] in original pixels) of every image, in dataset order."""
+    from retinaflow.data.loader import build_eval_loader
+    from retinaflow.engine.infer import _image_list_as_coco, to_coco_results
+
+    meta = engine.meta
+    infer = meta.get("infer", {})
+    data = DataConfig(resize=infer.get("resize", 800), max_size=infer.get("max_size", 1333), workers=0)
+    data.pad_stride = NETWORK_STRIDE
+    size = batch if batch is not None else min(DEFAULT_BATCH, int(meta["max_batch"]))
+    state = {"category_ids": meta["category_ids"], "class_names": meta["class_names"]}
+    ann = Path(annotations) if annotations else _image_list_as_coco(images_dir, state, tmp)
+    loader, _ = build_eval_loader(str(images_dir), str(ann), data, size)
+    cat_lut = torch.tensor(meta["category_ids"], dtype=torch.int64)
+    results: list[dict[str, Any]] = []
+    for b in loader:
+        dets = run_padded(engine, pad_to(b.images, engine.input_hw, engine.path.name), b.sizes)
+        results.extend(to_coco_results(dets, b, cat_lut))
+    return results
+
+
+def pad_to(images: torch.Tensor, hw: tuple[int, int], name: str) -> torch.Tensor:
+    """(B, 3, h, w) -> (B, 3, H, W), zeros at the bottom and right; ConfigError if it does not fit."""
+    h, w = images.shape[-2:]
+    height, width = hw
+    if h > height or w > width:
+        raise ConfigError(
+            f"resized images of {h}x{w} do not fit {name}'s input {height}x{width}: re-export with "
+            f"--size {max(h, height)} {max(w, width)} (or the default size, which covers both orientations)"
+        )
+    return torch.nn.functional.pad(images, (0, width - w, 0, height - h))
+
+
+def run_padded(engine: Engine, images: torch.Tensor, sizes: torch.Tensor) -> Detections:
+    """``engine(images, sizes)``; a batch below the engine's minimum (the last one) is filled with blank
+    images whose detections are dropped."""
+    n, lo = images.shape[0], int(engine.meta["min_batch"])
+    if n >= lo:
+        return engine(images, sizes)
+    fill = lo - n
+    images = torch.cat([images, images.new_zeros(fill, *images.shape[1:])])
+    sizes = torch.cat([sizes, sizes.new_full((fill, 2), NETWORK_STRIDE)])
+    d = engine(images, sizes)
+    return Detections(d.scores[:n], d.boxes[:n], d.classes[:n], d.counts[:n])

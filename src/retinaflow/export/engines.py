@@ -1,0 +1,183 @@
+"""Open and run exported engines (.pt2 packages, end-to-end .onnx graphs) like the PyTorch detector.
+
+``open_engine(path)`` checks the file before handing it to its runtime and turns every way it can be
+unusable (another format, truncated, another torch version, missing kernels) into one :class:`EngineError`
+line saying what to do. An engine is called with ``images: (B, 3, H, W) uint8`` at its input size and
+``sizes: (B, 2) int64`` and returns :class:`~retinaflow.ops.detections.Detections` (B, max_det).
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from retinaflow.errors import CheckpointError, ConfigError, MissingDependency
+from retinaflow.export.metadata import OUTPUTS, parse, read_sidecar, sidecar
+from retinaflow.ops.detections import Detections
+
+SUFFIXES = (".pt2", ".onnx")
+
+
+class EngineError(CheckpointError):
+    """An engine file that cannot be used here (format, truncation, torch version, kernels)."""
+
+
+def is_engine(path: str | Path) -> bool:
+    """True for the file names ``retinaflow infer`` runs as engines (.pt2, .onnx)."""
+    return Path(str(path)).suffix.lower() in SUFFIXES
+
+
+class Engine:
+    """A loaded engine: ``meta`` (see :mod:`.metadata`), ``device`` and ``__call__(images, sizes)``."""
+
+    def __init__(self, path: Path, meta: dict[str, Any], device: torch.device) -> None:
+        self.path, self.meta, self.device = path, meta, device
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return int(self.meta["input_height"]), int(self.meta["input_width"])
+
+    def check(self, images: torch.Tensor, sizes: torch.Tensor) -> None:
+        """ConfigError when ``images`` do not fit the engine's size, dtype or batch range."""
+        lo, hi = int(self.meta["min_batch"]), int(self.meta["max_batch"])
+        h, w = self.input_hw
+        name = self.path.name
+        if images.dim() != 4 or tuple(images.shape[1:]) != (3, h, w):
+            raise ConfigError(
+                f"{name} takes images (B, 3, {h}, {w}), got {tuple(images.shape)}: pad (bottom/right) or "
+                f"resize to {h}x{w}, or re-export with --size {images.shape[-2]} {images.shape[-1]}"
+            )
+        if images.dtype != torch.uint8:
+            raise ConfigError(f"{name} takes uint8 images, got {images.dtype}")
+        if not lo <= images.shape[0] <= hi:
+            raise ConfigError(
+                f"batch of {images.shape[0]} is outside {name}'s range {lo}..{hi}: use --batch {hi} or "
+                f"re-export with --batch {lo} {images.shape[0]}"
+            )
+        if tuple(sizes.shape) != (images.shape[0], 2):
+            raise ConfigError(f"sizes must be ({images.shape[0]}, 2), got {tuple(sizes.shape)}")
+
+    def __call__(self, images: torch.Tensor, sizes: torch.Tensor) -> Detections:
+        self.check(images, sizes)
+        counts, boxes, scores, classes = self.run(images, sizes.to(torch.int64))
+        return Detections(scores.float(), boxes.float(), classes.long(), counts.long())
+
+    def run(self, images: torch.Tensor, sizes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+
+class Pt2Engine(Engine):
+    """An AOTInductor package, loaded with ``torch._inductor.aoti_load_package``."""
+
+    def __init__(self, path: Path, device: str | None) -> None:
+        meta = _pt2_preflight(path)
+        dev = torch.device(device or meta.get("device", "cpu"))
+        if meta.get("device") and dev.type != meta["device"]:
+            raise EngineError(
+                f"{path.name} was compiled for {meta['device']}, not {dev.type}: run it there or re-export "
+                f"with --device {dev.type}"
+            )
+        _register_ops(dev, path)
+        try:
+            index = (dev.index or 0) if dev.type == "cuda" else -1
+            self.compiled = torch._inductor.aoti_load_package(str(path), device_index=index)
+        except Exception as exc:  # the loader's errors are long C++ traces: one line and the fix
+            raise EngineError(f"cannot load {path.name} ({_first_line(exc)}): re-export it") from exc
+        meta = {**meta, **parse(dict(self.compiled.get_metadata()))}
+        _check_torch_version(meta, path)  # also when the sidecar was not copied along
+        super().__init__(path, meta, dev)
+
+    def run(self, images: torch.Tensor, sizes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.no_grad():
+            return tuple(self.compiled(images.to(self.device), sizes.to(self.device)))
+
+
+class OnnxEngine(Engine):
+    """An end-to-end ONNX graph in ONNX Runtime (CUDA provider for a CUDA device, else CPU)."""
+
+    def __init__(self, path: Path, device: str | None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise MissingDependency("ONNX engines need onnxruntime: pip install 'retinaflow[onnx]'") from exc
+        dev = torch.device(device or "cpu")
+        providers = ["CUDAExecutionProvider"] if dev.type == "cuda" else []
+        try:
+            self.session = ort.InferenceSession(str(path), providers=[*providers, "CPUExecutionProvider"])
+        except Exception as exc:
+            raise EngineError(f"{path.name} is not a loadable ONNX model ({_first_line(exc)})") from exc
+        names = [o.name for o in self.session.get_outputs()]
+        if names != list(OUTPUTS):
+            raise EngineError(
+                f"{path.name} is a network-only ONNX (outputs {names[:2]}...): decode it with the checkpoint "
+                "(pipeline evaluate) or re-export without --no-postprocess"
+            )
+        meta = parse(dict(self.session.get_modelmeta().custom_metadata_map))
+        super().__init__(path, meta, dev)
+
+    def run(self, images: torch.Tensor, sizes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feeds = {"images": images.cpu().numpy(), "sizes": sizes.cpu().numpy()}
+        return tuple(torch.from_numpy(o) for o in self.session.run(None, feeds))
+
+
+def open_engine(path: str | Path, device: str | None = None) -> Engine:
+    """Load the engine at ``path`` (.pt2 or .onnx) for ``device`` (default: the one it was built for)."""
+    p = Path(path)
+    if not p.is_file():
+        raise EngineError(f"engine not found: {p}")
+    suffix = p.suffix.lower() or (".pt2" if zipfile.is_zipfile(p) else ".onnx")  # pipeline artifacts
+    if suffix == ".pt2":
+        return Pt2Engine(p, device)
+    if suffix == ".onnx":
+        return OnnxEngine(p, device)
+    raise EngineError(f"{p.name}: not an engine retinaflow runs (use a .pt2 or .onnx export)")
+
+
+def _pt2_preflight(path: Path) -> dict[str, Any]:
+    """The sidecar metadata of a .pt2 after checking it is a complete package of this torch version."""
+    if not zipfile.is_zipfile(path):
+        raise EngineError(
+            f"{path.name} is not a .pt2 package (truncated, or another format): re-export it with "
+            f"retinaflow export model.pth {path.name}"
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise EngineError(f"{path.name} is damaged ({_first_line(exc)}): re-export it") from exc
+    if bad is not None:
+        raise EngineError(f"{path.name} is damaged ({bad} fails its checksum): re-export it")
+    meta = read_sidecar(path) if sidecar(path).is_file() else {}
+    _check_torch_version(meta, path)
+    return meta
+
+
+def _check_torch_version(meta: dict[str, Any], path: Path) -> None:
+    built, here = meta.get("torch_version"), torch.__version__.split("+")[0]
+    if built and built != here:
+        raise EngineError(
+            f"{path.name} was built with torch {built}, this is torch {here}: AOTInductor packages only "
+            f"load in the torch that built them; re-export it here"
+        )
+
+
+def _register_ops(device: torch.device, path: Path) -> None:
+    """Register ``torch.ops.retinaflow.*`` (and their CUDA impls for a CUDA engine) before loading."""
+    import retinaflow.ops._library  # noqa: F401
+
+    if device.type == "cuda":
+        from retinaflow.ops import _ext
+
+        try:
+            _ext.load()
+        except MissingDependency as exc:
+            message = f"{path.name} calls retinaflow's CUDA kernels, which cannot load: {exc}"
+            raise MissingDependency(message) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]

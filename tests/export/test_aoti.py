@@ -1,0 +1,99 @@
+"""AOTInductor engines (.pt2): export a tiny detector on the CPU (g++ compiles it, ~30 s), detections equal
+to the PyTorch path, metadata, and one-line errors for every way an engine file can be unusable."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from tests.export.test_onnx_end_to_end import assert_same_results
+
+from retinaflow.cli import main
+from retinaflow.config import ExportConfig
+from retinaflow.engine.infer import infer
+from retinaflow.errors import ConfigError
+from retinaflow.export.aoti import export_pt2
+from retinaflow.export.engines import EngineError, open_engine
+from retinaflow.export.metadata import sidecar
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pt2(tiny_checkpoint, tmp_path_factory):
+    path, _ = tiny_checkpoint
+    out = tmp_path_factory.mktemp("pt2") / "tiny.pt2"
+    return export_pt2(path, out, ExportConfig(min_batch=1, max_batch=4), device="cpu")
+
+
+def test_pt2_infer_equals_the_pytorch_path_and_carries_metadata(pt2, tiny_checkpoint, synth_small, tmp_path):
+    path, _ = tiny_checkpoint
+    images, ann = synth_small.val_images, synth_small.val_annotations
+    infer(path, images, tmp_path / "torch.json", annotations=ann, device="cpu")
+    args = ["infer", str(pt2), "--images", str(images), "--annotations", str(ann), "--batch", "4"]
+    assert main([*args, "--output", str(tmp_path / "pt2.json")]) == 0
+    expected = json.loads((tmp_path / "torch.json").read_text())
+    assert_same_results(expected, json.loads((tmp_path / "pt2.json").read_text()))
+    engine = open_engine(pt2)
+    assert engine.meta["class_names"] == ["a", "b", "c"] and engine.meta["device"] == "cpu"
+    assert json.loads(sidecar(pt2).read_text())["checkpoint_sha256"] == engine.meta["checkpoint_sha256"]
+
+
+def test_pt2_rejects_inputs_outside_its_range(pt2):
+    engine = open_engine(pt2)
+    sizes = torch.tensor([[128, 128]] * 5)
+    with pytest.raises(ConfigError, match=r"batch of 5 is outside tiny.pt2's range 1\.\.4"):
+        engine(torch.zeros(5, 3, 128, 128, dtype=torch.uint8), sizes)
+    with pytest.raises(ConfigError, match=r"takes images \(B, 3, 128, 128\)"):
+        engine(torch.zeros(1, 3, 96, 128, dtype=torch.uint8), sizes[:1])
+
+
+def test_unusable_pt2_files_are_one_line_errors(pt2, tmp_path, capsys):
+    truncated = tmp_path / "truncated.pt2"
+    truncated.write_bytes(pt2.read_bytes()[: pt2.stat().st_size // 2])
+    with pytest.raises(EngineError, match=r"not a \.pt2 package"):
+        open_engine(truncated)
+    onnx_bytes = tmp_path / "other.pt2"
+    onnx_bytes.write_bytes(b"\x08\x07\x12\x07pytorch")  # an ONNX protobuf header, not a zip
+    with pytest.raises(EngineError, match="truncated, or another format"):
+        open_engine(onnx_bytes)
+    old = tmp_path / "old.pt2"
+    shutil.copy(pt2, old)
+    meta = json.loads(sidecar(pt2).read_text())
+    sidecar(old).write_text(json.dumps({**meta, "torch_version": "2.0.0"}))
+    with pytest.raises(EngineError, match=r"built with torch 2\.0\.0"):
+        open_engine(old)
+    (tmp_path / "x.bin").write_text("x")
+    with pytest.raises(EngineError, match="not an engine"):
+        open_engine(tmp_path / "x.bin")
+    code = main(["infer", str(truncated), "--images", str(tmp_path), "--output", str(tmp_path / "d.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == EngineError.exit_code and len(err) == 1 and "re-export" in err[0]
+
+
+@pytest.mark.gpu
+def test_pt2_on_cuda_fp16_matches_eager(tiny_checkpoint, tmp_path):
+    """The CUDA engine (fp16 network, retinaflow CUDA kernels for decode + NMS) against the same module
+    run eagerly: same detections within fp16-sized tolerances."""
+    from retinaflow.engine.infer import load_model, prepare_for_inference
+    from retinaflow.export.detector import end_to_end_reference
+    from retinaflow.export.onnx import _example_inputs
+    from retinaflow.export.spec import resolve
+
+    path, _ = tiny_checkpoint
+    cfg = ExportConfig(min_batch=1, max_batch=8, precision="fp16")
+    out = export_pt2(path, tmp_path / "cuda.pt2", cfg, device="cuda")
+    engine = open_engine(out)
+    model, config, _ = load_model(path, torch.device("cuda"))
+    spec = resolve(out, cfg, config)
+    reference = end_to_end_reference(prepare_for_inference(model, torch.float16), config, spec)
+    images, sizes = (t.cuda() for t in _example_inputs(8, spec))
+    got = engine(images, sizes)
+    with torch.no_grad():
+        counts, _, scores, classes = reference(images, sizes)
+    # fp16: fused kernels round differently, so a candidate at the threshold or a near-tie may move
+    assert (got.counts - counts).abs().max().item() <= 2
+    assert (got.classes[:, :10] == classes[:, :10]).float().mean().item() > 0.9
+    torch.testing.assert_close(got.scores[:, :10], scores[:, :10], atol=2e-3, rtol=0)
