@@ -178,7 +178,8 @@ def find_plugin_nodes(model: Any) -> tuple[Any, Any]:
             f"ONNX graph has no {DOMAIN}.{DECODE_OP} / {DOMAIN}.{NMS_OP} nodes: export it with "
             "retinaflow.export.plugin_onnx.export_plugin_onnx (a network-only ONNX cannot become a .plan)"
         )
-    if list(nms.input) != list(decode.output) or [o.name for o in model.graph.output] != list(GRAPH_OUTPUTS):
+    outputs = [o.name for o in model.graph.output][: len(GRAPH_OUTPUTS)]
+    if list(nms.input) != list(decode.output) or outputs != list(GRAPH_OUTPUTS):
         raise MissingPluginNodes(
             f"{DOMAIN}.{NMS_OP} must consume {DECODE_OP}'s outputs and give {GRAPH_OUTPUTS}"
         )
