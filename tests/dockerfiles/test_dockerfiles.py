@@ -46,7 +46,12 @@ def instructions(path: Path) -> list[tuple[str, str]]:
 
 
 def test_three_recipes():
-    assert {p.name for p in RECIPES} == {"gpu.Dockerfile", "cpu.Dockerfile", "mlflow.Dockerfile"}
+    assert {p.name for p in RECIPES} == {
+        "gpu.Dockerfile",
+        "cpu.Dockerfile",
+        "mlflow.Dockerfile",
+        "export.Dockerfile",
+    }
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)

@@ -1,0 +1,116 @@
+"""TensorRT engines with the retinaflow plugins: clear errors here; build + parity in the export image.
+
+The ``tensorrt``-marked tests need TensorRT, its headers (for the plugin library) and a GPU: they run in
+dockerfiles/export.Dockerfile. The others check, on any machine, the errors a user meets first.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import onnx
+import pytest
+import torch
+from onnx import helper
+
+from retinaflow.config import Config, ExportConfig, InferConfig
+from retinaflow.engine.checkpoint import save_checkpoint
+from retinaflow.errors import ConfigError, MissingDependency
+from retinaflow.export import trt_plugins
+from retinaflow.export.plugin_onnx import MissingPluginNodes, export_plugin_onnx
+from retinaflow.export.tensorrt import EngineConfig, PlanMismatch, build_engine, check_plan, require_tensorrt
+
+HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
+needs_trt = [
+    pytest.mark.tensorrt,
+    pytest.mark.skipif(
+        not HAVE_TRT or not torch.cuda.is_available(), reason="needs TensorRT and a GPU (export image)"
+    ),
+]
+INFER = InferConfig(score_thresh=0.02, top_n=100, nms_iou=0.5, max_det=50)
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed here")
+def test_without_tensorrt_the_error_says_how_to_get_it():
+    with pytest.raises(MissingDependency, match=r"export\.Dockerfile"):
+        require_tensorrt()
+
+
+def test_plugin_library_without_tensorrt_headers(tmp_path, monkeypatch):
+    monkeypatch.setenv("TENSORRT_HOME", str(tmp_path))
+    with pytest.raises(MissingDependency, match=r"NvInfer\.h.*export\.Dockerfile"):
+        trt_plugins.tensorrt_dirs()
+
+
+def test_onnx_without_plugin_nodes_is_refused_before_tensorrt(tmp_path):
+    x = helper.make_tensor_value_info("images", onnx.TensorProto.FLOAT, ["batch", 3, 128, 128])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 3, 128, 128])
+    graph = helper.make_graph([helper.make_node("Relu", ["images"], ["y"])], "g", [x], [y])
+    onnx.save(helper.make_model(graph), str(tmp_path / "net.onnx"))
+    with pytest.raises(MissingPluginNodes, match="export_plugin_onnx"):
+        build_engine(tmp_path / "net.onnx", tmp_path / "m.plan", EngineConfig(precision="fp32"))
+    with pytest.raises(ConfigError, match="precision"):
+        build_engine(tmp_path / "net.onnx", tmp_path / "m.plan", EngineConfig(precision="int4"))
+
+
+def test_plan_from_another_tensorrt_or_gpu_is_refused():
+    here = {"tensorrt": "10.13.0", "gpu": "NVIDIA H100", "compute_capability": "9.0", "plugin_version": "1"}
+    check_plan(dict(here), here, "m.plan")
+    with pytest.raises(PlanMismatch, match=r"TensorRT 10\.9\.0 .* this is 10\.13\.0"):
+        check_plan({**here, "tensorrt": "10.9.0"}, here, "m.plan")
+    with pytest.raises(PlanMismatch, match=r"compute capability 8\.0"):
+        check_plan({**here, "compute_capability": "8.0", "gpu": "A100"}, here, "m.plan")
+
+
+@pytest.fixture(scope="module")
+def plugin_model(tmp_path_factory):
+    from retinaflow.model.retinanet import build_model
+
+    cfg = Config()
+    m = cfg.model
+    m.backbone, m.num_classes, m.fpn_channels, m.head_convs = "resnet18", 3, 32, 1
+    cfg.class_names = ["a", "b", "c"]
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    torch.nn.init.normal_(model.head.cls_logits.bias, -2.0, 0.5)
+    folder = tmp_path_factory.mktemp("trt")
+    ckpt = folder / "m.pth"
+    payload = {"arch": model.arch, "model": model.state_dict(), "config": cfg.to_dict()}
+    save_checkpoint(
+        ckpt, {**payload, "class_names": cfg.class_names, "category_ids": [1, 2, 3], "iteration": 0}
+    )
+    return ckpt, export_plugin_onnx(ckpt, folder / "m.onnx", ExportConfig(height=256, width=256), INFER)
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(
+    not HAVE_TRT or not torch.cuda.is_available(), reason="needs TensorRT and a GPU (export image)"
+)
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_engine_matches_the_pytorch_path(plugin_model, tmp_path, precision):
+    from retinaflow.engine.infer import detect, load_model
+    from retinaflow.export.tensorrt import TensorRTDetector
+
+    ckpt, onnx_path = plugin_model
+    cfg = EngineConfig(
+        precision=precision, min_batch=1, opt_batch=2, max_batch=4, timing_cache=str(tmp_path / "tc")
+    )
+    plan = build_engine(onnx_path, tmp_path / "m.plan", cfg)
+    assert (tmp_path / "tc").stat().st_size > 0
+    detector = TensorRTDetector(plan)
+    images = (torch.rand(6, 3, 224, 256) * 255).cuda()  # 6 > max_batch: runs in chunks; 224 < 256: padded
+    sizes = torch.tensor([[224, 256], [200, 180]] * 3).cuda()
+    got = detector(images, sizes)
+    net, config, _ = load_model(ckpt, torch.device("cuda"))
+    config.infer = INFER
+    ref = detect(net, torch.nn.functional.pad(images, (0, 0, 0, 32)), sizes, config)
+    assert got.classes.dtype == torch.int64 and got.scores.shape == (6, INFER.max_det)
+    same = got.classes == ref.classes
+    assert same.float().mean() > (0.95 if precision == "fp32" else 0.8)
+    atol = 1e-3 if precision == "fp32" else 2e-2
+    torch.testing.assert_close(got.scores[same], ref.scores[same], rtol=0, atol=atol)
+    (tmp_path / "m.plan.json").write_text(
+        (tmp_path / "m.plan.json").read_text().replace('"tensorrt": "', '"tensorrt": "0.')
+    )
+    with pytest.raises(PlanMismatch):
+        TensorRTDetector(plan)
