@@ -14,9 +14,11 @@ from collections.abc import Sequence
 from retinaflow import __version__
 from retinaflow.commands import data, export, predict, train
 from retinaflow.commands.optional import add_optional_commands
-from retinaflow.errors import RetinaflowError
+from retinaflow.errors import RetinaflowError, TrainingDiverged, TrainingInterrupted
 
 log = logging.getLogger("retinaflow")
+
+_COLLECTIVE = (TrainingInterrupted, TrainingDiverged)  # decided by all ranks together (engine.train)
 
 
 # -- entry point ---------------------------------------------------------------------------------
@@ -47,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RetinaflowError as exc:
         if args.verbose:
             raise
-        print(f"retinaflow: error: {exc}", file=sys.stderr)
+        if not (isinstance(exc, _COLLECTIVE) and os.environ.get("RANK", "0") != "0"):
+            print(f"retinaflow: error: {exc}", file=sys.stderr)  # all ranks stop together: rank 0 says it
         return exc.exit_code
     except KeyboardInterrupt:
         print("retinaflow: interrupted", file=sys.stderr)

@@ -1,8 +1,10 @@
-"""DDP on 2 CPU processes (gloo) through torchrun: train, checkpoint on rank 0 only, resume, validate.
+"""DDP through torchrun on 2 processes: gloo on the CPU (CI) and NCCL on 2 GPUs (``gpu``, skipped without
+them). Train, checkpoint on rank 0 only, resume, validate; the batch split check.
 
 Each test launches real worker processes, so it also covers process-group set-up, the all-reduced loss
 normaliser, the barrier after a checkpoint, the per-iteration stop-flag all-reduce and the validation
-gather.
+gather. The helpers here (launch environment, test hooks, log parsing) serve test_distributed_faults.py
+and the pipeline's train step test too.
 """
 
 from __future__ import annotations
@@ -16,22 +18,73 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tests.conftest import tiny_config
 
 from retinaflow.engine.checkpoint import load_checkpoint
 
-# Loaded into every process of a run (sitecustomize): logs "RANK target" for each os.replace/os.rename
-# onto a .pth file, i.e. for each checkpoint written (save_checkpoint renames a temporary file over it).
-_WRITE_SPY = """\
+NCCL = pytest.param(
+    "nccl",
+    marks=[
+        pytest.mark.gpu,
+        pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"),
+    ],
+)
+BACKENDS = ["gloo", NCCL]  # parametrize("backend", BACKENDS): gloo on CPU processes, NCCL on cuda:0/1
+
+# Loaded into every process of a run (sitecustomize), none of it reachable from a user's config:
+# - RF_TEST_WRITES: logs "RANK target" for each os.replace/os.rename onto a .pth file, i.e. for each
+#   checkpoint written (save_checkpoint renames a temporary file over it);
+# - RF_TEST_PAUSE="R:K": rank R, after its K-th training step, creates RF_TEST_DIR/paused and waits
+#   for RF_TEST_DIR/go (so a test can signal a rank at a known iteration, however fast the device);
+# - RF_TEST_NAN="R:K": rank R's K-th loss is multiplied by NaN (before backward).
+_SHIM = """\
 import os
 import sys
+import time
 
-def _hook(event, args):
+
+def _spy(event, args):
     if event == "os.rename" and str(args[1]).endswith(".pth"):
         with open(os.environ["RF_TEST_WRITES"], "a") as fh:
             fh.write(f"{os.environ.get('RANK', '-')} {args[1]}\\n")
 
-sys.addaudithook(_hook)
+
+if os.environ.get("RF_TEST_WRITES"):
+    sys.addaudithook(_spy)
+
+
+def _at(name):
+    rank, _, k = os.environ.get(name, "").partition(":")
+    return int(k) if k and rank == os.environ.get("RANK") else 0
+
+
+_PAUSE, _NAN = _at("RF_TEST_PAUSE"), _at("RF_TEST_NAN")
+if _PAUSE or _NAN:
+    import retinaflow.engine.train as _train
+
+    _step, _loss, _calls = _train._Trainer.step, _train.detection_loss, {"step": 0, "loss": 0}
+
+    def _paused_step(self, batch):
+        out = _step(self, batch)
+        _calls["step"] += 1
+        if _calls["step"] == _PAUSE:
+            folder = os.environ["RF_TEST_DIR"]
+            open(os.path.join(folder, "paused"), "w").close()
+            deadline = time.monotonic() + 120
+            while not os.path.exists(os.path.join(folder, "go")) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        return out
+
+    def _nan_loss(*args, **kwargs):
+        out = _loss(*args, **kwargs)
+        _calls["loss"] += 1
+        if _calls["loss"] == _NAN:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    _train._Trainer.step = _paused_step
+    _train.detection_loss = _nan_loss
 """
 
 
@@ -41,27 +94,46 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _torchrun(tmp_path: Path, *args: str, log_dir: Path | None = None) -> subprocess.CompletedProcess:
-    spy = tmp_path / "spy"
-    spy.mkdir(exist_ok=True)
-    (spy / "sitecustomize.py").write_text(_WRITE_SPY)
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    env["RF_TEST_WRITES"] = str(tmp_path / "writes")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(spy), env.get("PYTHONPATH")) if p)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+def launch_env(tmp_path: Path, backend: str, **hooks: str) -> dict[str, str]:
+    """Environment of a test run on ``backend``: the shim on PYTHONPATH, ``RF_TEST_<HOOK>`` from ``hooks``."""
+    shim = tmp_path / "shim"
+    shim.mkdir(exist_ok=True)
+    (shim / "sitecustomize.py").write_text(_SHIM)
+    env = dict(os.environ, OMP_NUM_THREADS="1", RF_TEST_WRITES=str(tmp_path / "writes"))
+    if backend == "gloo":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    else:
+        env["NCCL_NVLS_ENABLE"] = "0"
+    env["RF_TEST_DIR"] = str(tmp_path)
+    env.update({f"RF_TEST_{name.upper()}": value for name, value in hooks.items()})
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(shim), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def train_cmd(*args: str, nproc: int = 2, log_dir: Path | None = None) -> list[str]:
+    """``retinaflow train ARGS`` under torchrun with ``nproc`` workers (plain Python for ``nproc=0``)."""
+    if nproc == 0:
+        return [sys.executable, "-m", "retinaflow", "train", *args]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
     launcher += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
     if log_dir is not None:  # worker stderr into log_dir/**/<local rank>/stderr.log
         launcher += ["--log-dir", str(log_dir), "--redirects", "2"]
+    return [*launcher, "-m", "retinaflow", "train", *args]
+
+
+def run_train(
+    tmp_path: Path, backend: str, *args: str, nproc: int = 2, log_dir: Path | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*launcher, "-m", "retinaflow", "train", *args],
-        env=env,
+        train_cmd(*args, nproc=nproc, log_dir=log_dir),
+        env=launch_env(tmp_path, backend),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=240,
     )
 
 
-def _logged_losses(stderr: str) -> dict[int, float]:
+def logged_losses(stderr: str) -> dict[int, float]:
     """iteration -> loss from the rank-0 log lines ``iter N ... loss=X ...`` (each must appear once)."""
     found = re.findall(r"\biter (\d+) .*?\bloss=(\S+)", stderr)
     iterations = [int(i) for i, _ in found]
@@ -69,7 +141,8 @@ def _logged_losses(stderr: str) -> dict[int, float]:
     return {int(i): float(v) for i, v in found}
 
 
-def _writes(tmp_path: Path) -> list[str]:
+def writes(tmp_path: Path) -> list[str]:
+    """Checkpoint writes ("RANK path") since the last call."""
     log = tmp_path / "writes"
     lines = log.read_text().splitlines() if log.exists() else []
     log.unlink(missing_ok=True)
@@ -77,7 +150,8 @@ def _writes(tmp_path: Path) -> list[str]:
 
 
 @pytest.mark.timeout(300)
-def test_two_rank_ddp_trains_checkpoints_on_rank0_and_resumes(synth_small, tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_rank_ddp_trains_checkpoints_on_rank0_and_resumes(synth_small, tmp_path, backend):
     cfg = tiny_config(synth_small, iters=3)
     cfg.train.batch = 4  # global: 2 images per rank
     cfg.train.checkpoint_every = 2  # a mid-run save (then the barrier) as well as the final one
@@ -86,21 +160,22 @@ def test_two_rank_ddp_trains_checkpoints_on_rank0_and_resumes(synth_small, tmp_p
     out.mkdir()
     ckpt = out / "m.pth"
 
-    proc = _torchrun(tmp_path, str(ckpt), "--config", str(tmp_path / "cfg.yaml"))
+    proc = run_train(tmp_path, backend, str(ckpt), "--config", str(tmp_path / "cfg.yaml"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = load_checkpoint(ckpt)
     assert state["iteration"] == 3
     assert state["config"]["train"]["batch"] == 4
     assert sorted(p.name for p in out.iterdir()) == ["m.pth"]  # no temporary files left behind
     # every save happened once, on rank 0: after iteration 2 and at the end
-    assert _writes(tmp_path) == [f"0 {ckpt}"] * 2
-    losses = _logged_losses(proc.stderr)
+    assert writes(tmp_path) == [f"0 {ckpt}"] * 2
+    losses = logged_losses(proc.stderr)
     assert sorted(losses) == [1, 2, 3]
     assert all(math.isfinite(v) for v in losses.values()), losses
 
     # resume on 2 ranks, validating at the end (detections gathered from both ranks onto rank 0)
-    proc = _torchrun(
+    proc = run_train(
         tmp_path,
+        backend,
         str(ckpt),
         "--config",
         str(tmp_path / "cfg.yaml"),
@@ -114,21 +189,22 @@ def test_two_rank_ddp_trains_checkpoints_on_rank0_and_resumes(synth_small, tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert load_checkpoint(ckpt)["iteration"] == 5
     assert sorted(p.name for p in out.iterdir()) == ["m.pth"]
-    assert _writes(tmp_path) == [f"0 {ckpt}"] * 2  # after iteration 4 and at the end
-    losses = _logged_losses(proc.stderr)
+    assert writes(tmp_path) == [f"0 {ckpt}"] * 2  # after iteration 4 and at the end
+    losses = logged_losses(proc.stderr)
     assert sorted(losses) == [4, 5]  # resumed, not restarted
     assert all(math.isfinite(v) for v in losses.values()), losses
     assert len(re.findall(r"iteration 5: validation mAP \d", proc.stderr)) == 1, proc.stderr[-3000:]
 
 
 @pytest.mark.timeout(300)
-def test_global_batch_must_divide_by_the_number_of_ranks(synth_small, tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_global_batch_must_divide_by_the_number_of_ranks(synth_small, tmp_path, backend):
     cfg = tiny_config(synth_small, iters=2)
     cfg.train.batch = 3
     cfg.dump(tmp_path / "cfg.yaml")
     logs = tmp_path / "logs"
     ckpt = tmp_path / "m.pth"
-    proc = _torchrun(tmp_path, str(ckpt), "--config", str(tmp_path / "cfg.yaml"), log_dir=logs)
+    proc = run_train(tmp_path, backend, str(ckpt), "--config", str(tmp_path / "cfg.yaml"), log_dir=logs)
     assert proc.returncode != 0
     assert not ckpt.exists()
     # torchrun itself reports a failed worker with its own ChildFailedError traceback; what matters

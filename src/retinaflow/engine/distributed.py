@@ -6,12 +6,18 @@ gloo on CPU. Everything here is a no-op for a single process.
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,38 @@ def any_rank(flags: tuple[bool, ...], info: DistInfo) -> tuple[bool, ...]:
     t = torch.tensor([1 if f else 0 for f in flags], device=info.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return tuple(bool(v) for v in t.tolist())
+
+
+def warn_if_world_changed(saved: int | None, info: DistInfo, batch: int, path: str | Path) -> None:
+    """Say (once: call it on rank 0) that a checkpoint written by ``saved`` ranks resumes on another count.
+
+    The global batch (``batch``) is split anew. Batch ``k`` of the global stream holds the same images for any
+    number of ranks while the dataset size divides by both counts (the sampler cuts one shuffled order
+    into consecutive global batches); otherwise the sampler's padding shifts it by a few images per
+    epoch. Either way the run continues, but does not repeat the original run bit for bit (the per-rank
+    split changes how gradients are summed). ``saved`` is None for checkpoints from before it was saved.
+    """
+    if saved is None or int(saved) == info.world_size:
+        return
+    log.warning(
+        "checkpoint %s was trained on %d rank(s), resuming on %d: global batch %d, %d per rank; the data "
+        "stream continues at the same position, but not bit for bit as on %d rank(s)",
+        path, saved, info.world_size, batch, batch // info.world_size, saved,
+    )  # fmt: skip
+
+
+def leave_together(info: DistInfo) -> None:
+    """After a stop all ranks decided together: wait for each other, then ignore SIGTERM until exit.
+
+    torchrun SIGTERMs the other workers as soon as one exits with an error; without this, a rank still
+    reporting the stop (rank 0: callbacks, the console message) could be killed halfway by it. Every
+    rank has already written what it must and leaves on its own; SIGINT and SIGKILL still work.
+    """
+    if not info.distributed:
+        return
+    barrier(info)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def shutdown(info: DistInfo) -> None:

@@ -56,6 +56,9 @@ def train(config: Config, checkpoint: str | Path, callbacks: list[Callback] | No
     info = D.init_distributed()
     try:
         return _Trainer(config, Path(checkpoint), CallbackList(callbacks), info).run()
+    except (TrainingInterrupted, TrainingDiverged):  # raised by every rank at once (D.any_rank)
+        D.leave_together(info)
+        raise
     finally:
         D.shutdown(info)
 
@@ -87,6 +90,8 @@ class _Trainer:
             raise ConfigError(f"--batch {cfg.train.batch} is not divisible by the {info.world_size} ranks")
         self.resume_state = load_checkpoint(self.path) if self.path.exists() else None
         start = int(self.resume_state["iteration"]) if self.resume_state else 0
+        if self.resume_state and info.is_main:
+            D.warn_if_world_changed(self.resume_state.get("world_size"), info, cfg.train.batch, self.path)
         _seed_everything(cfg.train.seed + info.rank)
         loader, dataset = build_train(
             cfg.data,
@@ -162,6 +167,7 @@ class _Trainer:
                     "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                     "ema": self.ema.state_dict() if self.ema is not None else None,
                     "iteration": self.iteration,
+                    "world_size": self.info.world_size,
                     "rng": rng_state(),
                     "config": self.config.to_dict(),
                     "class_names": list(self.config.class_names),
