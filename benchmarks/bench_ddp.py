@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -196,12 +197,20 @@ def _launch(args: argparse.Namespace, gpus: int, task: str, name: str, **extra: 
     env = dict(os.environ, NCCL_NVLS_ENABLE="0", OMP_NUM_THREADS="1")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    (Path(args.out_dir) / f"{name}.log").write_text(proc.stdout[-20000:] + proc.stderr[-20000:])
+    (Path(args.work) / f"{name}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
-        return {"error": f"exit {proc.returncode}", "tail": proc.stderr[-1500:]}
+        return {"error": f"exit {proc.returncode}", "causes": _exception_lines(proc.stdout + proc.stderr)}
     out = json.loads(result.read_text())
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     return out
+
+
+def _exception_lines(text: str) -> list[str]:
+    """The distinct exception lines of the workers' output (torchrun's own summary left out)."""
+    found = re.findall(
+        r"^(?:\[rank\d+\]:)?\s*((?:[\w.]+(?:Error|Exception|Interrupted|Diverged)): .*)$", text, re.M
+    )
+    return list(dict.fromkeys(line for line in found if "ChildFailedError" not in line))[:8]
 
 
 def _windows(losses: list[float], size: int) -> list[float]:

@@ -9,6 +9,24 @@ import pytest
 from retinaflow.config import Config
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """``gpu`` tests skip without a CUDA device, ``tensorrt`` tests without TensorRT (each says why)."""
+    import importlib.util
+
+    import torch
+
+    missing = {
+        "gpu": None if torch.cuda.is_available() else "needs a CUDA GPU (runs on the GPU machine)",
+        "tensorrt": None
+        if importlib.util.find_spec("tensorrt")
+        else "needs TensorRT (runs in dockerfiles/export.Dockerfile)",
+    }
+    for item in items:
+        for marker, reason in missing.items():
+            if reason and marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
 @pytest.fixture(scope="session")
 def synth_small(tmp_path_factory) -> Path:
     """30 small (96-128 px) images of the synthetic shapes (train + val), generated once per test session."""

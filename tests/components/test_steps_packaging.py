@@ -27,7 +27,7 @@ def test_export_size_covers_padded_inference_batches(monkeypatch, max_size, resi
 
 
 def test_disabled_build_records_why(tmp_path):
-    result = build_trt_engine(tmp_path / "model.onnx", tmp_path / "engine", enabled=False, precision="fp16")
+    result = build_trt_engine(tmp_path / "model.pth", tmp_path / "engine", enabled=False, precision="fp16")
     assert not result.built and "build_trt_engine=false" in result.reason
     assert json.loads((tmp_path / "engine" / "build.json").read_text()) == {
         "built": False,
@@ -43,6 +43,6 @@ def test_build_without_tensorrt_is_skipped_not_faked(tmp_path):
         pytest.skip("TensorRT is installed here: the tensorrt-marked tests cover real builds")
     except ImportError:
         pass
-    result = build_trt_engine(tmp_path / "model.onnx", tmp_path / "engine", enabled=True, precision="fp16")
+    result = build_trt_engine(tmp_path / "model.pth", tmp_path / "engine", enabled=True, precision="fp16")
     assert not result.built and result.reason
     assert [p.name for p in (tmp_path / "engine").iterdir()] == ["build.json"]

@@ -54,7 +54,7 @@ def test_nodes_carry_the_plugin_fields_and_identity(exported):
         assert sorted(fields) == sorted(spec.fields)  # ONNX attributes are looked up by name
         assert len(node.output) == len(spec.outputs)
     assert len(decode.input) == len(po.decode_input_names(5)) and decode.input[-1] == "sizes"
-    assert po.node_fields(decode) == {"score_thresh": pytest.approx(0.02), "top_n": 60, "capacity": 32768}
+    assert po.node_fields(decode) == {"score_thresh": pytest.approx(0.02), "top_n": 60, "capacity": 0}
     assert po.node_fields(nms) == {"iou_threshold": pytest.approx(0.5), "max_det": 25}
 
 

@@ -28,7 +28,7 @@ def export(
     device: str | None = None,
     precision_given: bool = True,
 ) -> Exported:
-    """Export ``checkpoint`` to ``output`` (.onnx or .pt2; .plan raises MissingDependency for now).
+    """Export ``checkpoint`` to ``output`` (.onnx, .pt2, or .plan where TensorRT is installed).
 
     ``precision_given=False`` lets a .pt2 built for CUDA default to fp16 (fp32 elsewhere).
     """
@@ -40,6 +40,10 @@ def export(
 
         path = export_onnx(checkpoint, output, cfg)
         return Exported(Path(path), spec, "cpu")
+    if spec.format == "tensorrt":
+        from retinaflow.export.tensorrt import export_plan
+
+        return Exported(export_plan(checkpoint, output, cfg), spec, "cuda")
     from retinaflow.export.aoti import export_pt2
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -20,7 +20,6 @@ from retinaflow.export.onnx_postprocess import OnnxPostprocess
 from retinaflow.export.spec import EngineSpec
 from retinaflow.model.anchors import generate_anchors
 from retinaflow.model.retinanet import RetinaNet
-from retinaflow.ops._ext import DEFAULT_CAPACITY
 
 Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -45,7 +44,7 @@ class EndToEnd(torch.nn.Module):
         anchors = [getattr(self, f"anchors{i}") for i in range(self.levels)]
         cfg = self.infer
         scores, boxes, classes = torch.ops.retinaflow.decode(
-            cls, box, anchors, sizes, float(cfg.score_thresh), int(cfg.top_n), DEFAULT_CAPACITY
+            cls, box, anchors, sizes, float(cfg.score_thresh), int(cfg.top_n), 0
         )
         scores, boxes, classes, counts = torch.ops.retinaflow.nms(
             scores, boxes, classes, float(cfg.nms_iou), int(cfg.max_det)

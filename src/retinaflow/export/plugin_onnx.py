@@ -18,6 +18,7 @@ Python implementations of the nodes (:mod:`retinaflow.export.plugin_ort`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ MAX_LEVELS = 8
 PARSER_ATTRIBUTES = ("plugin_namespace", "plugin_version")
 GRAPH_INPUTS = ("images", "sizes")
 GRAPH_OUTPUTS = ("scores", "boxes", "classes", "counts")
-DEFAULT_CAPACITY = 32768  # the kernels' fast-path candidates per (image, level), as retinaflow.ops._ext
+DEFAULT_CAPACITY = 0  # the decode kernel's fast-path candidates per (image, level); <= 0: its default
 
 
 class MissingPluginNodes(RetinaflowError):
@@ -90,10 +91,13 @@ def export_plugin_onnx(
     onnx = _onnx()
     from retinaflow.engine.checkpoint import load_checkpoint
     from retinaflow.export.onnx import export_onnx
+    from retinaflow.export.spec import resolve
     from retinaflow.model.anchors import generate_anchors
 
-    cfg = cfg or ExportConfig()
     config = Config.from_dict(load_checkpoint(checkpoint)["config"])
+    cfg = dataclasses.replace(cfg or ExportConfig(), postprocess=False)  # the plugins post-process
+    spec = resolve(output, cfg, config, fmt="onnx")
+    cfg.height, cfg.width = spec.height, spec.width
     infer = infer or config.infer
     with tempfile.TemporaryDirectory() as tmp:
         network = onnx.load(str(export_onnx(checkpoint, Path(tmp) / "network.onnx", cfg)))

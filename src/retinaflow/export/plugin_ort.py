@@ -105,7 +105,7 @@ def _register(levels: int) -> tuple[str, str]:
         def _nms(
             scores: np.ndarray, boxes: np.ndarray, classes: np.ndarray, **attrs: Any
         ) -> tuple[np.ndarray, ...]:
-            d = _reference.nms(
+            scores_, boxes_, classes_, counts = _reference.nms(
                 torch.from_numpy(scores),
                 torch.from_numpy(boxes),
                 torch.from_numpy(classes).long(),
@@ -113,10 +113,10 @@ def _register(levels: int) -> tuple[str, str]:
                 attrs["max_det"],
             )
             return (
-                d.scores.numpy(),
-                d.boxes.numpy(),
-                d.classes.to(torch.int32).numpy(),
-                d.counts.to(torch.int32).numpy(),
+                scores_.numpy(),
+                boxes_.numpy(),
+                classes_.to(torch.int32).numpy(),
+                counts.to(torch.int32).numpy(),
             )
 
         _registered.add(nms_op)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from retinaflow.config import Config, ExportConfig
-from retinaflow.errors import ConfigError, MissingDependency
+from retinaflow.errors import ConfigError
 
 FORMATS = {".onnx": "onnx", ".pt2": "pt2", ".plan": "tensorrt"}
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -48,11 +48,6 @@ def engine_format(output: str | Path) -> str:
         raise ConfigError(
             f"cannot tell the export format of {Path(output).name!r}: use one of "
             f"{', '.join(FORMATS)} as the output's extension"
-        )
-    if FORMATS[suffix] == "tensorrt":
-        raise MissingDependency(
-            "TensorRT not available: export a .onnx (retinaflow export model.pth model.onnx) and build "
-            "the engine with the TensorRT export image"
         )
     return FORMATS[suffix]
 

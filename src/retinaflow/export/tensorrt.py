@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from retinaflow.config import ExportConfig
 from retinaflow.errors import ConfigError, MissingDependency, RetinaflowError
 from retinaflow.export import plugin_onnx
 from retinaflow.export.trt_plugins import HOW_TO
@@ -58,6 +59,22 @@ def require_tensorrt() -> Any:
     except ImportError as exc:
         raise MissingDependency(f"TensorRT is not installed: {HOW_TO}") from exc
     return trt
+
+
+def export_plan(checkpoint: str | Path, output: str | Path, cfg: ExportConfig) -> Path:
+    """``retinaflow export model.pth engine.plan``: the plugin-flavour ONNX (kept next to the plan as
+    ``<name>.plugin.onnx``), then the engine over ``cfg``'s batch range and size. TensorRT is checked first,
+    so a machine without it fails in a second, before any export work."""
+    require_tensorrt()
+    if cfg.precision not in ("fp32", "fp16"):
+        raise ConfigError(
+            f".plan precision {cfg.precision!r}: retinaflow export builds fp32 or fp16 plans; INT8 plans are "
+            "built from ModelOpt's Q/DQ ONNX (retinaflow.export.quantize)"
+        )
+    onnx_path = Path(output).with_suffix(".plugin.onnx")
+    plugin_onnx.export_plugin_onnx(checkpoint, onnx_path, cfg)
+    engine = EngineConfig(cfg.precision, cfg.min_batch, cfg.max_batch, cfg.max_batch)
+    return build_engine(onnx_path, output, engine)
 
 
 def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: EngineConfig | None = None) -> Path:

@@ -42,13 +42,12 @@ def core():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_decode_through_core_matches_torch_op(core, dtype):
-    from retinaflow.ops import _ext
 
     cls, box, anchors = random_heads(3, SHAPES, 9, 20, seed=5, dtype=dtype)
     cls, box, anchors = ([t.cuda() for t in ts] for ts in (cls, box, anchors))
     sizes = torch.tensor([[96, 160], [80, 150], [90, 100]], dtype=torch.int32, device="cuda")
     scores, boxes, classes, bytes_ = core.decode(cls, box, anchors, sizes, GRID_THRESH, 100, 0)
-    ref = _ext.decode(cls, box, anchors, sizes.long(), GRID_THRESH, 100, _ext.DEFAULT_CAPACITY)
+    ref = torch.ops.retinaflow.decode(cls, box, anchors, sizes.long(), GRID_THRESH, 100, 0)
     assert int(bytes_) > 0
     assert classes.dtype == torch.int32
     assert torch.equal(classes.long(), ref[2])

@@ -105,7 +105,7 @@ def build_engines(
     ``out_dir`` with ``engines.json``; returns the TensorRT EngineResult (the step's outputs)."""
     from retinaflow.kubeflow.steps.packaging import build_trt_engine, export_size
 
-    trt = build_trt_engine(onnx_path, out_dir, enabled=enabled, precision=precision)
+    trt = build_trt_engine(checkpoint, out_dir, enabled=enabled, precision=precision)
     pt2 = build_pt2_engine(checkpoint, out_dir, precision, export_size(checkpoint, 0))
     if not pt2.built:
         log.warning(".pt2 engine not built: %s", pt2.reason)

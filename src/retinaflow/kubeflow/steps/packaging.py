@@ -66,7 +66,7 @@ class EngineResult:
 
 @reports_failure("build-engine")
 def build_trt_engine(
-    onnx_path: str | Path, out_dir: str | Path, enabled: bool, precision: str
+    checkpoint: str | Path, out_dir: str | Path, enabled: bool, precision: str
 ) -> EngineResult:
     """Build ``out_dir/model.plan`` with retinaflow's TensorRT export; skip (with the reason) without it.
 
@@ -75,22 +75,21 @@ def build_trt_engine(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    result = _build(Path(onnx_path), out, enabled, precision)
+    result = _build(Path(checkpoint), out, enabled, precision)
     if not result.built:
         log.warning("TensorRT engine not built: %s", result.reason)
     (out / BUILD_FILE).write_text(json.dumps({"built": result.built, "reason": result.reason}))
     return result
 
 
-def _build(onnx_path: Path, out: Path, enabled: bool, precision: str) -> EngineResult:
+def _build(checkpoint: Path, out: Path, enabled: bool, precision: str) -> EngineResult:
     if not enabled:
         return EngineResult(False, "disabled by the pipeline parameter build_trt_engine=false")
+    from retinaflow.config import ExportConfig
+    from retinaflow.export.tensorrt import export_plan
+
     try:
-        from retinaflow.export import tensorrt as trt_export  # type: ignore[attr-defined]
-    except ImportError as exc:
-        return EngineResult(False, f"retinaflow.export.tensorrt is not available ({exc})")
-    try:
-        path = trt_export.build_engine(onnx_path, out / ENGINE_FILE, precision=precision)
+        path = export_plan(checkpoint, out / ENGINE_FILE, ExportConfig(precision=precision))
     except MissingDependency as exc:
         return EngineResult(False, str(exc))
     return EngineResult(True, f"built with precision {precision}", Path(path))
