@@ -3,13 +3,15 @@
 #   bash benchmarks/run_wave_gpu.sh tests     build the CUDA ops, every `gpu` test of ops/model/data/infer
 #   bash benchmarks/run_wave_gpu.sh realdata  real-shaped training (preloaded / torch / DALI) + loader-only
 #   bash benchmarks/run_wave_gpu.sh ddp       bench_ddp.py on all visible GPUs (scaling, equivalence, eval)
+#   bash benchmarks/run_wave_gpu.sh engines   every `gpu` test (kernels, engines, C++ runner, NCCL faults), bench_engine
+#   bash benchmarks/run_wave_gpu.sh accuracy  bench_accuracy (retinaflow recipes vs torchvision) + INT8 on a result
 # Wheels the machine lacks (DALI via .device-wheels, pycocotools in .whl) are installed into /tmp/site first.
 set -uo pipefail
 export PYTHONPATH="/tmp/site:$PWD/src:$PWD/benchmarks:$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 export TORCH_EXTENSIONS_DIR="$PWD/.torch_ext" TORCH_CUDA_ARCH_LIST=9.0 NCCL_NVLS_ENABLE=0
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if [ -d .whl ] && ! python -c "import pycocotools" 2>/dev/null; then
-  python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -2
 fi
 python -c "import nvidia.dali as d; print('dali', d.__version__)" 2>&1 | tail -1
 python -m retinaflow.ops.build 2>&1 | tail -1
@@ -24,4 +26,15 @@ case "${1:-tests}" in
       2>&1 | tee "$OUT/realdata.log" | tail -60 ;;
   ddp)
     python benchmarks/bench_ddp.py --gpus "$(nvidia-smi -L | wc -l)" --out-dir "$OUT" ${DDP_ARGS:-} 2>&1 | tail -80 ;;
+  engines)
+    python -m pytest -q -p no:cacheprovider -m gpu -rs --durations=15 tests/ops tests/model tests/engine tests/data \
+      tests/export tests/deploy tests/kernels tests/components 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+    timeout 300 python benchmarks/bench_engine.py --keep /tmp/bench_engine 2>&1 | tee "$OUT/engine.json" | tail -40 ;;
+  accuracy)
+    python benchmarks/bench_accuracy.py --out /tmp/acc --data /tmp/real_data --gpus 0,1 ${ACC_ARGS:-} \
+      2>&1 | tee "$OUT/accuracy.log" | tail -60
+    cp /tmp/acc/summary.json /tmp/acc/runs.jsonl "$OUT/" 2>/dev/null
+    ckpt=$(ls /tmp/acc/*/model.pth 2>/dev/null | grep -m1 "${INT8_RUN:-retinaflow}")
+    [ -n "$ckpt" ] && timeout 240 python benchmarks/bench_int8.py "$ckpt" --images /tmp/real_data/val \
+      --annotations /tmp/real_data/annotations/val.json --calibration-images 256 2>&1 | tee "$OUT/int8.log" | tail -30 ;;
 esac
