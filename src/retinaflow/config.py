@@ -256,22 +256,16 @@ class Config:
         return config
 
     def set_key(self, key: str, value: Any) -> None:
-        """Set the dotted ``key`` to ``value``, coerced to the field's type. The section holding it is
-        rebuilt (``dataclasses.replace``), so its ``__post_init__`` checks the new value."""
+        """Set the dotted ``key`` to ``value``, coerced to its field's type, checked by its section."""
         *path, leaf = key.split(".")
-        owners: list[Any] = [self]
+        node: Any = self
         for part in path:
-            node = getattr(owners[-1], part, None)
-            if not dataclasses.is_dataclass(node) or isinstance(node, type):
-                raise ConfigError(f"unknown config key {key!r}")
-            owners.append(node)
-        hints = typing.get_type_hints(type(owners[-1]))
-        if leaf not in {f.name for f in dataclasses.fields(owners[-1])}:
+            node = getattr(node, part, None)
+        if not dataclasses.is_dataclass(node) or leaf not in {f.name for f in dataclasses.fields(node)}:
             raise ConfigError(f"unknown config key {key!r}")
-        node = dataclasses.replace(owners.pop(), **{leaf: _coerce(hints[leaf], value, key)})
-        for part in reversed(path[1:]):  # rebuild every enclosing section up to the top level
-            node = dataclasses.replace(owners.pop(), **{part: node})
-        setattr(self, path[0] if path else leaf, node if path else getattr(node, leaf))
+        setattr(node, leaf, _coerce(typing.get_type_hints(type(node))[leaf], value, key))
+        if hasattr(node, "__post_init__"):
+            node.__post_init__()  # the section's range checks
 
 
 _RULES = {"nms_iou": "be in [0, 1]", "max_det": "be >= 1", "checkpoint_every": "be >= 0 (0: off)"}
