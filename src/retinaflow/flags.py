@@ -17,9 +17,12 @@ from typing import Any
 
 from retinaflow.config import Config
 
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-LOADERS = ("auto", "dali", "torch")
-TOGGLES = ("auto", "on", "off")
+_COMPILE = {"nargs": "?", "const": "inductor", "metavar": "BACKEND"}
+_CHOICES = {
+    "precision": ("auto", "fp32", "fp16", "bf16"),
+    "loader": ("auto", "dali", "torch"),
+    "cudnn_benchmark": ("auto", "on", "off"),
+}
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,7 @@ class Flag:
 
     @property
     def name(self) -> str:
-        """The flag's name without dashes: the argparse attribute, and the pipeline parameter."""
+        """The argparse attribute, and the pipeline parameter: the key's last part."""
         return self.key.rsplit(".", 1)[-1]
 
     @property
@@ -41,63 +44,50 @@ class Flag:
         return "--" + self.name.replace("_", "-")
 
 
-_COMPILE = {"nargs": "?", "const": "inductor", "metavar": "BACKEND"}
+def _table(*rows: str | tuple[Any, ...]) -> tuple[Flag, ...]:
+    """Rows ``(key, help[, extra])``; a plain string starts an argparse group."""
+    flags, group = [], ""
+    for row in rows:
+        if isinstance(row, str):
+            group = row
+        else:
+            flags.append(Flag(row[0], row[1], group, *row[2:]))
+    return tuple(flags)
 
 
-def _flags(group: str, *rows: tuple[Any, ...]) -> tuple[Flag, ...]:
-    return tuple(Flag(key, text, group, *extra) for key, text, *extra in rows)
-
-
-TRAIN_FLAGS = (
-    *_flags(
-        "data",
-        ("data.images", "training images folder"),
-        ("data.annotations", "training COCO instances JSON"),
-        ("data.val_images", "validation images folder"),
-        ("data.val_annotations", "validation COCO instances JSON"),
-        ("data.resize", "eval shorter side (default 800)"),
-        ("data.max_size", "cap on the longer side (default 1333)"),
-        ("data.jitter", "train shorter side range", {"metavar": ("MIN", "MAX")}),
-        ("data.workers", "DataLoader worker processes per rank"),
-        ("data.loader", "data loader (default auto: dali on GPUs if installed)"),
-    ),
-    *_flags(
-        "model",
-        ("model.backbone", "backbone name, e.g. resnet50, mobilenet_v2 (see `retinaflow backbones`)"),
-        (
-            "train.backbone_weights",
-            "local ImageNet weights .pth for the backbone, or 'offline' (MobileNetV2)",
-        ),
-        ("train.fine_tune", "start from a checkpoint (class count may differ)", {"metavar": "CKPT"}),
-    ),
-    *_flags(
-        "optimisation",
-        ("train.iters", "iterations (default 90000)"),
-        ("train.batch", "global batch size over all ranks (default 16)"),
-        ("train.lr", "base learning rate (default 0.01)"),
-        ("train.schedule", "scale iters-based warmup/milestones (ODTK --schedule)"),
-        ("train.warmup", "warmup iterations (default 1000)"),
-        ("train.milestones", "lr decay iterations (default 60000 80000)"),
-        ("train.precision", "mixed precision"),
-        (
-            "train.compile",
-            "torch.compile the network (default backend inductor; eager/aot_eager to debug)",
-            _COMPILE,
-        ),
-        ("train.clip_grad", "max gradient norm (0 = off)"),
-        ("train.cudnn_benchmark", "cuDNN autotuning (auto: on with shape buckets)"),
-        ("train.seed", "random seed"),
-    ),
-    *_flags(
-        "run",
-        ("train.val_every", "validate every N iterations (0 = at the end only)"),
-        ("train.checkpoint_every", "checkpoint every N iterations"),
-        ("train.log_every", "log metrics every N iterations"),
-    ),
+TRAIN_FLAGS = _table(
+    "data",
+    ("data.images", "training images folder"),
+    ("data.annotations", "training COCO instances JSON"),
+    ("data.val_images", "validation images folder"),
+    ("data.val_annotations", "validation COCO instances JSON"),
+    ("data.resize", "eval shorter side (default 800)"),
+    ("data.max_size", "cap on the longer side (default 1333)"),
+    ("data.jitter", "train shorter side range", {"metavar": ("MIN", "MAX")}),
+    ("data.workers", "DataLoader worker processes per rank"),
+    ("data.loader", "data loader (default auto: dali on GPUs if installed)"),
+    "model",
+    ("model.backbone", "backbone name, e.g. resnet50, mobilenet_v2 (see `retinaflow backbones`)"),
+    ("train.backbone_weights", "local ImageNet weights .pth for the backbone, or 'offline' (MobileNetV2)"),
+    ("train.fine_tune", "start from a checkpoint (class count may differ)", {"metavar": "CKPT"}),
+    "optimisation",
+    ("train.iters", "iterations (default 90000)"),
+    ("train.batch", "global batch size over all ranks (default 16)"),
+    ("train.lr", "base learning rate (default 0.01)"),
+    ("train.schedule", "scale iters-based warmup/milestones (ODTK --schedule)"),
+    ("train.warmup", "warmup iterations (default 1000)"),
+    ("train.milestones", "lr decay iterations (default 60000 80000)"),
+    ("train.precision", "mixed precision"),
+    ("train.compile", "torch.compile the network (default inductor; eager/aot_eager to debug)", _COMPILE),
+    ("train.clip_grad", "max gradient norm (0 = off)"),
+    ("train.cudnn_benchmark", "cuDNN autotuning (auto: on with shape buckets)"),
+    ("train.seed", "random seed"),
+    "run",
+    ("train.val_every", "validate every N iterations (0 = at the end only)"),
+    ("train.checkpoint_every", "checkpoint every N iterations"),
+    ("train.log_every", "log metrics every N iterations"),
 )
-
-INFER_FLAGS = _flags(
-    "",
+INFER_FLAGS = _table(
     ("infer.batch", "images per batch (default 8)"),
     ("infer.resize", "shorter side (default 800)"),
     ("infer.max_size", "cap on the longer side (default 1333)"),
@@ -108,16 +98,10 @@ INFER_FLAGS = _flags(
     ("infer.top_n", "candidates per level before NMS (default 1000)"),
     ("infer.pad_stride", "pad batches to a multiple of this (default 32)"),
     ("infer.cuda_graph", "replay the network + post-processing as a CUDA graph"),
-    (
-        "infer.compile",
-        "torch.compile the network (default backend inductor; compiles once per input shape)",
-        _COMPILE,
-    ),
+    ("infer.compile", "torch.compile the network (default inductor; compiles once per shape)", _COMPILE),
     ("infer.loader", "data loader (default auto: dali on GPUs if installed)"),
     ("infer.cudnn_benchmark", "cuDNN autotuning (default auto)"),
 )
-
-_CHOICES = {"precision": PRECISIONS, "loader": LOADERS, "cudnn_benchmark": TOGGLES}
 
 
 def add_flags(parser: argparse.ArgumentParser, flags: tuple[Flag, ...]) -> None:
