@@ -20,7 +20,7 @@ struct NmsArgs {
   rf_dtype boxes_type;
   const void* classes;
   rf_itype classes_type;
-  float iou;
+  float iou_threshold;
   int max_det;
   float* out_scores;
   float* out_boxes;
@@ -116,7 +116,7 @@ __global__ __launch_bounds__(kNmsThreads) void nms_kernel(const __grid_constant_
       const int q = static_cast<int>(~static_cast<uint32_t>(e));
       const uint32_t bit = 1u << (q & 31);
       if (removed[q >> 5] & bit) continue;
-      if (iou(bi, area_i, sbox[q]) > a.iou) atomicOr(&removed[q >> 5], bit);
+      if (iou(bi, area_i, sbox[q]) > a.iou_threshold) atomicOr(&removed[q >> 5], bit);
     }
     __syncthreads();
     if (tid < 32) {  // next zero bit after i
@@ -207,7 +207,7 @@ extern "C" int64_t rf_nms(const rf_nms_params* p, void* workspace, size_t worksp
   a.boxes_type = p->boxes_type;
   a.classes = p->classes;
   a.classes_type = p->classes_type;
-  a.iou = p->iou_threshold;
+  a.iou_threshold = p->iou_threshold;
   a.max_det = p->max_det;
   a.out_scores = p->out_scores;
   a.out_boxes = p->out_boxes;

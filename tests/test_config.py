@@ -67,3 +67,17 @@ def test_checkpoints_from_before_model_norm_still_load() -> None:
     assert Config.from_dict({**old, "model": {**old["model"], "frozen_bn": True}}).model.norm == "frozen_bn"
     assert Config.from_dict({**old, "model": {**old["model"], "frozen_bn": False}}).model.norm == "bn"
     assert Config().model.norm == "auto" and Config().model.head_norm == "auto"
+
+
+def test_one_range_check_per_value_wherever_it_is_set(tmp_path):
+    with pytest.raises(ConfigError, match=r"infer.nms_iou must be in \[0, 1\], got 1.5"):
+        Config().override(["infer.nms_iou=1.5"])
+    with pytest.raises(ConfigError, match=r"train\.checkpoint_every must be >= 0"):
+        Config().set_key("train.checkpoint_every", -1)
+    bad = tmp_path / "c.yaml"
+    bad.write_text("train: {iters: 0}")
+    with pytest.raises(ConfigError, match=r"train\.iters must be positive"):
+        Config.load(bad)
+    c = Config()
+    c.set_key("model.anchors.strides", [8, 16])  # nested sections are rebuilt, typed
+    assert c.model.anchors.strides == (8, 16)

@@ -7,6 +7,7 @@ with ``Config.from_dict``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -104,6 +105,9 @@ class DataConfig:
     # dali on a GPU when DALI is installed, torch otherwise. Training, its validation and infer.
     loader: str = "auto"
 
+    def __post_init__(self) -> None:
+        _require("data", self, resize=self.resize > 0, max_size=self.max_size > 0)
+
 
 @dataclass
 class TrainConfig:
@@ -143,6 +147,10 @@ class TrainConfig:
     backbone_weights: str | None = None
     fine_tune: str | None = None
 
+    def __post_init__(self) -> None:
+        positive = {"iters": self.iters > 0, "batch": self.batch > 0, "lr": self.lr > 0}
+        _require("train", self, **positive, checkpoint_every=self.checkpoint_every >= 0)
+
     def scaled(self, value: int) -> int:
         return round(value * self.schedule)
 
@@ -168,6 +176,9 @@ class InferConfig:
     compile: str = ""
     cudnn_benchmark: str = "auto"  # as train.cudnn_benchmark
     loader: str = "auto"  # as data.loader
+
+    def __post_init__(self) -> None:
+        _require("infer", self, nms_iou=0.0 <= self.nms_iou <= 1.0, max_det=self.max_det >= 1)
 
 
 @dataclass
@@ -236,21 +247,37 @@ class Config:
 
     def override(self, assignments: list[str]) -> Config:
         """Apply ``section.key=value`` strings (values parsed as YAML); returns a new Config."""
-        data = self.to_dict()
+        config = copy.deepcopy(self)
         for item in assignments:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} must look like section.key=value")
             key, raw = item.split("=", 1)
-            node = data
-            parts = key.strip().split(".")
-            for part in parts[:-1]:
-                if not isinstance(node.get(part), dict):
-                    raise ConfigError(f"unknown config key {key!r}")
-                node = node[part]
-            if parts[-1] not in node:
-                raise ConfigError(f"unknown config key {key!r}")
-            node[parts[-1]] = yaml.safe_load(raw)
-        return Config.from_dict(data)
+            config.set_key(key.strip(), yaml.safe_load(raw))
+        return config
+
+    def set_key(self, key: str, value: Any) -> None:
+        """Set the dotted ``key`` to ``value``, coerced to its field's type, checked by its section."""
+        *path, leaf = key.split(".")
+        node: Any = self
+        for part in path:
+            node = getattr(node, part, None)
+        if not dataclasses.is_dataclass(node) or leaf not in {f.name for f in dataclasses.fields(node)}:
+            raise ConfigError(f"unknown config key {key!r}")
+        setattr(node, leaf, _coerce(typing.get_type_hints(type(node))[leaf], value, key))
+        if hasattr(node, "__post_init__"):
+            node.__post_init__()  # the section's range checks
+
+
+_RULES = {"nms_iou": "be in [0, 1]", "max_det": "be >= 1", "checkpoint_every": "be >= 0 (0: off)"}
+
+
+def _require(section: str, obj: Any, **ok: bool) -> None:
+    """The one range check of each value: ``ConfigError`` for the first field whose rule fails. Runs
+    whenever a section is built: defaults, YAML files, checkpoints, ``--set`` and flags (``set_key``)."""
+    for name, passed in ok.items():
+        if not passed:
+            rule = _RULES.get(name, "be positive")
+            raise ConfigError(f"{section}.{name} must {rule}, got {getattr(obj, name)}")
 
 
 def _to_plain(value: Any) -> Any:

@@ -16,7 +16,7 @@ from retinaflow.kubeflow.steps.data import DataPrepRequest, DatasetManifest
 from retinaflow.kubeflow.steps.training import TrainRequest, TrainResult
 
 TRAIN_INPUTS = dict(
-    backbone="resnet18", iterations=500, batch=8, lr=0.02, precision="bf16", resize=640, max_size=1024,
+    backbone="resnet18", iters=500, batch=8, lr=0.02, precision="bf16", resize=640, max_size=1024,
     gpus=2, val_every=100, checkpoint_every=50, backbone_weights="s3://w/r18.pth",
     overrides=["loss.gamma=1.5"], checkpoint_root="s3://b/ck", experiment="exp", run_name="run-1",
 )  # fmt: skip
@@ -86,3 +86,16 @@ def test_data_prep_body(monkeypatch):
     assert data_prep.python_func(dataset=dataset, **inputs) == ("f" * 64, 8, 2)
     assert seen == [(DataPrepRequest(**inputs), "/ds")]
     assert dataset.metadata == manifest.metadata()
+
+
+def test_train_request_settings_are_config_keys_with_the_config_defaults():
+    from retinaflow.config import Config
+    from retinaflow.kubeflow.params import pipeline_inputs
+    from retinaflow.kubeflow.steps.training import CONFIG_FLAGS
+
+    assert {f.name for f in CONFIG_FLAGS} >= {"iters", "checkpoint_every", "backbone", "lr"}
+    defaults, inputs = Config(), pipeline_inputs()
+    for flag, value in TrainRequest().settings():
+        section, name = flag.key.split(".")
+        assert value == getattr(getattr(defaults, section), name), flag.key
+        assert inputs[flag.name].default == value, flag.name  # the pipeline's default too

@@ -23,7 +23,7 @@ DATA = DatasetManifest("/d/img", "/d/train.json", "/d/img", "/d/val.json", "f" *
 
 
 def test_cpu_runs_one_process_gpus_run_torchrun():
-    req = TrainRequest(gpus=0, batch=4, iterations=10, overrides=["loss.gamma=1.5"], run_name="r")
+    req = TrainRequest(gpus=0, batch=4, iters=10, overrides=["loss.gamma=1.5"], run_name="r")
     argv = train_argv(req, DATA, "/ck/model.pth", tracked=True)
     assert argv[:5] == [sys.executable, "-m", "retinaflow", "train", "/ck/model.pth"]
     flags = dict(zip(argv[5::2], argv[6::2], strict=False))
@@ -50,7 +50,7 @@ def test_checkpoint_location_is_stable_per_run():
     ("req", "message"),
     [
         (TrainRequest(gpus=3, batch=16), "multiple of gpus"),
-        (TrainRequest(iterations=0), "iterations must be positive"),
+        (TrainRequest(iters=0), "train.iters must be positive"),
         (TrainRequest(overrides=["nonsense"]), "section.key=value"),
     ],
 )

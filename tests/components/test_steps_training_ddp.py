@@ -46,7 +46,7 @@ def test_train_step_runs_torchrun_on_the_pods_gpus(synth_small, tmp_path, monkey
     DatasetManifest(*map(str, paths), fingerprint="f" * 64, num_train=24, num_val=6).save(dataset)
     req = TrainRequest(
         backbone="mobilenet_v2",
-        iterations=4,
+        iters=4,
         batch=4,
         precision="fp32",
         resize=128,

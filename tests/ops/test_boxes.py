@@ -6,7 +6,7 @@ import pytest
 import torch
 from tests.ops.oracle import GRID_THRESH, random_heads
 
-from retinaflow.config import InferConfig
+from retinaflow.config import Config, InferConfig
 from retinaflow.errors import ConfigError
 from retinaflow.ops import _ext, _library, _reference, boxes
 from retinaflow.ops.detections import Detections
@@ -80,7 +80,7 @@ def test_nms_rejects_bad_shapes_and_settings():
     s, b, c = torch.rand(2, 5), torch.rand(2, 5, 4), torch.zeros(2, 5, dtype=torch.int64)
     with pytest.raises(ConfigError, match="nms needs"):
         boxes.batched_nms(s, b[:, :4], c, 0.5, 10)
-    with pytest.raises(ConfigError, match="iou_threshold"):
-        boxes.batched_nms(s, b, c, 1.5, 10)
-    with pytest.raises(ConfigError, match="max_det"):
-        boxes.batched_nms(s, b, c, 0.5, 0)
+    with pytest.raises(ConfigError, match=r"infer.nms_iou must be in \[0, 1\]"):  # checked by the config
+        InferConfig(nms_iou=1.5)
+    with pytest.raises(ConfigError, match=r"infer\.max_det"):
+        Config().override(["infer.max_det=0"])

@@ -18,8 +18,8 @@ from retinaflow.kubeflow.steps.common import FAILURE_LOG_ENV, reports_failure
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        ({"iterations": -5}, "iterations must be positive"),
-        ({"batch": 0}, "batch must be positive"),
+        ({"iters": -5}, "train.iters must be positive"),
+        ({"batch": 0}, "train.batch must be positive"),
         ({"overrides": ["train.nope=1"]}, "unknown config key"),
         ({"overrides": ["train.lr=fast"]}, "train.lr"),
         ({"val_fraction": 1.5}, "val_fraction"),
@@ -37,7 +37,7 @@ def test_invalid_parameters_are_refused_before_anything_runs(
 
 
 def test_valid_parameters_pass_the_check() -> None:
-    check_arguments({"iterations": 10, "batch": 2, "overrides": ["train.lr=0.02"], "val_fraction": 0.2})
+    check_arguments({"iters": 10, "batch": 2, "overrides": ["train.lr=0.02"], "val_fraction": 0.2})
 
 
 def test_a_failing_step_is_named_with_its_cause_in_plain_text(

@@ -30,7 +30,7 @@ def test_local_pipeline_registers_a_tracked_model(tmp_path, monkeypatch, capsys)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("RETINAFLOW_PROJECT_DIR", str(tmp_path))
     monkeypatch.setenv("PATH", os.environ.get("PATH", ""))  # run_local prepends this interpreter's folder
-    opts = LocalRunOptions(output=tmp_path / "run", images=12, iterations=4, arguments=dict(TINY))
+    opts = LocalRunOptions(output=tmp_path / "run", images=12, iters=4, arguments=dict(TINY))
     result = run_local(opts)
 
     # evaluation: the 12 COCO stats of both models, and the export gate's verdict

@@ -42,14 +42,14 @@ def test_typed_parameters(compiled):
     params = compiled["spec"]["root"]["inputDefinitions"]["parameters"]
     expected = {
         "images": "STRING", "annotations": "STRING", "classes": "LIST", "backbone": "STRING",
-        "iterations": "NUMBER_INTEGER", "batch": "NUMBER_INTEGER", "precision": "STRING",
+        "iters": "NUMBER_INTEGER", "batch": "NUMBER_INTEGER", "precision": "STRING",
         "gpus": "NUMBER_INTEGER", "nodes": "NUMBER_INTEGER", "min_gain": "NUMBER_DOUBLE",
         "max_export_drop": "NUMBER_DOUBLE", "build_trt_engine": "BOOLEAN",
     }  # fmt: skip
     for name, kind in expected.items():
         assert params[name]["parameterType"] == kind, name
     assert not params["images"].get("isOptional") and not params["annotations"].get("isOptional")
-    assert params["iterations"]["defaultValue"] == 90000
+    assert params["iters"]["defaultValue"] == 90000
 
 
 def _branches(spec: dict) -> dict[str, dict]:

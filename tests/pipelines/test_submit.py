@@ -154,18 +154,18 @@ def test_cron_conversion():
 
 
 def test_params_are_typed_from_the_pipeline_signature():
-    parsed = parse_params(
-        ["iterations=500", "lr=0.02", "build_trt_engine=false", "classes=cat, dog", "gpus=8"]
-    )
+    parsed = parse_params(["iters=500", "lr=0.02", "build_trt_engine=false", "classes=cat, dog", "gpus=8"])
     assert parsed == {
-        "iterations": 500,
+        "iters": 500,
         "lr": 0.02,
         "build_trt_engine": False,
         "classes": ["cat", "dog"],
         "gpus": 8,
     }
-    with pytest.raises(ConfigError, match="unknown pipeline parameter 'iters'"):
-        parse_params(["iters=5"])
+    with pytest.raises(ConfigError, match="unknown pipeline parameter 'iteration'"):
+        parse_params(["iteration=5"])
+    with pytest.warns(FutureWarning, match="iterations is now iters"):  # the old name, renamed
+        assert parse_params(["iterations=5"]) == {"iters": 5}
     with pytest.raises(ConfigError, match="expects a integer"):
         parse_params(["batch=big"])
 
@@ -175,7 +175,7 @@ def test_config_file_becomes_pipeline_arguments():
 
     preset = Config.load("synthetic_cpu")
     args = config_arguments(preset)
-    assert args["backbone"] == preset.model.backbone and args["iterations"] == preset.train.iters
+    assert args["backbone"] == preset.model.backbone and args["iters"] == preset.train.iters
     rebuilt = Config().override(args["overrides"])
     assert rebuilt.model.fpn_channels == preset.model.fpn_channels
     assert rebuilt.data.jitter == preset.data.jitter and rebuilt.train.milestones == preset.train.milestones
@@ -185,7 +185,7 @@ def test_cli_submit_wait_exit_codes(monkeypatch, capsys):
     clients = [FakeClient(states=("SUCCEEDED",)), FakeClient(states=("FAILED",))]
     monkeypatch.setattr(submit_mod, "make_client", lambda host, namespace=None: clients.pop(0))
     argv = ["pipeline", "submit", "--host", "http://kfp", "--param", "images=s3://d/i", "--param",
-            "annotations=s3://d/a.json", "--config", "synthetic_cpu", "--param", "iterations=7",
+            "annotations=s3://d/a.json", "--config", "synthetic_cpu", "--param", "iters=7",
             "--wait"]  # fmt: skip
     assert main(argv) == 0
     assert "state: SUCCEEDED" in capsys.readouterr().out

@@ -79,17 +79,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-BAKED_INFER_FLAGS = ("resize", "max_size", "precision", "score_thresh", "nms_iou", "max_det", "top_n")
+#: ``retinaflow infer`` flags an engine does not fix: the rest are baked in at export time.
+_ENGINE_INFER_FLAGS = ("infer.batch", "infer.loader", "infer.cudnn_benchmark")
 
 
 def check_engine_flags(args: argparse.Namespace) -> None:
     """ConfigError for ``retinaflow infer ENGINE`` flags that an exported engine fixes at export time."""
-    given = [f for f in BAKED_INFER_FLAGS if getattr(args, f, None) is not None]
-    given += [f for f in ("pad_stride", "compile") if getattr(args, f, None)]
-    given += ["cuda_graph"] if getattr(args, "cuda_graph", False) else []
-    if given:
-        flag = "--" + given[0].replace("_", "-")
+    from retinaflow.flags import INFER_FLAGS, given
+
+    fixed = [
+        f.option
+        for f in INFER_FLAGS
+        if f.key in given(args, INFER_FLAGS) and f.key not in _ENGINE_INFER_FLAGS
+    ]
+    if fixed:
         raise ConfigError(
-            f"{flag} is fixed in the engine {args.model} when it is exported: drop it, or re-export from the "
-            "checkpoint with the setting in its config (or run the checkpoint)"
+            f"{fixed[0]} is fixed in the engine {args.model} when it is exported: drop it, or re-export from "
+            "the checkpoint with the setting in its config (or run the checkpoint)"
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from retinaflow.commands.optional import add_tracking_args, remote, tracked
+from retinaflow.flags import INFER_FLAGS, add_flags, given
 
 
 def _add_infer(sub: argparse._SubParsersAction) -> None:
@@ -20,32 +21,8 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--annotations", help="ground truth COCO JSON (evaluates the detections)")
     p.add_argument("--output", required=True, help="detections JSON to write")
     p.add_argument("--report", help="evaluation report JSON (with --annotations)")
-    p.add_argument("--batch", type=int, help="images per batch (default 8)")
-    p.add_argument("--resize", type=int, help="shorter side (default 800)")
-    p.add_argument("--max-size", type=int, help="cap on the longer side (default 1333)")
-    p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], help="autocast precision")
-    p.add_argument("--score-thresh", type=float, help="minimum score (default 0.05)")
-    p.add_argument("--nms-iou", type=float, help="NMS IoU threshold (default 0.5)")
-    p.add_argument("--max-det", type=int, help="detections per image (default 100)")
-    p.add_argument("--top-n", type=int, help="candidates per level before NMS (default 1000)")
-    p.add_argument("--pad-stride", type=int, help="pad batches to a multiple of this (default 32)")
-    p.add_argument(
-        "--cuda-graph", action="store_true", help="replay the network + post-processing as a CUDA graph"
-    )
-    p.add_argument(
-        "--compile",
-        nargs="?",
-        const="inductor",
-        metavar="BACKEND",
-        help="torch.compile the network (default backend inductor; compiles once per input shape)",
-    )
+    add_flags(p, INFER_FLAGS)
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if present)")
-    p.add_argument(
-        "--loader",
-        choices=["auto", "dali", "torch"],
-        help="data loader (default auto: dali on GPUs if installed)",
-    )
-    p.add_argument("--cudnn-benchmark", choices=["auto", "on", "off"], help="cuDNN autotuning (default auto)")
     add_tracking_args(p)
     p.set_defaults(func=_cmd_infer)
 
@@ -57,14 +34,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     from retinaflow.export.engine_infer import infer_engine
     from retinaflow.export.engines import is_engine
 
-    names = ("batch", "resize", "max_size", "precision", "score_thresh", "nms_iou", "max_det", "top_n")
-    overrides = {
-        n: getattr(args, n)
-        for n in (*names, "pad_stride", "compile", "loader", "cudnn_benchmark")
-        if getattr(args, n) is not None
-    }
-    if args.cuda_graph:
-        overrides["cuda_graph"] = True
+    overrides = {key.split(".", 1)[1]: value for key, value in given(args, INFER_FLAGS).items()}
     target = args.output
     params = {"checkpoint": args.model, "images": args.images, **overrides}
     with (

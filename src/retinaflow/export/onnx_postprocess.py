@@ -22,26 +22,26 @@ class _NonMaxSuppression(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, boxes: torch.Tensor, scores: torch.Tensor, max_out: int, iou: float, score: float
+        ctx: Any, boxes: torch.Tensor, scores: torch.Tensor, max_out: int, iou_threshold: float, score: float
     ) -> torch.Tensor:
         """boxes (B, K, 4) x1y1x2y2; scores (B, C, K). Returns (S, 3) int64 [batch, class, box]."""
         rows = []
         for b in range(scores.shape[0]):
             for c in range(scores.shape[1]):
                 idx = torch.nonzero(scores[b, c] > score).flatten()
-                keep = idx[torchvision.ops.nms(boxes[b, idx], scores[b, c, idx], iou)[:max_out]]
+                keep = idx[torchvision.ops.nms(boxes[b, idx], scores[b, c, idx], iou_threshold)[:max_out]]
                 rows.append(torch.stack([torch.full_like(keep, b), torch.full_like(keep, c), keep], 1))
         return torch.cat(rows) if rows else torch.zeros(0, 3, dtype=torch.int64)
 
     @staticmethod
-    def symbolic(g: Any, boxes: Any, scores: Any, max_out: int, iou: float, score: float) -> Any:
+    def symbolic(g: Any, boxes: Any, scores: Any, max_out: int, iou_threshold: float, score: float) -> Any:
         const = lambda v, dt: g.op("Constant", value_t=torch.tensor([v], dtype=dt))  # noqa: E731
         return g.op(
             "NonMaxSuppression",
             boxes,
             scores,
             const(max_out, torch.int64),
-            const(iou, torch.float32),
+            const(iou_threshold, torch.float32),
             const(score, torch.float32),
             center_point_box_i=0,
         )

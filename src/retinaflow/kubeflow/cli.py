@@ -72,7 +72,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     opts = LocalRunOptions(
         output=args.output,
         images=args.images,
-        iterations=args.iters,
+        iters=args.iters,
         experiment=args.experiment,
         model_name=args.model_name,
         arguments=parse_params(args.param),

@@ -38,7 +38,7 @@ class LocalRunFailed(RetinaflowError):
 class LocalRunOptions:
     output: Path = Path("runs/pipeline")
     images: int = 160
-    iterations: int | None = None
+    iters: int | None = None
     seed: int = 0
     experiment: str = "retinaflow-local"
     model_name: str = "retinaflow-demo"
@@ -73,13 +73,10 @@ def local_arguments(opts: LocalRunOptions, data: Any, output: Path) -> dict[str,
         model_name=opts.model_name,
         seed=opts.seed,
     )
-    if opts.iterations is not None:
-        args["iterations"] = opts.iterations
-        args["checkpoint_every"] = max(1, min(int(args.get("checkpoint_every", 1000)), opts.iterations))
-        scaled = [
-            f"train.warmup={max(1, opts.iterations // 5)}",
-            f"train.milestones=[{int(opts.iterations * 0.75)}]",
-        ]
+    if opts.iters is not None:
+        args["iters"] = opts.iters
+        args["checkpoint_every"] = max(1, min(int(args.get("checkpoint_every", 1000)), opts.iters))
+        scaled = [f"train.warmup={max(1, opts.iters // 5)}", f"train.milestones=[{int(opts.iters * 0.75)}]"]
         kept = [
             o for o in args.get("overrides", []) if not o.startswith(("train.warmup=", "train.milestones="))
         ]

@@ -7,6 +7,7 @@ the CLI can never drift from the DAG's signature.
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Any
 
 import yaml
@@ -14,19 +15,8 @@ import yaml
 from retinaflow.config import Config
 from retinaflow.errors import ConfigError
 
-#: Config keys that have their own pipeline parameter (passed to ``retinaflow train`` as flags).
-CONFIG_TO_PARAM = {
-    "model.backbone": "backbone",
-    "train.iters": "iterations",
-    "train.batch": "batch",
-    "train.lr": "lr",
-    "train.precision": "precision",
-    "data.resize": "resize",
-    "data.max_size": "max_size",
-    "train.val_every": "val_every",
-    "train.checkpoint_every": "checkpoint_every",
-    "train.backbone_weights": "backbone_weights",
-}
+#: Pipeline parameters renamed to their config key's name: the old name still works, with a warning.
+RENAMED = {"iterations": "iters"}
 #: Config keys the pipeline sets itself (dataset paths from data_prep, eval size from resize/max_size).
 _PIPELINE_OWNED = {
     *("data.images", "data.annotations", "data.val_images", "data.val_annotations"),
@@ -42,13 +32,16 @@ def pipeline_inputs() -> dict[str, Any]:
 
 
 def parse_params(items: list[str]) -> dict[str, Any]:
-    """``["iterations=500", "classes=[a, b]", ...]`` → typed arguments; unknown names are an error."""
+    """``["iters=500", "classes=[a, b]", ...]`` → typed arguments; unknown names are an error."""
     specs = pipeline_inputs()
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
             raise ConfigError(f"--param {item!r} must look like name=value")
         name, raw = (s.strip() for s in item.split("=", 1))
+        if name in RENAMED:
+            warnings.warn(f"pipeline parameter {name} is now {RENAMED[name]}", FutureWarning, stacklevel=2)
+            name = RENAMED[name]
         if name not in specs:
             raise ConfigError(f"unknown pipeline parameter {name!r}; known: {', '.join(sorted(specs))}")
         out[name] = coerce(name, specs[name].type, raw)
@@ -89,15 +82,14 @@ def check_required(arguments: dict[str, Any]) -> None:
 def check_arguments(arguments: dict[str, Any]) -> None:
     """Raise :class:`ConfigError` for arguments a step would refuse, before anything is launched: a
     configuration error inside a step would only be retried (the train task has a retry policy) and
-    its cause buried in the step's log. Checks the train request, the config overrides (keys and
-    value types) and the split and node counts."""
+    its cause buried in the step's log. Checks the train request (the config it implies, overrides
+    included) and the split and node counts."""
     import dataclasses
 
     from retinaflow.kubeflow.steps.training import TrainRequest
 
     fields = {f.name for f in dataclasses.fields(TrainRequest)}
     TrainRequest(**{k: v for k, v in arguments.items() if k in fields}).check()
-    Config().override([str(o) for o in arguments.get("overrides", [])])
     if not 0 < float(arguments.get("val_fraction", 0.1)) < 1:
         raise ConfigError(f"val_fraction must be between 0 and 1, got {arguments['val_fraction']}")
     if int(arguments.get("nodes", 1)) < 1:
@@ -109,14 +101,17 @@ def config_arguments(config: Config) -> dict[str, Any]:
 
     Only values that differ from the defaults are carried; dataset paths are the pipeline's own.
     """
+    from retinaflow.kubeflow.steps.training import CONFIG_FLAGS
+
+    params = {f.key: f.name for f in CONFIG_FLAGS}
     flat, defaults = _flatten(config.to_dict()), _flatten(Config().to_dict())
     args: dict[str, Any] = {}
     overrides = []
     for key, value in flat.items():
         if key in _PIPELINE_OWNED or value == defaults.get(key):
             continue
-        if key in CONFIG_TO_PARAM:
-            args[CONFIG_TO_PARAM[key]] = "" if value is None else value
+        if key in params:
+            args[params[key]] = "" if value is None else value
         else:
             overrides.append(f"{key}={json.dumps(value)}")
     if overrides:

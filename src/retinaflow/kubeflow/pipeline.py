@@ -7,6 +7,8 @@ Kubernetes specifics (GPU requests, node selector, tolerations, ``/dev/shm``, Se
 kfp-kubernetes and are ignored by ``kfp.local``, so the same DAG runs on this machine.
 """
 
+from dataclasses import fields
+
 from kfp import dsl, kubernetes
 from kfp.dsl import PipelineTask
 
@@ -20,8 +22,11 @@ from retinaflow.kubeflow.components import (
     register,
     train,
 )
+from retinaflow.kubeflow.steps.training import TrainRequest
 
 PIPELINE_NAME = "retinaflow-train"
+#: The train components' inputs that are pipeline parameters of the same name (all but run_name).
+TRAIN_INPUTS = [f.name for f in fields(TrainRequest) if f.name != "run_name"]
 TRAIN_RETRIES = 3
 
 
@@ -85,7 +90,7 @@ def retinaflow_pipeline(
     val_fraction: float = 0.1,
     classes: list[str] = [],  # noqa: B006  (KFP reads the default from the signature)
     backbone: str = "resnet50",
-    iterations: int = 90000,
+    iters: int = 90000,
     batch: int = 16,
     lr: float = 0.01,
     precision: str = "auto",
@@ -113,7 +118,12 @@ def retinaflow_pipeline(
     s3_secret: str = "retinaflow-s3",
     mlflow_secret: str = "retinaflow-mlflow",
 ):
-    """See ``pipelines/README.md`` for every parameter; ``nodes`` > 1 trains through Kubeflow Trainer."""
+    """See ``pipelines/README.md`` for every parameter; ``nodes`` > 1 trains through Kubeflow Trainer.
+
+    The parameters are spelled out because KFP builds the pipeline's interface from this signature; the
+    config settings among them are named as their config key (``iters`` is ``train.iters``).
+    """
+    params = locals()
     prep = data_prep(
         images=images,
         annotations=annotations,
@@ -125,24 +135,8 @@ def retinaflow_pipeline(
         stage_uri=stage_uri,
     )
     _with_secrets(prep, s3_secret, mlflow_secret).set_display_name("data-prep").set_caching_options(False)
-    train_args = dict(
-        dataset=prep.outputs["dataset"],
-        backbone=backbone,
-        iterations=iterations,
-        batch=batch,
-        lr=lr,
-        precision=precision,
-        resize=resize,
-        max_size=max_size,
-        gpus=gpus,
-        val_every=val_every,
-        checkpoint_every=checkpoint_every,
-        backbone_weights=backbone_weights,
-        overrides=overrides,
-        checkpoint_root=checkpoint_root,
-        experiment=experiment,
-        run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-    )
+    train_args = {name: params[name] for name in TRAIN_INPUTS}  # TrainRequest's fields, by name
+    train_args.update(dataset=prep.outputs["dataset"], run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
     opts = dict(
         opset=export_opset,
         size=export_size,

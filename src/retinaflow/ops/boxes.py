@@ -103,17 +103,15 @@ def batched_nms(
     scores: (B, K) float; boxes: (B, K, 4) float x1y1x2y2; classes: (B, K) int, class < 0 marks padding
     rows (ignored, as are NaN scores). A box is suppressed by a kept box of the same class and higher
     score (ties: lower row first) when their IoU is > ``iou_threshold``.
-    Returns Detections with D = ``max_det`` rows per image.
+    Returns Detections with D = ``max_det`` rows per image. ``iou_threshold`` in [0, 1] and ``max_det`` >= 1
+    are checked once, where they are set (``InferConfig``: ``infer.nms_iou``, ``infer.max_det``); the CUDA
+    kernel refuses other values too (its C API is also the TensorRT plugin's).
     """
     if scores.dim() != 2 or boxes.shape != (*scores.shape, 4) or classes.shape != scores.shape:
         raise ConfigError(
             f"nms needs scores (B, K), boxes (B, K, 4), classes (B, K); got {tuple(scores.shape)}, "
             f"{tuple(boxes.shape)}, {tuple(classes.shape)}"
         )
-    if not 0.0 <= iou_threshold <= 1.0:
-        raise ConfigError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
-    if max_det < 1:
-        raise ConfigError(f"max_det must be >= 1, got {max_det}")
     _ext.ensure_loaded_for(scores)
     return Detections(*torch.ops.retinaflow.nms(scores, boxes, classes, float(iou_threshold), int(max_det)))
 

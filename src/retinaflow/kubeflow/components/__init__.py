@@ -3,7 +3,10 @@
 Every component body maps its inputs onto one function of :mod:`retinaflow.kubeflow.steps` (which
 calls the library) and records the outputs; there is no logic here. A step's request dataclass is
 filled with ``request_from(Request, locals())`` (every field from the input of the same name), so
-its field list is written once; the signature itself stays explicit, as KFP needs. The modules do not use
+its field list is written once; the signature itself stays explicit, as KFP needs (KFP builds the
+component's interface from the signature at decoration time, and ships the function's source text to
+the container: a generated signature would reach neither). Config settings keep their config key's
+name (``iters``, ``checkpoint_every``: ``retinaflow.flags``). The modules do not use
 ``from __future__ import annotations``: KFP reads the annotations at decoration time to build
 the component interface, and string annotations break that.
 """

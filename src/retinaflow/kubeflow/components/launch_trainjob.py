@@ -12,7 +12,7 @@ from retinaflow.kubeflow import images as image_tags
 def launch_trainjob(
     dataset: Input[Dataset],
     backbone: str,
-    iterations: int,
+    iters: int,
     batch: int,
     lr: float,
     precision: str,

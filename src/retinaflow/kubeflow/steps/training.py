@@ -15,11 +15,13 @@ import shutil
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from retinaflow.config import Config
 from retinaflow.errors import CheckpointError, ConfigError, RetinaflowError
+from retinaflow.flags import TRAIN_FLAGS, Flag
 from retinaflow.kubeflow.steps.common import (
     find_run_id,
     is_remote,
@@ -40,10 +42,12 @@ class TrainingFailed(RetinaflowError):
 
 @dataclass
 class TrainRequest:
-    """The train component's parameters (see ``retinaflow train --help`` for each flag)."""
+    """The train components' parameters. A field named like a flag of ``TRAIN_FLAGS`` is that config
+    setting (same name in the pipeline, the components and ``retinaflow train``; see ``CONFIG_FLAGS``);
+    the defaults are the config's. KFP needs each spelled in the component signatures too."""
 
     backbone: str = "resnet50"
-    iterations: int = 90000
+    iters: int = 90000
     batch: int = 16
     lr: float = 0.01
     precision: str = "auto"
@@ -58,17 +62,24 @@ class TrainRequest:
     experiment: str = "retinaflow"
     run_name: str = "retinaflow"
 
+    def settings(self) -> list[tuple[Flag, Any]]:
+        """(flag, value) of the config fields; an empty string is unset (the config's None)."""
+        return [(f, getattr(self, f.name)) for f in CONFIG_FLAGS if getattr(self, f.name) != ""]
+
     def check(self) -> None:
-        for name in ("iterations", "batch", "resize", "max_size"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"train {name} must be positive, got {getattr(self, name)}")
+        """The values' own checks are the config's: build the config this request trains with."""
         if self.gpus < 0:
             raise ConfigError(f"gpus must be 0 (CPU) or more, got {self.gpus}")
         if self.gpus and self.batch % self.gpus:
             raise ConfigError(f"batch {self.batch} must be a multiple of gpus {self.gpus}")
-        bad = [o for o in self.overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"override {bad[0]!r} must look like section.key=value")
+        config = Config()
+        for flag, value in self.settings():
+            config.set_key(flag.key, value)
+        config.override(self.overrides)
+
+
+#: The flags (and config keys) that are pipeline parameters: those TrainRequest has a field for.
+CONFIG_FLAGS = tuple(f for f in TRAIN_FLAGS if f.name in {x.name for x in fields(TrainRequest)})
 
 
 @dataclass
@@ -99,14 +110,10 @@ def train_args(req: TrainRequest, data: DatasetManifest, checkpoint: str, tracke
         "-m", "retinaflow", "train", checkpoint,
         "--images", data.train_images, "--annotations", data.train_annotations,
         "--val-images", data.val_images, "--val-annotations", data.val_annotations,
-        "--backbone", req.backbone, "--iters", str(req.iterations), "--batch", str(req.batch),
-        "--lr", repr(req.lr), "--precision", req.precision,
-        "--resize", str(req.resize), "--max-size", str(req.max_size),
-        "--val-every", str(req.val_every), "--checkpoint-every", str(req.checkpoint_every),
         "--set", f"infer.resize={req.resize}", "--set", f"infer.max_size={req.max_size}",
     ]  # fmt: skip
-    if req.backbone_weights:
-        args += ["--backbone-weights", req.backbone_weights]
+    for flag, value in req.settings():
+        args += [flag.option, str(value)]
     for item in req.overrides:
         args += ["--set", item]
     if tracked:
