@@ -337,7 +337,7 @@ class _Trainer:
     def validate(self) -> EvalResult | None:
         """Detect on the validation set (sharded over ranks), evaluate on rank 0, notify sinks."""
         from retinaflow.data.select import build_eval
-        from retinaflow.engine.evaluate import evaluate
+        from retinaflow.engine.evaluate import evaluate_detections
         from retinaflow.engine.infer import predict
 
         cfg = self.config
@@ -358,7 +358,7 @@ class _Trainer:
         result = None
         if self.info.is_main and gathered is not None:
             merged = [d for part in gathered for d in part]
-            result = evaluate(cfg.data.val_annotations, merged, list(cfg.class_names))
+            result = evaluate_detections(cfg.data.val_annotations, merged, list(cfg.class_names))
             log.info("iteration %d: validation mAP %.4f", self.iteration, result.map)
             self.state.extra["last_map"] = result.map
             self.callbacks.on_validation(self.state, result)

@@ -305,7 +305,7 @@ class MlflowSink(Callback):
             log.warning("sample-detection plot skipped: %s", one_line(exc))
 
     def _register(self, state: TrainState, checkpoint: Path) -> None:
-        from retinaflow.mlops.registry import register
+        from retinaflow.mlops.registry import register_model
 
         assert self.report is not None and self.run_id is not None
         if self.report.pending:
@@ -318,7 +318,7 @@ class MlflowSink(Callback):
             )
             return
         try:
-            mv = register(
+            mv = register_model(
                 str(self.register_as),
                 run_id=self.run_id,
                 settings=self.settings,
