@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
 from retinaflow.mlops.redact import one_line, redact, redact_mapping
 from retinaflow.mlops.settings import TrackingSettings, probe
@@ -33,8 +34,6 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
-
-_MAX_MERGED_METRICS = 5000
 
 
 @dataclass
@@ -167,13 +166,15 @@ class RunWriter:
 
     # -- the sending thread --------------------------------------------------------------------
     def _take(self) -> list[_Record]:
-        """Head of the queue, merging consecutive metric-only records into one request."""
+        """Head of the queue, merging consecutive metric-only records into one request (at most
+        MLflow's ``MAX_METRICS_PER_BATCH`` points, so that ``log_batch`` does not split it into several
+        requests, some of which could land before a failure and be sent again)."""
         head = self._queue[0]
         if not head.metrics_only:
             return [head]
         batch, count = [], 0
         for rec in self._queue:
-            if not rec.metrics_only or count + len(rec.metrics) > _MAX_MERGED_METRICS:
+            if not rec.metrics_only or count + len(rec.metrics) > MAX_METRICS_PER_BATCH:
                 break
             batch.append(rec)
             count += len(rec.metrics)
