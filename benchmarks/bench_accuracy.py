@@ -212,7 +212,7 @@ def evaluate_torchvision(model: Any, cfg: Any, category_ids: list[int], device: 
     import torch
 
     from retinaflow.data.loader import build_eval_loader
-    from retinaflow.engine.evaluate import evaluate
+    from retinaflow.engine.evaluate import evaluate_detections
     from retinaflow.engine.schedule import autocast_dtype
 
     data = dataclasses.replace(cfg.data, pad_stride=cfg.infer.pad_stride)
@@ -228,7 +228,7 @@ def evaluate_torchvision(model: Any, cfg: Any, category_ids: list[int], device: 
             images, _ = _tv_inputs(batch, device)
             for out, image_id, scale in zip(model(images), batch.image_ids, batch.scales, strict=True):
                 dets += _coco_results(out, int(image_id), float(scale), category_ids)
-    return evaluate(data.val_annotations, dets, list(dataset.class_names)).stats
+    return evaluate_detections(data.val_annotations, dets, list(dataset.class_names)).stats
 
 
 def _coco_results(out: dict[str, Any], image_id: int, scale: float, ids: list[int]) -> list[dict[str, Any]]:

@@ -130,7 +130,7 @@ def _worker_evaluate(args: argparse.Namespace) -> None:
     """Detections of the val set sharded over the ranks (gathered) vs all on rank 0; COCO stats of both."""
     from retinaflow.data.loader import build_eval_loader
     from retinaflow.engine import distributed as D
-    from retinaflow.engine.evaluate import evaluate
+    from retinaflow.engine.evaluate import evaluate_detections
     from retinaflow.engine.infer import load_model, predict
     from retinaflow.engine.schedule import autocast_dtype
 
@@ -152,8 +152,8 @@ def _worker_evaluate(args: argparse.Namespace) -> None:
         merged = [d for part in sharded for d in part]
         alone = detect(0, 1)
         names = list(cfg.class_names)
-        stats_n = evaluate(str(ann), merged, names).stats
-        stats_1 = evaluate(str(ann), alone, names).stats
+        stats_n = evaluate_detections(str(ann), merged, names).stats
+        stats_1 = evaluate_detections(str(ann), alone, names).stats
         key = lambda d: (d["image_id"], d["category_id"], round(d["score"], 4))  # noqa: E731
         a, b = sorted(merged, key=key), sorted(alone, key=key)
         box_diff = max(

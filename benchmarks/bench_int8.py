@@ -26,7 +26,7 @@ from common import environment
 
 from retinaflow.config import Config
 from retinaflow.data.loader import build_eval_loader
-from retinaflow.engine.evaluate import evaluate
+from retinaflow.engine.evaluate import evaluate_detections
 from retinaflow.engine.infer import load_model, make_detector, predict
 from retinaflow.export.quantize import (
     HEAD_LAST_CONVS,
@@ -45,7 +45,7 @@ def coco_map(
     loader, _ = build_eval_loader(args.images, ann, config.data, config.infer.batch)
     detector = make_detector(model, config, amp)
     dets = predict(model, loader, config, torch.device(args.device), amp, state["category_ids"], detector)
-    return 100.0 * evaluate(ann, dets, list(config.class_names) or None).stats["AP"]
+    return 100.0 * evaluate_detections(ann, dets, list(config.class_names) or None).stats["AP"]
 
 
 def subset_annotations(annotations: str, n: int, folder: Path) -> str:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call on a 2-GPU machine: DDP fault handling on real NCCL and the pipeline's train step on 2 GPUs
-# (the `gpu` tests of tests/engine/test_distributed*.py and tests/components/test_steps_training_ddp.py).
+# (the `gpu` tests of tests/engine/test_distributed*.py and tests/kubeflow/steps/test_training_ddp.py).
 # Needs pycocotools (validation in two of the runs); no MLflow (tracking off), no pretrained weights.
 # Usage (device tool, nvidia-h100-x2): bash benchmarks/run_ddp_checks.sh  -> logs under $OUT
 set -uo pipefail
@@ -14,7 +14,7 @@ python -c "import torch; print('torch', torch.__version__, 'cuda devices', torch
 python -m pytest -q -p no:cacheprovider -m gpu -rA --durations=0 \
   --junitxml="$OUT/ddp_checks.xml" --basetemp="$OUT/tmp" \
   tests/engine/test_distributed.py tests/engine/test_distributed_faults.py \
-  tests/components/test_steps_training_ddp.py \
+  tests/kubeflow/steps/test_training_ddp.py \
   2>&1 | tee "$OUT/ddp_checks.log" | tail -40
 rc=${PIPESTATUS[0]}
 # keep the logs and configs, drop the checkpoints and images (the device tool returns what is under $OUT)

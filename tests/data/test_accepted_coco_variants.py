@@ -18,7 +18,7 @@ import pytest
 from pycocotools.coco import COCO
 
 from retinaflow.data.coco import CocoDataset
-from retinaflow.engine.evaluate import evaluate
+from retinaflow.engine.evaluate import evaluate_detections
 
 Doc = dict[str, Any]
 
@@ -84,7 +84,7 @@ def test_variant_trains_and_evaluates(make_coco, change: Callable[[Doc], None]) 
     annotations.write_text(json.dumps(doc))
     dataset = CocoDataset(images, annotations)
     assert len(dataset) == 3 and dataset.report()["annotations"] == 6
-    result = evaluate(annotations, _perfect_detections(doc))
+    result = evaluate_detections(annotations, _perfect_detections(doc))
     assert result.map == pytest.approx(1.0)
     assert len(result.per_class) == 2
 
@@ -95,7 +95,7 @@ def test_category_names_default_to_the_id(make_coco) -> None:
     _drop("categories", "name")(doc)
     annotations.write_text(json.dumps(doc))
     assert CocoDataset(images, annotations).class_names == ["1", "2"]
-    assert list(evaluate(annotations, _perfect_detections(doc)).per_class) == ["1", "2"]
+    assert list(evaluate_detections(annotations, _perfect_detections(doc)).per_class) == ["1", "2"]
 
 
 def _perfect_detections(doc: Doc) -> list[dict[str, Any]]:
@@ -108,5 +108,5 @@ def _perfect_detections(doc: Doc) -> list[dict[str, Any]]:
 def test_evaluation_does_not_change_the_file(make_coco) -> None:
     _, annotations = make_coco(2)
     before = annotations.read_bytes()
-    evaluate(Path(annotations), [])
+    evaluate_detections(Path(annotations), [])
     assert annotations.read_bytes() == before

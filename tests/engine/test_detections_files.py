@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from retinaflow.engine.evaluate import evaluate
+from retinaflow.engine.evaluate import evaluate_detections
 from retinaflow.errors import DataError
 
 IMAGES = [{"id": i, "file_name": f"{i:03d}.jpg", "width": 100, "height": 100} for i in (1, 2, 3)]
@@ -43,14 +43,14 @@ def test_extra_keys_and_matching_file_names_are_accepted(gt: Path) -> None:
     dets = _dets(extra="kept")
     for d in dets:
         d["file_name"] = f"{d['image_id']:03d}.jpg"
-    assert evaluate(gt, dets).map == pytest.approx(1.0)
+    assert evaluate_detections(gt, dets).map == pytest.approx(1.0)
 
 
 def test_file_names_in_a_subfolder_match_by_name(gt: Path) -> None:
     dets = _dets()
     for d in dets:
         d["file_name"] = f"val/{d['image_id']:03d}.jpg"
-    assert evaluate(gt, dets).map == pytest.approx(1.0)
+    assert evaluate_detections(gt, dets).map == pytest.approx(1.0)
 
 
 def test_detections_of_other_files_are_refused(gt: Path) -> None:
@@ -61,7 +61,7 @@ def test_detections_of_other_files_are_refused(gt: Path) -> None:
     with pytest.raises(
         DataError, match=r"2 of 3 image id\(s\).*id 1 is zebra.jpg in the detections but 001.jpg"
     ):
-        evaluate(gt, dets)
+        evaluate_detections(gt, dets)
 
 
 REFUSED = {
@@ -84,13 +84,13 @@ def test_malformed_detections_are_one_clear_line(gt: Path, tmp_path: Path, conte
     path = tmp_path / "dets.json"
     path.write_text(json.dumps(content))
     with pytest.raises(DataError, match=message) as info:
-        evaluate(gt, path)
+        evaluate_detections(gt, path)
     assert "\n" not in str(info.value)
 
 
 def test_detections_of_unknown_categories_are_counted_and_reported(gt: Path, caplog) -> None:
     dets = _dets() + [{"image_id": 1, "category_id": 9, "bbox": [0, 0, 5, 5], "score": 0.5}] * 2
     with caplog.at_level("WARNING", logger="retinaflow.engine.evaluate"):
-        result = evaluate(gt, dets)
+        result = evaluate_detections(gt, dets)
     assert result.map == pytest.approx(1.0)
     assert "2 detection(s) of category id(s) absent from" in caplog.text and "9" in caplog.text

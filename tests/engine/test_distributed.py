@@ -2,9 +2,9 @@
 them). Train, checkpoint on rank 0 only, resume, validate; the batch split check.
 
 Each test launches real worker processes, so it also covers process-group set-up, the all-reduced loss
-normaliser, the barrier after a checkpoint, the per-iteration stop-flag all-reduce and the validation
-gather. The helpers here (launch environment, test hooks, log parsing) serve test_distributed_faults.py
-and the pipeline's train step test too.
+normaliser, the barrier after a checkpoint, the stop/non-finite flag all-reduce at the check points, the
+loss averaged over ranks at log steps and the validation gather. The helpers here (launch environment,
+test hooks, log parsing) serve test_distributed_faults.py and the pipeline's train step test too.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import pytest
 
 from retinaflow.config import Config
 from retinaflow.data.synthetic import SynthConfig, generate
-from retinaflow.engine.evaluate import evaluate
+from retinaflow.engine.evaluate import evaluate_detections
 from retinaflow.engine.infer import infer
 from retinaflow.engine.train import train
 
@@ -39,5 +39,5 @@ def test_training_on_synthetic_shapes_reaches_the_stated_map(tmp_path):
     assert result.map >= MIN_MAP, result.stats
     assert result.stats["AP50"] >= MIN_AP50, result.stats
     # the written detections evaluate to the same numbers through the CLI's path
-    again = evaluate(paths.val_annotations, json.loads((tmp_path / "det.json").read_text()))
+    again = evaluate_detections(paths.val_annotations, json.loads((tmp_path / "det.json").read_text()))
     assert again.map == pytest.approx(result.map, abs=1e-6)

@@ -4,7 +4,13 @@ import json
 
 import pytest
 
-from retinaflow.engine.evaluate import STAT_NAMES, evaluate, render_table, report_dict, write_report
+from retinaflow.engine.evaluate import (
+    STAT_NAMES,
+    evaluate_detections,
+    render_table,
+    report_dict,
+    write_report,
+)
 from retinaflow.errors import DataError
 
 
@@ -28,7 +34,7 @@ def test_perfect_detections_score_one(gt):
         {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
         for a in anns
     ]
-    result = evaluate(path, dets)
+    result = evaluate_detections(path, dets)
     assert set(result.stats) == set(STAT_NAMES)
     assert result.map == pytest.approx(1.0)
     assert result.per_class == {"circle": pytest.approx(1.0), "square": pytest.approx(1.0)}
@@ -39,7 +45,7 @@ def test_missing_class_and_wrong_boxes_lower_the_score(gt):
     path, _ = gt
     dets = [{"image_id": 1, "category_id": 3, "bbox": [10, 10, 30, 30], "score": 0.9}]
     dets.append({"image_id": 2, "category_id": 3, "bbox": [70, 0, 20, 20], "score": 0.8})
-    result = evaluate(path, dets)
+    result = evaluate_detections(path, dets)
     assert result.per_class["square"] == 0.0 or result.per_class["square"] != result.per_class["square"]
     assert 0.0 < result.per_class["circle"] < 1.0
     assert result.map < 0.5
@@ -47,15 +53,15 @@ def test_missing_class_and_wrong_boxes_lower_the_score(gt):
 
 def test_empty_detections_give_zeros_and_bad_inputs_fail(gt, tmp_path):
     path, _ = gt
-    assert evaluate(path, []).map == 0.0
+    assert evaluate_detections(path, []).map == 0.0
     with pytest.raises(DataError, match="absent"):
-        evaluate(path, [{"image_id": 99, "category_id": 3, "bbox": [0, 0, 1, 1], "score": 1.0}])
+        evaluate_detections(path, [{"image_id": 99, "category_id": 3, "bbox": [0, 0, 1, 1], "score": 1.0}])
     with pytest.raises(DataError, match="not found"):
-        evaluate(tmp_path / "none.json", [])
+        evaluate_detections(tmp_path / "none.json", [])
     bad = tmp_path / "bad.json"
     bad.write_text("{")
     with pytest.raises(DataError, match="not valid JSON"):
-        evaluate(bad, [])
+        evaluate_detections(bad, [])
 
 
 def test_report_and_table(gt, tmp_path):
@@ -64,7 +70,7 @@ def test_report_and_table(gt, tmp_path):
         {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.5}
         for a in anns
     ]
-    result = evaluate(path, dets)
+    result = evaluate_detections(path, dets)
     out = write_report(result, tmp_path / "r" / "report.json")
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(report_dict(result)))

@@ -156,7 +156,7 @@ def test_cli_infer_starts_from_the_checkpoints_settings(trained, synth_small, tm
 def test_detections_name_their_image_files(trained, synth_small, tmp_path):
     """Detections of a bare folder (ids 1..N in file order) carry the file name, so that ``eval``
     against an annotation file numbering the same images differently refuses instead of mispairing."""
-    from retinaflow.engine.evaluate import evaluate
+    from retinaflow.engine.evaluate import evaluate_detections
 
     cfg = tiny_config(synth_small).infer
     cfg.score_thresh = 0.0
@@ -171,4 +171,4 @@ def test_detections_name_their_image_files(trained, synth_small, tmp_path):
     gt["annotations"] = []
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     with pytest.raises(DataError, match="other images"):
-        evaluate(tmp_path / "gt.json", tmp_path / "d.json")
+        evaluate_detections(tmp_path / "gt.json", tmp_path / "d.json")

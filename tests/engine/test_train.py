@@ -87,6 +87,33 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synth_small, tmp_path
     assert rec.events[-1] == ("error", "TrainingDiverged")
 
 
+def test_a_non_finite_loss_between_log_steps_is_named_and_never_checkpointed(
+    synth_small, tmp_path, monkeypatch
+):
+    """The loss is checked at log steps and before each checkpoint, not every iteration: the first bad
+    iteration is still the one named, and no weights trained past it are saved."""
+    import retinaflow.engine.train as train_module
+
+    real, calls = train_module.detection_loss, []
+
+    def poisoned_third(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            out["loss"] = out["loss"] * float("inf")
+        return out
+
+    monkeypatch.setattr(train_module, "detection_loss", poisoned_third)
+    cfg = tiny_config(synth_small, iters=8)
+    cfg.train.log_every, cfg.train.checkpoint_every = 4, 2
+    rec = Recorder()
+    with pytest.raises(TrainingDiverged, match="non-finite at iteration 3;"):
+        train(cfg, tmp_path / "m.pth", [rec])
+    assert len(calls) == 4  # found at the check before iteration 4's checkpoint
+    assert load_checkpoint(tmp_path / "m.pth")["iteration"] == 2
+    assert [e[0] for e in rec.events] == ["start", "checkpoint", "error"]
+
+
 def test_resume_with_another_architecture_is_refused(synth_small, tmp_path):
     path = train(tiny_config(synth_small, iters=2), tmp_path / "m.pth")
     other = tiny_config(synth_small, iters=4)

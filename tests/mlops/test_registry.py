@@ -21,7 +21,7 @@ from tests.mlops.conftest import ARTIFACT_PREFIX, BUCKET, MlflowServer
 from retinaflow.mlops import registry
 from retinaflow.mlops.cli import add_registry_commands
 from retinaflow.mlops.errors import RegistryError
-from retinaflow.mlops.registry import CHALLENGER, CHAMPION, ModelFiles, decide, promote, register
+from retinaflow.mlops.registry import CHALLENGER, CHAMPION, ModelFiles, decide, promote, register_model
 from retinaflow.mlops.settings import TrackingSettings
 
 
@@ -60,7 +60,7 @@ def _version(
 ) -> ModelVersion:
     ckpt = tmp_path / f"{map_value}-{latency}.pth"
     ckpt.write_bytes(os.urandom(64))
-    return register(name, files=ModelFiles(checkpoint=ckpt), map_value=map_value, latency_ms=latency,
+    return register_model(name, files=ModelFiles(checkpoint=ckpt), map_value=map_value, latency_ms=latency,
                     settings=_settings(server))  # fmt: skip
 
 
@@ -69,7 +69,7 @@ def test_register_a_training_run(mlflow_env: MlflowServer, tmp_path: Path, s3_ad
     run_id = _training_run(mlflow_env, tmp_path)
     onnx = tmp_path / "model.onnx"
     onnx.write_bytes(b"onnx-bytes")
-    mv = register(name, run_id, ModelFiles(onnx=onnx), latency_ms=12.5, settings=_settings(mlflow_env))
+    mv = register_model(name, run_id, ModelFiles(onnx=onnx), latency_ms=12.5, settings=_settings(mlflow_env))
     assert mv.source == f"runs:/{run_id}/model" and mv.run_id == run_id
     assert mv.tags["map"] == "0.25"  # from the run's val/AP
     assert mv.tags["latency_ms"] == "12.5" and mv.tags["backbone"] == "resnet18"
@@ -89,11 +89,11 @@ def test_register_needs_model_files(mlflow_env: MlflowServer, tmp_path: Path) ->
     client = MlflowClient(mlflow_env.uri)
     empty_run = client.create_run(client.get_experiment_by_name("Default").experiment_id).info.run_id
     with pytest.raises(RegistryError, match="no model/ artifacts"):
-        register(_name(), empty_run, settings=_settings(mlflow_env))
+        register_model(_name(), empty_run, settings=_settings(mlflow_env))
     with pytest.raises(RegistryError, match="nothing to register"):
-        register(_name(), settings=_settings(mlflow_env))
+        register_model(_name(), settings=_settings(mlflow_env))
     with pytest.raises(RegistryError, match="not found"):
-        register(
+        register_model(
             _name(), files=ModelFiles(checkpoint=tmp_path / "missing.pth"), settings=_settings(mlflow_env)
         )
 
@@ -166,10 +166,10 @@ def test_promote_errors(mlflow_env: MlflowServer) -> None:
 _PROCESS_REGISTRATION = """
 import os, sys
 from pathlib import Path
-from retinaflow.mlops.registry import ModelFiles, register
+from retinaflow.mlops.registry import ModelFiles, register_model
 from retinaflow.mlops.settings import TrackingSettings
 path = Path(sys.argv[2]); path.write_bytes(os.urandom(32))
-mv = register(sys.argv[1], files=ModelFiles(checkpoint=path), map_value=0.1,
+mv = register_model(sys.argv[1], files=ModelFiles(checkpoint=path), map_value=0.1,
               settings=TrackingSettings(tracking_uri=sys.argv[3], experiment="registry-tests"))
 print(mv.version)
 """
@@ -197,7 +197,7 @@ def test_concurrent_registrations_from_threads_and_processes(
         ckpt.write_bytes(os.urandom(32))
         barrier.wait()
         try:
-            versions.append(register(name, files=ModelFiles(checkpoint=ckpt), map_value=0.1,
+            versions.append(register_model(name, files=ModelFiles(checkpoint=ckpt), map_value=0.1,
                                      settings=_settings(mlflow_env)).version)  # fmt: skip
         except Exception as exc:  # collected, reported by the assertion below
             errors.append(repr(exc))

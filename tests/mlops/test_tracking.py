@@ -18,7 +18,7 @@ from tests.mlops.conftest import ARTIFACT_PREFIX, BUCKET, MlflowServer, TcpProxy
 
 from retinaflow.data.validate import fingerprint
 from retinaflow.engine.callbacks import Callback, TrainState
-from retinaflow.engine.evaluate import evaluate
+from retinaflow.engine.evaluate import evaluate_detections
 from retinaflow.engine.train import train
 from retinaflow.mlops.errors import TrackingUnavailable
 from retinaflow.mlops.runs import tracked_command
@@ -224,7 +224,7 @@ def test_tracked_eval_command_logs_report_and_plots(mlflow_env: MlflowServer, sy
     gt = json.loads(synth_small.val_annotations.read_text())
     dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
             for a in gt["annotations"]]  # fmt: skip
-    result = evaluate(synth_small.val_annotations, dets)
+    result = evaluate_detections(synth_small.val_annotations, dets)
     with tracked_command(_settings(mlflow_env), "eval", {"detections": "perfect"}) as run:
         run.log_eval(
             result, synth_small.val_annotations, None, synth_small.val_images

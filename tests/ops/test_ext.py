@@ -152,6 +152,6 @@ def test_fake_implementations_give_fixed_shapes():
 
 
 def test_schema_is_declared_once():
-    _library.register()  # idempotent
+    _library.register_ops()  # idempotent
     schema = str(torch.ops.retinaflow.decode.default._schema)
     assert schema.startswith("retinaflow::decode(Tensor[] cls, Tensor[] box, Tensor[] anchors, Tensor sizes")

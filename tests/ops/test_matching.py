@@ -109,6 +109,10 @@ def test_bad_inputs() -> None:
         match_anchors(
             anchors, torch.zeros(1, 1, 4), torch.zeros(1, 1, dtype=torch.int64), MatcherConfig(0.4, 0.5)
         )
+    with pytest.raises(ConfigError, match="anchors"):
+        match_anchors(
+            torch.zeros(4, 5), torch.zeros(1, 1, 4), torch.ones(1, 1, dtype=torch.int64), MatcherConfig()
+        )
     with pytest.raises(DataError):
         match_anchors(anchors, torch.zeros(1, 4), torch.zeros(1, dtype=torch.int64), MatcherConfig())
     with pytest.raises(DataError):

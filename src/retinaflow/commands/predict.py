@@ -77,14 +77,14 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from retinaflow.engine.evaluate import evaluate, render_table, write_report
+    from retinaflow.engine.evaluate import evaluate_detections, render_table, write_report
 
     params = {"annotations": args.annotations, "detections": args.detections}
     with (
         remote(args, inputs=("annotations", "detections"), outputs=("output",)),
         tracked(args, "eval", params) as run,
     ):
-        result = evaluate(args.annotations, args.detections)
+        result = evaluate_detections(args.annotations, args.detections)
         print(render_table(result))
         if args.output:
             write_report(result, args.output)

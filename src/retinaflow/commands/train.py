@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any
 
 from retinaflow.commands.optional import add_tracking_args, remote, tracking_callbacks
 from retinaflow.config import Config
+from retinaflow.engine.callbacks import Callback, TrainState
 from retinaflow.errors import ConfigError
 from retinaflow.flags import TRAIN_FLAGS, add_flags, apply_flags
 
@@ -71,18 +71,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 _DATA_PATHS = ("images", "annotations", "val_images", "val_annotations")
 
 
-class _ClassCountCheck:
+class _ClassCountCheck(Callback):
     """Fails fast when --classes disagrees with the dataset's category count."""
 
     def __init__(self, expected: int) -> None:
         self.expected = expected
 
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("on_"):
-            return lambda *a, **k: None
-        raise AttributeError(name)
-
-    def on_train_start(self, state: Any) -> None:
+    def on_train_start(self, state: TrainState) -> None:
         found = state.config.model.num_classes
         if found != self.expected:
             raise ConfigError(f"--classes {self.expected} but the annotations define {found} categories")

@@ -258,16 +258,37 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
 
     # -- validation --------------------------------------------------------------------------
     def _parse(self, data: dict[str, Any], require_annotations: bool, keep_json: bool) -> None:
-        path, c = self.annotations_path, self._counts
-        cat_to_label = self._parse_categories(data["categories"])
-        on_disk = listing(self.images_dir)
+        """Keep the usable images and annotations of ``data`` (COCO JSON), counting what is dropped and why.
 
-        sizes: dict[int, tuple[int, int]] = {}
-        order: list[int] = []
+        The kept entries are stored as flat arrays (``_ids``, ``_files``, ``_sizes``, ``_offsets`` into
+        ``_boxes``/``_labels``) so that workers share them instead of copying Python objects.
+        """
+        cat_to_label = self._parse_categories(data["categories"])
+        entries, missing = self._parse_images(data["images"])
+        sizes = {i: (e["width"], e["height"]) for i, e in entries.items()}
+        per_image: dict[int, list[tuple[list[float], int]]] = {i: [] for i in entries}
+        kept_anns = self._parse_annotations(
+            data["annotations"], sizes, missing, cat_to_label, per_image, keep_json
+        )
+        if require_annotations and not kept_anns:
+            dropped = {k: v for k, v in self._counts.items() if k.startswith("dropped_") and v}
+            raise DataError(
+                f"no usable annotations in {self.annotations_path} after cleaning "
+                f"(dropped: {dropped or 'none listed'})"
+            )
+        self._store(entries, per_image)
+        if keep_json:
+            self._json = {**data, "images": list(entries.values()), "annotations": kept_anns}
+        self._warn_dropped()
+
+    def _parse_images(self, images: list[Any]) -> tuple[dict[int, dict[str, Any]], set[int]]:
+        """The usable image entries by id, in file order (width/height normalised), and the ids whose
+        file is missing (their annotations are dropped as such)."""
+        c, on_disk = self._counts, listing(self.images_dir)
         entries: dict[int, dict[str, Any]] = {}
         missing: set[int] = set()
-        c["images_listed"] = len(data["images"])
-        for entry in data["images"]:
+        c["images_listed"] = len(images)
+        for entry in images:
             parsed = image_entry(entry)
             if isinstance(parsed, str):
                 c["invalid_images"] += 1
@@ -276,23 +297,33 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
             image_id, name, w, h = parsed
             if image_id in entries or image_id in missing:
                 c["duplicate_images"] += 1
-                continue
-            if not (name in on_disk or ("/" in name and (self.images_dir / name).is_file())):
+            elif name in on_disk or ("/" in name and (self.images_dir / name).is_file()):
+                entries[image_id] = {**entry, "width": w, "height": h}
+            else:
                 c["missing_files"] += 1
                 missing.add(image_id)
-                continue
-            entries[image_id], sizes[image_id] = {**entry, "width": w, "height": h}, (w, h)
-            order.append(image_id)
-        if not order:
+        if not entries:
             raise DataError(
-                f"no usable images: {path} lists {c['images_listed']}, {c['missing_files']} missing "
-                f"in {self.images_dir}, {c['invalid_images']} invalid{self._refusals()}"
+                f"no usable images: {self.annotations_path} lists {c['images_listed']}, {c['missing_files']} "
+                f"missing in {self.images_dir}, {c['invalid_images']} invalid{self._refusals()}"
             )
+        return entries, missing
 
-        per_image: dict[int, list[tuple[list[float], int]]] = {i: [] for i in order}
-        kept_anns: list[dict[str, Any]] = []
-        c["annotations_listed"] = len(data["annotations"])
-        for ann in data["annotations"]:
+    def _parse_annotations(
+        self,
+        annotations: list[Any],
+        sizes: dict[int, tuple[int, int]],
+        missing: set[int],
+        cat_to_label: dict[int, int],
+        per_image: dict[int, list[tuple[list[float], int]]],
+        keep_json: bool,
+    ) -> list[dict[str, Any]]:
+        """Append each usable box (clipped to its image) to ``per_image``; return the kept annotations
+        (with clipped ``bbox``/``area`` where ``keep_json``, so evaluation sees the same boxes)."""
+        c = self._counts
+        kept: list[dict[str, Any]] = []
+        c["annotations_listed"] = len(annotations)
+        for ann in annotations:
             kind, box = check_annotation(ann, sizes, missing, cat_to_label)
             if kind is not None:
                 c[kind] += 1
@@ -302,34 +333,34 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
             c["clipped"] += clipped
             per_image[ann["image_id"]].append(([x1, y1, x2, y2], cat_to_label[ann["category_id"]]))
             if keep_json and clipped:
-                ann = dict(ann)
-                area = ann.get("area")
-                box_area = (x2 - x1) * (y2 - y1)
-                ann["bbox"] = [x1, y1, x2 - x1, y2 - y1]
+                area, box_area = ann.get("area"), (x2 - x1) * (y2 - y1)
+                ann = {**ann, "bbox": [x1, y1, x2 - x1, y2 - y1]}
                 ann["area"] = min(float(area), box_area) if is_number(area) else box_area
-            kept_anns.append(ann)
-        c["annotations"] = len(kept_anns)
-        if require_annotations and not kept_anns:
-            dropped = {k: v for k, v in c.items() if k.startswith("dropped_") and v}
-            raise DataError(
-                f"no usable annotations in {path} after cleaning (dropped: {dropped or 'none listed'})"
-            )
+            kept.append(ann)
+        c["annotations"] = len(kept)
+        return kept
 
+    def _store(self, entries: dict[int, dict[str, Any]], per_image: dict[int, list[Any]]) -> None:
+        """Flatten the kept images and boxes into numpy arrays (image order: the file's)."""
+        order = list(entries)
         counts = [len(per_image[i]) for i in order]
         self._ids = np.asarray(order, dtype=np.int64)
         self._files = np.asarray([entries[i]["file_name"] for i in order], dtype=np.str_)
-        self._sizes = np.asarray([sizes[i] for i in order], dtype=np.int64).reshape(-1, 2)
+        sizes = [(entries[i]["width"], entries[i]["height"]) for i in order]
+        self._sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         flat = [t for i in order for t in per_image[i]]
         self._boxes = np.asarray([b for b, _ in flat], dtype=np.float32).reshape(-1, 4)
         self._labels = np.asarray([lab for _, lab in flat], dtype=np.int64)
-        if keep_json:
-            self._json = {**data, "images": [entries[i] for i in order], "annotations": kept_anns}
-        c["images"] = len(order)
-        c["images_without_annotations"] = sum(1 for n in counts if n == 0)
+        self._counts["images"] = len(order)
+        self._counts["images_without_annotations"] = sum(1 for n in counts if n == 0)
+
+    def _warn_dropped(self) -> None:
+        c = self._counts
         dropped_total = sum(v for k, v in c.items() if k.startswith("dropped_"))
         if dropped_total or c["missing_files"] or c["invalid_images"] or c["duplicate_images"]:
-            log.warning("%s: %s", path, ", ".join(f"{k} {v}" for k, v in c.items() if v and k not in _KEPT))
+            items = ", ".join(f"{k} {v}" for k, v in c.items() if v and k not in _KEPT)
+            log.warning("%s: %s", self.annotations_path, items)
 
     def _refusals(self) -> str:
         """`` (invalid_image_id 3: id is not an integer, ...)`` for the refused image entries, or ''."""

@@ -77,17 +77,15 @@ def gather_to_main(obj: Any, info: DistInfo) -> list[Any] | None:
     return out
 
 
-def any_rank(flags: tuple[bool, ...], info: DistInfo) -> tuple[bool, ...]:
-    """Each flag true on every rank if it is true on any rank (one all-reduce for all of them).
+def all_reduce_min(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Minimum of a tensor over ranks in place (returns it).
 
-    Used for decisions every rank must take together (stop requests, a non-finite loss), so that no
-    rank leaves the loop while the others wait in a collective.
+    Used for decisions every rank must take together (a stop request, the first non-finite loss), so
+    that no rank leaves the loop while the others wait in a collective.
     """
-    if not (info.distributed and dist.is_initialized()):
-        return flags
-    t = torch.tensor([1 if f else 0 for f in flags], device=info.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return tuple(bool(v) for v in t.tolist())
+    if info.distributed and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor
 
 
 def warn_if_world_changed(saved: int | None, info: DistInfo, batch: int, path: str | Path) -> None:

@@ -29,7 +29,7 @@ def _load_json(path: Path, what: str) -> Any:
         raise DataError(f"{what} file {path} is not valid JSON: {exc}") from exc
 
 
-def evaluate(
+def evaluate_detections(
     annotations: str | Path,
     detections: str | Path | list[dict[str, Any]],
     class_names: list[str] | None = None,

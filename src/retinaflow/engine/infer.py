@@ -200,7 +200,7 @@ def infer(
     """
     from retinaflow.data.select import build_eval
     from retinaflow.data.shapes import use_cudnn_benchmark
-    from retinaflow.engine.evaluate import evaluate
+    from retinaflow.engine.evaluate import evaluate_detections
 
     if Path(output).is_dir():
         raise DataError(f"--output {output} is a folder; give the detections JSON file to write")
@@ -230,7 +230,7 @@ def infer(
     out.write_text(json.dumps(dets))
     log.info("wrote %d detections to %s", len(dets), out)
     if annotations:
-        return evaluate(annotations, dets, list(config.class_names))
+        return evaluate_detections(annotations, dets, list(config.class_names))
     return None
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import random
 import signal
 import threading
@@ -44,6 +43,8 @@ from retinaflow.model.retinanet import RetinaNet, build_model
 
 log = logging.getLogger(__name__)
 
+_NONE = torch.iinfo(torch.int64).max  # "no non-finite loss yet" in the device-side first-bad-iteration flag
+
 
 def train(config: Config, checkpoint: str | Path, callbacks: list[Callback] | None = None) -> Path:
     """Train (or resume training of) the detector described by ``config``; returns the checkpoint path.
@@ -56,7 +57,7 @@ def train(config: Config, checkpoint: str | Path, callbacks: list[Callback] | No
     info = D.init_distributed()
     try:
         return _Trainer(config, Path(checkpoint), CallbackList(callbacks), info).run()
-    except (TrainingInterrupted, TrainingDiverged):  # raised by every rank at once (D.any_rank)
+    except (TrainingInterrupted, TrainingDiverged):  # raised by every rank at once (_Trainer._agree)
         D.leave_together(info)
         raise
     finally:
@@ -79,55 +80,62 @@ class _Trainer:
     def __init__(self, config: Config, path: Path, callbacks: CallbackList, info: D.DistInfo) -> None:
         self.config, self.path, self.callbacks, self.info = config, path, callbacks, info
         self.stop_requested = False
+        self.lr = 0.0
+        # First iteration whose loss was non-finite on this rank (_NONE: none yet). Kept on the device so
+        # the loop never waits for the GPU just to look at the loss; read at the check points only.
+        self.first_bad = torch.full((), _NONE, dtype=torch.int64, device=info.device)
 
     # -- set-up -------------------------------------------------------------------------------
     def _build(self) -> None:
-        from retinaflow.data.select import build_train
-        from retinaflow.data.shapes import use_cudnn_benchmark
-
         cfg, info = self.config, self.info
         if cfg.train.batch % info.world_size:
             raise ConfigError(f"--batch {cfg.train.batch} is not divisible by the {info.world_size} ranks")
         self.resume_state = load_checkpoint(self.path) if self.path.exists() else None
-        start = int(self.resume_state["iteration"]) if self.resume_state else 0
+        self.iteration = int(self.resume_state["iteration"]) if self.resume_state else 0
         if self.resume_state and info.is_main:
             D.warn_if_world_changed(self.resume_state.get("world_size"), info, cfg.train.batch, self.path)
         _seed_everything(cfg.train.seed + info.rank)
-        loader, dataset = build_train(
-            cfg.data,
-            cfg.train.batch // info.world_size,
-            cfg.train.seed,
-            info.rank,
-            info.world_size,
-            start,
-            info.device,
+        self._build_data()
+        self._build_model()
+        self._build_optimizer()
+        self.state = TrainState(
+            config=cfg, output=self.path.parent, iteration=self.iteration, total_iters=cfg.train.iters,
+            resumed=self.iteration > 0,
+        )  # fmt: skip
+
+    def _build_data(self) -> None:
+        """The training loader, positioned at ``self.iteration``; the class names come from its dataset."""
+        from retinaflow.data.select import build_train
+
+        cfg, info = self.config, self.info
+        per_rank = cfg.train.batch // info.world_size
+        self.loader, dataset = build_train(
+            cfg.data, per_rank, cfg.train.seed, info.rank, info.world_size, self.iteration, info.device
         )
-        self.loader, self.dataset = loader, dataset
         cfg.class_names = list(dataset.class_names)
         cfg.model.num_classes = len(cfg.class_names)
         self.category_ids = list(dataset.category_ids)
 
-        weights = None if (self.resume_state or cfg.train.fine_tune) else cfg.train.backbone_weights
+    def _build_model(self) -> None:
+        """The network with its saved, fine-tune or backbone weights, on the device, DDP/compile-wrapped."""
+        from retinaflow.data.shapes import use_cudnn_benchmark
+
+        cfg, info, resume = self.config, self.info, self.resume_state
+        weights = None if (resume or cfg.train.fine_tune) else cfg.train.backbone_weights
         # From the config, not from ``weights``: a resumed run must build the network it saved.
-        pretrained = bool(cfg.train.backbone_weights or cfg.train.fine_tune)
-        cfg.model = resolve_norms(cfg.model, pretrained)
+        cfg.model = resolve_norms(cfg.model, bool(cfg.train.backbone_weights or cfg.train.fine_tune))
         model = build_model(cfg.model, backbone_weights=weights)
-        if self.resume_state:
-            check_arch(self.resume_state["arch"], model.arch, self.path)
-            saved = list(self.resume_state.get("class_names") or [])
-            if saved and saved != cfg.class_names:
-                raise CheckpointError(
-                    f"checkpoint {self.path} was trained on classes {saved}, but the annotations define "
-                    f"{cfg.class_names}: use --fine-tune to start from it on other classes"
-                )
-            model.load_state_dict(self.resume_state["model"])
+        if resume:
+            self._check_resumable(model)
+            model.load_state_dict(resume["model"])
         elif cfg.train.fine_tune:
             _load_for_fine_tune(model, cfg.train.fine_tune)
         if cfg.model.norm == "sync_bn" and info.distributed:
             nn.SyncBatchNorm.convert_sync_batchnorm(model)  # swaps the BN children in place
         model.to(info.device)
         if info.device.type == "cuda":
-            torch.backends.cudnn.benchmark = use_cudnn_benchmark(cfg.train.cudnn_benchmark, loader.policy)
+            benchmark = use_cudnn_benchmark(cfg.train.cudnn_benchmark, self.loader.policy)
+            torch.backends.cudnn.benchmark = benchmark
         if cfg.train.channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model
@@ -138,22 +146,31 @@ class _Trainer:
         if cfg.train.compile:
             self.ddp = torch.compile(self.ddp, backend=cfg.train.compile)  # type: ignore[assignment]
 
-        t = cfg.train
-        self.optimizer = build_optimizer(model.parameters(), t)
-        self.amp_dtype = autocast_dtype(t.precision, info.device)
-        self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.amp_dtype == torch.float16)
-        self.iteration = start
-        self.ema = EMA(model, t.ema) if t.ema > 0 else None
-        if self.resume_state:
-            if self.ema is not None and self.resume_state.get("ema"):
-                self.ema.load_state_dict(self.resume_state["ema"])
-            self.optimizer.load_state_dict(self.resume_state["optimizer"])
-            if self.resume_state.get("scaler"):
-                self.scaler.load_state_dict(self.resume_state["scaler"])
-            set_rng_state(self.resume_state["rng"])
-        self.state = TrainState(
-            config=cfg, output=self.path.parent, iteration=start, total_iters=t.iters, resumed=start > 0
-        )
+    def _check_resumable(self, model: RetinaNet) -> None:
+        """The checkpoint being resumed holds this architecture, trained on these classes."""
+        assert self.resume_state is not None
+        check_arch(self.resume_state["arch"], model.arch, self.path)
+        saved = list(self.resume_state.get("class_names") or [])
+        if saved and saved != self.config.class_names:
+            raise CheckpointError(
+                f"checkpoint {self.path} was trained on classes {saved}, but the annotations define "
+                f"{self.config.class_names}: use --fine-tune to start from it on other classes"
+            )
+
+    def _build_optimizer(self) -> None:
+        """Optimizer, loss scaler, EMA and RNG, restored from the checkpoint when resuming."""
+        t, dev, resume = self.config.train, self.info.device, self.resume_state
+        self.optimizer = build_optimizer(self.model.parameters(), t)
+        self.amp_dtype = autocast_dtype(t.precision, dev)
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=self.amp_dtype == torch.float16)
+        self.ema = EMA(self.model, t.ema) if t.ema > 0 else None
+        if resume:
+            if self.ema is not None and resume.get("ema"):
+                self.ema.load_state_dict(resume["ema"])
+            self.optimizer.load_state_dict(resume["optimizer"])
+            if resume.get("scaler"):
+                self.scaler.load_state_dict(resume["scaler"])
+            set_rng_state(resume["rng"])
 
     # -- checkpointing ------------------------------------------------------------------------
     def save(self) -> Path:
@@ -180,14 +197,15 @@ class _Trainer:
 
     # -- one step -----------------------------------------------------------------------------
     def step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """One optimizer step on ``batch``; returns the loss parts (0-dim device tensors), not synced."""
         cfg, dev = self.config, self.info.device
         batch = batch.to(dev)
         images = batch.images
         if cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        lr = lr_at(self.iteration, cfg.train)
+        self.lr = lr_at(self.iteration, cfg.train)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = self.lr
         autocast = (
             torch.autocast(dev.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
         )
@@ -211,7 +229,6 @@ class _Trainer:
         self.scaler.update()
         if self.ema is not None:
             self.ema.update(self.model)
-        losses["lr"] = torch.tensor(lr)
         return losses
 
     def _global_fg(self, local: torch.Tensor) -> torch.Tensor:
@@ -219,78 +236,108 @@ class _Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> Path:
+        """Build, then train to ``train.iters``; sinks hear of the start, the end or the error."""
         self._build()
-        cfg, info, t = self.config, self.info, self.config.train
-        if self.iteration >= t.iters:
+        if self.iteration >= self.config.train.iters:
             log.info("checkpoint %s already holds %d iterations; nothing to do", self.path, self.iteration)
             return self.path
         restore = _install_stop_handlers(self)
         self.model.train()
-        if info.is_main:
+        if self.info.is_main:
             self.callbacks.on_train_start(self.state)
-        progress = Progress(t.iters, self.iteration, enabled=info.is_main)
-        batches: Iterator[Batch] = iter(self.loader)
-        window_start, window_images = time.perf_counter(), 0
+        progress = Progress(self.config.train.iters, self.iteration, enabled=self.info.is_main)
         try:
-            while self.iteration < t.iters:
-                batch = next(batches)
-                losses = self.step(batch)
-                loss_value = float(losses["loss"].detach())
-                diverged, stop = D.any_rank((not math.isfinite(loss_value), self.stop_requested), info)
-                if diverged:
-                    raise TrainingDiverged(
-                        f"loss became non-finite at iteration {self.iteration + 1}; stopped, the last good "
-                        f"checkpoint is kept at {self.path}; {_divergence_hint(cfg)}"
-                    )
-                self.iteration += 1
-                self.state.iteration = self.iteration
-                window_images += len(batch) * info.world_size
-                skipped = getattr(batch, "skipped", None)
-                if skipped:
-                    progress.add_skipped(len(skipped) if hasattr(skipped, "__len__") else int(skipped))
-                if self.iteration % t.log_every == 0 or self.iteration == t.iters:
-                    elapsed = time.perf_counter() - window_start
-                    metrics = {k: float(v.detach()) for k, v in losses.items()}
-                    metrics["img_s"] = window_images / max(elapsed, 1e-9)
-                    progress.update(self.iteration, metrics)
-                    if info.is_main:
-                        self.callbacks.on_step(self.state, metrics)
-                    window_start, window_images = time.perf_counter(), 0
-                else:
-                    progress.update(self.iteration, None)
-                if stop:
-                    self.save()
-                    raise TrainingInterrupted(
-                        f"interrupted at iteration {self.iteration}; checkpoint saved to {self.path}, "
-                        "run the same command to resume"
-                    )
-                if (
-                    t.checkpoint_every
-                    and self.iteration % t.checkpoint_every == 0
-                    and self.iteration < t.iters
-                ):
-                    self.save()
-                if t.val_every and self.iteration % t.val_every == 0 and self.iteration < t.iters:
-                    self.validate()
+            self._loop(progress)
             self.save()
-            if cfg.data.val_images:
+            if self.config.data.val_images:
                 self.validate()
             progress.close()
-            if info.is_main:
+            if self.info.is_main:
                 self.callbacks.on_train_end(self.state, self.path)
             return self.path
         except BaseException as exc:
             progress.close()
-            if info.is_main:
+            if self.info.is_main:
                 self.callbacks.on_error(self.state, exc)
             raise
         finally:
             restore()
 
+    def _loop(self, progress: Progress) -> None:
+        """Step until ``train.iters``, checking the ranks' flags only where a decision needs them.
+
+        Between check points nothing waits for the device: the loss stays on it (``first_bad`` records a
+        non-finite one), so the CPU queues the next step while the GPU runs this one. The check points
+        are the log steps, every checkpoint and validation, and the last iteration; there every rank
+        learns, from one all-reduce, whether any rank saw a non-finite loss (then all raise
+        :class:`TrainingDiverged` before writing anything) or was asked to stop (then all stop at this
+        same iteration, with one checkpoint). A stop request therefore waits at most ``train.log_every``
+        iterations.
+        """
+        t = self.config.train
+        batches: Iterator[Batch] = iter(self.loader)
+        window_start, window_images = time.perf_counter(), 0
+        while self.iteration < t.iters:
+            batch = next(batches)
+            losses = self.step(batch)
+            bad_here = torch.where(torch.isfinite(losses["loss"].detach()), _NONE, self.iteration + 1)
+            self.first_bad = torch.minimum(self.first_bad, bad_here)
+            self.iteration = self.state.iteration = self.iteration + 1
+            window_images += len(batch) * self.info.world_size
+            skipped = getattr(batch, "skipped", None)
+            if skipped:
+                progress.add_skipped(len(skipped) if hasattr(skipped, "__len__") else int(skipped))
+            it = self.iteration
+            logs = it % t.log_every == 0 or it == t.iters
+            saves = bool(t.checkpoint_every) and it % t.checkpoint_every == 0 and it < t.iters
+            validates = bool(t.val_every) and it % t.val_every == 0 and it < t.iters
+            stop = self._agree() if logs or saves or validates else False
+            if logs:
+                images_s = window_images / max(time.perf_counter() - window_start, 1e-9)
+                self._log(progress, losses, images_s)
+                window_start, window_images = time.perf_counter(), 0
+            else:
+                progress.update(it, None)
+            if stop:
+                self.save()
+                raise TrainingInterrupted(
+                    f"interrupted at iteration {it}; checkpoint saved to {self.path}, "
+                    "run the same command to resume"
+                )
+            if saves:
+                self.save()
+            if validates:
+                self.validate()
+
+    def _agree(self) -> bool:
+        """Share every rank's flags (one all-reduce, one host sync); raise if any loss was non-finite.
+
+        Returns whether any rank was asked to stop. Every rank calls it at the same iterations.
+        """
+        go_on = torch.tensor(0 if self.stop_requested else 1, device=self.info.device)
+        first_bad, go_on_all = D.all_reduce_min(torch.stack([self.first_bad, go_on]), self.info).tolist()
+        if first_bad != _NONE:
+            raise TrainingDiverged(
+                f"loss became non-finite at iteration {first_bad}; stopped, the last good checkpoint is kept "
+                f"at {self.path}; {_divergence_hint(self.config)}"
+            )
+        return not go_on_all
+
+    def _log(self, progress: Progress, losses: dict[str, torch.Tensor], images_s: float) -> None:
+        """Report this iteration's loss parts, averaged over ranks (one all-reduce), with lr and img/s."""
+        names = list(losses)
+        parts = torch.stack([losses[k].detach().float() for k in names])
+        values = (D.all_reduce_sum(parts, self.info) / self.info.world_size).tolist()
+        metrics = dict(zip(names, values, strict=True))
+        metrics.update(lr=self.lr, img_s=images_s)
+        progress.update(self.iteration, metrics)
+        if self.info.is_main:
+            self.callbacks.on_step(self.state, metrics)
+
     def validate(self) -> EvalResult | None:
         """Detect on the validation set (sharded over ranks), evaluate on rank 0, notify sinks."""
         from retinaflow.data.select import build_eval
-        from retinaflow.engine.evaluate import evaluate
+        from retinaflow.engine.evaluate import evaluate_detections
         from retinaflow.engine.infer import predict
 
         cfg = self.config
@@ -311,7 +358,7 @@ class _Trainer:
         result = None
         if self.info.is_main and gathered is not None:
             merged = [d for part in gathered for d in part]
-            result = evaluate(cfg.data.val_annotations, merged, list(cfg.class_names))
+            result = evaluate_detections(cfg.data.val_annotations, merged, list(cfg.class_names))
             log.info("iteration %d: validation mAP %.4f", self.iteration, result.map)
             self.state.extra["last_map"] = result.map
             self.callbacks.on_validation(self.state, result)

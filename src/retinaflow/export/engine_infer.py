@@ -36,7 +36,7 @@ def infer_engine(
     device: str | None = None,
 ) -> EvalResult | None:
     """Detect every image of ``images`` with the engine; write COCO results; evaluate with ``annotations``."""
-    from retinaflow.engine.evaluate import evaluate
+    from retinaflow.engine.evaluate import evaluate_detections
 
     engine = open_engine(engine_path, device)
     images_dir = Path(images)
@@ -49,7 +49,7 @@ def infer_engine(
     out.write_text(json.dumps(dets))
     log.info("wrote %d detections to %s", len(dets), out)
     if annotations:
-        return evaluate(annotations, dets, list(engine.meta.get("class_names", [])) or None)
+        return evaluate_detections(annotations, dets, list(engine.meta.get("class_names", [])) or None)
     return None
 
 

@@ -45,7 +45,7 @@ def infer_onnx(
         raise MissingDependency("ONNX evaluation needs onnxruntime: pip install 'retinaflow[onnx]'") from exc
     from retinaflow.data.loader import build_eval_loader
     from retinaflow.engine.checkpoint import load_checkpoint
-    from retinaflow.engine.evaluate import evaluate
+    from retinaflow.engine.evaluate import evaluate_detections
     from retinaflow.engine.infer import to_coco_results
     from retinaflow.model.anchors import generate_anchors
     from retinaflow.ops.boxes import postprocess
@@ -79,7 +79,7 @@ def infer_onnx(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results))
     log.info("ONNX Runtime: wrote %d detections to %s", len(results), out)
-    return evaluate(annotations, results, list(config.class_names) or None)
+    return evaluate_detections(annotations, results, list(config.class_names) or None)
 
 
 def _input_hw(session: Any) -> tuple[int, int]:

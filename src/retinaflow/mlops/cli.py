@@ -119,7 +119,7 @@ def tracked(args: argparse.Namespace, kind: str, params: dict[str, Any] | None =
     with ``--mlflow``, else None::
 
         with tracked(args, "eval", {"detections": args.detections}) as run:
-            result = evaluate(...)
+            result = evaluate_detections(...)
             if run:
                 run.log_eval(result, annotations=..., detections=..., images=...)
     """
@@ -297,14 +297,14 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_register(args: argparse.Namespace) -> int:
-    from retinaflow.mlops.registry import ModelFiles, register
+    from retinaflow.mlops.registry import ModelFiles, register_model
 
     resolver = PathResolver()
     try:
         files = ModelFiles(
             resolver.input(args.checkpoint), resolver.input(args.onnx), resolver.input(args.engine)
         )
-        mv = register(
+        mv = register_model(
             args.model, args.run_id, files, args.map, args.latency_ms, settings=_registry_settings(args)
         )
     finally:

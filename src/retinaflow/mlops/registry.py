@@ -150,7 +150,7 @@ def _evidence(
     return {k: v for k, v in tags.items() if v is not None}
 
 
-def register(
+def register_model(
     name: str,
     run_id: str | None = None,
     files: ModelFiles | None = None,

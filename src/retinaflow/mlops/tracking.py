@@ -1,25 +1,7 @@
-"""The MLflow training sink: params, metrics, system metrics, artifacts and plots of a training run.
+"""The MLflow training sink (:class:`MlflowSink`): params, metrics, system metrics, artifacts and plots.
 
-Plugged into ``retinaflow.engine.train.train`` through the callback protocol; it acts on rank 0 only.
-
-- **Start**: the tracking server is probed first; unreachable -> :class:`TrackingUnavailable` (one line)
-  before any training work. The run id is stored in a sidecar file next to the checkpoint
-  (``MODEL.pth.mlflow.json``); a resumed training (``state.resumed``) continues that same run.
-- **Params**: the resolved config flattened (``train.lr``...), dataset fingerprint, git commit, library
-  versions, device; all through :func:`retinaflow.mlops.redact.redact_mapping`. The full config is
-  also logged as ``config.yaml``.
-- **Metrics**: ``train/<name>`` at every ``on_step`` (step = iteration), ``val/<COCO stat>`` and
-  ``val/AP_class/<class>`` at every validation, ``system/...`` (CPU, RAM, disk, network; GPU through
-  nvidia-ml-py where present) every ``settings.system_metrics_interval`` seconds.
-- **Artifacts**: per validation ``eval/iter_NNNNNNN/{report.json,pr_curves.png}``; at the end the final
-  checkpoint under ``model/``, any ``artifacts`` given (ONNX, detections, reports), and
-  ``plots/samples.png``: predicted and true boxes on ``sample_images`` validation images.
-- **Server going down mid-training**: training never blocks on MLflow. Everything is buffered in memory
-  and flushed, in order and with original timestamps, when the server answers again (see
-  :mod:`retinaflow.mlops.writer`); the outage is logged when it starts and ends and counted in the tag
-  ``retinaflow.tracking_outages``. If the server is still down when training ends, the sink waits
-  ``settings.flush_timeout`` seconds, then spills what is left next to the checkpoint and says so; the
-  next resume (or ``retinaflow tracking sync MODEL.pth``) sends it. The local checkpoint is always kept.
+Plugged into ``retinaflow.engine.train.train`` as a callback; it acts on rank 0 only and never makes
+training wait for MLflow (its writes go through :class:`retinaflow.mlops.writer.RunWriter`).
 """
 
 from __future__ import annotations
@@ -66,7 +48,20 @@ def sidecar_for(checkpoint: str | Path) -> Path:
 
 
 class MlflowSink(Callback):
-    """Rank-0 MLflow sink for training (see module doc).
+    """Rank-0 MLflow sink for training.
+
+    - Start: the server is probed first (unreachable: :class:`TrackingUnavailable`, before any training
+      work). The run id is kept in a sidecar next to the checkpoint (``MODEL.pth.mlflow.json``); a resumed
+      training continues that run, after replaying what an earlier outage spilled.
+    - Params: the resolved config flattened (``train.lr``...), dataset fingerprint, git commit, library
+      versions, device, all redacted; the config also as ``config.yaml``.
+    - Metrics: ``train/<name>`` per ``on_step`` (step = iteration); ``val/<COCO stat>`` and
+      ``val/AP_class/<class>`` per validation; ``system/...`` every ``settings.system_metrics_interval`` s.
+    - Artifacts: per validation ``eval/iter_NNNNNNN/{report.json,pr_curves.png}``; at the end the checkpoint
+      under ``model/``, the ``artifacts`` given, and ``plots/samples.png`` (predicted and true boxes).
+    - Outages: the writer buffers; at the end it waits ``settings.flush_timeout`` s, then spills the rest
+      next to the checkpoint, sent on the next resume or by ``retinaflow tracking sync MODEL.pth``. The
+      outage count is the tag ``retinaflow.tracking_outages``.
 
     checkpoint: the checkpoint path training writes/resumes (names the sidecar; without it the sidecar
     is ``<output>/mlflow_run.json``). artifacts: extra files logged at the end, as ``(path, folder)``.
@@ -310,7 +305,7 @@ class MlflowSink(Callback):
             log.warning("sample-detection plot skipped: %s", one_line(exc))
 
     def _register(self, state: TrainState, checkpoint: Path) -> None:
-        from retinaflow.mlops.registry import register
+        from retinaflow.mlops.registry import register_model
 
         assert self.report is not None and self.run_id is not None
         if self.report.pending:
@@ -323,7 +318,7 @@ class MlflowSink(Callback):
             )
             return
         try:
-            mv = register(
+            mv = register_model(
                 str(self.register_as),
                 run_id=self.run_id,
                 settings=self.settings,

@@ -1,21 +1,13 @@
-"""Buffered, non-blocking writes to one MLflow run, surviving tracking-server outages.
+"""Buffered writes to one MLflow run that survive tracking-server outages (:class:`RunWriter`), and their
+spill files (:func:`load_spilled`, :func:`save_spilled`) for records still undelivered at the end.
 
-Training never waits for MLflow: every metric, param, tag, artifact and the final status go into an
-in-memory queue that one background thread sends in order. Before each send the thread probes the
-server (:func:`retinaflow.mlops.settings.probe`); while it is down nothing is dropped: records stay
-queued (the outage is logged once, with the number of records waiting) and are flushed, in order and
-with their original timestamps, as soon as it answers again. A record the server *rejects* while
-reachable (e.g. an invalid metric name) is dropped and counted as lost, with the reason.
-
-The buffer is bounded: beyond ``settings.max_buffered_records`` queued records (a long outage), the
-oldest metric records are dropped to make room, counted in :attr:`WriterReport.dropped` and reported
-at the end of the run. Params, tags, artifacts and statuses are never dropped.
-
-:meth:`RunWriter.close` waits up to ``flush_timeout`` seconds for the queue to drain. If the server is
-still down then, the remaining records are *spilled* to a JSON file (with copies of the writer's own
-scratch files, e.g. plots) and :func:`replay` sends them later (on resume, or ``retinaflow tracking
-sync``). Nothing buffered is lost silently: it is either delivered, spilled to disk, or reported lost
-(rejected, or dropped at the buffer cap).
+Why not MLflow's own asynchronous logging (``mlflow.config.enable_async_logging``,
+``log_batch(..., synchronous=False)``): it does the non-blocking part, but a batch whose request fails
+after the HTTP client's retries is dropped (only logged, and the exception set on its future); batches
+go out from a thread pool (``MLFLOW_ASYNC_LOGGING_THREADPOOL_SIZE``, 10), so not necessarily in order;
+its queue is unbounded; artifacts and the run status are not covered; and nothing outlives the process.
+What is kept here is what it lacks: waiting out an outage with everything queued in order, a cap that
+drops only metric points, and spilling to disk with a replay on resume.
 """
 
 from __future__ import annotations
@@ -33,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
 from retinaflow.mlops.redact import one_line, redact, redact_mapping
 from retinaflow.mlops.settings import TrackingSettings, probe
@@ -41,8 +34,6 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
-
-_MAX_MERGED_METRICS = 5000
 
 
 @dataclass
@@ -91,7 +82,17 @@ class WriterReport:
 
 
 class RunWriter:
-    """Ordered background writer for one run (see module doc). Thread-safe producers."""
+    """Ordered background writer for one run; producers never block and may call from any thread.
+
+    Every metric, param, tag, artifact and the final status go into one in-memory queue that one
+    thread sends in order (consecutive metric records merged into one request). Before each send the
+    thread probes the server (:func:`retinaflow.mlops.settings.probe`); while it is down records stay
+    queued (the outage logged once, with the count waiting) and go out, with their original timestamps,
+    when it answers again. A record the server *rejects* while reachable is counted as lost, with why.
+    Beyond ``settings.max_buffered_records`` the oldest metric records are dropped (counted in
+    :attr:`WriterReport.dropped`); params, tags, artifacts and statuses never are. Nothing is lost
+    silently: every record is delivered, spilled by :meth:`close`, or reported lost or dropped.
+    """
 
     def __init__(self, client: MlflowClient, run_id: str, uri: str, settings: TrackingSettings) -> None:
         self.client, self.run_id, self.uri, self.settings = client, run_id, uri, settings
@@ -165,13 +166,15 @@ class RunWriter:
 
     # -- the sending thread --------------------------------------------------------------------
     def _take(self) -> list[_Record]:
-        """Head of the queue, merging consecutive metric-only records into one request."""
+        """Head of the queue, merging consecutive metric-only records into one request (at most
+        MLflow's ``MAX_METRICS_PER_BATCH`` points, so that ``log_batch`` does not split it into several
+        requests, some of which could land before a failure and be sent again)."""
         head = self._queue[0]
         if not head.metrics_only:
             return [head]
         batch, count = [], 0
         for rec in self._queue:
-            if not rec.metrics_only or count + len(rec.metrics) > _MAX_MERGED_METRICS:
+            if not rec.metrics_only or count + len(rec.metrics) > MAX_METRICS_PER_BATCH:
                 break
             batch.append(rec)
             count += len(rec.metrics)
@@ -276,7 +279,8 @@ class RunWriter:
 
     def close(self, timeout: float | None = None, spill: Path | None = None) -> WriterReport:
         """Drain for up to ``timeout`` (default ``settings.flush_timeout``) seconds, then stop; records
-        still queued are written to ``spill`` (JSON) when given. Returns the :class:`WriterReport`."""
+        still queued are written to ``spill`` (JSON, naming the tracking URI, with the writer's scratch
+        files such as plots moved next to it) when given. Returns the :class:`WriterReport`."""
         drained = self.flush(self.settings.flush_timeout if timeout is None else timeout)
         with self._cond:
             self._closing = True

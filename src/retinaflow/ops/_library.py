@@ -77,7 +77,7 @@ FAKE: dict[str, Callable[..., object]] = {"decode": _decode_fake, "nms": _nms_fa
 _registered: set[str] = set()
 
 
-def register() -> None:
+def register_ops() -> None:
     """Define the operators with their CPU and fake implementations, once per process."""
     if "CPU" in _registered:
         return
@@ -97,4 +97,4 @@ def register_reference_for_cuda() -> None:
     _registered.add("CUDA")
 
 
-register()
+register_ops()

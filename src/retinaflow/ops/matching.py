@@ -29,9 +29,11 @@ def match_anchors(
     >= ``cfg.fg_iou``, :data:`BACKGROUND` (-1) when it is < ``cfg.bg_iou``, :data:`IGNORE` (-2) in between.
     With ``cfg.allow_low_quality`` every ground truth's best anchors (all ties, IoU > 0) also become
     foreground, matched to their own best ground truth, as torchvision's Matcher does.
+    Errors name their source: anchors and thresholds come from the config (:class:`ConfigError`, as in
+    :mod:`retinaflow.ops.boxes`), the ground truth from the data (:class:`DataError`).
     """
     if anchors.dim() != 2 or anchors.shape[-1] != 4:
-        raise DataError(f"anchors must be (N, 4), got {tuple(anchors.shape)}")
+        raise ConfigError(f"anchors must be (N, 4), got {tuple(anchors.shape)}")
     if gt_boxes.dim() != 3 or gt_boxes.shape[-1] != 4 or gt_labels.shape != gt_boxes.shape[:2]:
         raise DataError(
             f"ground truth must be boxes (B, M, 4) and labels (B, M), got {tuple(gt_boxes.shape)} "

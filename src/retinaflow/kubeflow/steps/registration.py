@@ -42,7 +42,7 @@ class RegisterOutcome:
 @reports_failure("register")
 def register_and_promote(req: RegisterRequest) -> RegisterOutcome:
     """Register checkpoint + ONNX (+ engine when built) under ``model_name``; apply the gate."""
-    from retinaflow.mlops.registry import ModelFiles, promote, register
+    from retinaflow.mlops.registry import ModelFiles, promote, register_model
 
     data = load_manifest(req.dataset_dir)
     summary = load_summary(req.report_dir)
@@ -60,7 +60,7 @@ def register_and_promote(req: RegisterRequest) -> RegisterOutcome:
             onnx=_named_copy(req.onnx_dir, named / "model.onnx"),
             engine=_named_copy(str(engine), named / "model.plan") if engine else None,
         )
-        version = register(
+        version = register_model(
             req.model_name, run_id=req.mlflow_run_id or None, files=files, map_value=summary["map"], tags=tags
         )
     decision = promote(
