@@ -139,6 +139,8 @@ class TrainConfig:
     channels_last: bool = True
     compile: str = ""
     # cuDNN autotuning: "auto" (on when data.shapes bounds the shapes), "on" or "off"; see data/shapes.py.
+    # Measured (H200, 6 buckets, docs/PERFORMANCE.md): autotuning costs ~15 s once and then gains 0.3-3 %,
+    # which pays off over the thousands of iterations of a real training.
     cudnn_benchmark: str = "auto"
     checkpoint_every: int = 1000
     val_every: int = 0
@@ -174,7 +176,9 @@ class InferConfig:
     # "" (off) or a torch.compile backend for the network ("inductor" on GPUs: fuses each conv's bias,
     # ReLU and residual add into one kernel). Compiles once per new input shape.
     compile: str = ""
-    cudnn_benchmark: str = "auto"  # as train.cudnn_benchmark
+    # as train.cudnn_benchmark; "off" by default: a pass over a validation set is too short to repay the
+    # one-time autotuning of every bucket (~15 s at R50 800x1333) with a 0.3-3 % faster step.
+    cudnn_benchmark: str = "off"
     loader: str = "auto"  # as data.loader
 
     def __post_init__(self) -> None:

@@ -100,7 +100,7 @@ INFER_FLAGS = _table(
     ("infer.cuda_graph", "replay the network + post-processing as a CUDA graph"),
     ("infer.compile", "torch.compile the network (default inductor; compiles once per shape)", _COMPILE),
     ("infer.loader", "data loader (default auto: dali on GPUs if installed)"),
-    ("infer.cudnn_benchmark", "cuDNN autotuning (default auto)"),
+    ("infer.cudnn_benchmark", "cuDNN autotuning (default off: short passes do not repay it)"),
 )
 
 
