@@ -108,3 +108,37 @@ def test_train_batches_match_the_torch_loader_gpu_mixed_decoder(tmp_path, jitter
     # was 6.6 (up) / 1.5 (down) levels (H200, DALI 2.4.0). Photos are smooth at the pixel scale, so the
     # decoders are compared on smooth images, where the same tolerance as for the CPU decoder must hold.
     _compare_train(tmp_path, torch.device("cuda"), jitter, max_size, (1.0, 0.02), smooth=True)
+
+
+def test_dali_decodes_16_bit_png_and_exif_rotation_like_the_torch_path(tmp_path) -> None:
+    """Issue 11's decoding rules hold in both loaders: 16-bit samples scaled to 8 bits (DALI rounds where
+    the torch path keeps the high byte: <= 1 level apart), the EXIF orientation applied (exact)."""
+    import json
+
+    from .test_image_formats import RGB16, _exif_jpeg, write_png16
+
+    images = tmp_path / "images"
+    images.mkdir()
+    write_png16(images / "a.png", RGB16)  # 30x40
+    stored = np.zeros((30, 40, 3), np.uint8)
+    stored[:, :10] = 255
+    _exif_jpeg(images / "b.jpg", stored, 6)  # displayed 40 high, 30 wide
+    coco = {
+        "images": [
+            {"id": 1, "file_name": "a.png", "width": 40, "height": 30},
+            {"id": 2, "file_name": "b.jpg", "width": 30, "height": 40},
+        ],
+        "annotations": [
+            {"id": i, "image_id": i, "bbox": [1, 1, 5, 5], "category_id": 1, "area": 25, "iscrowd": 0}
+            for i in (1, 2)
+        ],
+        "categories": [{"id": 1, "name": "x"}],
+    }
+    annotations = tmp_path / "instances.json"
+    annotations.write_text(json.dumps(coco))
+    cfg = _cfg(images, annotations, resize=40, max_size=40, aspect_groups=1)
+    ref, _ = build_eval_loader(images, annotations, cfg, 1, pin_memory=False)
+    dali, _ = build_dali_eval_loader(images, annotations, cfg, 1, 0, 1, CPU)
+    for a, b in zip(ref, dali, strict=True):
+        assert torch.equal(a.sizes, b.sizes)
+        assert int((a.images.int() - b.images.int()).abs().max()) <= 1
