@@ -27,6 +27,7 @@ from retinaflow.engine.callbacks import Callback, CallbackList, EvalResult, Trai
 from retinaflow.engine.checkpoint import (
     check_arch,
     load_checkpoint,
+    remove_orphan_temps,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -87,6 +88,8 @@ class _Trainer:
         cfg, info = self.config, self.info
         if cfg.train.batch % info.world_size:
             raise ConfigError(f"--batch {cfg.train.batch} is not divisible by the {info.world_size} ranks")
+        if info.is_main:  # only rank 0 writes the checkpoint, so only it can have left a torn write
+            remove_orphan_temps(self.path)
         self.resume_state = load_checkpoint(self.path) if self.path.exists() else None
         self.iteration = int(self.resume_state["iteration"]) if self.resume_state else 0
         if self.resume_state and info.is_main:
