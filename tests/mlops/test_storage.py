@@ -229,3 +229,19 @@ def test_sigterm_message_of_an_s3_model_names_the_uri_not_the_staging_file(
         "run the same command to resume"
     ], err[-2000:]
     assert "sigterm/model.pth" in _keys(s3_admin, "sigterm/")
+
+
+def test_a_failed_s3_input_leaves_no_temporary_folder(
+    s3_env: S3Server, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    import tempfile
+
+    from retinaflow.cli import main
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    code = main(["train", f"s3://{BUCKET}/failed/model.pth", "--images", f"s3://{BUCKET}/failed/none/",
+                 "--annotations", f"s3://{BUCKET}/failed/none.json"])  # fmt: skip
+    assert code != 0 and "no object or prefix" in capsys.readouterr().err
+    assert list(scratch.iterdir()) == []

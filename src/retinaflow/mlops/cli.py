@@ -206,14 +206,19 @@ def resolve_paths(
 ) -> PathResolver:
     """Replace the ``s3://`` values of the named attributes of ``args`` by local paths (inputs
     downloaded; outputs staged; ``resume`` outputs staged with their current object) and return the
-    resolver whose :meth:`~PathResolver.publish` uploads the outputs afterwards."""
+    resolver whose :meth:`~PathResolver.publish` uploads the outputs afterwards. When a download fails,
+    the staging folder is removed before the error propagates (the caller never gets the resolver)."""
     resolver = PathResolver(cache_dir)
-    for name in inputs:
-        setattr(args, name, resolver.input(getattr(args, name, None)))
-    for name in outputs:
-        setattr(args, name, resolver.output(getattr(args, name, None)))
-    for name in resume:
-        setattr(args, name, resolver.output(getattr(args, name, None), existing=True))
+    try:
+        for name in inputs:
+            setattr(args, name, resolver.input(getattr(args, name, None)))
+        for name in outputs:
+            setattr(args, name, resolver.output(getattr(args, name, None)))
+        for name in resume:
+            setattr(args, name, resolver.output(getattr(args, name, None), existing=True))
+    except BaseException:
+        resolver.cleanup()
+        raise
     return resolver
 
 
