@@ -44,3 +44,23 @@ def test_refused_checkpoints(tmp_path: Path, write, message: str) -> None:
     with pytest.raises(CheckpointError, match=message) as info:
         load_checkpoint(path)
     assert "weights_only" not in str(info.value) and "\n" not in str(info.value)
+
+
+def test_orphan_temp_files_of_a_killed_write_are_removed_when_training_starts_again(
+    synth_small, tmp_path: Path, caplog
+) -> None:
+    from tests.conftest import tiny_config
+
+    from retinaflow.engine.train import train
+
+    path = train(tiny_config(synth_small, iters=1), tmp_path / "m.pth")
+    orphans = [tmp_path / ".m.pth.k1ll3d_a.tmp", tmp_path / ".m.pth.zz9x0y1w.tmp"]
+    others = [tmp_path / ".other.pth.abcd1234.tmp", tmp_path / ".m.pth.mlflow.json.abcd1234.tmp"]
+    for f in orphans + others:
+        f.write_bytes(b"torn")
+    with caplog.at_level("WARNING", logger="retinaflow.engine.checkpoint"):
+        train(tiny_config(synth_small, iters=1), path)  # already done: starts, cleans, stops
+    assert not any(f.exists() for f in orphans)
+    assert all(f.exists() for f in others) and load_checkpoint(path)["iteration"] == 1
+    lines = [r.getMessage() for r in caplog.records if "unfinished checkpoint" in r.getMessage()]
+    assert len(lines) == 1 and all(f.name in lines[0] for f in orphans), lines

@@ -236,3 +236,22 @@ def test_ema_is_saved_and_resumed_exactly(synth_small, tmp_path):
     for key, value in a["ema"]["model"].items():
         torch.testing.assert_close(b["ema"]["model"][key], value)
     assert any(not torch.equal(a["ema"]["model"][k], a["model"][k]) for k in a["model"])
+
+
+def test_resume_with_a_changed_batch_or_lr_says_so_once_each(synth_small, tmp_path, caplog):
+    path = train(tiny_config(synth_small, iters=1), tmp_path / "m.pth")
+    same = tiny_config(synth_small, iters=2)
+    with caplog.at_level("WARNING", logger="retinaflow.engine.train"):
+        train(same, path)
+    assert not [r for r in caplog.records if "differs from the checkpoint" in r.getMessage()]
+    changed = tiny_config(synth_small, iters=3)
+    changed.train.batch, changed.train.lr = 4, changed.train.lr * 2
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="retinaflow.engine.train"):
+        train(changed, path)
+    lines = [r.getMessage() for r in caplog.records if "differs from the checkpoint" in r.getMessage()]
+    assert lines == [
+        f"resuming {path}: --batch 4 differs from the checkpoint's 2; continuing with 4",
+        f"resuming {path}: --lr {changed.train.lr} differs from the checkpoint's "
+        f"{changed.train.lr / 2}; continuing with {changed.train.lr}",
+    ]

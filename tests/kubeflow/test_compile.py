@@ -45,11 +45,13 @@ def test_typed_parameters(compiled):
         "iters": "NUMBER_INTEGER", "batch": "NUMBER_INTEGER", "precision": "STRING",
         "gpus": "NUMBER_INTEGER", "nodes": "NUMBER_INTEGER", "min_gain": "NUMBER_DOUBLE",
         "max_export_drop": "NUMBER_DOUBLE", "build_trt_engine": "BOOLEAN",
+        "first_champion_min_map": "NUMBER_DOUBLE",
     }  # fmt: skip
     for name, kind in expected.items():
         assert params[name]["parameterType"] == kind, name
     assert not params["images"].get("isOptional") and not params["annotations"].get("isOptional")
     assert params["iters"]["defaultValue"] == 90000
+    assert params["first_champion_min_map"]["defaultValue"] == 0.0  # the register step's mAP floor
 
 
 def _branches(spec: dict) -> dict[str, dict]:

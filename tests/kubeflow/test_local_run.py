@@ -39,10 +39,12 @@ def test_local_pipeline_registers_a_tracked_model(tmp_path, monkeypatch, capsys)
     assert abs(result.summary["export_drop"]) <= result.summary["max_export_drop"]
     assert result.summary["onnx_latency_ms"] > 0  # the end-to-end ONNX, batch 1
 
-    # registry: the first version is challenger and, with no champion before it, champion
+    # registry: the first version is challenger; 4 iterations learn nothing (mAP 0), and a first champion
+    # must be above the pipeline's first_champion_min_map floor (default 0), so none is made
+    assert result.summary["map"] == 0.0
     assert [v["version"] for v in result.versions] == ["1"]
-    assert set(result.versions[0]["aliases"]) == {"challenger", "champion"}
-    assert result.versions[0]["decision"] == "promoted"
+    assert set(result.versions[0]["aliases"]) == {"challenger"}
+    assert result.versions[0]["decision"] == "refused"
 
     # the version's run holds the training metrics, the evaluation metrics and the files
     client = MlflowClient(tracking_uri=uri)
@@ -71,4 +73,4 @@ def test_local_pipeline_registers_a_tracked_model(tmp_path, monkeypatch, capsys)
 
     print_summary(result)
     shown = capsys.readouterr().out
-    assert "mAP (val" in shown and "champion" in shown and "mlflow ui --backend-store-uri" in shown
+    assert "mAP (val" in shown and "challenger" in shown and "mlflow ui --backend-store-uri" in shown

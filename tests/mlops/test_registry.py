@@ -152,6 +152,41 @@ def test_gate_edges_without_a_server() -> None:
     assert not ok and "already the champion" in reasons[0]
 
 
+def test_the_first_champion_must_clear_the_map_floor_without_a_server() -> None:
+    def mv(**tags: Any) -> ModelVersion:
+        tag_list = [ModelVersionTag(k, str(v)) for k, v in tags.items()]
+        return ModelVersion(name="m", version="1", creation_timestamp=0, tags=tag_list)
+
+    ok, reasons = decide(mv(map=0.0), None, 0.005, 0.1)  # default floor 0: mAP must be above it
+    assert not ok and "mAP 0.0000 <= floor 0.0000 (first_champion_min_map)" in reasons[0]
+    assert decide(mv(map=0.001), None, 0.005, 0.1)[0]
+    assert not decide(mv(map=0.3), None, 0.005, 0.1, first_champion_min_map=0.3)[0]  # at the floor: no
+    assert decide(mv(map=0.3001), None, 0.005, 0.1, first_champion_min_map=0.3)[0]
+    ok, reasons = decide(mv(), None, 0.005, 0.1)
+    assert not ok and "no mAP" in reasons[0]
+
+
+def test_first_version_below_the_floor_is_not_champion(
+    mlflow_env: MlflowServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name, s = _name(), _settings(mlflow_env)
+    client = MlflowClient(mlflow_env.uri)
+    _version(name, tmp_path, mlflow_env, 0.0, 10.0)  # e.g. a training that learnt nothing
+    zero = promote(name, settings=s)
+    assert not zero.promoted and zero.champion_after is None
+    assert client.get_registered_model(name).aliases == {CHALLENGER: "1"}
+    _version(name, tmp_path, mlflow_env, 0.3, 10.0)
+    refused = promote(name, first_champion_min_map=0.35, settings=s)
+    assert not refused.promoted and "mAP 0.3000 <= floor 0.3500" in refused.reasons[0]
+    assert client.get_model_version(name, "2").tags["promotion.first_champion_min_map"] == "0.35"
+    capsys.readouterr()  # mlflow's "View run" lines of the registrations
+    assert _cli(["registry", "promote", "--model", name, "--first-champion-min-map", "0.25",
+                 "--tracking-uri", mlflow_env.uri, "--json"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert json.loads(out)["champion_after"] == "2", out
+    assert client.get_model_version_by_alias(name, CHAMPION).version == "2"
+
+
 def test_promote_errors(mlflow_env: MlflowServer) -> None:
     with pytest.raises(RegistryError, match="no registered model named"):
         promote(_name(), settings=_settings(mlflow_env))

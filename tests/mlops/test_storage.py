@@ -199,3 +199,49 @@ def test_resolve_paths_downloads_inputs_and_publishes_outputs(
     assert f"s3://{BUCKET}/job/model.pth" in written and f"s3://{BUCKET}/job/out/detections.json" in written
     assert s3_admin.get_object(Bucket=BUCKET, Key="job/model.pth")["Body"].read() == b"new checkpoint"
     assert "job/model.pth.mlflow.json" in _keys(s3_admin, "job/")
+
+
+def test_sigterm_message_of_an_s3_model_names_the_uri_not_the_staging_file(
+    s3_env: S3Server, s3_admin: Any, synth_small: Any, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    import signal
+
+    from tests.conftest import tiny_config
+
+    from retinaflow.cli import main
+    from retinaflow.commands import train as train_command
+    from retinaflow.engine.callbacks import Callback
+
+    class SigtermAtFirstStep(Callback):  # as a scheduler does; the loop stops at the next check
+        def on_step(self, state: Any, metrics: Any) -> None:
+            if state.iteration == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(train_command, "tracking_callbacks", lambda args, config: [SigtermAtFirstStep()])
+    cfg = tiny_config(synth_small, iters=50)
+    cfg.dump(tmp_path / "cfg.yaml")
+    uri = f"s3://{BUCKET}/sigterm/model.pth"
+    assert main(["train", uri, "--config", str(tmp_path / "cfg.yaml")]) == 143
+    err = capsys.readouterr().err
+    message = [line for line in err.splitlines() if line.startswith("retinaflow: error:")]
+    assert message == [
+        f"retinaflow: error: interrupted at iteration 2; checkpoint saved to {uri}, "
+        "run the same command to resume"
+    ], err[-2000:]
+    assert "sigterm/model.pth" in _keys(s3_admin, "sigterm/")
+
+
+def test_a_failed_s3_input_leaves_no_temporary_folder(
+    s3_env: S3Server, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    import tempfile
+
+    from retinaflow.cli import main
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    code = main(["train", f"s3://{BUCKET}/failed/model.pth", "--images", f"s3://{BUCKET}/failed/none/",
+                 "--annotations", f"s3://{BUCKET}/failed/none.json"])  # fmt: skip
+    assert code != 0 and "no object or prefix" in capsys.readouterr().err
+    assert list(scratch.iterdir()) == []

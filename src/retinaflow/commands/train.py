@@ -9,7 +9,7 @@ from pathlib import Path
 from retinaflow.commands.optional import add_tracking_args, remote, tracking_callbacks
 from retinaflow.config import Config
 from retinaflow.engine.callbacks import Callback, TrainState
-from retinaflow.errors import ConfigError
+from retinaflow.errors import ConfigError, TrainingDiverged, TrainingInterrupted
 from retinaflow.flags import TRAIN_FLAGS, add_flags, apply_flags
 
 
@@ -48,8 +48,6 @@ def _load_config(args: argparse.Namespace) -> Config:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from retinaflow.engine.train import train
-
     config = _load_config(args)
     target = args.model
     data = config.data
@@ -62,10 +60,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
         callbacks = tracking_callbacks(args, config)
         if args.classes is not None:
             callbacks.append(_ClassCountCheck(args.classes))
-        train(config, Path(args.model), callbacks)
+        _train_naming(target, config, Path(args.model), callbacks)
     if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns here; one line is enough
         print(f"checkpoint: {target}")
     return 0
+
+
+def _train_naming(target: str, config: Config, local: Path, callbacks: list[Callback]) -> None:
+    """Train on ``local``; a stop or divergence message names ``target`` (e.g. the ``s3://`` URI the
+    checkpoint is uploaded to on exit), not the staging file that is deleted by then."""
+    from retinaflow.engine.train import train
+
+    try:
+        train(config, local, callbacks)
+    except (TrainingInterrupted, TrainingDiverged) as exc:
+        if not target.startswith("s3://"):
+            raise
+        raise type(exc)(str(exc).replace(str(local), target)) from exc
 
 
 _DATA_PATHS = ("images", "annotations", "val_images", "val_annotations")

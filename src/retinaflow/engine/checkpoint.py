@@ -13,11 +13,13 @@ A checkpoint is one ``torch.save`` file holding::
     class_names     list[str]; category_ids list[int] (label index -> COCO category id)
 
 It is written to a temporary file in the same folder, fsynced and renamed over the target, so a
-killed process leaves either the old or the new checkpoint, never a torn one.
+killed process leaves either the old or the new checkpoint, never a torn one; the temporary file a
+kill leaves behind is removed by :func:`remove_orphan_temps` when training on that path starts again.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import random
@@ -30,6 +32,8 @@ from typing import Any
 import torch
 
 from retinaflow.errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 
@@ -63,7 +67,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     data = dict(payload)
     data["format_version"] = FORMAT_VERSION
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=_TMP_SUFFIX, dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(data, fh)
@@ -74,6 +78,31 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+_TMP_SUFFIX = ".tmp"
+
+
+def remove_orphan_temps(path: str | Path) -> list[Path]:
+    """Delete the temporary files of :func:`save_checkpoint` for ``path`` that a killed write left behind.
+
+    Only names of the form ``.NAME.<random>.tmp`` next to ``path`` (no dot in the random part, so
+    another file's temporaries, e.g. ``.NAME.mlflow.json.<random>.tmp``, are left alone). Call it once,
+    before training on ``path`` writes (rank 0); says what it removed in one log line.
+    """
+    target = Path(path)
+    if not target.parent.is_dir():
+        return []
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.[^.]+{re.escape(_TMP_SUFFIX)}")
+    orphans = sorted(p for p in target.parent.iterdir() if pattern.fullmatch(p.name) and p.is_file())
+    for orphan in orphans:
+        orphan.unlink(missing_ok=True)
+    if orphans:
+        log.warning(
+            "removed %d unfinished checkpoint write(s) of %s left by an interrupted run: %s",
+            len(orphans), target, ", ".join(p.name for p in orphans),
+        )  # fmt: skip
+    return orphans
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

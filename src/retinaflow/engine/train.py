@@ -27,6 +27,7 @@ from retinaflow.engine.callbacks import Callback, CallbackList, EvalResult, Trai
 from retinaflow.engine.checkpoint import (
     check_arch,
     load_checkpoint,
+    remove_orphan_temps,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -87,10 +88,13 @@ class _Trainer:
         cfg, info = self.config, self.info
         if cfg.train.batch % info.world_size:
             raise ConfigError(f"--batch {cfg.train.batch} is not divisible by the {info.world_size} ranks")
+        if info.is_main:  # only rank 0 writes the checkpoint, so only it can have left a torn write
+            remove_orphan_temps(self.path)
         self.resume_state = load_checkpoint(self.path) if self.path.exists() else None
         self.iteration = int(self.resume_state["iteration"]) if self.resume_state else 0
         if self.resume_state and info.is_main:
             D.warn_if_world_changed(self.resume_state.get("world_size"), info, cfg.train.batch, self.path)
+            _say_resume_changes(self.resume_state.get("config") or {}, cfg, self.path)
         _seed_everything(cfg.train.seed + info.rank)
         self._build_data()
         self._build_model()
@@ -377,6 +381,25 @@ def _divergence_hint(cfg: Config) -> str:
     if cfg.model.head_norm == "none":
         tips += ", or --set model.head_norm=gn"
     return f"try {tips}"
+
+
+_RESUME_WATCHED = (("batch", "--batch"), ("lr", "--lr"))  # train.* keys a resume may change on purpose
+
+
+def _say_resume_changes(saved: dict[str, Any], cfg: Config, path: Path) -> None:
+    """One console line (call it on rank 0) per watched setting that differs from the checkpoint's.
+
+    The run continues with the new value: the schedule and the data position count iterations, so a
+    new ``--batch`` changes how many images each remaining iteration sees, a new ``--lr`` the step size.
+    """
+    before = saved.get("train") or {}
+    for key, option in _RESUME_WATCHED:
+        old, new = before.get(key), getattr(cfg.train, key)
+        if old is not None and old != new:
+            log.warning(
+                "resuming %s: %s %s differs from the checkpoint's %s; continuing with %s",
+                path, option, new, old, new,
+            )  # fmt: skip
 
 
 def _seed_everything(seed: int) -> None:

@@ -74,6 +74,7 @@ def _package_and_register(prep, trained, opts: dict) -> None:
         mlflow_run_id=trained.outputs["mlflow_run_id"],
         min_gain=opts["min_gain"],
         max_latency_regression=opts["max_latency_regression"],
+        first_champion_min_map=opts["first_champion_min_map"],
     )
     _with_secrets(registered, opts["s3_secret"], opts["mlflow_secret"]).set_caching_options(False)
 
@@ -109,6 +110,7 @@ def retinaflow_pipeline(
     max_export_drop: float = 0.005,
     min_gain: float = 0.005,
     max_latency_regression: float = 0.1,
+    first_champion_min_map: float = 0.0,
     export_opset: int = 17,
     export_size: int = 0,
     build_trt_engine: bool = True,
@@ -146,6 +148,7 @@ def retinaflow_pipeline(
         model_name=model_name,
         min_gain=min_gain,
         max_latency_regression=max_latency_regression,
+        first_champion_min_map=first_champion_min_map,
         s3_secret=s3_secret,
         mlflow_secret=mlflow_secret,
     )

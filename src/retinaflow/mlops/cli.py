@@ -206,14 +206,19 @@ def resolve_paths(
 ) -> PathResolver:
     """Replace the ``s3://`` values of the named attributes of ``args`` by local paths (inputs
     downloaded; outputs staged; ``resume`` outputs staged with their current object) and return the
-    resolver whose :meth:`~PathResolver.publish` uploads the outputs afterwards."""
+    resolver whose :meth:`~PathResolver.publish` uploads the outputs afterwards. When a download fails,
+    the staging folder is removed before the error propagates (the caller never gets the resolver)."""
     resolver = PathResolver(cache_dir)
-    for name in inputs:
-        setattr(args, name, resolver.input(getattr(args, name, None)))
-    for name in outputs:
-        setattr(args, name, resolver.output(getattr(args, name, None)))
-    for name in resume:
-        setattr(args, name, resolver.output(getattr(args, name, None), existing=True))
+    try:
+        for name in inputs:
+            setattr(args, name, resolver.input(getattr(args, name, None)))
+        for name in outputs:
+            setattr(args, name, resolver.output(getattr(args, name, None)))
+        for name in resume:
+            setattr(args, name, resolver.output(getattr(args, name, None), existing=True))
+    except BaseException:
+        resolver.cleanup()
+        raise
     return resolver
 
 
@@ -239,7 +244,13 @@ def _registry_settings(args: argparse.Namespace) -> TrackingSettings:
 def _cmd_promote(args: argparse.Namespace) -> int:
     from retinaflow.mlops.registry import promote
 
-    d = promote(args.model, args.min_gain, args.max_latency_regression, _registry_settings(args))
+    d = promote(
+        args.model,
+        args.min_gain,
+        args.max_latency_regression,
+        _registry_settings(args),
+        first_champion_min_map=args.first_champion_min_map,
+    )
     if args.json:
         print(
             json.dumps(
@@ -351,6 +362,12 @@ def add_registry_commands(subparsers: Any) -> None:
     p.add_argument("--min-gain", type=float, default=0.005, help="mAP the challenger must gain (absolute)")
     p.add_argument(
         "--max-latency-regression", type=float, default=0.1, help="allowed latency increase (0.1 = 10%%)"
+    )
+    p.add_argument(
+        "--first-champion-min-map",
+        type=float,
+        default=0.0,
+        help="with no champion yet, the mAP the first model must exceed to become champion (default 0)",
     )
     p.add_argument("--json", action="store_true", help="print the decision as JSON")
     p.set_defaults(func=_cmd_promote)

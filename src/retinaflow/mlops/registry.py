@@ -9,8 +9,10 @@ deprecated stages), and the promotion gate.
   the newest model whatever the interleaving).
 - :func:`promote` moves ``champion`` to the challenger only when its mAP beats the champion's by
   ``min_gain`` (absolute) and its latency is at most ``1 + max_latency_regression`` times the
-  champion's; the first model becomes champion. The decision and its reasons are recorded as tags on
-  the challenger version (``promotion.*``) and on the registered model (``promotion.last``).
+  champion's; the first model becomes champion only if its mAP is above ``first_champion_min_map`` (an
+  absolute floor, default 0: a model that detects nothing is never the first champion). The decision
+  and its reasons are recorded as tags on the challenger version (``promotion.*``) and on the
+  registered model (``promotion.last``).
 """
 
 from __future__ import annotations
@@ -224,11 +226,30 @@ def _converge_challenger(client: MlflowClient, name: str, attempts: int = 20) ->
 
 
 def decide(
-    challenger: ModelVersion, champion: ModelVersion | None, min_gain: float, max_latency_regression: float
+    challenger: ModelVersion,
+    champion: ModelVersion | None,
+    min_gain: float,
+    max_latency_regression: float,
+    first_champion_min_map: float = 0.0,
 ) -> tuple[bool, list[str]]:
-    """The gate itself, on the versions' tags (pure function of the evidence)."""
+    """The gate itself, on the versions' tags (pure function of the evidence).
+
+    Without a champion there is nothing to compare with: the challenger becomes the first champion
+    when its mAP is strictly above the absolute floor ``first_champion_min_map``.
+    """
     if champion is None:
-        return True, ["no champion yet: the first model becomes champion"]
+        first_map = _number(challenger.tags.get("map"))
+        if first_map is None:
+            return False, ["no champion yet, and the challenger has no mAP to hold against the floor"]
+        if first_map > first_champion_min_map:
+            return True, [
+                f"no champion yet: the first model becomes champion "
+                f"(mAP {first_map:.4f} > floor {first_champion_min_map:.4f})"
+            ]
+        return False, [
+            f"no champion yet, but mAP {first_map:.4f} <= floor {first_champion_min_map:.4f} "
+            "(first_champion_min_map): not made champion"
+        ]
     if str(champion.version) == str(challenger.version):
         return False, [f"version {challenger.version} is already the champion"]
     reasons, ok = [], True
@@ -265,10 +286,11 @@ def promote(
     min_gain: float = 0.005,
     max_latency_regression: float = 0.1,
     settings: TrackingSettings | None = None,
+    first_champion_min_map: float = 0.0,
 ) -> Decision:
     """Apply the promotion gate to ``name``'s challenger (see module doc); returns the :class:`Decision`."""
-    if min_gain < 0 or max_latency_regression < 0:
-        raise RegistryError("--min-gain and --max-latency-regression must be >= 0")
+    if min_gain < 0 or max_latency_regression < 0 or first_champion_min_map < 0:
+        raise RegistryError("--min-gain, --max-latency-regression and --first-champion-min-map must be >= 0")
     client, uri = _client(settings)
     try:
         client.get_registered_model(name)
@@ -276,7 +298,9 @@ def promote(
         if challenger is None:
             raise RegistryError(f"registered model {name} has no {CHALLENGER} version: register one first")
         champion = _alias_version(client, name, CHAMPION)
-        promoted, reasons = decide(challenger, champion, min_gain, max_latency_regression)
+        promoted, reasons = decide(
+            challenger, champion, min_gain, max_latency_regression, first_champion_min_map
+        )
         before = str(champion.version) if champion else None
         decision = Decision(name, str(challenger.version), before, promoted, reasons)
         if promoted:
@@ -287,6 +311,7 @@ def promote(
             "promotion.against": decision.champion_before or "none",
             "promotion.min_gain": min_gain,
             "promotion.max_latency_regression": max_latency_regression,
+            "promotion.first_champion_min_map": first_champion_min_map,
             "promotion.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         for key, value in redact_mapping(record).items():

@@ -19,12 +19,14 @@ def register(
     mlflow_run_id: str,
     min_gain: float,
     max_latency_regression: float,
+    first_champion_min_map: float,
 ) -> NamedTuple("RegisterOutputs", [("version", str), ("promoted", bool), ("decision", str)]):  # type: ignore[valid-type]  # KFP output syntax
     """Register checkpoint, ONNX (and the engine when built) under ``model_name``; gate promotion.
 
     The new version gets the alias ``challenger``; ``champion`` moves to it only when its mAP beats
     the current champion's by ``min_gain`` and its latency does not regress by more than
-    ``max_latency_regression`` (see ``retinaflow registry promote``).
+    ``max_latency_regression``; with no champion yet, when its mAP is above ``first_champion_min_map``
+    (see ``retinaflow registry promote``).
     """
     from retinaflow.kubeflow.steps.registration import RegisterRequest, register_and_promote
 
@@ -39,6 +41,7 @@ def register(
             mlflow_run_id=mlflow_run_id,
             min_gain=min_gain,
             max_latency_regression=max_latency_regression,
+            first_champion_min_map=first_champion_min_map,
         )
     )
     return (outcome.version, outcome.promoted, outcome.decision)

@@ -30,6 +30,7 @@ class RegisterRequest:
     mlflow_run_id: str = ""
     min_gain: float = 0.005
     max_latency_regression: float = 0.1
+    first_champion_min_map: float = 0.0
 
 
 @dataclass
@@ -64,7 +65,10 @@ def register_and_promote(req: RegisterRequest) -> RegisterOutcome:
             req.model_name, run_id=req.mlflow_run_id or None, files=files, map_value=summary["map"], tags=tags
         )
     decision = promote(
-        req.model_name, min_gain=req.min_gain, max_latency_regression=req.max_latency_regression
+        req.model_name,
+        min_gain=req.min_gain,
+        max_latency_regression=req.max_latency_regression,
+        first_champion_min_map=req.first_champion_min_map,
     )
     return RegisterOutcome(
         version=str(version.version), promoted=decision.promoted, decision=decision.summary()
