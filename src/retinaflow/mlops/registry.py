@@ -18,6 +18,7 @@ deprecated stages), and the promotion gate.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -221,7 +222,14 @@ def _converge_challenger(client: MlflowClient, name: str, attempts: int = 20) ->
         current = _alias_version(client, name, CHALLENGER)
         if current is not None and int(current.version) >= int(newest.version):
             return
-        client.set_registered_model_alias(name, CHALLENGER, newest.version)
+        try:
+            client.set_registered_model_alias(name, CHALLENGER, newest.version)
+        except MlflowException as exc:
+            # Two writers of one alias race in the server's delete-then-insert (sqlite: UNIQUE constraint
+            # failed). The other writer won; re-check what the alias points at now.
+            if "UNIQUE constraint" not in str(exc) and "IntegrityError" not in str(exc):
+                raise
+            time.sleep(random.uniform(0.05, 0.2))
     raise RegistryError(f"alias {CHALLENGER} of {name} kept changing under concurrent registrations; retry")
 
 
