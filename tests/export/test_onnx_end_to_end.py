@@ -24,6 +24,7 @@ def assert_same_results(expected: list[dict], got: list[dict]) -> None:
     assert len(got) == len(expected) > 0
     for e, g in zip(expected, got, strict=True):
         assert (g["image_id"], g["category_id"]) == (e["image_id"], e["category_id"])
+        assert g.get("file_name") == e.get("file_name")  # engines name each detection's file too
         assert abs(g["score"] - e["score"]) <= SCORE_ATOL
         for a, b in zip(e["bbox"], g["bbox"], strict=True):
             assert abs(a - b) <= 0.01 + 1e-3 * abs(a)  # the JSON rounds boxes to 0.01 px

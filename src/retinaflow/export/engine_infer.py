@@ -67,12 +67,15 @@ def detect_folder(
     size = batch if batch is not None else min(DEFAULT_BATCH, int(meta["max_batch"]))
     state = {"category_ids": meta["category_ids"], "class_names": meta["class_names"]}
     ann = Path(annotations) if annotations else _image_list_as_coco(images_dir, state, tmp)
-    loader, _ = build_eval_loader(str(images_dir), str(ann), data, size)
+    loader, dataset = build_eval_loader(str(images_dir), str(ann), data, size)
     cat_lut = torch.tensor(meta["category_ids"], dtype=torch.int64)
     results: list[dict[str, Any]] = []
     for b in loader:
         dets = run_padded(engine, pad_to(b.images, engine.input_hw, engine.path.name), b.sizes)
         results.extend(to_coco_results(dets, b, cat_lut))
+    names = dataset.file_names  # as retinaflow infer on a checkpoint: each detection names its file
+    for d in results:
+        d["file_name"] = names[d["image_id"]]
     return results
 
 
