@@ -16,6 +16,7 @@ from retinaflow.errors import ConfigError
 from retinaflow.export.engine_infer import infer_engine
 from retinaflow.export.engines import EngineError, open_engine
 from retinaflow.export.onnx import export_onnx, read_metadata
+from retinaflow.export.onnx_runtime import infer_onnx
 from retinaflow.export.parity import SCORE_ATOL
 
 
@@ -64,6 +65,18 @@ def test_end_to_end_detections_match_pytorch_on_synthetic_val(
     assert result is not None
     expected = json.loads((tmp_path / "torch.json").read_text())
     assert_same_results(expected, json.loads((tmp_path / "onnx.json").read_text()))
+
+
+def test_network_only_onnx_detections_match_pytorch_on_synthetic_val(tiny_checkpoint, synth_small, tmp_path):
+    # infer_onnx (the pipeline's evaluate step): same data settings, file names and results as `infer`
+    path, _ = tiny_checkpoint
+    net = export_onnx(path, tmp_path / "net.onnx", ExportConfig(postprocess=False))
+    images, ann = synth_small.val_images, synth_small.val_annotations
+    torch_result = infer(path, images, tmp_path / "torch.json", annotations=ann, device="cpu")
+    result = infer_onnx(net, path, images, ann, tmp_path / "onnx.json")
+    expected = json.loads((tmp_path / "torch.json").read_text())
+    assert_same_results(expected, json.loads((tmp_path / "onnx.json").read_text()))
+    assert torch_result is not None and abs(result.map - torch_result.map) < 1e-3
 
 
 def test_cli_export_default_size_comes_from_the_checkpoint(tiny_checkpoint, tmp_path, capsys):

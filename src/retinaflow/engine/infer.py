@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from retinaflow.config import Config, InferConfig
+from retinaflow.config import Config, DataConfig, InferConfig
 from retinaflow.data.batch import Batch
 from retinaflow.engine.callbacks import EvalResult
 from retinaflow.engine.checkpoint import load_checkpoint
@@ -200,42 +200,72 @@ def infer(
     """
     from retinaflow.data.select import build_eval
     from retinaflow.data.shapes import use_cudnn_benchmark
-    from retinaflow.engine.evaluate import evaluate_detections
 
-    if Path(output).is_dir():
-        raise DataError(f"--output {output} is a folder; give the detections JSON file to write")
+    images_dir = images_folder(images, output)
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, config, state = load_model(checkpoint, dev)
-    if cfg is not None:
-        config.infer = cfg
-    config.infer = dataclasses.replace(config.infer, **(overrides or {}))
-    config.data.resize, config.data.max_size = config.infer.resize, config.infer.max_size
-    config.data.pad_stride, config.data.loader = config.infer.pad_stride, config.infer.loader
-    images_dir = Path(images)
-    if not images_dir.is_dir():
-        raise DataError(f"images folder not found: {images_dir}")
+    config.infer = dataclasses.replace(cfg or config.infer, **(overrides or {}))
+    config.data = eval_data(config.infer, config.data)
     with tempfile.TemporaryDirectory() as tmp:
-        ann = Path(annotations) if annotations else _image_list_as_coco(images_dir, state, Path(tmp))
+        ann = Path(annotations) if annotations else image_list_as_coco(images_dir, state, Path(tmp))
         loader, dataset = build_eval(str(images_dir), str(ann), config.data, config.infer.batch, 0, 1, dev)
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = use_cudnn_benchmark(config.infer.cudnn_benchmark, loader.policy)
         amp = autocast_dtype(config.infer.precision, dev)
         detector = make_detector(model, config, amp, inference_only=True)
         dets = predict(model, loader, config, dev, amp, state["category_ids"], detector)
-    names = dataset.file_names  # with each detection, so that it can be traced back to its file
+    return write_detections(dets, dataset.file_names, output, annotations, list(config.class_names))
+
+
+def eval_data(infer: InferConfig, data: DataConfig | None = None) -> DataConfig:
+    """The data settings every inference flow (checkpoint, ONNX, engine) loads images with: ``data``
+    (default ``DataConfig()``) with the shorter side ``infer.resize`` (longer side capped at
+    ``infer.max_size``), batches padded to a multiple of ``infer.pad_stride``, the loader ``infer.loader``.
+    Validation during training keeps the ``train --resize/--max-size`` size (see ``_Trainer.validate``)."""
+    return dataclasses.replace(
+        data or DataConfig(),
+        resize=infer.resize,
+        max_size=infer.max_size,
+        pad_stride=infer.pad_stride,
+        loader=infer.loader,
+    )
+
+
+def images_folder(images: str | Path, output: str | Path) -> Path:
+    """``images`` after the checks every inference flow makes before loading its model: DataError unless
+    it is a folder and ``output`` (the detections JSON to write) is not one."""
+    if Path(output).is_dir():
+        raise DataError(f"--output {output} is a folder; give the detections JSON file to write")
+    images_dir = Path(images)
+    if not images_dir.is_dir():
+        raise DataError(f"images folder not found: {images_dir}")
+    return images_dir
+
+
+def write_detections(
+    dets: list[dict[str, Any]],
+    file_names: dict[int, str],
+    output: str | Path,
+    annotations: str | Path | None,
+    class_names: list[str],
+) -> EvalResult | None:
+    """Write the COCO results ``dets`` to ``output``, each with the ``file_name`` of its image
+    (``file_names``: by image id) so that it can be traced back to its file; with ``annotations``,
+    evaluate them (COCOeval, ``class_names`` or the annotations' names) and return the result."""
+    from retinaflow.engine.evaluate import evaluate_detections
+
     for d in dets:
-        d["file_name"] = names[d["image_id"]]
+        d["file_name"] = file_names[d["image_id"]]
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dets))
     log.info("wrote %d detections to %s", len(dets), out)
-    if annotations:
-        return evaluate_detections(annotations, dets, list(config.class_names))
-    return None
+    return evaluate_detections(annotations, dets, class_names or None) if annotations else None
 
 
-def _image_list_as_coco(images_dir: Path, state: dict[str, Any], tmp: Path) -> Path:
-    """Describe a bare folder of images as a COCO file without annotations, for the eval loader."""
+def image_list_as_coco(images_dir: Path, meta: dict[str, Any], tmp: Path) -> Path:
+    """Describe a bare folder of images as a COCO file without annotations, for the eval loader
+    (``meta``: a checkpoint's state or an engine's metadata, for ``category_ids`` and ``class_names``)."""
     from retinaflow.data.images import displayed_size
 
     files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -249,7 +279,7 @@ def _image_list_as_coco(images_dir: Path, state: dict[str, Any], tmp: Path) -> P
             log.warning("skipping unreadable image %s", p)
             continue
         entries.append({"id": i, "file_name": p.name, "width": w, "height": h})
-    cats = [{"id": c, "name": n} for c, n in zip(state["category_ids"], state["class_names"], strict=True)]
+    cats = [{"id": c, "name": n} for c, n in zip(meta["category_ids"], meta["class_names"], strict=True)]
     path = tmp / "images.json"
     path.write_text(json.dumps({"images": entries, "annotations": [], "categories": cats}))
     return path

@@ -336,7 +336,12 @@ class _Trainer:
             self.callbacks.on_step(self.state, metrics)
 
     def validate(self) -> EvalResult | None:
-        """Detect on the validation set (sharded over ranks), evaluate on rank 0, notify sinks."""
+        """Detect on the validation set (sharded over ranks), evaluate on rank 0, notify sinks.
+
+        Batches are padded and post-processed as in inference (``infer.*``) but resized as
+        ``train --resize/--max-size`` say (``data.resize``: the eval size of training, which the pipeline
+        sets equal to ``infer.resize``; tiny-image runs validate at their training scale), not with
+        :func:`~retinaflow.engine.infer.eval_data`."""
         from retinaflow.data.select import build_eval
         from retinaflow.engine.evaluate import evaluate_detections
         from retinaflow.engine.infer import predict

@@ -7,8 +7,6 @@ engine's input size (pixel coordinates unchanged) and run through it; the detect
 
 from __future__ import annotations
 
-import json
-import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,12 +15,11 @@ import torch
 
 from retinaflow.config import DataConfig
 from retinaflow.engine.callbacks import EvalResult
-from retinaflow.errors import ConfigError, DataError
+from retinaflow.errors import ConfigError
 from retinaflow.export.engines import Engine, open_engine
+from retinaflow.export.metadata import infer_config
 from retinaflow.export.spec import NETWORK_STRIDE
 from retinaflow.ops.detections import Detections
-
-log = logging.getLogger(__name__)
 
 DEFAULT_BATCH = 8
 
@@ -36,47 +33,35 @@ def infer_engine(
     device: str | None = None,
 ) -> EvalResult | None:
     """Detect every image of ``images`` with the engine; write COCO results; evaluate with ``annotations``."""
-    from retinaflow.engine.evaluate import evaluate_detections
+    from retinaflow.engine.infer import image_list_as_coco, images_folder, write_detections
 
+    images_dir = images_folder(images, output)
     engine = open_engine(engine_path, device)
-    images_dir = Path(images)
-    if not images_dir.is_dir():
-        raise DataError(f"images folder not found: {images_dir}")
     with tempfile.TemporaryDirectory() as tmp:
-        dets = detect_folder(engine, images_dir, annotations, batch, Path(tmp))
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dets))
-    log.info("wrote %d detections to %s", len(dets), out)
-    if annotations:
-        return evaluate_detections(annotations, dets, list(engine.meta.get("class_names", [])) or None)
-    return None
+        ann = Path(annotations) if annotations else image_list_as_coco(images_dir, engine.meta, Path(tmp))
+        dets, file_names = detect_folder(engine, images_dir, ann, batch)
+    return write_detections(dets, file_names, output, annotations, list(engine.meta.get("class_names", [])))
 
 
 def detect_folder(
-    engine: Engine, images_dir: Path, annotations: str | Path | None, batch: int | None, tmp: Path
-) -> list[dict[str, Any]]:
-    """COCO results (boxes [x, y, w, h] in original pixels) of every image, in dataset order."""
+    engine: Engine, images_dir: Path, annotations: Path, batch: int | None
+) -> tuple[list[dict[str, Any]], dict[int, str]]:
+    """COCO results (boxes [x, y, w, h] in original pixels) of every image of ``annotations``, in dataset
+    order, and the file name of each image id. Images are loaded as the engine's saved inference settings
+    say (``DataConfig.workers`` 0)."""
     from retinaflow.data.loader import build_eval_loader
-    from retinaflow.engine.infer import _image_list_as_coco, to_coco_results
+    from retinaflow.engine.infer import eval_data, to_coco_results
 
     meta = engine.meta
-    infer = meta.get("infer", {})
-    data = DataConfig(resize=infer.get("resize", 800), max_size=infer.get("max_size", 1333), workers=0)
-    data.pad_stride = NETWORK_STRIDE
+    data = eval_data(infer_config(meta), DataConfig(workers=0))
     size = batch if batch is not None else min(DEFAULT_BATCH, int(meta["max_batch"]))
-    state = {"category_ids": meta["category_ids"], "class_names": meta["class_names"]}
-    ann = Path(annotations) if annotations else _image_list_as_coco(images_dir, state, tmp)
-    loader, dataset = build_eval_loader(str(images_dir), str(ann), data, size)
+    loader, dataset = build_eval_loader(str(images_dir), str(annotations), data, size)
     cat_lut = torch.tensor(meta["category_ids"], dtype=torch.int64)
     results: list[dict[str, Any]] = []
     for b in loader:
         dets = run_padded(engine, pad_to(b.images, engine.input_hw, engine.path.name), b.sizes)
         results.extend(to_coco_results(dets, b, cat_lut))
-    names = dataset.file_names  # as retinaflow infer on a checkpoint: each detection names its file
-    for d in results:
-        d["file_name"] = names[d["image_id"]]
-    return results
+    return results, dataset.file_names
 
 
 def pad_to(images: torch.Tensor, hw: tuple[int, int], name: str) -> torch.Tensor:
