@@ -8,7 +8,6 @@ import torch
 from onnx import helper
 
 from retinaflow.config import Config, ExportConfig, InferConfig
-from retinaflow.engine.checkpoint import save_checkpoint
 from retinaflow.engine.infer import detect, load_model
 from retinaflow.export import plugin_onnx as po
 from retinaflow.model.anchors import generate_anchors
@@ -22,24 +21,10 @@ H, W = 128, 256
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    cfg = Config()
-    m = cfg.model
-    m.backbone, m.num_classes, m.fpn_channels, m.head_convs = "resnet18", 3, 32, 1
-    cfg.class_names = ["a", "b", "c"]
-    torch.manual_seed(0)
-    from retinaflow.model.retinanet import build_model
-
-    model = build_model(cfg.model)
-    torch.nn.init.normal_(model.head.cls_logits.bias, -2.0, 0.5)  # enough candidates above the threshold
+def exported(tiny_checkpoint, tmp_path_factory):
+    ckpt, _ = tiny_checkpoint
     folder = tmp_path_factory.mktemp("plugin_onnx")
-    ckpt = folder / "m.pth"
-    payload = {"arch": model.arch, "model": model.state_dict(), "config": cfg.to_dict()}
-    save_checkpoint(
-        ckpt, {**payload, "class_names": cfg.class_names, "category_ids": [1, 2, 3], "iteration": 0}
-    )
-    path = po.export_plugin_onnx(ckpt, folder / "m.onnx", ExportConfig(height=H, width=W), INFER)
-    return ckpt, path
+    return ckpt, po.export_plugin_onnx(ckpt, folder / "m.onnx", ExportConfig(height=H, width=W), INFER)
 
 
 def test_nodes_carry_the_plugin_fields_and_identity(exported):

@@ -13,8 +13,7 @@ import pytest
 import torch
 from onnx import helper
 
-from retinaflow.config import Config, ExportConfig, InferConfig
-from retinaflow.engine.checkpoint import save_checkpoint
+from retinaflow.config import ExportConfig, InferConfig
 from retinaflow.errors import ConfigError, MissingDependency
 from retinaflow.export import trt_plugins
 from retinaflow.export.plugin_onnx import MissingPluginNodes, export_plugin_onnx
@@ -63,22 +62,9 @@ def test_plan_from_another_tensorrt_or_gpu_is_refused():
 
 
 @pytest.fixture(scope="module")
-def plugin_model(tmp_path_factory):
-    from retinaflow.model.retinanet import build_model
-
-    cfg = Config()
-    m = cfg.model
-    m.backbone, m.num_classes, m.fpn_channels, m.head_convs = "resnet18", 3, 32, 1
-    cfg.class_names = ["a", "b", "c"]
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    torch.nn.init.normal_(model.head.cls_logits.bias, -2.0, 0.5)
+def plugin_model(tiny_checkpoint, tmp_path_factory):
+    ckpt, _ = tiny_checkpoint
     folder = tmp_path_factory.mktemp("trt")
-    ckpt = folder / "m.pth"
-    payload = {"arch": model.arch, "model": model.state_dict(), "config": cfg.to_dict()}
-    save_checkpoint(
-        ckpt, {**payload, "class_names": cfg.class_names, "category_ids": [1, 2, 3], "iteration": 0}
-    )
     return ckpt, export_plugin_onnx(ckpt, folder / "m.onnx", ExportConfig(height=256, width=256), INFER)
 
 
