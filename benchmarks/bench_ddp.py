@@ -73,6 +73,9 @@ def _config(args: argparse.Namespace, world: int) -> Config:
     if args.task == "throughput":
         cfg.model.num_classes = 6
         cfg.data.resize, cfg.data.max_size, cfg.data.jitter = 800, 1333, (800, 800)
+        # No autotuning: steady state from the first iterations, so a short window compares 1 and N GPUs
+        # (autotuning gains 0.3-3 % once done; docs/PERFORMANCE.md).
+        t.cudnn_benchmark = "off"
     else:  # small and quick to converge: the equivalence / evaluation model
         cfg.model.backbone, cfg.model.fpn_channels, cfg.model.head_convs = "mobilenet_v2", 128, 2
         cfg.data.resize, cfg.data.max_size, cfg.data.jitter = 512, 512, (448, 512)

@@ -29,7 +29,7 @@ case "${1:-tests}" in
   engines)
     python -m pytest -q -p no:cacheprovider -m gpu -rs --durations=15 tests/ops tests/model tests/engine tests/data \
       tests/export tests/deploy tests/kernels tests/kubeflow/steps 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
-    timeout 300 python benchmarks/bench_engine.py --keep /tmp/bench_engine 2>&1 | tee "$OUT/engine.json" | tail -40 ;;
+    timeout 300 python -X faulthandler benchmarks/bench_engine.py --keep /tmp/bench_engine 2>&1 | tee "$OUT/engine.json" | tail -40 ;;
   accuracy)
     python benchmarks/bench_accuracy.py --out /tmp/acc --data /tmp/real_data --gpus 0,1 ${ACC_ARGS:-} \
       2>&1 | tee "$OUT/accuracy.log" | tail -60
