@@ -37,7 +37,7 @@ import torch
 from retinaflow.config import DataConfig
 from retinaflow.data.batch import Batch
 from retinaflow.data.coco import CocoDataset
-from retinaflow.data.loader import TrainBatchSampler, eval_batches, train_batches
+from retinaflow.data.loader import TrainBatchSampler, check_loader_args, eval_batches, train_batches
 from retinaflow.data.select import DALI_HINT
 from retinaflow.data.shapes import ShapePolicy
 from retinaflow.data.transforms import (
@@ -47,7 +47,7 @@ from retinaflow.data.transforms import (
     resize_scale,
     resized_size,
 )
-from retinaflow.errors import ConfigError, DataError, MissingDependency
+from retinaflow.errors import DataError, MissingDependency
 
 log = logging.getLogger(__name__)
 
@@ -115,13 +115,14 @@ class BatchSource:
         files, rx, ry, flips, colours, boxes, labels, scales, sizes = ([] for _ in range(9))
         for p in plans:
             files.append(np.fromfile(self.dataset.file_path(p.index), dtype=np.uint8))
-            b, scale, (h, w) = self._boxes(p)
+            raw_boxes, raw_labels = self.dataset.targets(p.index)
+            b, scale, (h, w) = self._boxes(p, raw_boxes)
             rx.append(np.float32(w))
             ry.append(np.float32(h))
             flips.append(np.int32(p.flip))
             colours.append(np.asarray(p.colour, dtype=np.float32))
             boxes.append(b)
-            labels.append(torch.from_numpy(self.dataset.targets(p.index)[1].astype(np.int64)))
+            labels.append(torch.from_numpy(raw_labels.astype(np.int64)))
             scales.append(scale)
             sizes.append((h, w))
         shape = self.policy.pad_shape(max(s[0] for s in sizes), max(s[1] for s in sizes))
@@ -132,10 +133,11 @@ class BatchSource:
             return files, rx, ry, flips, shapes, colours
         return files, rx, ry, flips, shapes
 
-    def _boxes(self, p: Plan) -> tuple[torch.Tensor, float, tuple[int, int]]:
-        """Boxes (N, 4) in resized (and flipped) pixels, the scale, and the resized (h, w)."""
+    def _boxes(self, p: Plan, raw: np.ndarray) -> tuple[torch.Tensor, float, tuple[int, int]]:
+        """Boxes (N, 4) in resized (and flipped) pixels, the scale, and the resized (h, w).
+        raw: (N, 4) float32 x1y1x2y2 in original pixels (the dataset's targets)."""
         h, w = (int(v) for v in self.sizes[p.index])
-        boxes = torch.from_numpy(self.dataset.targets(p.index)[0].copy())
+        boxes = torch.from_numpy(raw.copy())
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
         scale = resize_scale(h, w, p.shorter, self.max_size)
@@ -356,10 +358,8 @@ def build_dali_train_loader(
 ) -> tuple[DaliTrainLoader, CocoDataset]:
     """As ``loader.build_train_loader``, decoding and augmenting with DALI on ``device``."""
     require_dali()
-    if not data.images or not data.annotations:
-        raise ConfigError("training needs data.images and data.annotations")
-    if batch <= 0 or start_iteration < 0:
-        raise ConfigError(f"need batch > 0 and start_iteration >= 0, got {batch} and {start_iteration}")
+    check_loader_args(data, batch, rank, world_size, start_iteration, train=True)
+    assert data.images and data.annotations
     dataset = CocoDataset(data.images, data.annotations, None, replace_corrupt=True)
     sampler, policy = train_batches(dataset, data, batch, seed, rank, world_size, start_iteration)
     return DaliTrainLoader(dataset, data, sampler, policy, device, seed), dataset
@@ -376,8 +376,7 @@ def build_dali_eval_loader(
 ) -> tuple[DaliEvalLoader, CocoDataset]:
     """As ``loader.build_eval_loader``, decoding and resizing with DALI on ``device``."""
     require_dali()
-    if batch <= 0 or world_size <= 0 or not 0 <= rank < world_size:
-        raise ConfigError(f"bad batch {batch} or rank {rank} of {world_size}")
+    check_loader_args(data, batch, rank, world_size)
     dataset = CocoDataset(images, annotations, None, replace_corrupt=False, require_annotations=False)
     batches, policy = eval_batches(dataset, data, batch, rank, world_size)
     return DaliEvalLoader(dataset, data, batches, policy, device), dataset

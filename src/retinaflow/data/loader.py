@@ -222,11 +222,8 @@ def build_train_loader(
     ``start_iteration`` skips the batches a previous run already consumed (no images are loaded for
     them). ``pin_memory`` defaults to "an accelerator is present".
     """
-    if not data.images or not data.annotations:
-        raise ConfigError("training needs data.images and data.annotations")
-    _check_common(data, batch, rank, world_size)
-    if start_iteration < 0:
-        raise ConfigError(f"start_iteration must be >= 0, got {start_iteration}")
+    check_loader_args(data, batch, rank, world_size, start_iteration, train=True)
+    assert data.images and data.annotations
     dataset = CocoDataset(data.images, data.annotations, TrainTransform(data), replace_corrupt=True)
     batch_sampler, policy = train_batches(dataset, data, batch, seed, rank, world_size, start_iteration)
     loader = DataLoader(
@@ -290,7 +287,7 @@ def build_eval_loader(
     """Batches of ``images`` resized to ``data.resize`` (cap ``data.max_size``), this rank's share only
     (in dataset order within each aspect-ratio group), and the dataset. A file listing no annotations is
     accepted (inference)."""
-    _check_common(data, batch, rank, world_size)
+    check_loader_args(data, batch, rank, world_size)
     transform = EvalTransform(data.resize, data.max_size)
     dataset = CocoDataset(images, annotations, transform, replace_corrupt=False, require_annotations=False)
     batches, policy = eval_batches(dataset, data, batch, rank, world_size)
@@ -305,7 +302,14 @@ def build_eval_loader(
     return EvalLoader(loader, dataset, policy), dataset
 
 
-def _check_common(data: DataConfig, batch: int, rank: int, world_size: int) -> None:
+def check_loader_args(
+    data: DataConfig, batch: int, rank: int, world_size: int, start_iteration: int = 0, train: bool = False
+) -> None:
+    """The arguments both loaders (torch and DALI) check before reading anything; ConfigError if bad."""
+    if train and (not data.images or not data.annotations):
+        raise ConfigError("training needs data.images and data.annotations")
+    if start_iteration < 0:
+        raise ConfigError(f"start_iteration must be >= 0, got {start_iteration}")
     if batch <= 0:
         raise ConfigError(f"batch size must be positive, got {batch}")
     if world_size <= 0 or not 0 <= rank < world_size:
