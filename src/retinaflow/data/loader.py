@@ -195,19 +195,6 @@ class EvalLoader:
                 yield batch
 
 
-class ShardSampler(Sampler[int]):
-    """Indices rank, rank + world_size, ... of ``n``: a partition over ranks, no padding duplicates."""
-
-    def __init__(self, n: int, rank: int, world_size: int) -> None:
-        self.indices = range(rank, n, world_size)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
 def build_train_loader(
     data: DataConfig,
     batch: int,
