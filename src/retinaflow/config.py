@@ -193,6 +193,8 @@ class ExportConfig:
     ``min_batch``..``max_batch``: the engine's batch range (one value: a fixed batch).
     ``postprocess``: ONNX graphs end with decode + NMS (standard ONNX ops) and fixed-size detections;
     off, they return the raw head maps (the TensorRT plugin route).
+    TensorRT only: ``opt_batch`` the profile's optimum (0: ``max_batch``), the builder's workspace limit,
+    optimisation level and a timing cache file (read if present, written after the build; "" for none).
     """
 
     opset: int = 17
@@ -203,6 +205,10 @@ class ExportConfig:
     min_batch: int = 1
     max_batch: int = 32
     postprocess: bool = True
+    opt_batch: int = 0
+    workspace_gib: float = 4.0
+    optimization_level: int = 3
+    timing_cache: str = ""
 
 
 @dataclass

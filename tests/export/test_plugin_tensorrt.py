@@ -17,7 +17,7 @@ from retinaflow.config import ExportConfig, InferConfig
 from retinaflow.errors import ConfigError, MissingDependency
 from retinaflow.export import trt_plugins
 from retinaflow.export.plugin_onnx import MissingPluginNodes, export_plugin_onnx
-from retinaflow.export.tensorrt import EngineConfig, PlanMismatch, build_engine, check_plan, require_tensorrt
+from retinaflow.export.tensorrt import PlanMismatch, build_engine, check_plan, require_tensorrt
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 needs_trt = [
@@ -47,9 +47,9 @@ def test_onnx_without_plugin_nodes_is_refused_before_tensorrt(tmp_path):
     graph = helper.make_graph([helper.make_node("Relu", ["images"], ["y"])], "g", [x], [y])
     onnx.save(helper.make_model(graph), str(tmp_path / "net.onnx"))
     with pytest.raises(MissingPluginNodes, match="export_plugin_onnx"):
-        build_engine(tmp_path / "net.onnx", tmp_path / "m.plan", EngineConfig(precision="fp32"))
+        build_engine(tmp_path / "net.onnx", tmp_path / "m.plan", ExportConfig(precision="fp32"))
     with pytest.raises(ConfigError, match="precision"):
-        build_engine(tmp_path / "net.onnx", tmp_path / "m.plan", EngineConfig(precision="int4"))
+        build_engine(tmp_path / "net.onnx", tmp_path / "m.plan", ExportConfig(precision="int4"))
 
 
 def test_plan_from_another_tensorrt_or_gpu_is_refused():
@@ -78,7 +78,7 @@ def test_engine_matches_the_pytorch_path(plugin_model, tmp_path, precision):
     from retinaflow.export.tensorrt import TensorRTDetector
 
     ckpt, onnx_path = plugin_model
-    cfg = EngineConfig(
+    cfg = ExportConfig(
         precision=precision, min_batch=1, opt_batch=2, max_batch=4, timing_cache=str(tmp_path / "tc")
     )
     plan = build_engine(onnx_path, tmp_path / "m.plan", cfg)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -39,19 +39,6 @@ class PlanMismatch(RetinaflowError):
     """A .plan built by another TensorRT version or for another GPU."""
 
 
-@dataclass
-class EngineConfig:
-    """Engine build settings. ``precision``: fp32 | fp16 (graph cast to float16) | int8 (Q/DQ graph)."""
-
-    precision: str = "fp16"
-    min_batch: int = 1
-    opt_batch: int = 8
-    max_batch: int = 16
-    workspace_gib: float = 4.0
-    timing_cache: str | None = None  # read if present, written after the build
-    optimization_level: int = 3
-
-
 def require_tensorrt() -> Any:
     """The ``tensorrt`` module, or MissingDependency with a one-line how-to."""
     try:
@@ -73,13 +60,12 @@ def export_plan(checkpoint: str | Path, output: str | Path, cfg: ExportConfig) -
         )
     onnx_path = Path(output).with_suffix(".plugin.onnx")
     plugin_onnx.export_plugin_onnx(checkpoint, onnx_path, cfg)
-    engine = EngineConfig(cfg.precision, cfg.min_batch, cfg.max_batch, cfg.max_batch)
-    return build_engine(onnx_path, output, engine)
+    return build_engine(onnx_path, output, cfg)
 
 
-def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: EngineConfig | None = None) -> Path:
+def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: ExportConfig | None = None) -> Path:
     """Build ``plan_path`` (.plan) from a plugin-flavour ONNX; returns it (and writes ``<plan>.json``)."""
-    cfg = cfg or EngineConfig()
+    cfg = cfg or ExportConfig(precision="fp16")
     _check(cfg)
     onnx = plugin_onnx._onnx()
     model = onnx.load(str(onnx_path))
@@ -103,7 +89,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: EngineConfig
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(cfg.workspace_gib * (1 << 30)))
     config.builder_optimization_level = cfg.optimization_level
     profile = builder.create_optimization_profile()
-    batches = (cfg.min_batch, cfg.opt_batch, cfg.max_batch)
+    batches = (cfg.min_batch, cfg.opt_batch or cfg.max_batch, cfg.max_batch)
     profile.set_shape("images", *[(b, 3, height, width) for b in batches])
     profile.set_shape("sizes", *[(b, 2) for b in batches])
     config.add_optimization_profile(profile)
@@ -237,13 +223,13 @@ class TensorRTDetector:
         )
 
 
-def _check(cfg: EngineConfig) -> None:
+def _check(cfg: ExportConfig) -> None:
     if cfg.precision not in PRECISIONS:
         raise ConfigError(f"engine precision must be one of {PRECISIONS}, got {cfg.precision!r}")
-    if not 1 <= cfg.min_batch <= cfg.opt_batch <= cfg.max_batch:
+    opt = cfg.opt_batch or cfg.max_batch
+    if not 1 <= cfg.min_batch <= opt <= cfg.max_batch:
         raise ConfigError(
-            "need 1 <= min_batch <= opt_batch <= max_batch, got "
-            f"{cfg.min_batch}/{cfg.opt_batch}/{cfg.max_batch}"
+            f"need 1 <= min_batch <= opt_batch <= max_batch, got {cfg.min_batch}/{opt}/{cfg.max_batch}"
         )
 
 
