@@ -71,6 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gpus", default="0", help="comma-separated CUDA device indices")
     ap.add_argument("--jobs-per-gpu", type=int, default=6)
     ap.add_argument("--workers", type=int, default=2, help="data loader processes per run")
+    ap.add_argument("--keep", action="store_true", help="keep each retinaflow run's OUT/RUN/model.pth")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -125,7 +126,8 @@ def run_retinaflow(job: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     checkpoint = Path(job["workdir"]) / "model.pth"
     train(cfg, checkpoint, [Grab()])
-    checkpoint.unlink(missing_ok=True)
+    if not job["keep"]:
+        checkpoint.unlink(missing_ok=True)
     return {"train_eval_s": time.perf_counter() - t0, **results[-1].stats}
 
 
@@ -301,6 +303,7 @@ def make_jobs(args: argparse.Namespace, data: Path, out: Path, weights: str | No
                     "size": args.size,
                     "lr": args.lr,
                     "workers": args.workers,
+                    "keep": args.keep,
                     "weights": weights,
                     "data": str(data),
                     "workdir": str(out / tag),

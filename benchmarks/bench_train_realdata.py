@@ -164,25 +164,44 @@ def loader_only(args: argparse.Namespace, images: str, annotations: str) -> dict
 
     out["torch_img_s"] = _rate(torch_batches(), args.iters, args.batch)
     if dali_installed():
+        # The default recipe (colour jitter 0.1), then without colour jitter (the literal target:
+        # resize, flip, pad, normalise), and the Python source alone (files read, boxes computed on the host).
         out["dali_img_s"] = _rate(_dali_batches(data, args.batch), args.iters, args.batch)
+        plain = dataclasses.replace(data, color_jitter=0.0)
+        out["dali_no_colour_img_s"] = _rate(_dali_batches(plain, args.batch), args.iters, args.batch)
+        out["dali_source_only_img_s"] = _rate(_source_only(data, args.batch), args.iters, args.batch)
         out["ratio"] = round(out["dali_img_s"] / out["torch_img_s"], 2)
     return out
 
 
-def _dali_batches(data: Any, batch: int) -> Any:
+def _dali_source(data: Any, batch: int) -> Any:
     from retinaflow.data.coco import CocoDataset
-    from retinaflow.data.dali import BatchSource, PipelineOptions, build_pipeline, run_batch, train_plans
+    from retinaflow.data.dali import BatchSource, train_plans
     from retinaflow.data.loader import train_batches
     from retinaflow.data.transforms import TrainTransform
 
     dataset = CocoDataset(data.images, data.annotations, None)
     sampler, policy = train_batches(dataset, data, batch, 0, 0, 1, 0)
     colour = data.color_jitter > 0
-    source = BatchSource(dataset, train_plans(sampler, TrainTransform(data)), policy, data.max_size, colour)
-    opts = PipelineOptions(batch, torch.cuda.current_device(), max(4, data.workers), colour, "normalized")
+    return BatchSource(dataset, train_plans(sampler, TrainTransform(data)), policy, data.max_size, colour)
+
+
+def _dali_batches(data: Any, batch: int) -> Any:
+    from retinaflow.data.dali import PipelineOptions, build_pipeline, run_batch
+
+    source = _dali_source(data, batch)
+    device = torch.cuda.current_device()
+    opts = PipelineOptions(batch, device, max(4, data.workers), source.colour, "normalized")
     pipe = build_pipeline(source, opts)
     while True:
         yield run_batch(pipe, source, torch.device("cuda")).images.to(torch.bfloat16)
+
+
+def _source_only(data: Any, batch: int) -> Any:
+    source = _dali_source(data, batch)
+    while True:
+        yield source()
+        source.pop()
 
 
 def _rate(batches: Any, iters: int, batch: int) -> float:

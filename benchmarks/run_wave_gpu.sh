@@ -20,9 +20,10 @@ case "${1:-tests}" in
   tests)
     python -m pytest -q -p no:cacheprovider -m gpu tests/ops tests/model tests/engine/test_infer.py tests/data \
       2>&1 | tee "$OUT/gpu_tests.log" | tail -8 ;;
-  realdata)
+  realdata)  # the fixed-shape benchmark first: real-data img/s is judged against it (same card, same call)
     python benchmarks/bench_train_realdata.py --loader-only 2>&1 | tee "$OUT/loader_only.log" | tail -30
-    python benchmarks/bench_train_realdata.py ${REALDATA_ARGS:---first 40 --second 80 --cudnn on,off --peers preloaded,torch,dali} \
+    python benchmarks/bench_train.py --batch 8 --compile 2>&1 | tee "$OUT/fixed_shape.log" | tail -20
+    python benchmarks/bench_train_realdata.py ${REALDATA_ARGS:---batch 8 --first 500 --second 500 --cudnn auto --peers dali,preloaded --compile} \
       2>&1 | tee "$OUT/realdata.log" | tail -60 ;;
   ddp)
     python benchmarks/bench_ddp.py --gpus "$(nvidia-smi -L | wc -l)" --out-dir "$OUT" ${DDP_ARGS:-} 2>&1 | tail -80 ;;
@@ -31,10 +32,11 @@ case "${1:-tests}" in
       tests/export tests/deploy tests/kernels tests/kubeflow/steps 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
     timeout 300 python -X faulthandler benchmarks/bench_engine.py --keep /tmp/bench_engine 2>&1 | tee "$OUT/engine.json" | tail -40 ;;
   accuracy)
-    python benchmarks/bench_accuracy.py --out /tmp/acc --data /tmp/real_data --gpus 0,1 ${ACC_ARGS:-} \
+    gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader | paste -sd,)
+    python benchmarks/bench_accuracy.py --out /tmp/acc --data /tmp/real_data --gpus "$gpus" --keep ${ACC_ARGS:-} \
       2>&1 | tee "$OUT/accuracy.log" | tail -60
     cp /tmp/acc/summary.json /tmp/acc/runs.jsonl "$OUT/" 2>/dev/null
-    ckpt=$(ls /tmp/acc/*/model.pth 2>/dev/null | grep -m1 "${INT8_RUN:-retinaflow}")
+    ckpt=$(ls /tmp/acc/*/model.pth 2>/dev/null | grep -m1 "${INT8_RUN:-default_s0}")
     [ -n "$ckpt" ] && timeout 240 python benchmarks/bench_int8.py "$ckpt" --images /tmp/real_data/val \
       --annotations /tmp/real_data/annotations/val.json --calibration-images 256 2>&1 | tee "$OUT/int8.log" | tail -30 ;;
 esac

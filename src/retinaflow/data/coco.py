@@ -31,6 +31,7 @@ from retinaflow.data.annotations import (
     load_annotations,
 )
 from retinaflow.data.images import decode_file
+from retinaflow.data.transforms import clip_boxes
 from retinaflow.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -246,9 +247,7 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
         np_boxes, np_labels = self.targets(index)
         h, w = image.shape[-2:]
         self._check_size(index, int(w), int(h))
-        boxes = torch.from_numpy(np_boxes.copy())
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)  # guard against a JSON width/height that is off
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+        boxes = clip_boxes(torch.from_numpy(np_boxes), int(h), int(w))  # in case a JSON width/height is off
         scale = 1.0
         if self.transform is not None:
             generator = torch.Generator().manual_seed(seed) if seed is not None else None

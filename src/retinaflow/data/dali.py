@@ -6,8 +6,8 @@ the same per-sample draws (``TrainTransform.draw``: shorter side capped by ``max
 factors) and the same box arithmetic (``transforms.resize_boxes`` / ``hflip_boxes``), so boxes are
 identical to the torch loader's. A Python source feeds the encoded files, sizes and factors to a
 ``@pipeline_def`` pipeline through ``fn.external_source``; DALI decodes (``decoders.image``, device
-"mixed": nvJPEG / the hardware JPEG decoder), resizes (antialiased linear, to the exact integer size),
-flips, applies torchvision's colour-jitter arithmetic and pads every image to the batch's bucket
+"mixed": nvJPEG / the hardware JPEG decoder), applies torchvision's colour-jitter arithmetic, resizes
+(antialiased linear, to the exact integer size), flips and pads every image to the batch's bucket
 (``fn.pad`` with a per-sample shape). Pixels differ from the torch loader's only by decoder and
 resampling rounding (see tests/data/test_dali.py for the measured tolerance).
 
@@ -42,6 +42,7 @@ from retinaflow.data.select import DALI_HINT
 from retinaflow.data.shapes import ShapePolicy
 from retinaflow.data.transforms import (
     TrainTransform,
+    clip_boxes,
     hflip_boxes,
     resize_boxes,
     resize_scale,
@@ -137,9 +138,7 @@ class BatchSource:
         """Boxes (N, 4) in resized (and flipped) pixels, the scale, and the resized (h, w).
         raw: (N, 4) float32 x1y1x2y2 in original pixels (the dataset's targets)."""
         h, w = (int(v) for v in self.sizes[p.index])
-        boxes = torch.from_numpy(raw.copy())
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+        boxes = clip_boxes(torch.from_numpy(raw), h, w)
         scale = resize_scale(h, w, p.shorter, self.max_size)
         nh, nw = resized_size(h, w, scale)
         boxes = resize_boxes(boxes, scale, nh, nw)
@@ -176,7 +175,7 @@ def _host_batch(
 
 
 def build_pipeline(source: Callable[[], Any], opts: PipelineOptions) -> Any:
-    """The DALI pipeline: external source → decode → resize → flip → colour → pad → (B, H, W, 3)."""
+    """The DALI pipeline: external source → decode → colour → resize → flip → pad → (B, H, W, 3)."""
     dali = require_dali()
     from nvidia.dali import fn, types
 
@@ -186,13 +185,13 @@ def build_pipeline(source: Callable[[], Any], opts: PipelineOptions) -> Any:
         files, rx, ry, flips, shapes = inputs[:5]
         decoder = "mixed" if opts.device_id is not None else "cpu"
         images: Any = fn.decoders.image(files, device=decoder, output_type=types.DALIImageType.RGB)
+        if opts.colour:  # before the resize, as TrainTransform: fewer pixels at training sizes
+            factors = inputs[5].gpu() if opts.device_id is not None else inputs[5]
+            images = fn.cast(_colour_jitter(images, factors), dtype=types.DALIDataType.UINT8)
         images = fn.resize(
             images, resize_x=rx, resize_y=ry, antialias=True, interp_type=types.DALIInterpType.INTERP_LINEAR
         )
         images = fn.flip(images, horizontal=flips)
-        if opts.colour:
-            factors = inputs[5].gpu() if opts.device_id is not None else inputs[5]
-            images = fn.cast(_colour_jitter(images, factors), dtype=types.DALIDataType.UINT8)
         if opts.output == "normalized":
             images = fn.crop_mirror_normalize(
                 images,
