@@ -142,3 +142,18 @@ def test_eval_batches_are_grouped_cover_every_image_once_and_use_buckets(tmp_pat
     stride_cfg = _cfg(images, annotations, shapes="stride")
     loader, _ = build_eval_loader(images, annotations, stride_cfg, 4, pin_memory=False)
     assert not loader.policy.bounded and sum(len(b) for b in loader) == 20
+
+
+def test_sharded_eval_runs_each_image_in_its_one_rank_batch(tmp_path) -> None:
+    """Same batch composition (so same padded shape) on N ranks as on one: identical detections."""
+    images, annotations = _mixed_coco(tmp_path, n=20)
+    cfg = _cfg(images, annotations)
+
+    def batches(rank: int, world: int) -> list[tuple[int, ...]]:
+        loader, _ = build_eval_loader(images, annotations, cfg, 3, rank, world, pin_memory=False)
+        return [tuple(b.image_ids.tolist()) for b in loader]
+
+    alone = batches(0, 1)
+    shards = [batches(rank, 3) for rank in range(3)]
+    assert sorted(b for s in shards for b in s) == sorted(alone)
+    assert shards[1] == alone[1::3]

@@ -249,17 +249,20 @@ def train_batches(
 def eval_batches(
     dataset: CocoDataset, data: DataConfig, batch: int, rank: int, world_size: int
 ) -> tuple[list[list[int]], ShapePolicy]:
-    """This rank's evaluation batches (images rank, rank + world, ...; under the bucket policy each batch
-    from one aspect-ratio group, groups in turn) and the shape policy at ``data.resize``."""
-    indices = np.arange(rank, len(dataset), world_size)
+    """This rank's evaluation batches and the shape policy at ``data.resize``.
+
+    The batches are those of a one-rank evaluation (dataset order; under the bucket policy each batch
+    from one aspect-ratio group, groups in turn), dealt out round-robin: rank r gets batches r, r + world,
+    ... So every image is run in the same batch, at the same padded shape, as on one rank, and sharded
+    evaluation gives exactly the detections of a single-rank one."""
     sizes = dataset.image_sizes()
     groups = aspect_groups(sizes, data.aspect_groups if data.shapes == "buckets" else 1)
     policy = build_policy(data, sizes, groups, [data.resize], data.pad_stride)
     batches: list[list[int]] = []
-    for g in np.unique(groups[indices]):
-        members = indices[groups[indices] == g].tolist()
+    for g in np.unique(groups):
+        members = np.flatnonzero(groups == g).tolist()
         batches.extend(members[i : i + batch] for i in range(0, len(members), batch))
-    return batches, policy
+    return batches[rank::world_size], policy
 
 
 def build_eval_loader(
