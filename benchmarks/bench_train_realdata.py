@@ -119,6 +119,9 @@ def run_peer(config: Config, peer: str, first: int, second: int, out_dir: Path) 
 def train_benchmark(args: argparse.Namespace, images: str, annotations: str) -> dict[str, Any]:
     config = Config()
     config.data.images, config.data.annotations, config.data.workers = images, annotations, args.workers
+    # The network bench_train.py measures (frozen BN, no head norm), not the GroupNorm one that "auto"
+    # picks for a random init.
+    config.model.norm, config.model.head_norm = "frozen_bn", "none"
     t = config.train
     t.batch, t.iters, t.warmup, t.lr, t.log_every = args.batch, 10**9, 100, 0.01, 10**9
     t.precision = args.precision
