@@ -9,7 +9,7 @@ import pytest
 
 from retinaflow.config import Config
 from retinaflow.errors import ConfigError
-from retinaflow.flags import INFER_FLAGS, TRAIN_FLAGS, add_flags, apply_flags, given
+from retinaflow.flags import EXPORT_FLAGS, INFER_FLAGS, TRAIN_FLAGS, add_flags, apply_flags, given
 
 
 def _parse(flags, *argv: str) -> argparse.Namespace:
@@ -43,7 +43,7 @@ def test_a_flag_value_is_checked_once_by_the_config():
 
 
 def test_every_flag_names_a_config_key_by_its_last_part():
-    for flag in (*TRAIN_FLAGS, *INFER_FLAGS):
+    for flag in (*TRAIN_FLAGS, *INFER_FLAGS, *EXPORT_FLAGS):
         section, name = flag.key.rsplit(".", 1)
         assert name in {f.name for f in dataclasses.fields(getattr(Config(), section))}, flag.key
         assert flag.option == "--" + name.replace("_", "-")

@@ -196,6 +196,10 @@ class ExportConfig:
     off, they return the raw head maps (the TensorRT plugin route).
     TensorRT only: ``opt_batch`` the profile's optimum (0: ``max_batch``), the builder's workspace limit,
     optimisation level and a timing cache file (read if present, written after the build; "" for none).
+    ``precision`` "int8" (.onnx, .plan): ModelOpt post-training quantization calibrated on
+    ``calibration_images`` images drawn (seeded) from ``calibration_data`` (images folder, COCO JSON; None:
+    the checkpoint's ``data.images`` / ``data.annotations``); ``int8_keep_head`` leaves the head's last
+    convolutions in floating point (``retinaflow.export.quantize.HEAD_LAST_CONVS``).
     """
 
     opset: int = 17
@@ -210,6 +214,13 @@ class ExportConfig:
     workspace_gib: float = 4.0
     optimization_level: int = 3
     timing_cache: str = ""
+    calibration_images: int = 512
+    calibration_data: tuple[str, str] | None = None
+    int8_keep_head: bool = False
+
+    def __post_init__(self) -> None:
+        pair = self.calibration_data is None or len(self.calibration_data) == 2
+        _require("export", self, calibration_images=self.calibration_images > 0, calibration_data=pair)
 
 
 @dataclass
@@ -279,7 +290,12 @@ class Config:
             node.__post_init__()  # the section's range checks
 
 
-_RULES = {"nms_iou": "be in [0, 1]", "max_det": "be >= 1", "checkpoint_every": "be >= 0 (0: off)"}
+_RULES = {
+    "nms_iou": "be in [0, 1]",
+    "max_det": "be >= 1",
+    "checkpoint_every": "be >= 0 (0: off)",
+    "calibration_data": "be [images folder, annotations JSON]",
+}
 
 
 def _require(section: str, obj: Any, **ok: bool) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from retinaflow.config import Config
+from retinaflow.export.spec import PRECISIONS
 
 _COMPILE = {"nargs": "?", "const": "inductor", "metavar": "BACKEND"}
 _CHOICES = {
@@ -101,6 +102,20 @@ INFER_FLAGS = _table(
     ("infer.compile", "torch.compile the network (default inductor; compiles once per shape)", _COMPILE),
     ("infer.loader", "data loader (default auto: dali on GPUs if installed)"),
     ("infer.cudnn_benchmark", "cuDNN autotuning (default off: short passes do not repay it)"),
+)
+
+#: ``retinaflow export``; ``--batch`` and ``--size`` (one flag, two keys each) are the command's own.
+EXPORT_FLAGS = _table(
+    ("export.precision", "network precision (default fp32; int8: .onnx and .plan)", {"choices": PRECISIONS}),
+    ("export.opset", "ONNX opset (>= 17)"),
+    "int8 (ModelOpt post-training quantization)",
+    ("export.calibration_images", "images to calibrate on (default 512)", {"metavar": "N"}),
+    (
+        "export.calibration_data",
+        "images folder and COCO JSON to draw them from (default: the checkpoint's training data)",
+        {"metavar": ("IMAGES", "ANNOTATIONS")},
+    ),
+    ("export.int8_keep_head", "keep the head's last convolutions in floating point"),
 )
 
 

@@ -44,8 +44,8 @@ def test_export_errors(checkpoint, tmp_path):
     path, _ = checkpoint
     with pytest.raises(ConfigError, match="multiples of 32"):
         export_onnx(path, tmp_path / "m.onnx", ExportConfig(height=100, width=128))
-    with pytest.raises(ConfigError, match="fp32"):
-        export_onnx(path, tmp_path / "m.onnx", ExportConfig(precision="fp16"))
+    with pytest.raises(ConfigError, match=r"bf16 is not available for \.onnx"):
+        export_onnx(path, tmp_path / "m.onnx", ExportConfig(precision="bf16"))
     with pytest.raises(ConfigError, match="opset"):
         export_onnx(path, tmp_path / "m.onnx", ExportConfig(height=128, width=128, opset=11))
     with pytest.raises(CheckpointError, match="not found"):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 
 from retinaflow.commands.optional import add_tracking_args, remote, tracked
-from retinaflow.config import ExportConfig
+from retinaflow.config import Config, ExportConfig
 from retinaflow.errors import ConfigError
 from retinaflow.export.spec import check_size
+from retinaflow.flags import EXPORT_FLAGS, add_flags, apply_flags
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -16,16 +17,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="export a checkpoint to ONNX (.onnx) or an AOTInductor engine (.pt2)",
         description="The format follows OUT's extension: .onnx (network + decode + NMS in standard ONNX "
         "ops, checked in ONNX Runtime), .pt2 (torch.export + AOTInductor; uint8 images in, detections out) "
-        "or .plan (TensorRT). Size, batch range and precision default from the checkpoint.",
+        "or .plan (TensorRT). Size, batch range and precision default from the checkpoint. --precision int8 "
+        "(.onnx, .plan) calibrates ModelOpt int8 quantizers on training images and writes Q/DQ nodes.",
     )
     p.add_argument("model", help="checkpoint (.pth)")
     p.add_argument("output", help="engine to write: model.onnx, model.pt2 or model.plan")
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="network precision")
     p.add_argument(
         "--batch", type=int, nargs="+", metavar="N", help="batch size, or MIN MAX range (default 1 32)"
     )
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="input size (multiples of 32)")
-    p.add_argument("--opset", type=int, default=ExportConfig.opset, help="ONNX opset (>= 17)")
     p.add_argument(
         "--no-postprocess",
         dest="postprocess",
@@ -38,13 +38,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--triton-repo", metavar="DIR", help="also write a Triton model repository entry")
     p.add_argument("--triton-name", default="retinaflow", help="model name in the Triton repository")
     p.set_defaults(postprocess=True)
+    add_flags(p, EXPORT_FLAGS)
     add_tracking_args(p)
     p.set_defaults(func=_cmd_export)
 
 
 def export_config(args: argparse.Namespace) -> ExportConfig:
     """The ExportConfig the flags ask for (0 size: the checkpoint's default)."""
-    cfg = ExportConfig(opset=args.opset, postprocess=args.postprocess)
+    cfg = apply_flags(Config(), args, EXPORT_FLAGS).export
+    cfg.postprocess = args.postprocess
     if args.size:
         cfg.height, cfg.width = args.size
         check_size(cfg.height, cfg.width)  # before the checkpoint is read: the cheap mistake first
@@ -53,8 +55,6 @@ def export_config(args: argparse.Namespace) -> ExportConfig:
             raise ConfigError(f"--batch takes one size or MIN MAX, got {len(args.batch)} values")
         cfg.min_batch, cfg.max_batch = args.batch[0], args.batch[-1]
     cfg.dynamic_batch = cfg.min_batch != cfg.max_batch and not args.static_batch
-    if args.precision:
-        cfg.precision = args.precision
     return cfg
 
 

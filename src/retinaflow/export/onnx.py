@@ -6,13 +6,15 @@ ops (:mod:`.onnx_postprocess`); ``num_detections (batch,) int64, boxes (batch, D
 scores (batch, D) float32, classes (batch, D) int64`` out. Network only (``postprocess=False``: the
 TensorRT plugin route): ``images: (batch, 3, H, W) float32`` RGB 0..255 in, ``cls_p3..cls_p7`` logits and
 ``box_p3..box_p7`` deltas out. The batch dimension is dynamic in both; the metadata of
-:mod:`.metadata` goes into ``metadata_props``.
+:mod:`.metadata` goes into ``metadata_props``. fp16 and int8 (Q/DQ) networks: :mod:`.precision`;
+inputs, outputs and decode + NMS are the same in every precision.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from retinaflow.errors import ConfigError, MissingDependency
 from retinaflow.export.detector import EndToEnd, end_to_end_reference
 from retinaflow.export.metadata import INPUTS, OUTPUTS, engine_metadata, parse
 from retinaflow.export.parity import ExportMismatch, ParityReport, compare_detections
+from retinaflow.export.precision import FlatHeads, Lowered, check_network, lower, precision_metadata
 from retinaflow.export.spec import EngineSpec, resolve
 from retinaflow.model.norm import fold_batchnorm
 
@@ -33,18 +36,6 @@ log = logging.getLogger(__name__)
 
 LEVELS = ("p3", "p4", "p5", "p6", "p7")
 RTOL, ATOL = 1e-3, 1e-3  # ONNX Runtime (CPU, fp32) vs PyTorch fp32, relative to logits of order 1-10
-
-
-class _Flat(torch.nn.Module):
-    """Returns the per-level lists as a flat tuple so every output gets a name."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        cls, box = self.model(images)
-        return (*cls, *box)
 
 
 def _require_onnx() -> Any:
@@ -61,7 +52,8 @@ def export_onnx(checkpoint: str | Path, output: str | Path, cfg: ExportConfig | 
     """Export ``checkpoint`` to ``output`` (.onnx), run the ONNX checker and the parity check.
 
     ``cfg.postprocess`` chooses the end-to-end graph (default) or the network-only one (see the module
-    docstring); size and batch range as :func:`retinaflow.export.spec.resolve`.
+    docstring); size, batch range and precision as :func:`retinaflow.export.spec.resolve` (int8 calibrates
+    first: :func:`retinaflow.export.quantize.quantize_for_export`).
     """
     onnx = _require_onnx()
     cfg = cfg or ExportConfig()
@@ -69,30 +61,59 @@ def export_onnx(checkpoint: str | Path, output: str | Path, cfg: ExportConfig | 
         raise ConfigError(f"opset {cfg.opset} is too old; retinaflow exports opset 17 or newer")
     model, config, state = load_model(checkpoint, torch.device("cpu"))
     spec = resolve(output, cfg, config, "onnx")
-    if spec.precision != "fp32":
-        raise ConfigError(
-            f"ONNX export is fp32 (asked for {spec.precision}): TensorRT builds fp16 from the fp32 ONNX; "
-            "for an fp16/bf16 PyTorch engine export a .pt2"
-        )
     model = model.float().to(memory_format=torch.contiguous_format)
-    reference = _Flat(copy.deepcopy(model)).eval()  # the checkpoint as trained: what parity compares with
+    reference = FlatHeads(copy.deepcopy(model)).eval()  # the checkpoint as trained: fp32 parity's reference
     fold_batchnorm(model)  # the graph carries plain biased convolutions, no per-BN Mul/Add pairs
+    lowered = lower(model, config, cfg)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     if cfg.postprocess:
-        _export_end_to_end(model, config, spec, out, cfg.opset)
+        _export_end_to_end(lowered.model, config, spec, out, cfg.opset)
     else:
-        _export_network(_Flat(model).eval(), config, spec, out, cfg.opset)
-    _finish(
-        onnx, out, engine_metadata(checkpoint, state, spec), config.infer.max_det if cfg.postprocess else 0
-    )
+        _export_network(FlatHeads(lowered.model).eval(), config, spec, out, cfg.opset)
+    meta = {**engine_metadata(checkpoint, state, spec), **precision_metadata(cfg)}
+    _finish(onnx, out, meta, config.infer.max_det if cfg.postprocess else 0)
     onnx.checker.check_model(str(out), full_check=True)
+    if spec.precision != "fp32":
+        report = _check_lowered(lowered, config, spec, out, cfg)
+        log.info(
+            "exported %s (%s; network within %.2e relative L2 of PyTorch)",
+            out,
+            spec.precision,
+            report.max_rel,
+        )
+        return out
     if cfg.postprocess:
         report = check_detections(end_to_end_reference(reference.model, config, spec), out, spec)
     else:
         report = check_parity(reference, out, spec)
     log.info("exported %s (max abs diff %.2e, max rel diff %.2e)", out, report.max_abs, report.max_rel)
     return out
+
+
+def _check_lowered(
+    lowered: Lowered, config: Config, spec: EngineSpec, out: Path, cfg: ExportConfig
+) -> ParityReport:
+    """An fp16/int8 graph: its network against :mod:`.precision`'s reference in norm (an end-to-end graph's
+    network is exported alone for it), and the end-to-end graph run once in ONNX Runtime."""
+    if not cfg.postprocess:
+        return check_network(lowered, str(out), spec)
+    with tempfile.TemporaryDirectory() as tmp:
+        network = Path(tmp) / "network.onnx"
+        _export_network(FlatHeads(lowered.model).eval(), config, spec, network, cfg.opset)
+        report = check_network(lowered, str(network), spec)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    images, sizes = _example_inputs(spec.min_batch, spec)
+    counts, boxes = session.run(
+        ["num_detections", "boxes"], {"images": images.numpy(), "sizes": sizes.numpy()}
+    )
+    if counts.shape != (spec.min_batch,) or not np.isfinite(boxes).all():
+        raise ExportMismatch(
+            f"the {spec.precision} end-to-end graph gives no valid detections in ONNX Runtime"
+        )
+    return report
 
 
 def _export_network(

@@ -6,11 +6,13 @@ per-channel weights, per-tensor activations, ``max`` calibration) and calibrates
 (evaluate it as usual). :func:`export_qdq_onnx` writes it as an explicit-precision ONNX graph
 (QuantizeLinear/DequantizeLinear pairs), which ONNX Runtime (CPU) runs and TensorRT builds as a strongly
 typed INT8 network. ``QuantizeConfig.keep`` leaves modules unquantized, e.g. :data:`HEAD_LAST_CONVS`.
+:func:`quantize_for_export` is what ``retinaflow export --precision int8`` runs (an ExportConfig in).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import warnings
 from collections.abc import Iterable
@@ -20,8 +22,8 @@ from typing import Any
 
 import torch
 
-from retinaflow.config import DataConfig
-from retinaflow.errors import DataError, MissingDependency
+from retinaflow.config import Config, DataConfig, ExportConfig
+from retinaflow.errors import ConfigError, DataError, MissingDependency
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +120,38 @@ def quantize(
     return model
 
 
+def quantize_for_export(model: torch.nn.Module, config: Config, cfg: ExportConfig) -> torch.nn.Module:
+    """:func:`quantize` ``model`` (a checkpoint's network, ``config`` its config) as ``cfg`` asks.
+
+    ``cfg.calibration_images`` images from :func:`calibration_source`, resized and padded as the
+    checkpoint's inference does; ``cfg.int8_keep_head`` keeps :data:`HEAD_LAST_CONVS` in float.
+    ModelOpt is checked first, so a machine without it fails before any image is read.
+    """
+    modelopt()
+    images, annotations = calibration_source(config, cfg)
+    infer = config.infer
+    data = dataclasses.replace(
+        config.data, resize=infer.resize, max_size=infer.max_size, pad_stride=infer.pad_stride
+    )
+    keep = HEAD_LAST_CONVS if cfg.int8_keep_head else ()
+    qcfg = QuantizeConfig(calibration_images=cfg.calibration_images, keep=keep)
+    return quantize(model, calibration_batches(images, annotations, data, qcfg), qcfg)
+
+
+def calibration_source(config: Config, cfg: ExportConfig) -> tuple[str, str]:
+    """(images folder, COCO JSON) to calibrate on: ``cfg.calibration_data``, else the training data the
+    checkpoint's ``config`` names; ConfigError when neither is there."""
+    if cfg.calibration_data:
+        images, annotations = cfg.calibration_data
+        return images, annotations
+    if config.data.images and config.data.annotations:
+        return config.data.images, config.data.annotations
+    raise ConfigError(
+        "int8 export needs calibration images and the checkpoint names no training data: "
+        "pass --calibration-data IMAGES ANNOTATIONS"
+    )
+
+
 def int8_config(mtq: Any, keep: Iterable[str]) -> dict[str, Any]:
     """``INT8_DEFAULT_CFG`` with the quantizers matching ``keep`` disabled (both ModelOpt config layouts)."""
     qcfg = copy.deepcopy(mtq.INT8_DEFAULT_CFG)
@@ -138,9 +172,10 @@ def export_qdq_onnx(
     Same interface as :func:`retinaflow.export.onnx.export_onnx`'s graph: ``images (batch, 3, H, W)`` in,
     ``cls_*`` then ``box_*`` per level out, dynamic batch.
     """
-    from retinaflow.export.onnx import LEVELS, _Flat
+    from retinaflow.export.onnx import LEVELS
+    from retinaflow.export.precision import FlatHeads
 
-    wrapped = _Flat(model).eval()
+    wrapped = FlatHeads(model).eval()
     with torch.no_grad():
         levels = len(model(torch.zeros(1, 3, height, width, device=_device(model)))[0])
     names = [f"{k}_{lv}" for k in ("cls", "box") for lv in LEVELS[:levels]]

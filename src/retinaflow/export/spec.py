@@ -15,7 +15,14 @@ from retinaflow.config import Config, ExportConfig
 from retinaflow.errors import ConfigError
 
 FORMATS = {".onnx": "onnx", ".pt2": "pt2", ".plan": "tensorrt"}
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+#: What each format can hold: ONNX Runtime's CPU kernels have no bf16 convolution; int8 is ModelOpt's
+#: Q/DQ graph, which ONNX Runtime and TensorRT run and AOTInductor does not compile.
+FORMAT_PRECISIONS = {
+    "onnx": ("fp32", "fp16", "int8"),
+    "pt2": ("fp32", "fp16", "bf16"),
+    "tensorrt": ("fp32", "fp16", "int8"),
+}
 NETWORK_STRIDE = 32  # the backbone's deepest stride; the FPN aligns P6/P7 to any multiple of it
 
 
@@ -26,7 +33,8 @@ class EngineSpec:
     format:    "onnx", "pt2" or "tensorrt".
     height, width: the engine's fixed input size (multiples of 32); images are padded to it.
     min_batch, max_batch: the batch range (equal: a fixed batch).
-    precision: network weights/activations "fp32", "fp16" or "bf16"; decode + NMS always run in fp32.
+    precision: network weights/activations "fp32", "fp16", "bf16" or "int8" (Q/DQ); decode + NMS always
+        run in fp32.
     """
 
     format: str
@@ -64,7 +72,7 @@ def resolve(output: str | Path, cfg: ExportConfig, config: Config, fmt: str | No
 
     ``fmt`` None: from ``output``'s extension (the exporters pass theirs: pipeline artifact paths have
     none). ``cfg.height``/``cfg.width`` 0 take :func:`default_size`. Raises ConfigError for a size that
-    is not a positive multiple of 32, an empty batch range or an unknown precision.
+    is not a positive multiple of 32, an empty batch range or a precision the format cannot hold.
     """
     fmt = fmt or engine_format(output)
     height, width = cfg.height, cfg.width
@@ -76,6 +84,13 @@ def resolve(output: str | Path, cfg: ExportConfig, config: Config, fmt: str | No
         raise ConfigError(f"batch range {lo}..{hi} is empty: need 1 <= MIN <= MAX")
     if cfg.precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    if cfg.precision not in FORMAT_PRECISIONS[fmt]:
+        ext = {f: s for s, f in FORMATS.items()}
+        others = [ext[f] for f, held in FORMAT_PRECISIONS.items() if cfg.precision in held]
+        raise ConfigError(
+            f"precision {cfg.precision} is not available for {ext[fmt]} (it holds "
+            f"{', '.join(FORMAT_PRECISIONS[fmt])}): export {cfg.precision} as {' or '.join(others)}"
+        )
     return EngineSpec(fmt, height, width, lo, hi, cfg.precision)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,26 +51,36 @@ def require_tensorrt() -> Any:
 def export_plan(checkpoint: str | Path, output: str | Path, cfg: ExportConfig) -> Path:
     """``retinaflow export model.pth engine.plan``: the plugin-flavour ONNX (kept next to the plan as
     ``<name>.plugin.onnx``), then the engine over ``cfg``'s batch range and size. TensorRT is checked first,
-    so a machine without it fails in a second, before any export work."""
+    so a machine without it fails in a second, before any export work.
+
+    int8: the ONNX carries the calibrated Q/DQ network (:mod:`.precision`); fp16: it is fp32 and
+    :func:`build_engine` casts it (:func:`to_float16`, which keeps the plugins' I/O in float32).
+    """
     require_tensorrt()
-    if cfg.precision not in ("fp32", "fp16"):
-        raise ConfigError(
-            f".plan precision {cfg.precision!r}: retinaflow export builds fp32 or fp16 plans; INT8 plans are "
-            "built from ModelOpt's Q/DQ ONNX (retinaflow.export.quantize)"
-        )
+    onnx_cfg = replace(cfg, precision="fp32") if cfg.precision == "fp16" else cfg
     onnx_path = Path(output).with_suffix(".plugin.onnx")
-    plugin_onnx.export_plugin_onnx(checkpoint, onnx_path, cfg)
+    plugin_onnx.export_plugin_onnx(checkpoint, onnx_path, onnx_cfg)
     return build_engine(onnx_path, output, cfg)
 
 
 def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: ExportConfig | None = None) -> Path:
-    """Build ``plan_path`` (.plan) from a plugin-flavour ONNX; returns it (and writes ``<plan>.json``)."""
+    """Build ``plan_path`` (.plan) from a plugin-flavour ONNX; returns it (and writes ``<plan>.json``).
+
+    ``cfg.precision`` int8 needs a Q/DQ graph (``export_plugin_onnx`` with int8): strongly typed, TensorRT
+    takes int8 from the QuantizeLinear/DequantizeLinear nodes (no builder flag, no calibrator).
+    """
     cfg = cfg or ExportConfig(precision="fp16")
     _check(cfg)
     onnx = plugin_onnx._onnx()
     model = onnx.load(str(onnx_path))
     plugin_onnx.find_plugin_nodes(model)  # MissingPluginNodes before TensorRT is even needed
     height, width = _input_hw(model)
+    quantized = any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    if (cfg.precision == "int8") != quantized:
+        raise ConfigError(
+            f"{onnx_path} {'has' if quantized else 'has no'} Q/DQ nodes but the engine is to be "
+            f"{cfg.precision}: export the plugin ONNX with the engine's precision (int8 only with Q/DQ)"
+        )
     trt = require_tensorrt()
     from retinaflow.export import trt_plugins
 
