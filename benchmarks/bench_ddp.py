@@ -93,7 +93,8 @@ def _loader_rate(cfg: Config, rank: int, world: int, batches: int) -> float:
     """img/s of this rank's training loader alone (same workers and transforms as the run)."""
     from retinaflow.data.select import build_train
 
-    device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))  # the GPU of this node (= rank on one node)
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
     loader, _ = build_train(cfg.data, cfg.train.batch // world, cfg.train.seed, rank, world, 0, device)
     it = iter(loader)
     for _ in range(5):

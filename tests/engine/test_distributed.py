@@ -88,7 +88,7 @@ if _PAUSE or _NAN:
 """
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -115,7 +115,7 @@ def train_cmd(*args: str, nproc: int = 2, log_dir: Path | None = None) -> list[s
     if nproc == 0:
         return [sys.executable, "-m", "retinaflow", "train", *args]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
-    launcher += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    launcher += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     if log_dir is not None:  # worker stderr into log_dir/**/<local rank>/stderr.log
         launcher += ["--log-dir", str(log_dir), "--redirects", "2"]
     return [*launcher, "-m", "retinaflow", "train", *args]

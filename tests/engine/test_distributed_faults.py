@@ -33,13 +33,13 @@ def _config(synth, tmp_path: Path, iters: int, checkpoint_every: int) -> Path:
     return path
 
 
-def _exit_codes(torchrun_output: str) -> dict[int, int]:
+def exit_codes(torchrun_output: str) -> dict[int, int]:
     """rank -> exit code, from the failure report torchrun prints when a worker fails."""
     found = re.findall(r"rank\s*: (\d+) \(local_rank.*\n\s*exitcode\s*: (-?\d+)", torchrun_output)
     return {int(rank): int(code) for rank, code in found}
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 180) -> None:
+def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 180) -> None:
     deadline = time.monotonic() + seconds
     while not path.exists():
         assert proc.poll() is None, f"the run ended (code {proc.returncode}) before {path.name}"
@@ -47,7 +47,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 180) -> None:
         time.sleep(0.05)
 
 
-def _workers(launcher: int) -> dict[int, int]:
+def workers_of(launcher: int) -> dict[int, int]:
     """rank -> pid of torchrun's worker processes (Linux /proc: its children, by the RANK they were given).
 
     /proc rather than psutil, which only the MLOps extras install."""
@@ -67,7 +67,7 @@ def _parent(proc: Path) -> int:
     return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
@@ -96,8 +96,8 @@ def test_sigterm_to_one_rank_stops_all_and_the_same_command_resumes_exactly(
     with log.open("w") as fh:  # rank 0 pauses after its 2nd step; meanwhile rank 1 gets SIGTERM
         proc = subprocess.Popen(command, env=launch_env(tmp_path, backend, pause="0:2"), stderr=fh, stdout=fh)
         try:
-            _wait_for(tmp_path / "paused", proc)
-            workers = _workers(proc.pid)
+            wait_for(tmp_path / "paused", proc)
+            workers = workers_of(proc.pid)
             assert sorted(workers) == [0, 1]
             os.kill(workers[1], signal.SIGTERM)
             (tmp_path / "go").touch()
@@ -108,9 +108,9 @@ def test_sigterm_to_one_rank_stops_all_and_the_same_command_resumes_exactly(
                 proc.wait()
     err = log.read_text()
     assert proc.returncode != 0, err[-3000:]
-    assert not any(_alive(pid) for pid in workers.values())  # every rank exited
+    assert not any(alive(pid) for pid in workers.values())  # every rank exited
     # both workers left through TrainingInterrupted (143), none was killed by torchrun
-    assert _exit_codes(err) == {0: 143, 1: 143}, err[-3000:]
+    assert exit_codes(err) == {0: 143, 1: 143}, err[-3000:]
     stopped = int(load_checkpoint(ckpt)["iteration"])
     assert stopped in (2, 3), err[-3000:]  # the signal is seen at the end of step 2 or 3
     said = [line for line in err.splitlines() if line.startswith("retinaflow:")]
@@ -152,7 +152,7 @@ def test_non_finite_loss_on_one_rank_stops_all_ranks(synth_small, tmp_path, back
     )
     err = proc.stderr
     assert proc.returncode != 0
-    assert _exit_codes(err) == {0: 5, 1: 5}, err[-3000:]  # TrainingDiverged on both
+    assert exit_codes(err) == {0: 5, 1: 5}, err[-3000:]  # TrainingDiverged on both
     said = [line for line in err.splitlines() if line.startswith("retinaflow:")]
     assert len(said) == 1, err[-3000:]  # said once, by rank 0, with a hint for this config after the "; "
     assert said[0].startswith(

@@ -84,3 +84,12 @@ def test_local_data_is_refused(tmp_path, monkeypatch):
     req.nodes = 1
     with pytest.raises(ConfigError, match="2 or more nodes"):
         run_trainjob(req, folder, tmp_path / "model", api=FakeApi([[]]))
+
+
+def test_a_batch_that_does_not_split_over_all_nodes_is_refused_before_the_job(tmp_path, monkeypatch):
+    folder, req = _setup(tmp_path, monkeypatch)  # 4 nodes x 8 GPUs
+    req.train.batch = 48  # a multiple of the 8 GPUs of one node, not of the 32 ranks
+    api = FakeApi([[{"type": "Complete", "status": "True"}]])
+    with pytest.raises(ConfigError, match="batch 48 must be a multiple of nodes x gpus = 32"):
+        run_trainjob(req, folder, tmp_path / "model", api=api)
+    assert api.created == []

@@ -13,7 +13,7 @@ import pytest
 from tests.mlops.conftest import BUCKET, S3Server
 
 from retinaflow.mlops import storage
-from retinaflow.mlops.cli import resolve_paths
+from retinaflow.mlops.cli import resolve_paths, s3_paths
 from retinaflow.mlops.errors import StorageAuthError, StorageError
 
 MiB = 1024 * 1024
@@ -199,6 +199,29 @@ def test_resolve_paths_downloads_inputs_and_publishes_outputs(
     assert f"s3://{BUCKET}/job/model.pth" in written and f"s3://{BUCKET}/job/out/detections.json" in written
     assert s3_admin.get_object(Bucket=BUCKET, Key="job/model.pth")["Body"].read() == b"new checkpoint"
     assert "job/model.pth.mlflow.json" in _keys(s3_admin, "job/")
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_under_torchrun_only_rank_0_publishes_a_resumed_checkpoint(
+    s3_env: S3Server, s3_admin: Any, tmp_path: Path, monkeypatch, rank: str
+) -> None:
+    """Every rank of ``train s3://...`` stages the checkpoint it resumes from, but only rank 0 writes a
+    new one: another rank uploading its staged copy on exit would put the old checkpoint back."""
+    uri = f"s3://{BUCKET}/ranks{rank}/model.pth"
+    (tmp_path / "old.pth").write_bytes(b"resumed from")
+    storage.upload(tmp_path / "old.pth", uri)
+    monkeypatch.setenv("RANK", rank)
+    args = argparse.Namespace(model=uri)
+    with s3_paths(args, resume=("model",)):
+        assert Path(args.model).read_bytes() == b"resumed from"
+        if rank == "0":
+            Path(args.model).write_bytes(b"trained further")
+        else:  # meanwhile rank 0 (another process) publishes its checkpoint
+            (tmp_path / "new.pth").write_bytes(b"trained further")
+            storage.upload(tmp_path / "new.pth", uri)
+    stored = s3_admin.get_object(Bucket=BUCKET, Key=f"ranks{rank}/model.pth")["Body"].read()
+    assert stored == b"trained further"
+    assert not Path(args.model).exists()  # staging removed on every rank
 
 
 def test_sigterm_message_of_an_s3_model_names_the_uri_not_the_staging_file(

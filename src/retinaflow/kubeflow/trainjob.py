@@ -115,6 +115,9 @@ def run_trainjob(
     if req.train.gpus < 1:
         raise ConfigError("a TrainJob needs gpus >= 1 per node")
     req.train.check()
+    world = req.nodes * req.train.gpus  # checked here, not by each worker once the nodes are up
+    if req.train.batch % world:
+        raise ConfigError(f"batch {req.train.batch} must be a multiple of nodes x gpus = {world}")
     data = load_manifest(dataset_dir)
     uri = checkpoint_uri(req.train, default_root=Path("unused"))
     paths = (data.train_images, data.train_annotations, data.val_images, data.val_annotations, uri)

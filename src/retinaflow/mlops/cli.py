@@ -224,12 +224,16 @@ def resolve_paths(
 
 @contextmanager
 def s3_paths(args: argparse.Namespace, **kwargs: Any) -> Iterator[PathResolver]:
-    """:func:`resolve_paths` as a context: outputs are published on exit, even after an error."""
+    """:func:`resolve_paths` as a context: outputs are published on exit, even after an error.
+
+    Under torchrun only global rank 0 publishes: it alone writes outputs (the checkpoint); another
+    rank's staged copy is the checkpoint it resumed from, and uploading it would undo rank 0's."""
     resolver = resolve_paths(args, **kwargs)
     try:
         yield resolver
     finally:
-        resolver.publish()
+        if int(os.environ.get("RANK", "0")) == 0:
+            resolver.publish()
         resolver.cleanup()
 
 
