@@ -139,10 +139,10 @@ class TrainConfig:
     precision: str = "auto"
     channels_last: bool = True
     compile: str = ""
-    # cuDNN autotuning: "auto" (on when data.shapes bounds the shapes), "on" or "off"; see data/shapes.py.
-    # Measured (H200, 6 buckets, docs/PERFORMANCE.md): autotuning costs ~15 s once and then gains 0.3-3 %,
-    # which pays off over the thousands of iterations of a real training.
-    cudnn_benchmark: str = "auto"
+    # cuDNN autotuning: "off", "on", or "auto" (on when data.shapes bounds the shapes); see data/shapes.py.
+    # Measured in fresh processes (H200, R50 batch 8, bench_cudnn.py): autotuning costs ~9 s per padded
+    # shape (~55 s for 6 buckets) and then gains 1.2 % -- it repays itself only after ~80k iterations.
+    cudnn_benchmark: str = "off"
     checkpoint_every: int = 1000
     val_every: int = 0
     log_every: int = 20
@@ -177,8 +177,8 @@ class InferConfig:
     # "" (off) or a torch.compile backend for the network ("inductor" on GPUs: fuses each conv's bias,
     # ReLU and residual add into one kernel). Compiles once per new input shape.
     compile: str = ""
-    # as train.cudnn_benchmark; "off" by default: a pass over a validation set is too short to repay the
-    # one-time autotuning of every bucket (~15 s at R50 800x1333) with a 0.3-3 % faster step.
+    # as train.cudnn_benchmark; "off" by default: inference gains 1 % from autotuning, after ~2.7 s per
+    # padded shape (R50 batch 8, fp16; bench_cudnn.py).
     cudnn_benchmark: str = "off"
     loader: str = "auto"  # as data.loader
 
