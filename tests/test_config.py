@@ -64,9 +64,10 @@ def test_schedule_scales_iterations():
 def test_checkpoints_from_before_model_norm_still_load() -> None:
     old = Config().to_dict()
     del old["model"]["norm"], old["model"]["head_norm"]
-    assert Config.from_dict({**old, "model": {**old["model"], "frozen_bn": True}}).model.norm == "frozen_bn"
+    frozen = Config.from_dict({**old, "model": {**old["model"], "frozen_bn": True}}).model
+    assert (frozen.norm, frozen.head_norm) == ("frozen_bn", "none")  # the network they were trained as
     assert Config.from_dict({**old, "model": {**old["model"], "frozen_bn": False}}).model.norm == "bn"
-    assert Config().model.norm == "auto" and Config().model.head_norm == "auto"
+    assert Config().model.norm == "auto" and Config().model.head_norm == "gn"
 
 
 def test_one_range_check_per_value_wherever_it_is_set(tmp_path):

@@ -245,6 +245,7 @@ class Config:
         if isinstance(model, dict) and "frozen_bn" in model:  # checkpoints written before model.norm
             model = dict(model)
             model.setdefault("norm", "frozen_bn" if model.pop("frozen_bn") else "bn")
+            model.setdefault("head_norm", "none")  # their head had no norm (the default is gn now)
             data = {**data, "model": model}
         return _build(cls, data, "")
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torchvision.transforms.v2 import functional as F
 
 from retinaflow.config import DataConfig
 from retinaflow.data.transforms import EvalTransform, TrainTransform, hflip, resize, resize_scale
@@ -120,3 +121,23 @@ def test_bad_augmentation_settings(kwargs: dict) -> None:
         TrainTransform(DataConfig(**kwargs))
     with pytest.raises(ConfigError):
         EvalTransform(0, 100)
+
+
+def test_colour_jitter_batch_is_torchvision_per_image_and_keeps_the_padding_zero() -> None:
+    from retinaflow.data.transforms import colour_jitter_batch
+
+    gen = torch.Generator().manual_seed(0)
+    sizes = torch.tensor([[20, 30], [32, 17], [9, 40]])
+    batch = torch.zeros(3, 3, 32, 40, dtype=torch.uint8)
+    for i, (h, w) in enumerate(sizes.tolist()):
+        batch[i, :, :h, :w] = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen)
+    factors = torch.tensor([[1.1, 0.9, 1.05], [0.9, 1.1, 0.95], [1.0, 1.0, 1.0]])
+    out = colour_jitter_batch(batch, sizes, factors)
+    assert out.dtype == torch.uint8 and out.is_contiguous(memory_format=torch.channels_last)
+    for i, (h, w) in enumerate(sizes.tolist()):
+        image = batch[i, :, :h, :w]
+        b, c, s = factors[i].tolist()
+        ref = F.adjust_saturation(F.adjust_contrast(F.adjust_brightness(image, b), c), s)
+        diff = (out[i, :, :h, :w].int() - ref.int()).abs()
+        assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01  # float summation order
+        assert not out[i, :, h:].any() and not out[i, :, :, w:].any()

@@ -65,10 +65,11 @@ def test_int8_onnx_runs_in_onnx_runtime_close_to_fp32(tiny_checkpoint, synth_sma
         for p in (fp32, int8)
     )
     # Measured (8 calibration images; random weights with 10x class logits, which magnify the int8 error):
-    # 144 of the 158 detections scoring >= 0.4 found (same class, IoU >= 0.9), scores within 0.048.
+    # with the default GroupNorm head 264 of the 296 detections scoring >= 0.4 found (same class,
+    # IoU >= 0.9), scores within 0.090 (without head norm: 144 of 158, 0.048).
     total, hits, score_diff, _ = match(ref, got, min_score=0.4)
     assert total >= 50 and hits >= 0.85 * total
-    assert score_diff <= 0.08
+    assert score_diff <= 0.12
 
 
 def test_int8_plugin_onnx_is_the_qdq_network_then_float_plugins(tiny_checkpoint, synth_small, tmp_path):

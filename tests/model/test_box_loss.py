@@ -28,11 +28,13 @@ def test_giou_is_zero_for_exact_deltas_and_matches_torchvision() -> None:
     torch.testing.assert_close(box_loss_per_anchor(deltas, ANCHORS[None], GT, GIOU), expected)
 
 
-def test_smooth_l1_is_the_default() -> None:
+def test_giou_weight_2_is_the_default_and_smooth_l1_is_odtks() -> None:
+    assert (LossConfig().box_loss, LossConfig().box_weight) == ("giou", 2.0)
     deltas = torch.randn(1, 3, 4, generator=torch.Generator().manual_seed(0))
     target = encode(ANCHORS[None], GT)
     expected = torch.nn.functional.smooth_l1_loss(deltas, target, beta=0.11, reduction="none").sum(2)
-    torch.testing.assert_close(box_loss_per_anchor(deltas, ANCHORS[None], GT, LossConfig()), expected)
+    smooth = LossConfig(box_loss="smooth_l1")
+    torch.testing.assert_close(box_loss_per_anchor(deltas, ANCHORS[None], GT, smooth), expected)
 
 
 def test_giou_detection_loss_is_finite_with_wild_background_deltas_and_has_gradients() -> None:

@@ -10,6 +10,10 @@ from retinaflow.errors import DataError
 from retinaflow.model.anchors import generate_anchors
 from retinaflow.model.loss import detection_loss
 
+# The reference below is focal + smooth L1 with plain IoU matching (ODTK's recipe; the defaults moved on).
+SMOOTH_L1 = LossConfig(box_loss="smooth_l1", box_weight=1.0)
+NO_LOW_QUALITY = MatcherConfig(allow_low_quality=False)
+
 # Five anchors, one image with two boxes (plus one padding row), a second image with no boxes:
 #   anchor 0 == gt 0 (fg, class 2), anchor 1 has IoU .45 with gt 0 (ignored), anchor 2 far (bg),
 #   anchor 3 close to gt 1 (fg, class 0, IoU .9), anchor 4 far (bg).
@@ -74,10 +78,12 @@ def _reference(cls: torch.Tensor, box: torch.Tensor, cfg: LossConfig) -> tuple[f
     return focal_sum, box_sum
 
 
-@pytest.mark.parametrize("loss_cfg", [LossConfig(), LossConfig(alpha=0.5, gamma=1.0, box_weight=2.0)])
+@pytest.mark.parametrize(
+    "loss_cfg", [SMOOTH_L1, LossConfig(alpha=0.5, gamma=1.0, box_loss="smooth_l1", box_weight=2.0)]
+)
 def test_matches_per_element_reference(loss_cfg: LossConfig) -> None:
     cls, box = _outputs()
-    out = detection_loss(cls, box, ANCHORS, GT_BOXES, GT_LABELS, loss_cfg, MatcherConfig())
+    out = detection_loss(cls, box, ANCHORS, GT_BOXES, GT_LABELS, loss_cfg, NO_LOW_QUALITY)
     focal_sum, box_sum = _reference(cls, box, loss_cfg)
     num_fg = 2
     assert set(out) == {"cls", "box", "loss"}
@@ -88,9 +94,9 @@ def test_matches_per_element_reference(loss_cfg: LossConfig) -> None:
 
 def test_normalisation() -> None:
     cls, box = _outputs(1)
-    cfg = LossConfig()
+    cfg = SMOOTH_L1
     focal_sum, box_sum = _reference(cls, box, cfg)
-    given = detection_loss(cls, box, ANCHORS, GT_BOXES, GT_LABELS, cfg, MatcherConfig(), num_fg_norm=8.0)
+    given = detection_loss(cls, box, ANCHORS, GT_BOXES, GT_LABELS, cfg, NO_LOW_QUALITY, num_fg_norm=8.0)
     assert given["cls"].item() == pytest.approx(focal_sum / 8, rel=1e-5)
     seen: list[float] = []
 
@@ -98,11 +104,11 @@ def test_normalisation() -> None:
         seen.append(count.item())
         return count * 4 / 2
 
-    fn = detection_loss(cls, box, ANCHORS, GT_BOXES, GT_LABELS, cfg, MatcherConfig(), num_fg_norm=all_reduced)
+    fn = detection_loss(cls, box, ANCHORS, GT_BOXES, GT_LABELS, cfg, NO_LOW_QUALITY, num_fg_norm=all_reduced)
     assert seen == [2.0]
     assert fn["box"].item() == pytest.approx(box_sum / 4, rel=1e-5)
     # a batch without any foreground divides by 1, not 0
-    empty = detection_loss(cls[1:], box[1:], ANCHORS, GT_BOXES[1:], GT_LABELS[1:], cfg, MatcherConfig())
+    empty = detection_loss(cls[1:], box[1:], ANCHORS, GT_BOXES[1:], GT_LABELS[1:], cfg, NO_LOW_QUALITY)
     p = torch.sigmoid(cls[1].double())
     all_background = (-(1 - cfg.alpha) * p**cfg.gamma * torch.log(1 - p)).sum().item()
     assert empty["cls"].item() == pytest.approx(all_background, rel=1e-5)
@@ -112,9 +118,9 @@ def test_normalisation() -> None:
 def test_mismatched_batch_or_anchor_count_raises() -> None:
     cls, box = _outputs()
     with pytest.raises(DataError, match="anchors"):
-        detection_loss(cls, box, ANCHORS[:4], GT_BOXES, GT_LABELS, LossConfig(), MatcherConfig())
+        detection_loss(cls, box, ANCHORS[:4], GT_BOXES, GT_LABELS, SMOOTH_L1, NO_LOW_QUALITY)
     with pytest.raises(DataError):
-        detection_loss(cls, box, ANCHORS, GT_BOXES[:1], GT_LABELS[:1], LossConfig(), MatcherConfig())
+        detection_loss(cls, box, ANCHORS, GT_BOXES[:1], GT_LABELS[:1], SMOOTH_L1, NO_LOW_QUALITY)
 
 
 def test_level_lists_bf16_autocast_and_gradients() -> None:
@@ -128,7 +134,7 @@ def test_level_lists_bf16_autocast_and_gradients() -> None:
         [[[8.0, 8.0, 40.0, 40.0], [0.0, 0.0, 0.0, 0.0]], [[30.0, 2.0, 60.0, 20.0], [0, 0, 60, 60]]]
     )
     labels = torch.tensor([[3, -1], [1, 0]])
-    cfgs = (LossConfig(), MatcherConfig())
+    cfgs = (SMOOTH_L1, NO_LOW_QUALITY)
     out = detection_loss(cls, box, anchors, gt, labels, *cfgs)
     same = detection_loss(cls, box, torch.cat(anchors), gt, labels, *cfgs)
     torch.testing.assert_close(out["loss"], same["loss"])

@@ -57,10 +57,12 @@ def test_properties_and_arch(model: RetinaNet) -> None:
         same = build_model(dataclasses.replace(TINY, norm="frozen_bn", prior=0.05))
         other = build_model(dataclasses.replace(TINY, num_classes=4))
     assert same.arch == arch and other.arch != arch
-    assert "norm" not in arch and "head_norm" not in arch  # the ODTK network, as before model.norm
+    assert "norm" not in arch and arch["head_norm"] == "gn"  # the default: frozen BN, GroupNorm head
     with torch.device("meta"):
-        gn = build_model(dataclasses.replace(TINY, norm="gn", head_norm="gn"))
-    assert gn.arch == {**arch, "norm": "gn", "head_norm": "gn"}
+        odtk = build_model(dataclasses.replace(TINY, head_norm="none"))
+        gn = build_model(dataclasses.replace(TINY, norm="gn"))
+    assert "norm" not in odtk.arch and "head_norm" not in odtk.arch  # as before model.norm existed
+    assert gn.arch == {**arch, "norm": "gn"}
 
 
 def test_flatten_order_matches_anchor_layout() -> None:

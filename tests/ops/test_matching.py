@@ -60,7 +60,7 @@ def test_low_quality_matches() -> None:
     anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 2.0], [50.0, 50.0, 60.0, 60.0]])
     gt = torch.tensor([[[0.0, 0.0, 10.0, 3.0], [200.0, 200.0, 210.0, 210.0]]])  # IoUs .3 and .667; none
     labels = torch.tensor([[0, 1]])
-    plain = match_anchors(anchors, gt, labels, MatcherConfig(fg_iou=0.7, bg_iou=0.4))
+    plain = match_anchors(anchors, gt, labels, MatcherConfig(fg_iou=0.7, bg_iou=0.4, allow_low_quality=False))
     assert plain.tolist() == [[BACKGROUND, IGNORE, BACKGROUND]]
     low = match_anchors(anchors, gt, labels, MatcherConfig(fg_iou=0.7, bg_iou=0.4, allow_low_quality=True))
     # the best anchor of gt 0 becomes foreground; gt 1 overlaps nothing and claims no IoU-0 anchor
