@@ -157,3 +157,24 @@ def test_sharded_eval_runs_each_image_in_its_one_rank_batch(tmp_path) -> None:
     shards = [batches(rank, 3) for rank in range(3)]
     assert sorted(b for s in shards for b in s) == sorted(alone)
     assert shards[1] == alone[1::3]
+
+
+def test_grouped_ranks_share_each_step_group_and_together_draw_the_one_gpu_batch(tmp_path) -> None:
+    """2 ranks x batch 3 at step k = the batch of 6 one rank draws at step k, and one aspect group."""
+    from retinaflow.data.loader import train_batches
+
+    images, annotations = _mixed_coco(tmp_path)
+    cfg = _cfg(images, annotations)
+    _, dataset = build_train_loader(cfg, 3, seed=0, pin_memory=False)
+    groups = aspect_groups(dataset.image_sizes(), 2)
+
+    def steps(batch: int, rank: int, world: int) -> list[list[tuple[int, int]]]:
+        sampler, _ = train_batches(dataset, cfg, batch, 7, rank, world, 0)
+        return list(itertools.islice(sampler, 20))  # several epochs of 27 images
+
+    one = steps(6, 0, 1)
+    ranks = [steps(3, rank, 2) for rank in range(2)]
+    for k, alone in enumerate(one):
+        together = ranks[0][k] + ranks[1][k]
+        assert sorted(together) == sorted(alone)  # same images, same augmentation seeds
+        assert len({int(groups[i]) for i, _ in together}) == 1

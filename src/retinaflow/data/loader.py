@@ -81,10 +81,13 @@ class TrainBatchSampler(Sampler[list[tuple[int, int]]]):
     """Endless batches of (dataset index, augmentation seed) for one rank, starting at ``start_iteration``.
 
     groups: optional group id per dataset index (aspect-ratio groups). Then every batch holds one group
-    only: the rank's index stream is read in order and each index waits in its group's buffer until that
-    buffer holds ``batch`` (torchvision's GroupedBatchSampler, endless). Resuming replays the buffering
-    from iteration 0 without loading anything (index arithmetic only), so batch k is still a pure
-    function of (seed, rank, world size, k).
+    only: the epoch's global permutation (the one ``sampler`` shards) is read in order and each index
+    waits in its group's buffer until that buffer holds ``batch x world size`` (torchvision's
+    GroupedBatchSampler, endless); this rank takes every world-size-th item of it. So at every step all
+    ranks train on the same aspect group (similar padded shapes: none waits for a larger one at the
+    gradient all-reduce), and together on exactly the batch one GPU would draw with the global batch.
+    Resuming replays the buffering from iteration 0 without loading anything (index arithmetic only), so
+    batch k is still a pure function of (seed, rank, world size, k).
     """
 
     def __init__(
@@ -111,14 +114,24 @@ class TrainBatchSampler(Sampler[list[tuple[int, int]]]):
                 yield epoch, index
             epoch, offset = epoch + 1, 0
 
+    def _global_stream(self) -> Iterator[tuple[int, int]]:
+        """(epoch, index) pairs of every rank, endless: each epoch's permutation before sharding."""
+        count, epoch = len(self.sampler.dataset), 0  # type: ignore[arg-type]
+        while True:
+            generator = torch.Generator().manual_seed(self.sampler.seed + epoch)
+            for index in torch.randperm(count, generator=generator).tolist():
+                yield epoch, index
+            epoch += 1
+
     def _grouped(self) -> Iterator[list[tuple[int, int]]]:
         assert self.groups is not None
+        rank, world = self.sampler.rank, self.sampler.num_replicas
         buffers: dict[int, list[tuple[int, int]]] = {}
-        for item in self._stream(0, 0):
+        for item in self._global_stream():
             buffer = buffers.setdefault(int(self.groups[item[1]]), [])
             buffer.append(item)
-            if len(buffer) == self.batch:
-                yield buffer[:]
+            if len(buffer) == self.batch * world:
+                yield buffer[rank::world]
                 buffer.clear()
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
