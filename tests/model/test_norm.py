@@ -205,3 +205,21 @@ def test_prepare_for_inference_folds_trained_bn_and_keeps_gn(norm: str) -> None:
     assert any(isinstance(m, nn.GroupNorm) for m in model.modules())
     for a, b in zip(cls_f + box_f, cls + box, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_group_norm_keeps_half_activations_under_autocast_and_matches_nn_group_norm() -> None:
+    from retinaflow.model.norm import GroupNorm
+
+    torch.manual_seed(0)
+    ours, ref = GroupNorm(4, 16), nn.GroupNorm(4, 16)
+    nn.init.uniform_(ours.weight, 0.5, 1.5)
+    nn.init.normal_(ours.bias)
+    ref.load_state_dict(ours.state_dict())  # same parameters and keys
+    x = torch.randn(2, 16, 9, 7).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ours(x), ref(x))  # float32: nn.GroupNorm itself
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ours(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref(x), atol=0.05, rtol=0.02)  # bf16 rounding
+    y.float().square().sum().backward()
+    assert ours.weight.grad is not None and torch.isfinite(ours.weight.grad).all()

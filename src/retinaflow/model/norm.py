@@ -54,7 +54,26 @@ def group_norm(channels: int) -> nn.GroupNorm:
     """GroupNorm with 32 groups, or the largest divisor of ``channels`` below (MobileNetV2 has 24, 144), and
     at least 2 channels a group so that a 1x1 map (P7 of a small image) of one image still normalises."""
     groups = next(g for g in range(max(1, min(32, channels // 2)), 0, -1) if channels % g == 0)
-    return nn.GroupNorm(groups, channels)
+    return GroupNorm(groups, channels)
+
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that keeps a bf16/fp16 activation in its dtype under autocast.
+
+    forward(x: (B, C, H, W)) -> (B, C, H, W) in ``x``'s dtype. Autocast runs ``group_norm`` in float32, so
+    each GroupNorm of a bf16 network would cast its input up, write a float32 output and leave the next
+    convolution to cast it back (the same waste :class:`FrozenBatchNorm2d` removes). PyTorch's kernels
+    accumulate the statistics in float32 for half inputs, so the result differs only by the output's
+    rounding. Same parameters and state-dict keys as ``nn.GroupNorm``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in (torch.float16, torch.bfloat16) or not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            weight = self.weight.to(x.dtype) if self.weight is not None else None
+            bias = self.bias.to(x.dtype) if self.bias is not None else None
+            return nn.functional.group_norm(x, self.num_groups, weight, bias, self.eps)
 
 
 def norm_layer(norm: str) -> NormLayer:
