@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from torchvision.ops import box_iou
 
@@ -67,3 +68,16 @@ def match(
                 worst_score = max(worst_score, abs(float(s_e[i, j] - s_g[i, same[k]])))
                 worst_iou = min(worst_iou, float(iou[k]))
     return total, hits, worst_score, worst_iou
+
+
+def compare_onnx(
+    reference: Path, candidate: Path, images: Path, annotations: Path
+) -> tuple[int, int, float, float]:
+    """Run two end-to-end ONNX engines in ONNX Runtime (CPU) on the val images padded to 128 px and
+    :func:`match` the candidate's detections scoring >= 0.4 against the reference's."""
+    feed = dict(zip(("images", "sizes"), val_batch(images, annotations, 128), strict=True))
+    ref, got = (
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)
+        for p in (reference, candidate)
+    )
+    return match(ref, got, min_score=0.4)

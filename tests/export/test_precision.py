@@ -8,10 +8,9 @@ from __future__ import annotations
 import sys
 
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto
-from tests.export.lowered import match, sharpen, val_batch
+from tests.export.lowered import compare_onnx, sharpen
 from tests.test_cli import assert_one_line_error
 
 from retinaflow.cli import main
@@ -29,16 +28,11 @@ def test_fp16_onnx_runs_in_onnx_runtime_close_to_fp32(tiny_checkpoint, synth_sma
     assert weights and all(w.data_type == TensorProto.FLOAT16 for w in weights)
     assert [i.type.tensor_type.elem_type for i in graph.input] == [TensorProto.UINT8, TensorProto.INT64]
     assert read_metadata(fp16)["precision"] == "fp16"
-    images, sizes = val_batch(synth_small.val_images, synth_small.val_annotations, 128)
-    ref, got = (
-        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(
-            None, {"images": images, "sizes": sizes}
-        )
-        for p in (fp32, fp16)
-    )
     # Measured with the default GroupNorm head: 289 of the 296 detections scoring >= 0.4 found (the rest
     # near the cut), scores within 1.7e-3, IoU >= 0.9926 (without head norm: all 158, 8.1e-4, 0.9988).
-    total, hits, score_diff, iou = match(ref, got, min_score=0.4)
+    total, hits, score_diff, iou = compare_onnx(
+        fp32, fp16, synth_small.val_images, synth_small.val_annotations
+    )
     assert total >= 50 and hits >= 0.95 * total
     assert score_diff <= 3e-3 and iou >= 0.99
 
