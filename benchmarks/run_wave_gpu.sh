@@ -36,7 +36,12 @@ case "${1:-tests}" in
     timeout 300 python -X faulthandler benchmarks/bench_engine.py --keep /tmp/bench_engine 2>&1 | tee "$OUT/engine.json" | tail -40 ;;
   accuracy)
     gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader | paste -sd,)
-    python benchmarks/bench_accuracy.py --out /tmp/acc --data /tmp/real_data --gpus "$gpus" --keep ${ACC_ARGS:-} \
+    # Default recipe vs ODTK's and the two ablations that say which part of the default carries its gain.
+    odtk="model.head_norm=none,matcher.allow_low_quality=false,loss.box_loss=smooth_l1,loss.box_weight=1.0"
+    recipes="--recipe default= --recipe odtk=$odtk --recipe no_gn_head=model.head_norm=none"
+    recipes="$recipes --recipe smooth_l1=loss.box_loss=smooth_l1,loss.box_weight=1.0"
+    python benchmarks/bench_accuracy.py --out /tmp/acc --data /tmp/real_data --gpus "$gpus" --keep \
+      --iters 500 --jobs-per-gpu 12 --workers 1 ${ACC_ARGS:-$recipes} \
       2>&1 | tee "$OUT/accuracy.log" | tail -60
     cp /tmp/acc/summary.json /tmp/acc/runs.jsonl "$OUT/" 2>/dev/null
     ckpt=$(ls /tmp/acc/*/model.pth 2>/dev/null | grep -m1 "${INT8_RUN:-default_s0}")
