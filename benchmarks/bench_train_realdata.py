@@ -156,14 +156,11 @@ def loader_only(args: argparse.Namespace, images: str, annotations: str) -> dict
     config = Config()
     data = dataclasses.replace(config.data, images=images, annotations=annotations, workers=args.workers)
     out: dict[str, Any] = {}
-    mean = torch.tensor([123.675, 116.28, 103.53], device="cuda").view(1, 3, 1, 1)
-    std = torch.tensor([58.395, 57.12, 57.375], device="cuda").view(1, 3, 1, 1)
     torch_loader, _ = build_train_loader(data, args.batch, seed=0)
 
     def torch_batches() -> Any:
         for b in torch_loader:
-            x = b.images.to("cuda", non_blocking=True).contiguous(memory_format=torch.channels_last)
-            yield ((x.float() - mean) / std).to(torch.bfloat16)
+            yield _normalised(b.images.to("cuda", non_blocking=True))
 
     out["torch_img_s"] = _rate(torch_batches(), args.iters, args.batch)
     if dali_installed():
@@ -196,11 +193,18 @@ def _dali_batches(data: Any, batch: int) -> Any:
 
     source = _dali_source(data, batch)
     pipe = build_pipeline(source, PipelineOptions(batch, torch.cuda.current_device(), max(4, data.workers)))
-    mean = torch.tensor([123.675, 116.28, 103.53], device="cuda").view(1, 3, 1, 1)
-    std = torch.tensor([58.395, 57.12, 57.375], device="cuda").view(1, 3, 1, 1)
     while True:
-        x = run_batch(pipe, source, torch.device("cuda")).images
-        yield ((x.float() - mean) / std).to(torch.bfloat16)
+        yield _normalised(run_batch(pipe, source, torch.device("cuda")).images)
+
+
+def _normalised(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) uint8 on the GPU → ImageNet-normalised bf16, channels_last (what both peers end with)."""
+    from retinaflow.model.retinanet import IMAGENET_MEAN, IMAGENET_STD
+
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    x = images.contiguous(memory_format=torch.channels_last).float()
+    return ((x - mean) / std).to(torch.bfloat16)
 
 
 def _decode_only(data: Any, batch: int) -> Any:

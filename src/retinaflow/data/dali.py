@@ -55,9 +55,6 @@ from retinaflow.errors import DataError, MissingDependency
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-
 
 def require_dali() -> Any:
     """The ``nvidia.dali`` module, or MissingDependency with the install hint."""
