@@ -168,9 +168,9 @@ def test_grouped_ranks_share_each_step_group_and_together_draw_the_one_gpu_batch
     _, dataset = build_train_loader(cfg, 3, seed=0, pin_memory=False)
     groups = aspect_groups(dataset.image_sizes(), 2)
 
-    def steps(batch: int, rank: int, world: int) -> list[list[tuple[int, int]]]:
+    def steps(batch: int, rank: int, world: int) -> list[list[tuple[int, ...]]]:
         sampler, _ = train_batches(dataset, cfg, batch, 7, rank, world, 0)
-        return list(itertools.islice(sampler, 20))  # several epochs of 27 images
+        return [[item[:2] for item in b] for b in itertools.islice(sampler, 20)]  # several epochs
 
     one = steps(6, 0, 1)
     ranks = [steps(3, rank, 2) for rank in range(2)]
@@ -178,3 +178,18 @@ def test_grouped_ranks_share_each_step_group_and_together_draw_the_one_gpu_batch
         together = ranks[0][k] + ranks[1][k]
         assert sorted(together) == sorted(alone)  # same images, same augmentation seeds
         assert len({int(groups[i]) for i, _ in together}) == 1
+
+
+def test_ddp_ranks_pad_to_the_global_batch_bucket_as_one_gpu_does(tmp_path) -> None:
+    images, annotations = _mixed_coco(tmp_path)
+    cfg = _cfg(images, annotations)
+    one, _ = build_train_loader(cfg, 6, seed=2, pin_memory=False)
+    ranks = [
+        build_train_loader(cfg, 3, seed=2, rank=rank, world_size=2, pin_memory=False)[0] for rank in range(2)
+    ]
+    for alone, *parts in itertools.islice(zip(one, *ranks, strict=False), 10):
+        assert all(p.images.shape[-2:] == alone.images.shape[-2:] for p in parts)
+        assert sorted(i for p in parts for i in p.image_ids.tolist()) == sorted(alone.image_ids.tolist())
+        together = torch.cat([p.images for p in parts])
+        order = torch.cat([p.image_ids for p in parts]).argsort()
+        assert torch.equal(together[order], alone.images[alone.image_ids.argsort()])

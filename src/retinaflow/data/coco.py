@@ -75,6 +75,7 @@ class Sample:
     image_id: COCO id of the image actually returned.
     scale:    transformed size / original size.
     skipped:  COCO ids of corrupt images passed over to produce this sample.
+    pad_at_least: (H, W) its batch is padded to at least (a DDP global batch's largest image; else 0, 0).
     """
 
     image: torch.Tensor | None
@@ -83,6 +84,7 @@ class Sample:
     image_id: int
     scale: float
     skipped: tuple[int, ...] = field(default_factory=tuple)
+    pad_at_least: tuple[int, int] = (0, 0)
 
 
 class CocoDataset(torch.utils.data.Dataset[Sample]):
@@ -228,8 +230,11 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
                 log.warning("skipping corrupt image %s (id %d): %s", path, image_id, reason)
             return None
 
-    def __getitem__(self, key: int | tuple[int, int]) -> Sample:
-        index, seed = key if isinstance(key, tuple) else (key, None)
+    def __getitem__(self, key: int | tuple[int, ...]) -> Sample:
+        """``key``: an index, (index, augmentation seed), or (index, seed, H, W) with the size the sample's
+        batch must be padded to at least (``loader.TrainBatchSampler``'s DDP hint)."""
+        index, seed = (key[0], key[1]) if isinstance(key, tuple) else (key, None)
+        pad_at_least = (key[2], key[3]) if isinstance(key, tuple) and len(key) == 4 else (0, 0)
         skipped: list[int] = []
         image = None
         for attempt in range(len(self)):
@@ -253,7 +258,7 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
             generator = torch.Generator().manual_seed(seed) if seed is not None else None
             image, boxes, scale = self.transform(image, boxes, generator)
         labels = torch.from_numpy(np_labels.astype(np.int64))
-        return Sample(image, boxes, labels, int(self._ids[index]), scale, tuple(skipped))
+        return Sample(image, boxes, labels, int(self._ids[index]), scale, tuple(skipped), pad_at_least)
 
     # -- validation --------------------------------------------------------------------------
     def _parse(self, data: dict[str, Any], require_annotations: bool, keep_json: bool) -> None:

@@ -80,12 +80,14 @@ class PipelineOptions:
 
 @dataclass(frozen=True)
 class Plan:
-    """One sample of a batch: dataset index, shorter side, flip, (brightness, contrast, saturation)."""
+    """One sample of a batch: dataset index, shorter side, flip, (brightness, contrast, saturation), and
+    the (H, W) its batch is padded to at least (the DDP global batch's hint; see ``TrainBatchSampler``)."""
 
     index: int
     shorter: int
     flip: bool
     colour: tuple[float, float, float]
+    pad_at_least: tuple[int, int] = (0, 0)
 
 
 class BatchSource:
@@ -121,7 +123,9 @@ class BatchSource:
             labels.append(torch.from_numpy(raw_labels.astype(np.int64)))
             scales.append(scale)
             sizes.append((h, w))
-        shape = self.policy.pad_shape(max(s[0] for s in sizes), max(s[1] for s in sizes))
+        height = max([s[0] for s in sizes] + [p.pad_at_least[0] for p in plans])
+        width = max([s[1] for s in sizes] + [p.pad_at_least[1] for p in plans])
+        shape = self.policy.pad_shape(height, width)
         ids = [self.ids[p.index] for p in plans]
         factors = torch.tensor([p.colour for p in plans], dtype=torch.float32) if self.colour else None
         self.pending.append((_host_batch(boxes, labels, ids, scales, sizes), factors))
@@ -229,9 +233,10 @@ def train_plans(sampler: TrainBatchSampler, transform: TrainTransform) -> Iterat
     """The sampler's batches with each sample's augmentation drawn from its own seed (as the torch path)."""
     for items in sampler:
         plans = []
-        for index, seed in items:
+        for index, seed, *pad in items:  # (index, seed) or (index, seed, H, W)
             d = transform.draw(torch.Generator().manual_seed(seed))
-            plans.append(Plan(index, d.shorter, d.flip, d.colour or (1.0, 1.0, 1.0)))
+            at_least = (pad[0], pad[1]) if pad else (0, 0)
+            plans.append(Plan(index, d.shorter, d.flip, d.colour or (1.0, 1.0, 1.0), at_least))
         yield plans
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ from retinaflow.config import DataConfig
 from retinaflow.data.batch import Batch
 from retinaflow.data.coco import CocoDataset, Sample
 from retinaflow.data.shapes import ShapePolicy, aspect_groups, build_policy, shorter_levels
-from retinaflow.data.transforms import EvalTransform, TrainTransform
+from retinaflow.data.transforms import EvalTransform, TrainTransform, resize_scale, resized_size
 from retinaflow.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -43,9 +43,9 @@ def collate(samples: list[Sample], pad_stride: int, policy: ShapePolicy | None =
     skipped = tuple(i for s in samples for i in s.skipped)
     kept = [s for s in samples if s.image is not None]
     count = max([1] + [len(s.labels) for s in kept])
-    if kept:
-        height = max(int(s.image.shape[-2]) for s in kept if s.image is not None)
-        width = max(int(s.image.shape[-1]) for s in kept if s.image is not None)
+    if kept:  # the largest image, or the global batch's (DDP: every rank pads to the same bucket)
+        height = max(max(int(s.image.shape[-2]), s.pad_at_least[0]) for s in kept if s.image is not None)
+        width = max(max(int(s.image.shape[-1]), s.pad_at_least[1]) for s in kept if s.image is not None)
     else:
         height = width = pad_stride
     height, width = (policy or ShapePolicy((), pad_stride)).pad_shape(height, width)
@@ -77,7 +77,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-class TrainBatchSampler(Sampler[list[tuple[int, int]]]):
+class TrainBatchSampler(Sampler[list[tuple[int, ...]]]):
     """Endless batches of (dataset index, augmentation seed) for one rank, starting at ``start_iteration``.
 
     groups: optional group id per dataset index (aspect-ratio groups). Then every batch holds one group
@@ -88,6 +88,11 @@ class TrainBatchSampler(Sampler[list[tuple[int, int]]]):
     gradient all-reduce), and together on exactly the batch one GPU would draw with the global batch.
     Resuming replays the buffering from iteration 0 without loading anything (index arithmetic only), so
     batch k is still a pure function of (seed, rank, world size, k).
+
+    pad_hint: with groups and several ranks, maps the global batch's (index, seed) items to the resized
+    (height, width) of its largest image; each item then carries it, (index, seed, height, width), and
+    every rank pads to the bucket of the global batch, as one GPU would (same shapes, same anchors, same
+    loss). Items are (index, seed) otherwise.
     """
 
     def __init__(
@@ -97,8 +102,10 @@ class TrainBatchSampler(Sampler[list[tuple[int, int]]]):
         seed: int,
         start_iteration: int = 0,
         groups: np.ndarray | None = None,
+        pad_hint: Callable[[list[tuple[int, int]]], tuple[int, int]] | None = None,
     ):
         self.sampler, self.batch, self.seed, self.start_iteration = sampler, batch, seed, start_iteration
+        self.pad_hint = pad_hint
         self.groups = None if groups is None or len(np.unique(groups)) <= 1 else groups
         self.per_epoch = len(sampler)
 
@@ -123,7 +130,8 @@ class TrainBatchSampler(Sampler[list[tuple[int, int]]]):
                 yield epoch, index
             epoch += 1
 
-    def _grouped(self) -> Iterator[list[tuple[int, int]]]:
+    def _grouped(self) -> Iterator[tuple[list[tuple[int, int]], list[tuple[int, int]]]]:
+        """(this rank's (epoch, index) items, the whole global batch's) per step."""
         assert self.groups is not None
         rank, world = self.sampler.rank, self.sampler.num_replicas
         buffers: dict[int, list[tuple[int, int]]] = {}
@@ -131,20 +139,27 @@ class TrainBatchSampler(Sampler[list[tuple[int, int]]]):
             buffer = buffers.setdefault(int(self.groups[item[1]]), [])
             buffer.append(item)
             if len(buffer) == self.batch * world:
-                yield buffer[rank::world]
+                yield buffer[rank::world], buffer[:]
                 buffer.clear()
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, ...]]]:
         if self.groups is None:
             epoch, offset = divmod(self.start_iteration * self.batch, self.per_epoch)
             stream = self._stream(epoch, offset)
-            batches: Iterator[list[tuple[int, int]]] = iter(
-                lambda: list(itertools.islice(stream, self.batch)), []
-            )
-        else:
-            batches = itertools.islice(self._grouped(), self.start_iteration, None)
-        for items in batches:
-            yield [(index, sample_seed(self.seed, epoch, index)) for epoch, index in items]
+            batches = iter(lambda: list(itertools.islice(stream, self.batch)), [])
+            for items in batches:
+                yield self._seeded(items)
+            return
+        for mine, everyone in itertools.islice(self._grouped(), self.start_iteration, None):
+            seeded = self._seeded(mine)
+            if self.pad_hint is None or self.sampler.num_replicas == 1:
+                yield seeded
+            else:  # every rank pads to the global batch's bucket: the shapes one GPU would see
+                height, width = self.pad_hint([(i, sample_seed(self.seed, e, i)) for e, i in everyone])
+                yield [(*item, height, width) for item in seeded]
+
+    def _seeded(self, items: list[tuple[int, int]]) -> list[tuple[int, ...]]:
+        return [(index, sample_seed(self.seed, epoch, index)) for epoch, index in items]
 
 
 class TrainLoader:
@@ -256,7 +271,18 @@ def train_batches(
     groups = aspect_groups(sizes, data.aspect_groups if data.shapes == "buckets" else 1)
     levels = shorter_levels(data.jitter[0], data.jitter[1], data.bucket_levels)
     policy = build_policy(data, sizes, groups, levels, data.pad_stride)
-    return TrainBatchSampler(sampler, batch, seed, start_iteration, groups), policy
+    transform = TrainTransform(data)
+
+    def largest(items: list[tuple[int, int]]) -> tuple[int, int]:
+        """Resized (height, width) of the largest image of a batch, each side separately."""
+        resized = []
+        for index, seed in items:
+            h, w = (int(v) for v in sizes[index])
+            shorter = transform.draw(torch.Generator().manual_seed(seed)).shorter
+            resized.append(resized_size(h, w, resize_scale(h, w, shorter, data.max_size)))
+        return max(r[0] for r in resized), max(r[1] for r in resized)
+
+    return TrainBatchSampler(sampler, batch, seed, start_iteration, groups, largest), policy
 
 
 def eval_batches(
