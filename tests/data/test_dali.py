@@ -69,6 +69,18 @@ def test_train_batches_match_the_torch_loader_cpu(tmp_path, jitter, max_size) ->
     _compare_train(tmp_path, CPU, jitter, max_size, (0.5, 0.01))
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_ddp_rank_batches_match_the_torch_loader_cpu(tmp_path, rank) -> None:
+    """Under DDP both loaders take the same slice of the global batch and pad to its bucket."""
+    images, annotations = _mixed_coco(tmp_path)
+    cfg = _cfg(images, annotations, color_jitter=0.1)
+    ref, _ = build_train_loader(cfg, 3, seed=1, rank=rank, world_size=2, pin_memory=False)
+    dali, _ = build_dali_train_loader(cfg, 3, 1, rank, 2, 0, CPU)
+    for a, b in zip(itertools.islice(ref, 6), itertools.islice(dali, 6), strict=True):
+        assert a.image_ids.tolist() == b.image_ids.tolist() and torch.equal(a.boxes, b.boxes)
+        _assert_close_pixels(a.images, b.images, 0.5, 0.01)  # same padded shape too
+
+
 def test_eval_batches_match_the_torch_loader_cpu(tmp_path) -> None:
     images, annotations = _mixed_coco(tmp_path, n=14)
     cfg = _cfg(images, annotations, resize=40, max_size=64)
