@@ -43,7 +43,8 @@ def one(
     gen = torch.Generator().manual_seed(0)
     if mode == "infer":
         model = prepare_for_inference(model.eval(), torch.float16)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+    else:
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
 
     def runner(h: int, w: int):
         images = torch.randint(0, 256, (batch, 3, h, w), dtype=torch.uint8, generator=gen).cuda()

@@ -113,29 +113,25 @@ class TrainBatchSampler(Sampler[list[tuple[int, ...]]]):
         """The epoch the first sample of batch ``iteration`` belongs to (approximate with groups)."""
         return iteration * self.batch // self.per_epoch
 
-    def _stream(self, epoch: int, offset: int) -> Iterator[tuple[int, int]]:
-        """(epoch, index) pairs of this rank, endless, from position ``offset`` of ``epoch``."""
+    @staticmethod
+    def _stream(sampler: DistributedSampler[int], epoch: int, offset: int) -> Iterator[tuple[int, int]]:
+        """(epoch, index) pairs of ``sampler``, endless, from position ``offset`` of ``epoch``."""
         while True:
-            self.sampler.set_epoch(epoch)
-            for index in list(self.sampler)[offset:]:
+            sampler.set_epoch(epoch)
+            for index in list(sampler)[offset:]:
                 yield epoch, index
             epoch, offset = epoch + 1, 0
-
-    def _global_stream(self) -> Iterator[tuple[int, int]]:
-        """(epoch, index) pairs of every rank, endless: each epoch's permutation before sharding."""
-        count, epoch = len(self.sampler.dataset), 0  # type: ignore[arg-type]
-        while True:
-            generator = torch.Generator().manual_seed(self.sampler.seed + epoch)
-            for index in torch.randperm(count, generator=generator).tolist():
-                yield epoch, index
-            epoch += 1
 
     def _grouped(self) -> Iterator[tuple[list[tuple[int, int]], list[tuple[int, int]]]]:
         """(this rank's (epoch, index) items, the whole global batch's) per step."""
         assert self.groups is not None
         rank, world = self.sampler.rank, self.sampler.num_replicas
+        # every rank reads the unsharded permutation (the one ``self.sampler`` deals out)
+        everyone: DistributedSampler[int] = DistributedSampler(
+            self.sampler.dataset, num_replicas=1, rank=0, shuffle=self.sampler.shuffle, seed=self.sampler.seed
+        )
         buffers: dict[int, list[tuple[int, int]]] = {}
-        for item in self._global_stream():
+        for item in self._stream(everyone, 0, 0):
             buffer = buffers.setdefault(int(self.groups[item[1]]), [])
             buffer.append(item)
             if len(buffer) == self.batch * world:
@@ -145,7 +141,7 @@ class TrainBatchSampler(Sampler[list[tuple[int, ...]]]):
     def __iter__(self) -> Iterator[list[tuple[int, ...]]]:
         if self.groups is None:
             epoch, offset = divmod(self.start_iteration * self.batch, self.per_epoch)
-            stream = self._stream(epoch, offset)
+            stream = self._stream(self.sampler, epoch, offset)
             batches = iter(lambda: list(itertools.islice(stream, self.batch)), [])
             for items in batches:
                 yield self._seeded(items)
