@@ -29,6 +29,7 @@ from torchvision.ops import misc
 
 from retinaflow.config import ModelConfig
 from retinaflow.errors import ConfigError
+from retinaflow.model.group_norm import group_norm_nhwc
 
 NORMS = ("frozen_bn", "bn", "sync_bn", "gn")
 HEAD_NORMS = ("none", "gn")
@@ -58,16 +59,27 @@ def group_norm(channels: int) -> nn.GroupNorm:
 
 
 class GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` that keeps a bf16/fp16 activation in its dtype under autocast.
+    """``nn.GroupNorm`` that keeps a bf16/fp16 activation in its dtype and a CUDA channels_last one in its
+    layout.
 
     forward(x: (B, C, H, W)) -> (B, C, H, W) in ``x``'s dtype. Autocast runs ``group_norm`` in float32, so
     each GroupNorm of a bf16 network would cast its input up, write a float32 output and leave the next
-    convolution to cast it back (the same waste :class:`FrozenBatchNorm2d` removes). PyTorch's kernels
-    accumulate the statistics in float32 for half inputs, so the result differs only by the output's
-    rounding. Same parameters and state-dict keys as ``nn.GroupNorm``.
+    convolution to cast it back (the same waste :class:`FrozenBatchNorm2d` removes), and PyTorch's CUDA
+    kernel returns a contiguous tensor for a channels_last one. A channels_last CUDA input therefore goes
+    through :func:`~retinaflow.model.group_norm.group_norm_nhwc` (eagerly: under ``torch.compile`` and
+    ``torch.export`` the compiler's own GroupNorm lowering is used); other inputs through PyTorch's kernel,
+    in the input's dtype. Statistics accumulate in float32 either way. Same parameters and state-dict keys
+    as ``nn.GroupNorm``.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            x.is_cuda
+            and x.dim() == 4
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and not torch.compiler.is_compiling()
+        ):
+            return group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps)
         if x.dtype not in (torch.float16, torch.bfloat16) or not torch.is_autocast_enabled(x.device.type):
             return super().forward(x)
         with torch.autocast(x.device.type, enabled=False):
