@@ -252,7 +252,8 @@ def driver(args: argparse.Namespace) -> None:
         "gpus": args.gpus,
         "dataset_s": round(time.perf_counter() - t0),
     }
-    n = args.gpus
+    counts = sorted({int(g) for g in str(args.gpus).split(",")} | {1})
+    n = counts[-1]
     common = {"iters": args.tp_iters, "warmup": args.tp_warmup, "batch_per_gpu": 8, "workers": args.workers}
     modes = [] if args.skip_throughput else [False, True] if args.compile else [False]
     runs = [(comp, loader) for comp in modes for loader in args.loaders.split(",")]
@@ -267,15 +268,17 @@ def driver(args: argparse.Namespace) -> None:
             continue
         comp, loader = step
         tag = f"{loader}_{'compiled' if comp else 'eager'}"
-        one = _launch(args, 1, "throughput", f"tp_{tag}_1", compile=comp, loader=loader, **common)
-        many = _launch(args, n, "throughput", f"tp_{tag}_{n}", compile=comp, loader=loader, **common)
-        for r in (one, many):
-            r.pop("losses", None)
-        entry: dict[str, Any] = {"1gpu": one, f"{n}gpu": many}
-        if "img_s" in one and "img_s" in many:
-            entry["scaling"] = round(many["img_s"] / one["img_s"], 3)
-        report[f"throughput_{tag}"] = entry
-        _write_report(args, report)
+        entry: dict[str, Any] = {}
+        for gpus in counts:
+            run = _launch(args, gpus, "throughput", f"tp_{tag}_{gpus}", compile=comp, loader=loader, **common)
+            run.pop("losses", None)
+            entry[f"{gpus}gpu"] = run
+            one = entry["1gpu"]
+            if gpus > 1 and "img_s" in one and "img_s" in run:
+                entry[f"scaling_{gpus}"] = round(run["img_s"] / one["img_s"], 3)
+                entry[f"efficiency_{gpus}"] = round(run["img_s"] / one["img_s"] / gpus, 3)
+            report[f"throughput_{tag}"] = entry
+            _write_report(args, report)
     print(json.dumps(report, indent=1))
 
 
@@ -331,7 +334,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="mode", required=True)
     d = sub.add_parser("run", help="the whole benchmark (default)")
-    d.add_argument("--gpus", type=int, default=2)
+    d.add_argument(
+        "--gpus", default="2", help="GPU count, or comma-separated counts (throughput at each, e.g. 1,2,4)"
+    )
     d.add_argument("--out-dir", default=os.environ.get("OUT", "/tmp/bench_ddp"))
     d.add_argument("--work", default="/tmp/bench_ddp_work")
     d.add_argument("--data-dir", default="/tmp/bench_ddp_data")

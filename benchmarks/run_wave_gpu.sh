@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks of this wave, in phases (one device call each; logs and JSON under $OUT):
 #   bash benchmarks/run_wave_gpu.sh tests     build the CUDA ops, every `gpu` test of ops/model/data/infer
-#   bash benchmarks/run_wave_gpu.sh loaders   loaders alone, cuDNN autotuning on/off, fixed-shape training
+#   bash benchmarks/run_wave_gpu.sh train     the head's GroupNorm variants, fixed-shape training (tv, default, ODTK)
+#   bash benchmarks/run_wave_gpu.sh loaders   loaders alone, cuDNN autotuning on/off
 #   bash benchmarks/run_wave_gpu.sh realdata  real-shaped training (preloaded / torch / DALI), eager + compiled
 #   bash benchmarks/run_wave_gpu.sh ddp       bench_ddp.py on all visible GPUs (scaling, equivalence, eval)
 #   bash benchmarks/run_wave_gpu.sh engines   every `gpu` test (kernels, engines, C++ runner, NCCL faults), bench_engine
@@ -21,10 +22,12 @@ case "${1:-tests}" in
   tests)
     python -m pytest -q -p no:cacheprovider -m gpu tests/ops tests/model tests/engine/test_infer.py tests/data \
       2>&1 | tee "$OUT/gpu_tests.log" | tail -8 ;;
-  loaders)  # loaders alone, cuDNN autotuning on/off in fresh processes, the fixed-shape training benchmark
+  train)  # the head's GroupNorm alone, then the fixed-shape training benchmark
+    python benchmarks/bench_norm.py 2>&1 | tee "$OUT/norm.log" | tail -20
+    python benchmarks/bench_train.py --batch 8 ${TRAIN_ARGS:---compile} 2>&1 | tee "$OUT/fixed_shape.log" | tail -30 ;;
+  loaders)  # loaders alone, cuDNN autotuning on/off in fresh processes
     python benchmarks/bench_train_realdata.py --loader-only 2>&1 | tee "$OUT/loader_only.log" | tail -30
-    python benchmarks/bench_cudnn.py --shapes 896x1408,1408x896,768x1280 --iters 10 2>&1 | tee "$OUT/cudnn.log" | tail -40
-    python benchmarks/bench_train.py --batch 8 --compile 2>&1 | tee "$OUT/fixed_shape.log" | tail -20 ;;
+    python benchmarks/bench_cudnn.py --shapes 896x1408,1408x896,768x1280 --iters 10 2>&1 | tee "$OUT/cudnn.log" | tail -40 ;;
   realdata)
     python benchmarks/bench_train_realdata.py ${REALDATA_ARGS:---batch 8 --first 500 --second 500 --cudnn auto --peers dali,preloaded --compile} \
       2>&1 | tee "$OUT/realdata.log" | tail -60 ;;

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from tests.engine.test_distributed import free_port, launch_env, logged_losses, train_cmd, writes
 from tests.engine.test_distributed_faults import alive, exit_codes, wait_for, workers_of
 from tests.kubeflow.steps.test_training_ddp import TINY
@@ -34,25 +35,28 @@ RUN = "rehearsal"
 TRACKING = ["--mlflow", "--experiment", "retinaflow", "--run-name", RUN]
 
 
-def _job(synth: Any, tmp_path: Path, iters: int, checkpoint_every: int) -> tuple[dict[str, Any], Path]:
-    """The TrainJob's ``spec.trainer`` for 2 nodes x 1 process on the tiny dataset, and its checkpoint."""
+def _job(
+    synth: Any, tmp_path: Path, iters: int, checkpoint_every: int, gpus: int = 1
+) -> tuple[dict[str, Any], Path]:
+    """The TrainJob's ``spec.trainer`` for 2 nodes x ``gpus`` processes on the tiny dataset, and its
+    checkpoint (global batch 2 images per process)."""
     paths = (synth.train_images, synth.train_annotations, synth.val_images, synth.val_annotations)
     data = DatasetManifest(*map(str, paths), fingerprint="f" * 64, num_train=24, num_val=6)
     train = TrainRequest(
         backbone="mobilenet_v2",
         iters=iters,
-        batch=4,  # global: 2 images per node
+        batch=4 * gpus,  # global: 2 images per process
         precision="fp32",
         resize=128,
         max_size=128,
-        gpus=1,
+        gpus=gpus,
         checkpoint_every=checkpoint_every,
         overrides=TINY,
         checkpoint_root=str(tmp_path / "checkpoints"),
         run_name=RUN,
     )
     trainer = trainjob_manifest(TrainJobRequest(train=train, nodes=2), data)["spec"]["trainer"]
-    assert (trainer["numNodes"], trainer["numProcPerNode"]) == (2, 1)
+    assert (trainer["numNodes"], trainer["numProcPerNode"]) == (2, gpus)
     return trainer, tmp_path / "checkpoints" / RUN / "model.pth"
 
 
@@ -70,10 +74,20 @@ def _node_command(trainer: dict[str, Any]) -> list[str]:
 
 
 def _node_env(
-    tmp_path: Path, trainer: dict[str, Any], rank: int, port: int, rendezvous: str, **hooks: str
+    tmp_path: Path,
+    trainer: dict[str, Any],
+    rank: int,
+    port: int,
+    rendezvous: str,
+    backend: str = "gloo",
+    **hooks: str,
 ) -> dict[str, str]:
-    """What the Trainer's torch plugin sets on node ``rank`` (master: node 0 on loopback)."""
-    env = launch_env(tmp_path, "gloo", **hooks)
+    """What the Trainer's torch plugin sets on node ``rank`` (master: node 0 on loopback). With NCCL each
+    "node" sees its own GPUs, as a pod does: node r gets GPUs r*P .. r*P+P-1 of this host."""
+    env = launch_env(tmp_path, backend, **hooks)
+    if backend == "nccl":
+        per_node = int(trainer["numProcPerNode"])
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(rank * per_node + i) for i in range(per_node))
     env.update(
         PET_NNODES=str(trainer["numNodes"]),
         PET_NPROC_PER_NODE=str(trainer["numProcPerNode"]),
@@ -86,13 +100,15 @@ def _node_env(
     return env
 
 
-def _launch(tmp_path: Path, trainer: dict[str, Any], rendezvous: str, **hooks: str) -> list[subprocess.Popen]:
+def _launch(
+    tmp_path: Path, trainer: dict[str, Any], rendezvous: str, backend: str = "gloo", **hooks: str
+) -> list[subprocess.Popen]:
     """Both nodes, started together; each one's output in ``tmp_path/node<rank>.log``."""
     port = free_port()
     nodes = []
     for rank in (0, 1):
         log = (tmp_path / f"node{rank}.log").open("w")
-        env = _node_env(tmp_path, trainer, rank, port, rendezvous, **hooks)
+        env = _node_env(tmp_path, trainer, rank, port, rendezvous, backend, **hooks)
         nodes.append(subprocess.Popen(_node_command(trainer), env=env, stdout=log, stderr=subprocess.STDOUT))
         log.close()
     return nodes
@@ -110,18 +126,37 @@ def _finish(nodes: list[subprocess.Popen], seconds: float) -> list[int]:
                 node.wait()
 
 
+# Two "nodes" of 2 GPUs each on a 4-GPU host, NCCL between all four ranks (the GPU machine's rehearsal).
+NCCL_2X2 = pytest.param(
+    "c10d",
+    "nccl",
+    2,
+    marks=[
+        pytest.mark.gpu,
+        pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 CUDA GPUs (2 nodes x 2)"),
+    ],
+    id="c10d-nccl-2x2",
+)
+
+
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("rendezvous", ["trainer", "c10d"])
-def test_two_nodes_train_checkpoint_once_and_resume_on_one_process(synth_small, tmp_path, rendezvous):
-    trainer, ckpt = _job(synth_small, tmp_path, iters=3, checkpoint_every=10_000)
-    codes = _finish(_launch(tmp_path, trainer, rendezvous), seconds=180)
+@pytest.mark.parametrize(
+    ("rendezvous", "backend", "gpus"),
+    [("trainer", "gloo", 1), ("c10d", "gloo", 1), NCCL_2X2],
+    ids=["trainer", "c10d", "c10d-nccl-2x2"],
+)
+def test_two_nodes_train_checkpoint_once_and_resume_on_one_process(
+    synth_small, tmp_path, rendezvous, backend, gpus
+):
+    trainer, ckpt = _job(synth_small, tmp_path, iters=3, checkpoint_every=10_000, gpus=gpus)
+    codes = _finish(_launch(tmp_path, trainer, rendezvous, backend), seconds=180)
     logs = [(tmp_path / f"node{rank}.log").read_text() for rank in (0, 1)]
     assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     assert writes(tmp_path) == [f"0 {ckpt}"]  # once, by global rank 0, at the end
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["model.pth"]
     state = load_checkpoint(ckpt)
-    assert (state["iteration"], state["world_size"]) == (3, 2)
-    assert state["config"]["train"]["batch"] == 4
+    assert (state["iteration"], state["world_size"]) == (3, 2 * gpus)
+    assert state["config"]["train"]["batch"] == 4 * gpus
     # global rank 0 logs (on whichever node c10d made it); validation gathered from both nodes, once
     said = logs[0] + logs[1]
     assert sorted(logged_losses(said)) == [1, 2, 3], said[-3000:]

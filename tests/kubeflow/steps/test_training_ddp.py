@@ -1,11 +1,12 @@
-"""The pipeline's train step on 2 GPUs: its torchrun launcher (``--nproc-per-node`` = the pod's GPUs) run for
-real on a tiny dataset, tracking off (no MLflow needed)."""
+"""The pipeline's train step on all the machine's GPUs (2 or more): its torchrun launcher
+(``--nproc-per-node`` = the pod's GPUs) run for real on a tiny dataset, tracking off (no MLflow needed)."""
 
 from __future__ import annotations
 
 import re
 
 import pytest
+import torch
 from tests.engine.test_distributed import NCCL, logged_losses
 
 from retinaflow.engine.checkpoint import load_checkpoint
@@ -35,6 +36,7 @@ GLOO = pytest.param("gloo", marks=pytest.mark.skip(reason="CPU time; tests/engin
 def test_train_step_runs_torchrun_on_the_pods_gpus(synth_small, tmp_path, monkeypatch, capfd, backend):
     monkeypatch.setenv("RETINAFLOW_NO_MLFLOW", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    gpus = max(2, torch.cuda.device_count()) if backend == "nccl" else 2
     if backend == "gloo":
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     else:
@@ -47,11 +49,11 @@ def test_train_step_runs_torchrun_on_the_pods_gpus(synth_small, tmp_path, monkey
     req = TrainRequest(
         backbone="mobilenet_v2",
         iters=4,
-        batch=4,
+        batch=2 * gpus,
         precision="fp32",
         resize=128,
         max_size=128,
-        gpus=2,
+        gpus=gpus,
         checkpoint_every=2,
         overrides=TINY,
         checkpoint_root=str(tmp_path / "checkpoints"),
@@ -63,7 +65,7 @@ def test_train_step_runs_torchrun_on_the_pods_gpus(synth_small, tmp_path, monkey
 
     assert result.iterations == 4 and result.mlflow_run_id == ""
     state = load_checkpoint(result.checkpoint)
-    assert (state["iteration"], state["world_size"]) == (4, 2)  # trained by 2 ranks
+    assert (state["iteration"], state["world_size"]) == (4, gpus)  # trained by one rank per GPU
     assert load_checkpoint(tmp_path / "checkpoints" / "ddp" / "model.pth")["iteration"] == 4
     # one process logged: each iteration, the validation and the checkpoint line once
     assert sorted(logged_losses(err)) == [1, 2, 3, 4], err[-3000:]
