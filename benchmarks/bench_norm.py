@@ -7,7 +7,8 @@ event timings). Variants, each in the same process:
 - ``none``: no normalisation (ODTK's head), the lower bound;
 - ``torch_autocast``: ``nn.GroupNorm`` as autocast runs it (float32, contiguous output);
 - ``torch_bf16``: PyTorch's kernel in bf16 (contiguous output);
-- ``nhwc``: ``retinaflow.model.group_norm.group_norm_nhwc`` (bf16, channels_last kept), the default.
+- ``retinaflow``: the ``retinaflow::group_norm`` CUDA kernel (bf16, channels_last kept), the default;
+- ``reference``: the same function in PyTorch ops (what a CUDA machine without the kernels runs).
 
     python benchmarks/bench_norm.py [--batch 8] [--iters 30]
 """
@@ -20,7 +21,8 @@ import torch
 from common import emit, time_ms
 from torch import nn
 
-from retinaflow.model.group_norm import group_norm_nhwc
+from retinaflow.ops import _reference
+from retinaflow.ops.norm import group_norm
 
 LEVEL_SIZES = [(100, 168), (50, 84), (25, 42), (13, 21), (7, 11)]
 
@@ -38,7 +40,9 @@ class _Norm(nn.GroupNorm):
                 return nn.functional.group_norm(
                     x, 32, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps
                 )
-        return group_norm_nhwc(x, 32, self.weight, self.bias, self.eps)
+        if self.variant == "reference":
+            return _reference.group_norm(x, self.weight, self.bias, 32, self.eps)[0]
+        return group_norm(x, 32, self.weight, self.bias, self.eps)
 
 
 def _subnet(variant: str) -> nn.Sequential:
@@ -62,7 +66,8 @@ def main() -> None:
         for h, w in LEVEL_SIZES
     ]
     results: dict[str, float] = {}
-    for variant in ("none", "torch_autocast", "torch_bf16", "nhwc"):
+    variants = ("none", "torch_autocast", "torch_bf16", "retinaflow", "reference")
+    for variant in variants:
         net = _subnet(variant)
 
         def step(net: nn.Sequential = net) -> None:
@@ -72,7 +77,7 @@ def main() -> None:
 
         results[f"{variant}_ms"] = round(time_ms(step, 5, args.iters), 3)
     base = results["none_ms"]
-    for variant in ("torch_autocast", "torch_bf16", "nhwc"):
+    for variant in variants[1:]:
         results[f"{variant}_norm_cost_ms"] = round(results[f"{variant}_ms"] - base, 3)
     emit("head_group_norm", {"batch": args.batch, **results})
 

@@ -1,17 +1,21 @@
-// Thin PyTorch binding: the CUDA implementations of retinaflow::decode, retinaflow::nms and retinaflow::match.
-// The operator schemas are declared once, in Python (src/retinaflow/ops/_library.py); this file only
-// checks tensors, allocates outputs and workspace through PyTorch's caching allocator, and calls the
-// C API of decode.h / nms.h / match.h on the current stream (so it can be captured in a CUDA graph).
+// Thin PyTorch binding: the CUDA implementations of retinaflow::decode, nms, match, group_norm and
+// group_norm_backward. The operator schemas are declared once, in Python (src/retinaflow/ops/_library.py);
+// this file only checks tensors, allocates outputs and workspace through PyTorch's caching allocator, and
+// calls the C API of decode.h / nms.h / match.h / group_norm.h on the current stream (so it can be
+// captured in a CUDA graph).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 #include <vector>
 
 #include "decode.h"
+#include "group_norm.h"
 #include "match.h"
 #include "nms.h"
 
@@ -193,10 +197,86 @@ at::Tensor match_cuda(const at::Tensor& anchors, const at::Tensor& gt_boxes, con
   return matches;
 }
 
+rf_group_norm_params group_norm_params(const at::Tensor& x, int64_t groups, double eps) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 4, "retinaflow group_norm: a CUDA (N, C, H, W) tensor, got ", x.dim(), "-d");
+  TORCH_CHECK(groups >= 1 && x.size(1) % groups == 0, "retinaflow group_norm: ", groups, " groups do not divide ",
+              x.size(1), " channels");
+  rf_group_norm_params p{};
+  p.n = x.size(0);
+  p.p = x.size(2) * x.size(3);
+  p.c = x.size(1);
+  p.groups = static_cast<int32_t>(groups);
+  p.eps = static_cast<float>(eps);
+  p.dtype = float_type(x, "group_norm input");
+  return p;
+}
+
+// (C,) float32 contiguous copy of an optional affine parameter on x's device (undefined: none).
+at::Tensor affine_param(const std::optional<at::Tensor>& t, const at::Tensor& x) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1), "retinaflow group_norm: weight/bias must be (C,)");
+  return t->to(x.device(), at::kFloat).contiguous();
+}
+
+const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cuda(const at::Tensor& x_in,
+                                                               const std::optional<at::Tensor>& weight,
+                                                               const std::optional<at::Tensor>& bias, int64_t groups,
+                                                               double eps) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  rf_group_norm_params p = group_norm_params(x_in, groups, eps);
+  const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor w = affine_param(weight, x), b = affine_param(bias, x);
+  at::Tensor y = at::empty_like(x, x.options(), at::MemoryFormat::ChannelsLast);
+  at::Tensor mean = at::empty({p.n, groups}, x.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty_like(mean);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  const int64_t bytes = rf_group_norm_forward(&p, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0,
+                                              stream);
+  at::Tensor work = workspace(bytes, x, "group_norm");
+  const int64_t status = rf_group_norm_forward(&p, x.data_ptr(), ptr_or_null(w), ptr_or_null(b), y.data_ptr(),
+                                               mean.data_ptr<float>(), rstd.data_ptr<float>(), work.data_ptr(),
+                                               static_cast<size_t>(bytes), stream);
+  TORCH_CHECK(status == 0, "retinaflow group_norm: ", rf_status_string(status));
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward_cuda(const at::Tensor& dy_in, const at::Tensor& x_in,
+                                                                        const std::optional<at::Tensor>& weight,
+                                                                        const at::Tensor& mean, const at::Tensor& rstd,
+                                                                        int64_t groups) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  rf_group_norm_params p = group_norm_params(x_in, groups, 0.0);
+  TORCH_CHECK(dy_in.sizes() == x_in.sizes() && dy_in.scalar_type() == x_in.scalar_type(),
+              "retinaflow group_norm_backward: dy must match x in shape and dtype");
+  TORCH_CHECK(mean.scalar_type() == at::kFloat && rstd.scalar_type() == at::kFloat && mean.numel() == p.n * groups &&
+                  rstd.numel() == p.n * groups,
+              "retinaflow group_norm_backward: mean and rstd must be (N, G) float32");
+  const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor dy = dy_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor w = affine_param(weight, x);
+  const at::Tensor m = mean.contiguous(), r = rstd.contiguous();
+  at::Tensor dx = at::empty_like(x, x.options(), at::MemoryFormat::ChannelsLast);
+  at::Tensor dweight = at::empty({p.c}, x.options().dtype(at::kFloat));
+  at::Tensor dbias = at::empty_like(dweight);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  const int64_t bytes = rf_group_norm_backward(&p, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
+                                               nullptr, nullptr, 0, stream);
+  at::Tensor work = workspace(bytes, x, "group_norm_backward");
+  const int64_t status = rf_group_norm_backward(
+      &p, dy.data_ptr(), x.data_ptr(), ptr_or_null(w), m.data_ptr<float>(), r.data_ptr<float>(), dx.data_ptr(),
+      dweight.data_ptr<float>(), dbias.data_ptr<float>(), work.data_ptr(), static_cast<size_t>(bytes), stream);
+  TORCH_CHECK(status == 0, "retinaflow group_norm_backward: ", rf_status_string(status));
+  return {dx, dweight, dbias};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(retinaflow, CUDA, m) {
   m.impl("decode", &decode_cuda);
   m.impl("nms", &nms_cuda);
   m.impl("match", &match_cuda);
+  m.impl("group_norm", &group_norm_cuda);
+  m.impl("group_norm_backward", &group_norm_backward_cuda);
 }

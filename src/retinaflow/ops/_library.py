@@ -1,4 +1,4 @@
-"""The ``retinaflow::decode`` / ``retinaflow::nms`` / ``retinaflow::match`` operators, declared once.
+"""The ``retinaflow::`` operators (decode, nms, match, group_norm and its backward), declared once.
 
 Importing :mod:`retinaflow.ops` defines them with their CPU implementation (the reference,
 :mod:`._reference`) and their fake implementation (torch.compile, torch.export, tracing). The CUDA
@@ -25,11 +25,17 @@ SCHEMAS = {
     "-> (Tensor, Tensor, Tensor, Tensor)",
     "match": "(Tensor anchors, Tensor gt_boxes, Tensor gt_labels, float fg_iou, float bg_iou, "
     "bool allow_low_quality) -> Tensor",
+    "group_norm": "(Tensor x, Tensor? weight, Tensor? bias, int groups, float eps) "
+    "-> (Tensor, Tensor, Tensor)",
+    "group_norm_backward": "(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, int groups) "
+    "-> (Tensor, Tensor, Tensor)",
 }
 REFERENCE: dict[str, Callable[..., object]] = {
     "decode": _reference.decode,
     "nms": _reference.nms,
     "match": _reference.match,
+    "group_norm": _reference.group_norm,
+    "group_norm_backward": _reference.group_norm_backward,
 }
 
 
@@ -73,7 +79,33 @@ def _match_fake(
     return torch.empty(gt_labels.shape[0], anchors.shape[0], dtype=torch.int64, device=anchors.device)
 
 
-FAKE: dict[str, Callable[..., object]] = {"decode": _decode_fake, "nms": _nms_fake, "match": _match_fake}
+def _group_norm_fake(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    acc = torch.promote_types(x.dtype, torch.float32)
+    stats = torch.empty(x.shape[0], groups, dtype=acc, device=x.device)
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+def _group_norm_backward_fake(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    groups: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    param = torch.empty(x.shape[1], dtype=mean.dtype, device=x.device)
+    return torch.empty_like(x), param, torch.empty_like(param)
+
+
+FAKE: dict[str, Callable[..., object]] = {
+    "decode": _decode_fake,
+    "nms": _nms_fake,
+    "match": _match_fake,
+    "group_norm": _group_norm_fake,
+    "group_norm_backward": _group_norm_backward_fake,
+}
 _registered: set[str] = set()
 
 

@@ -224,3 +224,65 @@ def match(
             part = matches[:, start : start + chunk]
             part.copy_(torch.where(hit, best_idx[:, start : start + chunk], part))
     return matches
+
+
+def _norm_acc(x: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype of the GroupNorm statistics: float32, float64 for a float64 input."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _per_channel(t: torch.Tensor, channels: int) -> torch.Tensor:
+    """(B, G) -> (B, C, 1, 1): each group's value repeated over its channels."""
+    return t.repeat_interleave(channels // t.shape[1], dim=1)[..., None, None]
+
+
+def group_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GroupNorm with its statistics: x (B, C, H, W) -> (y like x, mean (B, G), rstd (B, G)).
+
+    y = (x - mean) * rstd * weight + bias, computed in float32 (float64 for float64 x) and rounded once to
+    x's dtype; the variance is E[x^2] - E[x]^2 of float32 sums (clamped at 0), as the kernel computes it.
+    """
+    b, c = x.shape[:2]
+    acc = _norm_acc(x)
+    xf = x.to(acc)
+    count = (c // groups) * x.shape[2] * x.shape[3]
+    mean = xf.sum((2, 3)).view(b, groups, -1).sum(-1) / count
+    var = (xf.square().sum((2, 3)).view(b, groups, -1).sum(-1) / count - mean.square()).clamp_min(0.0)
+    rstd = (var + eps).rsqrt()
+    y = (xf - _per_channel(mean, c)) * _per_channel(rstd, c)
+    if weight is not None:
+        y = y * weight.to(acc)[:, None, None]
+    if bias is not None:
+        y = y + bias.to(acc)[:, None, None]
+    return y.to(x.dtype), mean, rstd
+
+
+def group_norm_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    groups: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`group_norm`: (dx like x, dweight (C,), dbias (C,)), the latter two float32.
+
+    dx = rstd * (w dy - mean_g(w dy) - xhat * mean_g(w dy xhat)), means over each group's channels and
+    pixels; dweight = sum of dy * xhat, dbias = sum of dy over images and pixels.
+    """
+    b, c = x.shape[:2]
+    acc = _norm_acc(x)
+    count = (c // groups) * x.shape[2] * x.shape[3]
+    xhat = (x.to(acc) - _per_channel(mean, c)) * _per_channel(rstd, c)
+    g = dy.to(acc)
+    w = weight.to(acc)[:, None, None] if weight is not None else torch.ones((), dtype=acc)
+    wdy = w * g
+    m1 = wdy.sum((2, 3)).view(b, groups, -1).sum(-1) / count
+    m2 = (wdy * xhat).sum((2, 3)).view(b, groups, -1).sum(-1) / count
+    dx = _per_channel(rstd, c) * (wdy - _per_channel(m1, c) - xhat * _per_channel(m2, c))
+    dweight = (g * xhat).sum((0, 2, 3))
+    dbias = g.sum((0, 2, 3))
+    f32 = torch.promote_types(acc, torch.float32)
+    return dx.to(x.dtype), dweight.to(f32), dbias.to(f32)
