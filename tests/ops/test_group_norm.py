@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from retinaflow.ops import _reference
+from retinaflow.ops import _ext, _reference
 from retinaflow.ops.norm import group_norm
 
 CL = torch.channels_last
@@ -74,7 +74,14 @@ def test_fake_implementation_gives_the_output_shapes() -> None:
 
 
 # CUDA kernel vs the reference: head-sized maps, MobileNetV2's odd channel counts, 1x1 maps, no affine.
-CASES = [((8, 256, 100, 168), 32), ((2, 24, 7, 5), 12), ((3, 144, 1, 1), 24), ((1, 64, 130, 3), 32)]
+# An odd channel count takes the one-channel-per-thread path.
+CASES = [
+    ((8, 256, 100, 168), 32),
+    ((2, 24, 7, 5), 12),
+    ((3, 144, 1, 1), 24),
+    ((1, 64, 130, 3), 32),
+    ((2, 15, 9, 4), 5),
+]
 TOL = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (0.04, 0.02), torch.float16: (5e-3, 3e-3)}
 
 
@@ -85,6 +92,7 @@ def test_cuda_kernel_matches_the_reference(dtype: torch.dtype, shape: tuple, gro
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     x, w, b = _inputs(dtype, shape, "cuda")
+    _ext.ensure_loaded_for(x)
     w, b = w.float(), b.float()
     affine = shape[1] != 64  # one case without weight and bias
     weight, bias = (w, b) if affine else (None, None)
