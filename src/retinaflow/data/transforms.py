@@ -157,6 +157,7 @@ def colour_jitter_batch(images: torch.Tensor, sizes: torch.Tensor, factors: torc
     alone (float32, truncation to uint8 after each step, the contrast's mean over the image's own pixels);
     a handful of batched kernels, so it costs the DALI loader almost nothing on the GPU.
     """
+    sizes = sizes.to(images.device)  # the loaders keep sizes on the host
     valid = _valid_mask(images, sizes)  # (B, 1, H, W) bool
     area = (sizes[:, 0] * sizes[:, 1]).to(torch.float32).clamp(min=1).view(-1, 1, 1, 1)
     f = factors.to(device=images.device, dtype=torch.float32).view(-1, 3, 1, 1)
