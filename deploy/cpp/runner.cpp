@@ -41,6 +41,10 @@ TORCH_LIBRARY(retinaflow, m) {
   m.def(
       "match(Tensor anchors, Tensor gt_boxes, Tensor gt_labels, float fg_iou, float bg_iou, "
       "bool allow_low_quality) -> Tensor");
+  m.def("group_norm(Tensor x, Tensor? weight, Tensor? bias, int groups, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "group_norm_backward(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, int groups) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 namespace {

@@ -12,7 +12,7 @@ from retinaflow.kubeflow.steps.packaging import build_trt_engine, engine_file, e
 
 
 @pytest.mark.parametrize(
-    ("max_size", "resize", "side"), [(384, 256, 384), (1333, 800, 1408), (100, 128, 128)]
+    ("max_size", "resize", "side"), [(384, 256, 384), (1333, 800, 1344), (100, 128, 128)]
 )
 def test_export_size_covers_padded_inference_batches(monkeypatch, max_size, resize, side):
     cfg = Config()
@@ -22,7 +22,7 @@ def test_export_size_covers_padded_inference_batches(monkeypatch, max_size, resi
     )
     assert export_size("model.pth", 0) == side
     assert export_size("model.pth", 256) == 256
-    with pytest.raises(ConfigError, match="multiple of 128"):
+    with pytest.raises(ConfigError, match="multiple of 32"):
         export_size("model.pth", 100)
 
 

@@ -28,16 +28,17 @@ class Exported:
 
 
 def export_size(checkpoint: str | Path, size: int) -> int:
-    """``size`` or, when 0, the padded inference ``max_size`` of the checkpoint (covers every eval batch)."""
+    """``size`` or, when 0, the checkpoint's inference ``max_size`` padded to ``infer.pad_stride`` (covers
+    every evaluation batch). An explicit size must be a multiple of 32, the network's stride."""
     from retinaflow.config import Config
     from retinaflow.engine.checkpoint import load_checkpoint
 
-    if size < 0 or size % 128:
-        raise ConfigError(f"export size must be 0 or a positive multiple of 128, got {size}")
+    if size < 0 or size % 32:
+        raise ConfigError(f"export size must be 0 or a positive multiple of 32, got {size}")
     if size:
         return size
     config = Config.from_dict(load_checkpoint(checkpoint)["config"])
-    stride = config.data.pad_stride
+    stride = config.infer.pad_stride
     longest = max(config.infer.max_size, config.infer.resize)
     return -(-longest // stride) * stride
 
