@@ -8,10 +8,12 @@ import pytest
 import torch
 from tests.conftest import tiny_config
 
+from retinaflow.config import ModelConfig
 from retinaflow.engine.callbacks import Callback
 from retinaflow.engine.checkpoint import load_checkpoint
-from retinaflow.engine.train import train
+from retinaflow.engine.train import train, updates_running_stats
 from retinaflow.errors import CheckpointError, ConfigError, TrainingDiverged
+from retinaflow.model.retinanet import build_model
 
 
 class Recorder(Callback):
@@ -255,3 +257,9 @@ def test_resume_with_a_changed_batch_or_lr_says_so_once_each(synth_small, tmp_pa
         f"resuming {path}: --lr {changed.train.lr} differs from the checkpoint's "
         f"{changed.train.lr / 2}; continuing with {changed.train.lr}",
     ]
+
+
+@pytest.mark.parametrize(("norm", "broadcast"), [("frozen_bn", False), ("gn", False), ("bn", True)])
+def test_ddp_broadcasts_buffers_only_when_training_changes_them(norm: str, broadcast: bool) -> None:
+    cfg = ModelConfig(backbone="mobilenet_v2", norm=norm, head_norm="gn", fpn_channels=16, head_convs=1)
+    assert updates_running_stats(build_model(cfg)) is broadcast

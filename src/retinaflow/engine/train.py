@@ -74,6 +74,15 @@ def _check_config(config: Config) -> None:
         raise ConfigError("give both --val-images and --val-annotations, or neither")
 
 
+def updates_running_stats(model: nn.Module) -> bool:
+    """Whether training changes any buffer of ``model``: BatchNorm's running statistics (``model.norm`` bn or
+    sync_bn). Only then must DDP broadcast rank 0's buffers before every forward; frozen BN's statistics
+    and GroupNorm have nothing to keep in step, and the broadcast would be one collective per step."""
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules()
+    )
+
+
 class _Trainer:
     def __init__(self, config: Config, path: Path, callbacks: CallbackList, info: D.DistInfo) -> None:
         self.config, self.path, self.callbacks, self.info = config, path, callbacks, info
@@ -143,7 +152,9 @@ class _Trainer:
         self.ddp: nn.Module = model
         if info.distributed:
             ids = [info.device.index] if info.device.type == "cuda" else None
-            self.ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            self.ddp = nn.parallel.DistributedDataParallel(
+                model, device_ids=ids, broadcast_buffers=updates_running_stats(model)
+            )
         if cfg.train.compile:
             self.ddp = torch.compile(self.ddp, backend=cfg.train.compile)  # type: ignore[assignment]
 
