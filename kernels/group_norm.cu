@@ -10,15 +10,6 @@ constexpr int kThreadsY = 4;   // pixel rows in flight per block
 constexpr int kMaxChannels = 4096;  // the coefficient kernel's shared memory: 2 * c + 2 * g floats
 constexpr int kCoefThreads = 256;
 
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
 int64_t blocks_per_image(int64_t p) { return (p + RF_GN_ROWS - 1) / RF_GN_ROWS; }
 
 // W consecutive channels of one pixel as floats (W = 2: one 4- or 8-byte load; needs even c and
@@ -32,7 +23,7 @@ struct Lanes {
   }
   __device__ __forceinline__ static void store(T* p, const float* v) {
 #pragma unroll
-    for (int i = 0; i < W; ++i) p[i] = from_float<T>(v[i]);
+    for (int i = 0; i < W; ++i) p[i] = rf::from_float<T>(v[i]);
   }
 };
 template <>
