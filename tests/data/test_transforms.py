@@ -141,3 +141,13 @@ def test_colour_jitter_batch_is_torchvision_per_image_and_keeps_the_padding_zero
         diff = (out[i, :, :h, :w].int() - ref.int()).abs()
         assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01  # float summation order
         assert not out[i, :, h:].any() and not out[i, :, :, w:].any()
+
+
+def test_colour_jitter_batch_takes_sizes_and_factors_from_the_host() -> None:
+    """The DALI loader keeps sizes and factors on the host while the batch is on the GPU; a meta-device
+    batch stands in for the GPU here (mixing devices in one op raises, as it did on the GPU)."""
+    from retinaflow.data.transforms import colour_jitter_batch
+
+    images = torch.empty(2, 3, 8, 8, dtype=torch.uint8, device="meta")
+    out = colour_jitter_batch(images, torch.tensor([[8, 6], [5, 8]]), torch.ones(2, 3))
+    assert out.device.type == "meta" and out.shape == images.shape and out.dtype == torch.uint8
