@@ -60,12 +60,13 @@ def _worker(rank: int, port: int, out: dict) -> None:
     dist.destroy_process_group()
 
 
-def test_sync_bn_on_two_ranks_equals_bn_on_the_global_batch() -> None:
+def test_sync_bn_on_two_ranks_equals_bn_on_the_global_batch(monkeypatch) -> None:
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # restored after the test
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     with mp.Manager() as manager:
         out = manager.dict()
         mp.spawn(_worker, args=(free_port(), out), nprocs=2, join=True)
         results = dict(out)
-    _exact_float32()
     single = _network("bn").cuda(0)
     cls, _ = single(_images().cuda(0))
     expected = _statistics(single)
