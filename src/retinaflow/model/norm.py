@@ -30,6 +30,7 @@ from torchvision.ops import misc
 from retinaflow.config import ModelConfig
 from retinaflow.errors import ConfigError
 from retinaflow.ops.norm import group_norm as channels_last_group_norm
+from retinaflow.ops.norm import kernel_serves
 
 NORMS = ("frozen_bn", "bn", "sync_bn", "gn")
 HEAD_NORMS = ("none", "gn")
@@ -66,10 +67,10 @@ class GroupNorm(nn.GroupNorm):
     each GroupNorm of a bf16 network would cast its input up, write a float32 output and leave the next
     convolution to cast it back (the same waste :class:`FrozenBatchNorm2d` removes), and PyTorch's CUDA
     kernel returns a contiguous tensor for a channels_last one. A channels_last CUDA input therefore goes
-    through the retinaflow kernel, :func:`retinaflow.ops.norm.group_norm` (eagerly: under
-    ``torch.compile`` and ``torch.export`` the compiler's own GroupNorm lowering is used); other inputs
-    through PyTorch's kernel, in the input's dtype. Statistics accumulate in float32 either way. Same
-    parameters and state-dict keys as ``nn.GroupNorm``.
+    through the retinaflow kernel, :func:`retinaflow.ops.norm.group_norm` (eagerly, where the kernels are
+    built: under ``torch.compile`` and ``torch.export`` the compiler's own GroupNorm lowering is used);
+    other inputs through PyTorch's kernel, in the input's dtype. Statistics accumulate in float32 either
+    way. Same parameters and state-dict keys as ``nn.GroupNorm``.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,6 +79,7 @@ class GroupNorm(nn.GroupNorm):
             and x.dim() == 4
             and x.is_contiguous(memory_format=torch.channels_last)
             and not torch.compiler.is_compiling()
+            and kernel_serves(x)
         ):
             return channels_last_group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         if x.dtype not in (torch.float16, torch.bfloat16) or not torch.is_autocast_enabled(x.device.type):

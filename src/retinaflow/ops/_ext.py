@@ -98,6 +98,11 @@ def load(verbose: bool = False) -> str:
         return str(path)
 
 
+def kernels_loaded() -> bool:
+    """Whether the compiled kernels serve the CUDA implementation in this process (not the reference)."""
+    return "path" in _state
+
+
 def ensure_loaded_for(t: torch.Tensor) -> None:
     """Give the operators a CUDA implementation before their first call on a CUDA tensor ``t``.
 

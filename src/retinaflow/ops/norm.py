@@ -16,7 +16,15 @@ import torch
 
 from retinaflow.ops import _ext
 
-__all__ = ["group_norm"]
+__all__ = ["group_norm", "kernel_serves"]
+
+
+def kernel_serves(x: torch.Tensor) -> bool:
+    """Whether :func:`group_norm` of the CUDA tensor ``x`` runs the compiled kernel (loaded on first use).
+    False where the kernels cannot be built: PyTorch's own ``group_norm`` is then faster than the
+    reference."""
+    _ext.ensure_loaded_for(x)
+    return _ext.kernels_loaded()
 
 
 class _GroupNorm(torch.autograd.Function):
