@@ -118,6 +118,8 @@ def test_python_constants_equal_the_kernels():
     assert re.search(rf"#define RF_DECODE_MAX_TOP_N {_library.MAX_TOP_N}\b", header)
     clip = re.search(r"constexpr float kClip = ([0-9.]+)f;", source)
     assert clip and math.isclose(float(clip.group(1)), _reference.BBOX_XFORM_CLIP, rel_tol=1e-7)
+    norm = (_ext.kernel_dir() / "group_norm.cu").read_text()
+    assert re.search(rf"constexpr int kMaxChannels = {_library.MAX_NORM_CHANNELS};", norm)
 
 
 def _decode_args():

@@ -17,6 +17,8 @@ from retinaflow.ops import _reference
 # Limits of the decode kernel (RF_DECODE_MAX_* in kernels/decode.h; tests/ops/test_ext.py checks they agree).
 MAX_LEVELS = 8
 MAX_TOP_N = 16384
+# Channels the group_norm kernel takes (kMaxChannels in kernels/group_norm.cu).
+MAX_NORM_CHANNELS = 4096
 
 SCHEMAS = {
     "decode": "(Tensor[] cls, Tensor[] box, Tensor[] anchors, Tensor sizes, float score_thresh, int top_n, "

@@ -15,14 +15,17 @@ from typing import Any
 import torch
 
 from retinaflow.ops import _ext
+from retinaflow.ops._library import MAX_NORM_CHANNELS
 
 __all__ = ["group_norm", "kernel_serves"]
 
 
 def kernel_serves(x: torch.Tensor) -> bool:
-    """Whether :func:`group_norm` of the CUDA tensor ``x`` runs the compiled kernel (loaded on first use).
-    False where the kernels cannot be built: PyTorch's own ``group_norm`` is then faster than the
-    reference."""
+    """Whether :func:`group_norm` of the CUDA tensor ``x`` (B, C, H, W) runs the compiled kernel (loaded on
+    first use): C within the kernel's limit and the kernels built. Where they cannot be built PyTorch's
+    own ``group_norm`` is faster than the reference."""
+    if x.shape[1] > MAX_NORM_CHANNELS:
+        return False
     _ext.ensure_loaded_for(x)
     return _ext.kernels_loaded()
 
@@ -60,7 +63,8 @@ def group_norm(
 ) -> torch.Tensor:
     """``F.group_norm(x, groups, weight, bias, eps)`` in x's dtype and memory format.
 
-    x: (B, C, H, W) float (CUDA: float32/float16/bfloat16, C <= 4096), C divisible by ``groups``;
+    x: (B, C, H, W) float (CUDA: float32/float16/bfloat16, C <= ``MAX_NORM_CHANNELS``), C divisible by
+    ``groups``;
     weight, bias: (C,) or None -> (B, C, H, W). Differentiable in x, weight and bias.
     """
     _ext.ensure_loaded_for(x)
