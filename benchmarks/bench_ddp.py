@@ -1,6 +1,6 @@
 """Multi-GPU DDP in one call: throughput scaling, 1-vs-N-GPU equivalence, sharded evaluation.
 
-    python benchmarks/bench_ddp.py --gpus 2 --out-dir $OUT [--compile] [--quick]
+    python benchmarks/bench_ddp.py --gpus 1,2,4 --out-dir $OUT [--loaders torch,dali] [--compile] [--profile]
 
 The driver writes a JPEG dataset of varied sizes and aspect ratios (the synthetic generator, images
 480-800 px per side), then launches ``torchrun`` workers (this file, ``worker`` sub-command) for:
@@ -16,6 +16,10 @@ The driver writes a JPEG dataset of varied sizes and aspect ratios (the syntheti
    second 1-GPU run with another seed gives the noise both differences are judged against.
 3. **sharded evaluation**: the equivalence checkpoint evaluated on N ranks (each its shard, gathered) vs on
    one rank: the same detections and the same COCO stats.
+
+``--profile``: each throughput run also profiles 10 iterations on rank 0 after its img/s window (GPU busy
+ms and kernel launches per step, the top host ops): a GPU-bound step is ~100 % busy, a host-bound one
+is not.
 
 Prints one JSON object (and writes it to ``--out-dir/ddp.json``).
 """
@@ -61,6 +65,63 @@ class _StepLog(Callback):
 
     def on_validation(self, state: TrainState, result: Any) -> None:
         self.val_map = result.map
+
+
+class _Profile(Callback):
+    """Rank 0: a ``torch.profiler`` window of ``train.log_every`` iterations from the first log step at or
+    after ``start``; :func:`profile_summary` of it. Tells a GPU-bound step (GPU busy ~100 %) from one that
+    waits for the host (launches, syncs) or for the other ranks."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+        self.prof: Any = None
+        self.t0 = 0.0
+        self.it0 = 0
+        self.summary: dict[str, Any] = {}
+
+    def on_step(self, state: TrainState, metrics: dict[str, float]) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        if self.summary or state.iteration < self.start:
+            return
+        if self.prof is None:
+            activities = [ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(ProfilerActivity.CUDA)
+            self.prof = profile(activities=activities)
+            self.prof.__enter__()
+            self.t0, self.it0 = time.perf_counter(), state.iteration
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - self.t0
+        self.prof.__exit__(None, None, None)
+        self.summary = profile_summary(self.prof, wall, state.iteration - self.it0)
+
+
+def profile_summary(prof: Any, wall_s: float, steps: int) -> dict[str, Any]:
+    """Per step: wall ms, GPU busy ms (kernels and copies), kernel launches; the top host ops by self time."""
+    from torch.autograd import DeviceType
+
+    rows = prof.key_averages()
+
+    def device_us(row: Any) -> float:  # the attribute's name changed across torch versions
+        return float(getattr(row, "self_device_time_total", getattr(row, "self_cuda_time_total", 0.0)))
+
+    launch_names = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+    launches = sum(r.count for r in rows if r.key in launch_names)
+    # device-side rows only (kernels, copies); NCCL's stream overlaps the compute stream, so the busy
+    # fraction can exceed 1 when communication overlaps compute
+    busy_us = sum(device_us(r) for r in rows if getattr(r, "device_type", None) == DeviceType.CUDA)
+    top = sorted(rows, key=lambda r: r.self_cpu_time_total, reverse=True)[:8]
+    return {
+        "steps": steps,
+        "wall_ms_per_step": round(wall_s * 1e3 / steps, 2),
+        "gpu_busy_ms_per_step": round(busy_us / 1e3 / steps, 2),
+        "gpu_busy_fraction": round(busy_us / 1e6 / wall_s, 3) if wall_s > 0 else None,
+        "kernel_launches_per_step": round(launches / steps, 1),
+        "top_host_ops_ms_per_step": {r.key[:60]: round(r.self_cpu_time_total / 1e3 / steps, 2) for r in top},
+    }
 
 
 def _config(args: argparse.Namespace, world: int) -> Config:
@@ -122,16 +183,26 @@ def worker(args: argparse.Namespace) -> None:
         return
     cfg = _config(args, world)
     log = _StepLog()
-    train(cfg, Path(args.checkpoint), [log])
+    callbacks: list[Callback] = [log]
+    # Profiled: iterations iters-20 .. iters-10, after the img/s window (the profiler slows what it sees).
+    profiler = _Profile(args.iters - 20) if args.task == "throughput" and args.profile else None
+    if profiler is not None:
+        callbacks.append(profiler)
+    train(cfg, Path(args.checkpoint), callbacks)
     result: dict[str, Any] = {"world": world, "global_batch": cfg.train.batch}
     if rank == 0:
         first = next((i for i, it in enumerate(log.iterations) if it >= args.warmup), None)
-        if first is not None and first < len(log.times) - 1:
-            steps = log.iterations[-1] - log.iterations[first]
-            result["img_s"] = round(steps * cfg.train.batch / (log.times[-1] - log.times[first]), 1)
-            result["window"] = [log.iterations[first] + 1, log.iterations[-1]]
+        end = len(log.times) - 1
+        if profiler is not None:  # the window ends where the profiled iterations begin
+            end = max((i for i, it in enumerate(log.iterations) if it <= profiler.start), default=end)
+        if first is not None and first < end:
+            steps = log.iterations[end] - log.iterations[first]
+            result["img_s"] = round(steps * cfg.train.batch / (log.times[end] - log.times[first]), 1)
+            result["window"] = [log.iterations[first] + 1, log.iterations[end]]
         result["losses"] = log.losses
         result["val_map"] = log.val_map
+        if profiler is not None:
+            result["profile_rank0"] = profiler.summary
     if args.task == "throughput":  # the process group is gone: time each rank's loader alone
         result["loader_img_s_rank"] = round(_loader_rate(_config(args, world), rank, world, 30), 1)
     if rank == 0:
@@ -255,6 +326,7 @@ def driver(args: argparse.Namespace) -> None:
     counts = sorted({int(g) for g in str(args.gpus).split(",")} | {1})
     n = counts[-1]
     common = {"iters": args.tp_iters, "warmup": args.tp_warmup, "batch_per_gpu": 8, "workers": args.workers}
+    common["profile"] = args.profile
     modes = [] if args.skip_throughput else [False, True] if args.compile else [False]
     runs = [(comp, loader) for comp in modes for loader in args.loaders.split(",")]
     # Eager throughput first, then equivalence and evaluation, compiled throughput last (the longest);
@@ -350,6 +422,11 @@ def main() -> None:
     d.add_argument("--loaders", default="torch", help="comma-separated loaders to measure throughput with")
     d.add_argument("--skip-equivalence", action="store_true")
     d.add_argument("--skip-throughput", action="store_true")
+    d.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile 10 iterations of each throughput run on rank 0 (GPU busy fraction, launches per step)",
+    )
     w = sub.add_parser("worker", help="internal: one torchrun task")
     w.add_argument("--task", choices=["throughput", "equivalence", "evaluate"], required=True)
     w.add_argument("--data", required=True)
@@ -362,6 +439,7 @@ def main() -> None:
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--compile", action="store_true")
     w.add_argument("--loader", default="torch", choices=["torch", "dali"])
+    w.add_argument("--profile", action="store_true")
     args = ap.parse_args(
         sys.argv[1:] if len(sys.argv) > 1 and sys.argv[1] in ("run", "worker") else ["run", *sys.argv[1:]]
     )
