@@ -84,8 +84,7 @@ def _match_fake(
 def _group_norm_fake(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    acc = torch.promote_types(x.dtype, torch.float32)
-    stats = torch.empty(x.shape[0], groups, dtype=acc, device=x.device)
+    stats = torch.empty(x.shape[0], groups, dtype=_reference.norm_acc_dtype(x), device=x.device)
     return torch.empty_like(x), stats, torch.empty_like(stats)
 
 

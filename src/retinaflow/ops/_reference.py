@@ -226,7 +226,7 @@ def match(
     return matches
 
 
-def _norm_acc(x: torch.Tensor) -> torch.dtype:
+def norm_acc_dtype(x: torch.Tensor) -> torch.dtype:
     """Accumulation dtype of the GroupNorm statistics: float32, float64 for a float64 input."""
     return torch.promote_types(x.dtype, torch.float32)
 
@@ -234,6 +234,12 @@ def _norm_acc(x: torch.Tensor) -> torch.dtype:
 def _per_channel(t: torch.Tensor, channels: int) -> torch.Tensor:
     """(B, G) -> (B, C, 1, 1): each group's value repeated over its channels."""
     return t.repeat_interleave(channels // t.shape[1], dim=1)[..., None, None]
+
+
+def _group_mean(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, G): the mean of each group's channels and pixels."""
+    b, c, h, w = t.shape
+    return t.sum((2, 3)).view(b, groups, -1).sum(-1) / ((c // groups) * h * w)
 
 
 def group_norm(
@@ -244,18 +250,15 @@ def group_norm(
     y = (x - mean) * rstd * weight + bias, computed in float32 (float64 for float64 x) and rounded once to
     x's dtype; the variance is E[x^2] - E[x]^2 of float32 sums (clamped at 0), as the kernel computes it.
     """
-    b, c = x.shape[:2]
-    acc = _norm_acc(x)
-    xf = x.to(acc)
-    count = (c // groups) * x.shape[2] * x.shape[3]
-    mean = xf.sum((2, 3)).view(b, groups, -1).sum(-1) / count
-    var = (xf.square().sum((2, 3)).view(b, groups, -1).sum(-1) / count - mean.square()).clamp_min(0.0)
-    rstd = (var + eps).rsqrt()
+    c = x.shape[1]
+    xf = x.to(norm_acc_dtype(x))
+    mean = _group_mean(xf, groups)
+    rstd = ((_group_mean(xf.square(), groups) - mean.square()).clamp_min(0.0) + eps).rsqrt()
     y = (xf - _per_channel(mean, c)) * _per_channel(rstd, c)
     if weight is not None:
-        y = y * weight.to(acc)[:, None, None]
+        y = y * weight.to(xf.dtype)[:, None, None]
     if bias is not None:
-        y = y + bias.to(acc)[:, None, None]
+        y = y + bias.to(xf.dtype)[:, None, None]
     return y.to(x.dtype), mean, rstd
 
 
@@ -267,22 +270,15 @@ def group_norm_backward(
     rstd: torch.Tensor,
     groups: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`group_norm`: (dx like x, dweight (C,), dbias (C,)), the latter two float32.
+    """Gradients of :func:`group_norm`: (dx like x, dweight (C,), dbias (C,)) in the statistics' float type.
 
     dx = rstd * (w dy - mean_g(w dy) - xhat * mean_g(w dy xhat)), means over each group's channels and
     pixels; dweight = sum of dy * xhat, dbias = sum of dy over images and pixels.
     """
-    b, c = x.shape[:2]
-    acc = _norm_acc(x)
-    count = (c // groups) * x.shape[2] * x.shape[3]
+    c, acc = x.shape[1], norm_acc_dtype(x)
     xhat = (x.to(acc) - _per_channel(mean, c)) * _per_channel(rstd, c)
     g = dy.to(acc)
-    w = weight.to(acc)[:, None, None] if weight is not None else torch.ones((), dtype=acc)
-    wdy = w * g
-    m1 = wdy.sum((2, 3)).view(b, groups, -1).sum(-1) / count
-    m2 = (wdy * xhat).sum((2, 3)).view(b, groups, -1).sum(-1) / count
+    wdy = g * weight.to(acc)[:, None, None] if weight is not None else g
+    m1, m2 = _group_mean(wdy, groups), _group_mean(wdy * xhat, groups)
     dx = _per_channel(rstd, c) * (wdy - _per_channel(m1, c) - xhat * _per_channel(m2, c))
-    dweight = (g * xhat).sum((0, 2, 3))
-    dbias = g.sum((0, 2, 3))
-    f32 = torch.promote_types(acc, torch.float32)
-    return dx.to(x.dtype), dweight.to(f32), dbias.to(f32)
+    return dx.to(x.dtype), (g * xhat).sum((0, 2, 3)), g.sum((0, 2, 3))
