@@ -33,6 +33,8 @@ import re
 import subprocess
 import sys
 import time
+import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,7 @@ class _Profile(Callback):
         self.t0 = 0.0
         self.it0 = 0
         self.summary: dict[str, Any] = {}
+        self.syncs = SyncCounter()
 
     def on_step(self, state: TrainState, metrics: dict[str, float]) -> None:
         from torch.profiler import ProfilerActivity, profile
@@ -90,13 +93,42 @@ class _Profile(Callback):
                 activities.append(ProfilerActivity.CUDA)
             self.prof = profile(activities=activities)
             self.prof.__enter__()
+            self.syncs.start()
             self.t0, self.it0 = time.perf_counter(), state.iteration
             return
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         wall = time.perf_counter() - self.t0
+        syncs = self.syncs.stop()
         self.prof.__exit__(None, None, None)
         self.summary = profile_summary(self.prof, wall, state.iteration - self.it0)
+        self.summary["host_syncs"] = syncs
+
+
+class SyncCounter:
+    """Counts the host syncs the code between ``start`` and ``stop`` makes, by call site.
+
+    ``torch.cuda.set_sync_debug_mode("warn")`` makes every synchronising CUDA call (``.item()``,
+    ``.tolist()``, a blocking copy, ``nonzero``...) warn from its Python caller; the warnings are
+    recorded, not printed. A step that queues its work without waiting for the GPU has none; the log
+    steps' ``.tolist()`` are expected. ``stop`` returns {"file:line": count}.
+    """
+
+    def start(self) -> None:
+        self._catch = warnings.catch_warnings(record=True)
+        self._records = self._catch.__enter__()
+        warnings.simplefilter("always")
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def stop(self) -> dict[str, int]:
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("default")
+        self._catch.__exit__(None, None, None)
+        sites = Counter(
+            f"{Path(r.filename).name}:{r.lineno}" for r in self._records if "synchroniz" in str(r.message)
+        )
+        return dict(sites.most_common())
 
 
 def profile_summary(prof: Any, wall_s: float, steps: int) -> dict[str, Any]:
@@ -182,6 +214,8 @@ def worker(args: argparse.Namespace) -> None:
         _worker_evaluate(args)
         return
     cfg = _config(args, world)
+    if args.ddp_options:
+        _use_ddp_options(args.ddp_options)
     log = _StepLog()
     callbacks: list[Callback] = [log]
     # Profiled: iterations iters-20 .. iters-10, after the img/s window (the profiler slows what it sees).
@@ -207,6 +241,19 @@ def worker(args: argparse.Namespace) -> None:
         result["loader_img_s_rank"] = round(_loader_rate(_config(args, world), rank, world, 30), 1)
     if rank == 0:
         Path(args.result).write_text(json.dumps(result))
+
+
+def _use_ddp_options(text: str) -> None:
+    """Make the trainer's ``DistributedDataParallel(...)`` also get these keyword arguments (``k=0|1,...``):
+    a benchmark-side switch, so that DDP settings are compared before one becomes the trainer's."""
+    options = {k: bool(int(v)) for k, v in (item.split("=", 1) for item in text.split(",") if item)}
+    base = torch.nn.parallel.DistributedDataParallel
+
+    class WithOptions(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, **{**kw, **options})
+
+    torch.nn.parallel.DistributedDataParallel = WithOptions  # type: ignore[misc]
 
 
 def _worker_evaluate(args: argparse.Namespace) -> None:
@@ -329,6 +376,7 @@ def driver(args: argparse.Namespace) -> None:
     common["profile"] = args.profile
     modes = [] if args.skip_throughput else [False, True] if args.compile else [False]
     runs = [(comp, loader) for comp in modes for loader in args.loaders.split(",")]
+    variants = [("", "")] + [tuple(v.split("=", 1)) for v in args.ddp_variant]  # type: ignore[misc]
     # Eager throughput first, then equivalence and evaluation, compiled throughput last (the longest);
     # the report is rewritten after each step, so a run cut short still leaves what it measured.
     steps = [r for r in runs if not r[0]] + [None] + [r for r in runs if r[0]]
@@ -342,15 +390,22 @@ def driver(args: argparse.Namespace) -> None:
         tag = f"{loader}_{'compiled' if comp else 'eager'}"
         entry: dict[str, Any] = {}
         for gpus in counts:
-            run = _launch(args, gpus, "throughput", f"tp_{tag}_{gpus}", compile=comp, loader=loader, **common)
-            run.pop("losses", None)
-            entry[f"{gpus}gpu"] = run
-            one = entry["1gpu"]
-            if gpus > 1 and "img_s" in one and "img_s" in run:
-                entry[f"scaling_{gpus}"] = round(run["img_s"] / one["img_s"], 3)
-                entry[f"efficiency_{gpus}"] = round(run["img_s"] / one["img_s"] / gpus, 3)
-            report[f"throughput_{tag}"] = entry
-            _write_report(args, report)
+            # One GPU runs no DDP: its figure is every variant's baseline.
+            for variant, options in variants if gpus > 1 else [("", "")]:
+                key = f"{gpus}gpu" + (f"_{variant}" if variant else "")
+                run = _launch(
+                    args, gpus, "throughput", f"tp_{tag}_{key}", compile=comp, loader=loader,
+                    ddp_options=options, **common,
+                )  # fmt: skip
+                run.pop("losses", None)
+                entry[key] = run
+                one = entry["1gpu"]
+                suffix = f"{gpus}" + (f"_{variant}" if variant else "")
+                if gpus > 1 and "img_s" in one and "img_s" in run:
+                    entry[f"scaling_{suffix}"] = round(run["img_s"] / one["img_s"], 3)
+                    entry[f"efficiency_{suffix}"] = round(run["img_s"] / one["img_s"] / gpus, 3)
+                report[f"throughput_{tag}"] = entry
+                _write_report(args, report)
     print(json.dumps(report, indent=1))
 
 
@@ -427,6 +482,14 @@ def main() -> None:
         action="store_true",
         help="profile 10 iterations of each throughput run on rank 0 (GPU busy fraction, launches per step)",
     )
+    d.add_argument(
+        "--ddp-variant",
+        action="append",
+        default=[],
+        metavar="NAME=KEY=VALUE,...",
+        help="also run each N-GPU throughput run with these DistributedDataParallel arguments (booleans "
+        "0/1), e.g. bucket_view=gradient_as_bucket_view=1,static_graph=1 (repeatable)",
+    )
     w = sub.add_parser("worker", help="internal: one torchrun task")
     w.add_argument("--task", choices=["throughput", "equivalence", "evaluate"], required=True)
     w.add_argument("--data", required=True)
@@ -440,6 +503,7 @@ def main() -> None:
     w.add_argument("--compile", action="store_true")
     w.add_argument("--loader", default="torch", choices=["torch", "dali"])
     w.add_argument("--profile", action="store_true")
+    w.add_argument("--ddp-options", default="", help="KEY=0|1,... passed to DistributedDataParallel")
     args = ap.parse_args(
         sys.argv[1:] if len(sys.argv) > 1 and sys.argv[1] in ("run", "worker") else ["run", *sys.argv[1:]]
     )
