@@ -33,6 +33,7 @@ import re
 import subprocess
 import sys
 import time
+import traceback
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -106,18 +107,30 @@ class _Profile(Callback):
 
 
 class SyncCounter:
-    """Counts the host syncs the code between ``start`` and ``stop`` makes, by call site.
+    """Counts the host syncs the code between ``start`` and ``stop`` makes, by Python call stack.
 
     ``torch.cuda.set_sync_debug_mode("warn")`` makes every synchronising CUDA call (``.item()``,
-    ``.tolist()``, a blocking copy, ``nonzero``...) warn from its Python caller; the warnings are
-    recorded, not printed. A step that queues its work without waiting for the GPU has none; the log
-    steps' ``.tolist()`` are expected. ``stop`` returns {"file:line": count}.
+    ``.tolist()``, a copy from pageable memory, ``nonzero``...) warn; each warning is counted under
+    the innermost ``depth`` frames of the Python stack that made it, not printed. A step that queues
+    its work without waiting for the GPU has none; the log steps' ``.tolist()`` are expected.
+    ``stop`` returns {"file:line < caller:line < ...": count}.
     """
 
+    def __init__(self, depth: int = 4) -> None:
+        self.depth = depth
+        self.sites: Counter[str] = Counter()
+
+    def _record(self, message: Any, *args: Any, **kwargs: Any) -> None:
+        if "synchroniz" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-1] if "warnings" not in Path(f.filename).name]
+        self.sites[" < ".join(f"{Path(f.filename).name}:{f.lineno}" for f in frames[::-1][: self.depth])] += 1
+
     def start(self) -> None:
-        self._catch = warnings.catch_warnings(record=True)
-        self._records = self._catch.__enter__()
+        self._catch = warnings.catch_warnings()
+        self._catch.__enter__()
         warnings.simplefilter("always")
+        warnings.showwarning = self._record
         if torch.cuda.is_available():
             torch.cuda.set_sync_debug_mode("warn")
 
@@ -125,10 +138,7 @@ class SyncCounter:
         if torch.cuda.is_available():
             torch.cuda.set_sync_debug_mode("default")
         self._catch.__exit__(None, None, None)
-        sites = Counter(
-            f"{Path(r.filename).name}:{r.lineno}" for r in self._records if "synchroniz" in str(r.message)
-        )
-        return dict(sites.most_common())
+        return dict(self.sites.most_common())
 
 
 def profile_summary(prof: Any, wall_s: float, steps: int) -> dict[str, Any]:

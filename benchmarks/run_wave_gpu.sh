@@ -7,6 +7,7 @@
 #   bash benchmarks/run_wave_gpu.sh ddp       bench_ddp.py on all visible GPUs (scaling, equivalence, eval)
 #   bash benchmarks/run_wave_gpu.sh engines   every `gpu` test (kernels, engines, C++ runner, NCCL faults), bench_engine
 #   bash benchmarks/run_wave_gpu.sh accuracy  bench_accuracy (retinaflow recipes vs torchvision) + INT8 on a result
+#   bash benchmarks/run_wave_gpu.sh scratch   R50-FPN from random init at the issue's scale: default norms vs ODTK's
 # Wheels the machine lacks (DALI via .device-wheels, pycocotools in .whl) are installed into /tmp/site first.
 set -uo pipefail
 export PYTHONPATH="/tmp/site:$PWD/src:$PWD/benchmarks:$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
@@ -50,4 +51,12 @@ case "${1:-tests}" in
     ckpt=$(ls /tmp/acc/*/model.pth 2>/dev/null | grep -m1 "${INT8_RUN:-default_s0}")
     [ -n "$ckpt" ] && timeout 240 python benchmarks/bench_int8.py "$ckpt" --images /tmp/real_data/val \
       --annotations /tmp/real_data/annotations/val.json --calibration-images 256 2>&1 | tee "$OUT/int8.log" | tail -30 ;;
+  scratch)  # issue 12's case: R50-FPN, no backbone weights, lr 0.01, batch 32, 512 px (ODTK's network diverged)
+    gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader | paste -sd,)
+    r50="model.backbone=resnet50,model.fpn_channels=256"
+    python benchmarks/bench_accuracy.py --out /tmp/scratch --data /tmp/real_data --gpus "$gpus" --libs retinaflow \
+      --backbone-weights none --batch 32 --size 512 --lr 0.01 --iters ${SCRATCH_ITERS:-300} --seeds 0 \
+      --jobs-per-gpu 1 --workers 6 --recipe "r50_default=$r50" \
+      --recipe "r50_odtk=$r50,model.norm=frozen_bn,model.head_norm=none" 2>&1 | tee "$OUT/scratch.log" | tail -30
+    for f in /tmp/scratch/*.log; do echo "== $f"; grep -aE "loss|error|mAP" "$f" | tail -12; done > "$OUT/scratch_runs.log" ;;
 esac

@@ -9,7 +9,7 @@ from torchvision.ops import generalized_box_iou_loss
 from retinaflow.config import LossConfig, MatcherConfig
 from retinaflow.errors import ConfigError
 from retinaflow.model.box_coder import encode
-from retinaflow.model.box_loss import box_loss_per_anchor
+from retinaflow.model.box_loss import box_loss_per_anchor, giou_loss
 from retinaflow.model.loss import detection_loss
 from retinaflow.ops._reference import decode_deltas
 
@@ -26,6 +26,22 @@ def test_giou_is_zero_for_exact_deltas_and_matches_torchvision() -> None:
     deltas = exact + torch.tensor([0.1, -0.2, 0.3, -0.1])
     expected = generalized_box_iou_loss(decode_deltas(ANCHORS[None], deltas), GT, reduction="none")
     torch.testing.assert_close(box_loss_per_anchor(deltas, ANCHORS[None], GT, GIOU), expected)
+
+
+def test_giou_loss_equals_torchvisions_on_overlapping_disjoint_and_nested_boxes_values_and_gradients() -> (
+    None
+):
+    gen = torch.Generator().manual_seed(0)
+    corner = torch.rand(2, 500, 2, generator=gen) * 100
+    boxes = torch.cat([corner, corner + 1 + torch.rand(2, 500, 2, generator=gen) * 60], -1)
+    target = boxes.flip(1).clone()  # pairs that overlap, are disjoint or nest, at random
+    target[0, :50] = boxes[0, :50]  # and some exact matches (loss 0)
+    ours_in, theirs_in = boxes.clone().requires_grad_(), boxes.clone().requires_grad_()
+    ours, theirs = giou_loss(ours_in, target), generalized_box_iou_loss(theirs_in, target, reduction="none")
+    torch.testing.assert_close(ours, theirs)
+    ours.sum().backward()
+    theirs.sum().backward()
+    torch.testing.assert_close(ours_in.grad, theirs_in.grad)
 
 
 def test_giou_weight_2_is_the_default_and_smooth_l1_is_odtks() -> None:
