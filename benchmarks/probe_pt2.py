@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -28,15 +29,35 @@ from retinaflow.config import Config
 from retinaflow.engine.checkpoint import save_checkpoint
 from retinaflow.model.retinanet import build_model
 
-# name: (model overrides, precision, batch range, size)
-VARIANTS: dict[str, tuple[dict[str, Any], str, tuple[int, int], tuple[int, int]]] = {
+TINY = {"backbone": "resnet18", "fpn_channels": 32, "head_convs": 1, "num_classes": 3}  # the GPU test's
+
+# name: (model overrides, precision, batch range, size[, inductor config overrides])
+VARIANTS: dict[str, tuple[Any, ...]] = {
     "r50": ({}, "fp16", (1, 32), (800, 1344)),  # bench_engine's engine
     "r50_b1": ({}, "fp16", (1, 1), (800, 1344)),
     "r50_fp32_b1": ({}, "fp32", (1, 1), (800, 1344)),
     "r50_no_gn_head": ({"head_norm": "none"}, "fp16", (1, 32), (800, 1344)),
     "r50_128px": ({}, "fp16", (1, 8), (128, 128)),
     "r18": ({"backbone": "resnet18"}, "fp16", (1, 32), (800, 1344)),
+    "tiny": (TINY, "fp16", (1, 8), (128, 128)),  # loads in tests/export/test_aoti.py
+    "tiny_80_classes": ({**TINY, "num_classes": 80}, "fp16", (1, 8), (128, 128)),
+    "tiny_wide_head": ({**TINY, "fpn_channels": 256, "head_convs": 4}, "fp16", (1, 8), (128, 128)),
+    "r50_no_metadata": ({}, "fp16", (1, 1), (800, 1344), {"aot_inductor.metadata": {}}),
 }
+
+# ``retinaflow export`` with some inductor configs replaced (``aot_inductor.metadata``: the engine's
+# metadata compiled into the package)
+EXPORT = """
+import json, sys, torch
+extra = json.loads(sys.argv[1])
+compile_and_package = torch._inductor.aoti_compile_and_package
+def patched(program, package_path=None, inductor_configs=None):
+    configs = {**(inductor_configs or {}), **extra}
+    return compile_and_package(program, package_path=package_path, inductor_configs=configs)
+torch._inductor.aoti_compile_and_package = patched
+from retinaflow.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
 
 LOAD = """
 import sys, torch
@@ -63,22 +84,36 @@ def checkpoint(folder: Path, overrides: dict[str, Any]) -> Path:
     return save_checkpoint(folder / "model.pth", payload)
 
 
-def _run(cmd: list[str], log: Path) -> tuple[int, float, list[str]]:
+def _run(cmd: list[str], log: Path, lines: int = 6) -> tuple[int, float, list[str]]:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     log.write_text(proc.stdout + proc.stderr)
-    tail = [line[-240:] for line in (proc.stdout + proc.stderr).strip().splitlines()[-6:]]
+    tail = [line[-240:] for line in (proc.stdout + proc.stderr).strip().splitlines()[-lines:]]
     return proc.returncode, round(time.perf_counter() - t0, 1), tail
 
 
 def probe(name: str, out: Path) -> dict[str, Any]:
-    overrides, precision, (lo, hi), (h, w) = VARIANTS[name]
+    overrides, precision, (lo, hi), (h, w), *inductor = VARIANTS[name]
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint(folder, overrides)
     engine = folder / f"{name}.pt2"
-    export = [sys.executable, "-m", "retinaflow", "export", str(ckpt), str(engine), "--device", "cuda"]
-    export += ["--precision", precision, "--batch", str(lo), str(hi), "--size", str(h), str(w)]
+    export = [sys.executable, "-c", EXPORT, json.dumps(inductor[0] if inductor else {})]
+    export += [
+        "export",
+        str(ckpt),
+        str(engine),
+        "--device",
+        "cuda",
+        "--precision",
+        precision,
+        "--batch",
+        str(lo),
+        str(hi),
+        "--size",
+        str(h),
+        str(w),
+    ]
     result: dict[str, Any] = {"variant": name}
     rc, secs, tail = _run(export, folder / "export.log")
     result.update(export_rc=rc, export_s=secs)
@@ -90,6 +125,9 @@ def probe(name: str, out: Path) -> dict[str, Any]:
         [sys.executable, "-X", "faulthandler", "-c", LOAD, str(engine), str(h), str(w)], folder / "load.log"
     )
     result.update(load_rc=rc, load_s=secs, load_tail=tail)
+    if rc < 0 and shutil.which("gdb"):  # a native crash: where, in C++
+        gdb = ["gdb", "-batch", "-ex", "run", "-ex", "bt 25", "--args", sys.executable, "-c", LOAD]
+        _, _, result["gdb_backtrace"] = _run([*gdb, str(engine), str(h), str(w)], folder / "gdb.log", 30)
     return result
 
 

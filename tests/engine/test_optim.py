@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
-from retinaflow.config import TrainConfig
+from retinaflow.config import Config, TrainConfig
 from retinaflow.engine.optim import build_optimizer
 from retinaflow.errors import ConfigError
 
@@ -15,8 +17,29 @@ def _net() -> nn.Module:
     return net
 
 
-def test_sgd_is_the_default_and_skips_frozen_parameters() -> None:
-    opt = build_optimizer(_net().parameters(), TrainConfig(lr=0.02, momentum=0.8, weight_decay=1e-4))
+def test_the_default_is_the_measured_best_recipe_and_odtk_keeps_sgd() -> None:
+    t = TrainConfig()
+    assert (t.optimizer, t.lr, t.weight_decay, t.lr_schedule, t.clip_grad) == (
+        "adamw",
+        5e-4,
+        0.05,
+        "cosine",
+        10.0,
+    )
+    assert isinstance(build_optimizer(_net().parameters(), t), torch.optim.AdamW)
+    odtk = Config.load(Path(__file__).parents[2] / "configs" / "retinanet_odtk.yaml").train
+    assert (odtk.optimizer, odtk.lr, odtk.weight_decay, odtk.lr_schedule, odtk.clip_grad) == (
+        "sgd",
+        0.01,
+        1e-4,
+        "step",
+        0.0,
+    )
+
+
+def test_sgd_skips_frozen_parameters() -> None:
+    cfg = TrainConfig(optimizer="sgd", lr=0.02, momentum=0.8, weight_decay=1e-4)
+    opt = build_optimizer(_net().parameters(), cfg)
     assert isinstance(opt, torch.optim.SGD)
     (group,) = opt.param_groups
     assert len(group["params"]) == 4 and group["momentum"] == 0.8 and group["weight_decay"] == 1e-4

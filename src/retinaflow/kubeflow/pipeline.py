@@ -93,7 +93,7 @@ def retinaflow_pipeline(
     backbone: str = "resnet50",
     iters: int = 90000,
     batch: int = 16,
-    lr: float = 0.01,
+    lr: float = 5e-4,
     precision: str = "auto",
     resize: int = 800,
     max_size: int = 1333,
