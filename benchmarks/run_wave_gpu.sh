@@ -53,7 +53,7 @@ case "${1:-tests}" in
       --annotations /tmp/real_data/annotations/val.json --calibration-images 256 2>&1 | tee "$OUT/int8.log" | tail -30 ;;
   scratch)  # issue 12's case: R50-FPN, no backbone weights, lr 0.01, batch 32, 512 px (ODTK's network diverged)
     gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader | paste -sd,)
-    r50="model.backbone=resnet50,model.fpn_channels=256"
+    r50="model.backbone=resnet50,model.fpn_channels=256,train.optimizer=sgd,train.weight_decay=0.0001"
     python benchmarks/bench_accuracy.py --out /tmp/scratch --data /tmp/real_data --gpus "$gpus" --libs retinaflow \
       --backbone-weights none --batch 32 --size 512 --lr 0.01 --iters ${SCRATCH_ITERS:-300} --seeds 0 \
       --jobs-per-gpu 1 --workers 6 --recipe "r50_default=$r50" \
