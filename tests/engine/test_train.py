@@ -124,6 +124,19 @@ def test_resume_with_another_architecture_is_refused(synth_small, tmp_path):
         train(other, path)
 
 
+def test_resume_with_another_optimizer_is_refused_with_the_flag_that_resumes(synth_small, tmp_path):
+    sgd = tiny_config(synth_small, iters=2)
+    sgd.train.optimizer, sgd.train.lr = "sgd", 0.01
+    path = train(sgd, tmp_path / "m.pth")
+    default = tiny_config(synth_small, iters=4)  # AdamW, the default
+    with pytest.raises(
+        CheckpointError, match=r"train\.optimizer=sgd.*asks for adamw.*--set train\.optimizer=sgd"
+    ):
+        train(default, path)
+    sgd.train.iters = 4
+    assert load_checkpoint(train(sgd, path))["iteration"] == 4
+
+
 def test_fine_tune_from_a_checkpoint_with_another_class_count(synth_small, tmp_path):
     source = train(tiny_config(synth_small, iters=2), tmp_path / "src.pth")
     data = json.loads(synth_small.train_annotations.read_text())

@@ -165,9 +165,18 @@ class _Trainer:
             self.ddp = torch.compile(self.ddp, backend=cfg.train.compile)  # type: ignore[assignment]
 
     def _check_resumable(self, model: RetinaNet) -> None:
-        """The checkpoint being resumed holds this architecture, trained on these classes."""
+        """The checkpoint being resumed holds this architecture, trained on these classes with this optimizer
+        (its state cannot move to another one)."""
         assert self.resume_state is not None
         check_arch(self.resume_state["arch"], model.arch, self.path)
+        train_saved = (self.resume_state.get("config") or {}).get("train") or {}
+        optimizer = train_saved.get("optimizer", "sgd")  # checkpoints from before the key: SGD
+        if optimizer != self.config.train.optimizer:
+            raise CheckpointError(
+                f"checkpoint {self.path} was trained with train.optimizer={optimizer}, this run asks for "
+                f"{self.config.train.optimizer}: resume it with --set train.optimizer={optimizer} (its "
+                "optimizer state fits no other), or start a new run from its weights with --fine-tune"
+            )
         saved = list(self.resume_state.get("class_names") or [])
         if saved and saved != self.config.class_names:
             raise CheckpointError(
