@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import copy as copy_module
 import dataclasses
 import math
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.ops import misc
 
 from retinaflow.config import LossConfig, MatcherConfig, ModelConfig
@@ -59,6 +61,45 @@ def test_frozen_bn_keeps_the_activation_dtype_and_layout(dtype: torch.dtype) -> 
     assert out.dtype == dtype
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out.float(), ref(x), atol=2e-2, rtol=2e-2)
+
+
+def test_frozen_bn_computes_its_affine_once_and_again_when_the_buffers_change() -> None:
+    """The (scale, shift) cache: later forwards run one kernel (addcmul); load_state_dict, .to() and
+    in-place edits of the buffers are seen; deep copies (the EMA) keep their own."""
+    ours, ref = _frozen_pair()
+    x = torch.randn(2, 6, 5, 7)
+    torch.testing.assert_close(ours(x), ref(x))
+    with _CountOps() as ops:
+        ours(x)
+    assert ops.names == ["addcmul"]
+    _randomise_statistics(ref, seed=1)
+    ours.load_state_dict(ref.state_dict())
+    torch.testing.assert_close(ours(x), ref(x))
+    with torch.no_grad():
+        ours.running_var.mul_(2.0)  # type: ignore[operator]
+        ref.running_var.mul_(2.0)  # type: ignore[operator]
+    torch.testing.assert_close(ours(x), ref(x))
+    copy = copy_module.deepcopy(ours)
+    with torch.no_grad():
+        copy.bias.add_(1.0)
+    torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(copy(x), ref(x) + 1.0)
+    ours.to(torch.float64)
+    torch.testing.assert_close(ours(x.double()), ref.double()(x.double()))
+    with torch.inference_mode():  # no inference tensors in the cache, which training would then reuse
+        torch.testing.assert_close(ours(x.double()), ref(x.double()))
+    ours(x.double().requires_grad_()).sum().backward()
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func.overloadpacket.__name__ not in ("view", "detach"):
+            self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
 
 
 def test_frozen_bn_state_dict_is_torchvisions() -> None:
