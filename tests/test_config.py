@@ -6,10 +6,10 @@ from retinaflow.config import Config
 from retinaflow.errors import ConfigError
 
 
-def test_defaults_reproduce_the_odtk_recipe():
+def test_defaults_keep_odtks_schedule_length_and_loss_constants():
     c = Config()
-    assert (c.train.lr, c.train.batch, c.train.warmup, c.train.iters) == (0.01, 16, 1000, 90000)
-    assert c.train.milestones == (60000, 80000)
+    assert (c.train.batch, c.train.warmup, c.train.iters) == (16, 1000, 90000)
+    assert c.train.milestones == (60000, 80000)  # used by the step schedule (ODTK's preset)
     assert (c.loss.alpha, c.loss.gamma, c.loss.smooth_l1_beta) == (0.25, 2.0, 0.11)
     assert (c.matcher.bg_iou, c.matcher.fg_iou) == (0.4, 0.5)
     assert c.model.anchors.num_anchors == 9

@@ -9,7 +9,9 @@ from retinaflow.errors import ConfigError
 
 
 def test_warmup_then_steps():
-    cfg = TrainConfig(lr=0.01, warmup=100, warmup_factor=0.1, milestones=(1000, 2000), gamma=0.1)
+    cfg = TrainConfig(
+        lr=0.01, lr_schedule="step", warmup=100, warmup_factor=0.1, milestones=(1000, 2000), gamma=0.1
+    )
     assert lr_at(0, cfg) == pytest.approx(0.001)
     assert lr_at(50, cfg) == pytest.approx(0.01 * (0.1 * 0.5 + 0.5))
     assert lr_at(100, cfg) == pytest.approx(0.01)
@@ -19,7 +21,7 @@ def test_warmup_then_steps():
 
 
 def test_schedule_scales_warmup_and_milestones():
-    cfg = TrainConfig(lr=0.01, warmup=100, milestones=(1000,), schedule=2.0)
+    cfg = TrainConfig(lr=0.01, lr_schedule="step", warmup=100, milestones=(1000,), schedule=2.0)
     assert lr_at(150, cfg) < 0.01
     assert lr_at(1500, cfg) == pytest.approx(0.01)
     assert lr_at(2000, cfg) == pytest.approx(0.001)
