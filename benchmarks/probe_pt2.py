@@ -8,13 +8,15 @@ process, so a crash ends that variant only. Exports run ``--parallel`` at a time
     python benchmarks/probe_pt2.py --out DIR [--variants r50,r50_b1,...] [--parallel 3]
 
 Prints one JSON line per variant: export and load exit codes (negative = killed by that signal) and the
-last lines of the failing process's output.
+last lines of the failing process's output; for a native crash, the crashing C++ frames (the load rerun
+with ``native/segv_backtrace.c`` preloaded, built with gcc on the spot).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -84,11 +86,11 @@ def checkpoint(folder: Path, overrides: dict[str, Any]) -> Path:
     return save_checkpoint(folder / "model.pth", payload)
 
 
-def _run(cmd: list[str], log: Path, lines: int = 6) -> tuple[int, float, list[str]]:
+def _run(cmd: list[str], log: Path) -> tuple[int, float, list[str]]:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     log.write_text(proc.stdout + proc.stderr)
-    tail = [line[-240:] for line in (proc.stdout + proc.stderr).strip().splitlines()[-lines:]]
+    tail = [line[-240:] for line in (proc.stdout + proc.stderr).strip().splitlines()[-6:]]
     return proc.returncode, round(time.perf_counter() - t0, 1), tail
 
 
@@ -125,10 +127,26 @@ def probe(name: str, out: Path) -> dict[str, Any]:
         [sys.executable, "-X", "faulthandler", "-c", LOAD, str(engine), str(h), str(w)], folder / "load.log"
     )
     result.update(load_rc=rc, load_s=secs, load_tail=tail)
-    if rc < 0 and shutil.which("gdb"):  # a native crash: where, in C++
-        gdb = ["gdb", "-batch", "-ex", "run", "-ex", "bt 25", "--args", sys.executable, "-c", LOAD]
-        _, _, result["gdb_backtrace"] = _run([*gdb, str(engine), str(h), str(w)], folder / "gdb.log", 30)
+    if rc < 0 and shutil.which("gcc"):  # a native crash: where, in C++ (no gdb on the GPU machines)
+        result["native_backtrace"] = native_backtrace(engine, h, w, folder)
     return result
+
+
+def native_backtrace(engine: Path, h: int, w: int, folder: Path) -> list[str]:
+    """Load ``engine`` again with ``native/segv_backtrace.c`` preloaded: the crashing native frames,
+    demangled with ``c++filt`` where it exists."""
+    lib = folder / "segv_backtrace.so"
+    source = Path(__file__).resolve().parent / "native" / "segv_backtrace.c"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-o", str(lib), str(source)], check=True)
+    env = {**os.environ, "LD_PRELOAD": str(lib)}
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD, str(engine), str(h), str(w)], capture_output=True, text=True, env=env
+    )
+    text = proc.stderr.split("== native backtrace", 1)[-1]
+    if shutil.which("c++filt"):
+        text = subprocess.run(["c++filt"], input=text, capture_output=True, text=True).stdout
+    (folder / "native_backtrace.log").write_text(text)
+    return [line[-200:] for line in text.strip().splitlines()[:40]]
 
 
 def main() -> None:

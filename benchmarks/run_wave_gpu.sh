@@ -5,7 +5,7 @@
 #   bash benchmarks/run_wave_gpu.sh loaders   loaders alone, cuDNN autotuning on/off
 #   bash benchmarks/run_wave_gpu.sh realdata  real-shaped training (preloaded / torch / DALI), eager + compiled
 #   bash benchmarks/run_wave_gpu.sh ddp       bench_ddp.py on all visible GPUs (scaling, equivalence, eval)
-#   bash benchmarks/run_wave_gpu.sh engines   every `gpu` test (kernels, engines, C++ runner, NCCL faults), bench_engine
+#   bash benchmarks/run_wave_gpu.sh engines   every `gpu` test (kernels, engines, C++ runner, NCCL faults), probe_pt2, bench_engine
 #   bash benchmarks/run_wave_gpu.sh accuracy  bench_accuracy (retinaflow recipes vs torchvision) + INT8 on a result
 #   bash benchmarks/run_wave_gpu.sh scratch   R50-FPN from random init at the scale: default norms vs ODTK's
 # Wheels the machine lacks (DALI via .device-wheels, pycocotools in .whl) are installed into /tmp/site first.
@@ -37,7 +37,10 @@ case "${1:-tests}" in
   engines)
     python -m pytest -q -p no:cacheprovider -m gpu -rs --durations=15 tests/ops tests/model tests/engine tests/data \
       tests/export tests/deploy tests/kernels tests/kubeflow/steps 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
-    timeout 300 python -X faulthandler benchmarks/bench_engine.py --keep /tmp/bench_engine 2>&1 | tee "$OUT/engine.json" | tail -40 ;;
+    # the .pt2 load crash first (native backtrace of a fresh-process load); the latency benchmark if R50 loads
+    timeout 300 python benchmarks/probe_pt2.py --out /tmp/probe --variants tiny,r50 --parallel 2 2>&1 | tee "$OUT/probe.jsonl" | cut -c1-3000
+    grep -q '"variant": "r50".*"load_rc": 0' "$OUT/probe.jsonl" && timeout 240 python -X faulthandler \
+      benchmarks/bench_engine.py --engine /tmp/probe/r50/r50.pt2 --keep /tmp/bench_engine 2>&1 | tee "$OUT/engine.json" | tail -40 ;;
   accuracy)
     gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader | paste -sd,)
     # Default recipe vs ODTK's and the two ablations that say which part of the default carries its gain.
