@@ -37,7 +37,9 @@ BACKENDS = ["gloo", NCCL]  # parametrize("backend", BACKENDS): gloo on CPU proce
 #   checkpoint written (save_checkpoint renames a temporary file over it);
 # - RF_TEST_PAUSE="R:K": rank R, after its K-th training step, creates RF_TEST_DIR/paused and waits
 #   for RF_TEST_DIR/go (so a test can signal a rank at a known iteration, however fast the device);
-# - RF_TEST_NAN="R:K": rank R's K-th loss is multiplied by NaN (before backward).
+# - RF_TEST_NAN="R:K": rank R's K-th loss is multiplied by NaN (before backward);
+# - RF_TEST_EXACT_NORM=1: the loss normaliser waits for this step's all-reduced foreground count (the
+#   trainer's D.LaggedMean uses the previous step's and corrects the gradients after backward).
 _SHIM = """\
 import os
 import sys
@@ -85,6 +87,16 @@ if _PAUSE or _NAN:
 
     _train._Trainer.step = _paused_step
     _train.detection_loss = _nan_loss
+
+if os.environ.get("RF_TEST_EXACT_NORM"):
+    import retinaflow.engine.distributed as _dist
+
+    def _exact(self, local):
+        self.previous = None  # always the first step's path: wait for this step's mean
+        return _lagged(self, local)
+
+    _lagged = _dist.LaggedMean.__call__
+    _dist.LaggedMean.__call__ = _exact
 """
 
 
@@ -122,11 +134,11 @@ def train_cmd(*args: str, nproc: int = 2, log_dir: Path | None = None) -> list[s
 
 
 def run_train(
-    tmp_path: Path, backend: str, *args: str, nproc: int = 2, log_dir: Path | None = None
+    tmp_path: Path, backend: str, *args: str, nproc: int = 2, log_dir: Path | None = None, **hooks: str
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
         train_cmd(*args, nproc=nproc, log_dir=log_dir),
-        env=launch_env(tmp_path, backend),
+        env=launch_env(tmp_path, backend, **hooks),
         capture_output=True,
         text=True,
         timeout=240,
@@ -194,6 +206,24 @@ def test_two_rank_ddp_trains_checkpoints_on_rank0_and_resumes(synth_small, tmp_p
     assert sorted(losses) == [4, 5]  # resumed, not restarted
     assert all(math.isfinite(v) for v in losses.values()), losses
     assert len(re.findall(r"iteration 5: validation mAP \d", proc.stderr)) == 1, proc.stderr[-3000:]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_lagged_loss_normaliser_trains_as_the_exact_one(synth_small, tmp_path, backend):
+    """The foreground mean applied after backward (no mid-step wait between ranks) gives the weights that
+    normalising each step by its own all-reduced mean gives, over steps whose counts differ."""
+    cfg = tiny_config(synth_small, iters=4)
+    cfg.train.batch, cfg.train.checkpoint_every = 4, 0
+    cfg.dump(tmp_path / "cfg.yaml")
+    weights = {}
+    for mode, hooks in (("lagged", {}), ("exact", {"exact_norm": "1"})):
+        ckpt = tmp_path / f"{mode}.pth"
+        proc = run_train(tmp_path, backend, str(ckpt), "--config", str(tmp_path / "cfg.yaml"), **hooks)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        weights[mode] = load_checkpoint(ckpt)["model"]
+    for name, value in weights["exact"].items():
+        torch.testing.assert_close(weights["lagged"][name], value, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.timeout(300)

@@ -88,6 +88,57 @@ def all_reduce_min(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return tensor
 
 
+class LaggedMean:
+    """The mean over ranks of a per-rank count (the loss's foreground anchors), without a mid-step wait.
+
+    Called in the loss forward with this rank's count (0-dim tensor), it starts an asynchronous
+    all-reduce and returns the mean of the *previous* step (the first step waits for its own): the loss
+    is normalised by a value every rank already holds, so no rank waits for the others before its
+    backward. :meth:`correction` (after backward, before clipping and the optimizer step) waits for this
+    step's all-reduce -- with NCCL the GPU waits, not the host -- and returns used / exact, by which the
+    caller multiplies the (DDP-averaged) gradients and the losses: the result is what normalising by this
+    step's exact mean gives, up to float rounding, and equal on every rank. Both values are clamped to
+    >= 1 as the loss clamps its normaliser.
+    """
+
+    def __init__(self, info: DistInfo) -> None:
+        self.info = info
+        self.previous: torch.Tensor | None = None
+        self.used: torch.Tensor | None = None
+        self.pending: tuple[Any, torch.Tensor] | None = None
+
+    def __call__(self, local: torch.Tensor) -> torch.Tensor:
+        total = local.detach().to(torch.float32).clone()
+        work = dist.all_reduce(total, op=dist.ReduceOp.SUM, async_op=True)
+        if self.previous is None:  # nothing to go by yet: this once, wait for the exact value
+            work.wait()
+            self.previous = self.used = self._mean(total)
+            return self.used
+        self.pending, self.used = (work, total), self.previous
+        return self.used
+
+    def correction(self) -> torch.Tensor | None:
+        """used / exact for this step's loss (None when the exact value was used), the stream made to
+        wait for the all-reduce; the exact mean becomes the next step's normaliser."""
+        if self.pending is None:
+            return None
+        work, total = self.pending
+        self.pending = None
+        work.wait()
+        exact = self._mean(total)
+        assert self.used is not None
+        factor = self.used / exact
+        self.previous = exact
+        return factor
+
+    def saved(self) -> torch.Tensor | None:
+        """The normaliser the next step will use, on the CPU (for checkpoints; set ``previous`` back)."""
+        return self.previous.detach().cpu() if self.previous is not None else None
+
+    def _mean(self, total: torch.Tensor) -> torch.Tensor:
+        return (total / self.info.world_size).clamp(min=1.0)
+
+
 def warn_if_world_changed(saved: int | None, info: DistInfo, batch: int, path: str | Path) -> None:
     """Say (once: call it on rank 0) that a checkpoint written by ``saved`` ranks resumes on another count.
 

@@ -91,6 +91,7 @@ class _Trainer:
         # First iteration whose loss was non-finite on this rank (_NONE: none yet). Kept on the device so
         # the loop never waits for the GPU just to look at the loss; read at the check points only.
         self.first_bad = torch.full((), _NONE, dtype=torch.int64, device=info.device)
+        self.fg_mean = D.LaggedMean(info) if info.distributed else None
 
     # -- set-up -------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -185,7 +186,7 @@ class _Trainer:
             )
 
     def _build_optimizer(self) -> None:
-        """Optimizer, loss scaler, EMA and RNG, restored from the checkpoint when resuming."""
+        """Optimizer, loss scaler, EMA, RNG and the DDP loss normaliser, restored when resuming."""
         t, dev, resume = self.config.train, self.info.device, self.resume_state
         self.optimizer = build_optimizer(self.model.parameters(), t)
         self.amp_dtype = autocast_dtype(t.precision, dev)
@@ -198,6 +199,8 @@ class _Trainer:
             if resume.get("scaler"):
                 self.scaler.load_state_dict(resume["scaler"])
             set_rng_state(resume["rng"])
+            if self.fg_mean is not None and resume.get("fg_mean") is not None:
+                self.fg_mean.previous = resume["fg_mean"].to(dev)  # the next step's normaliser, as saved
 
     # -- checkpointing ------------------------------------------------------------------------
     def save(self) -> Path:
@@ -213,6 +216,8 @@ class _Trainer:
                     "iteration": self.iteration,
                     "world_size": self.info.world_size,
                     "rng": rng_state(),
+                    # the loss normaliser the next step uses (D.LaggedMean): kept for an exact resume
+                    "fg_mean": self.fg_mean.saved() if self.fg_mean is not None else None,
                     "config": self.config.to_dict(),
                     "class_names": list(self.config.class_names),
                     "category_ids": self.category_ids,
@@ -242,13 +247,17 @@ class _Trainer:
             cfg.model.anchors, (images.shape[-2], images.shape[-1]), dev, torch.float32
         )
         # Under DDP, normalise by the mean foreground count over ranks: DDP averages gradients, so the
-        # result equals one process training on the whole global batch.
-        norm = self._global_fg if self.info.distributed else None
+        # result equals one process training on the whole global batch. The mean is all-reduced while
+        # the step goes on and applied after backward (D.LaggedMean), so ranks do not wait mid-step.
         losses = detection_loss(
-            cls_out, box_out, anchors, batch.boxes, batch.labels, cfg.loss, cfg.matcher, norm
+            cls_out, box_out, anchors, batch.boxes, batch.labels, cfg.loss, cfg.matcher, self.fg_mean
         )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(losses["loss"]).backward()
+        factor = self.fg_mean.correction() if self.fg_mean is not None else None
+        if factor is not None:
+            torch._foreach_mul_([p.grad for p in self.model.parameters() if p.grad is not None], factor)
+            losses = {name: value * factor for name, value in losses.items()}
         if cfg.train.clip_grad > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.clip_grad)
@@ -257,9 +266,6 @@ class _Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
         return losses
-
-    def _global_fg(self, local: torch.Tensor) -> torch.Tensor:
-        return D.all_reduce_sum(local.detach().clone(), self.info) / self.info.world_size
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> Path:
