@@ -112,7 +112,10 @@ class FrozenBatchNorm2d(misc.FrozenBatchNorm2d):
     torchvision's ``FrozenBatchNorm2d``, which it subclasses.
     """
 
-    _cache: dict[torch.dtype, tuple[tuple[int, ...], torch.Tensor, torch.Tensor]]
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__(num_features, eps)
+        # dtype -> (buffers' storage and versions, scale, shift): see _affine
+        self._cache: dict[torch.dtype, tuple[tuple[int, ...], torch.Tensor, torch.Tensor]] = {}
 
     def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel ``(scale, shift)``, each (C,) in the buffers' dtype: ``bn(x) = x * scale + shift``."""
@@ -129,21 +132,22 @@ class FrozenBatchNorm2d(misc.FrozenBatchNorm2d):
         Eagerly, recomputing them costs six small kernels per layer and step (~320 launches per R50
         forward, in a training step bound by the host's launches); the cache is keyed by the buffers'
         storage and version counters, so ``load_state_dict``, ``.to()`` or an in-place edit refresh it.
-        Traced or compiled, it is computed in the graph (a constant the compiler folds)."""
-        buffers = (self.weight, self.bias, self.running_mean, self.running_var)
+        Traced, compiled or under inference mode (whose tensors training could not reuse) it is computed
+        each call: in a graph it is a constant the compiler folds."""
         if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
-            scale, shift = self.scale_shift()
-            return scale.to(dtype).view(1, -1, 1, 1), shift.to(dtype).view(1, -1, 1, 1)
+            return self._shaped(dtype)
+        buffers = (self.weight, self.bias, self.running_mean, self.running_var)
         key = tuple(v for b in buffers for v in (b.data_ptr(), b._version))
-        if not hasattr(self, "_cache"):
-            self._cache = {}
         hit = self._cache.get(dtype)
         if hit is None or hit[0] != key:
             with torch.no_grad():
-                scale, shift = self.scale_shift()
-                hit = (key, scale.to(dtype).view(1, -1, 1, 1), shift.to(dtype).view(1, -1, 1, 1))
+                hit = (key, *self._shaped(dtype))
             self._cache[dtype] = hit
         return hit[1], hit[2]
+
+    def _shaped(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        scale, shift = self.scale_shift()
+        return scale.to(dtype).view(1, -1, 1, 1), shift.to(dtype).view(1, -1, 1, 1)
 
 
 def _scale_shift(bn: misc.FrozenBatchNorm2d | nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
