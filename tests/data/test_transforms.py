@@ -5,7 +5,16 @@ import torch
 from torchvision.transforms.v2 import functional as F
 
 from retinaflow.config import DataConfig
-from retinaflow.data.transforms import EvalTransform, TrainTransform, hflip, resize, resize_scale
+from retinaflow.data.transforms import (
+    EvalTransform,
+    TrainTransform,
+    clip_boxes,
+    hflip,
+    hflip_boxes,
+    resize,
+    resize_boxes,
+    resize_scale,
+)
 from retinaflow.errors import ConfigError
 
 
@@ -151,3 +160,20 @@ def test_colour_jitter_batch_takes_sizes_and_factors_from_the_host() -> None:
     images = torch.empty(2, 3, 8, 8, dtype=torch.uint8, device="meta")
     out = colour_jitter_batch(images, torch.tensor([[8, 6], [5, 8]]), torch.ones(2, 3))
     assert out.device.type == "meta" and out.shape == images.shape and out.dtype == torch.uint8
+
+
+def test_box_transforms_with_per_box_sizes_equal_the_per_image_calls() -> None:
+    """The DALI loader transforms a whole batch's boxes at once (per-box sizes and scales): bit for bit what
+    the torch loader's per-image calls give."""
+    gen = torch.Generator().manual_seed(0)
+    images = [(480, 640, 0.7123), (427, 640, 1.25), (640, 480, 800 / 480)]  # (h, w, scale) per image
+    per_image, rows = [], []
+    for h, w, scale in images:
+        boxes = torch.rand(5, 4, generator=gen) * 900 - 100  # some outside the image
+        nh, nw = round(h * scale), round(w * scale)
+        per_image.append(hflip_boxes(resize_boxes(clip_boxes(boxes, h, w), scale, nh, nw), nh, nw))
+        rows.append((boxes, h, w, scale, nh, nw))
+    boxes = torch.cat([r[0] for r in rows])
+    h, w, scale, nh, nw = (torch.tensor([r[k] for r in rows]).repeat_interleave(5) for k in range(1, 6))
+    batched = hflip_boxes(resize_boxes(clip_boxes(boxes, h, w), scale, nh, nw), nh, nw)
+    assert torch.equal(batched, torch.cat(per_image))

@@ -3,8 +3,8 @@
 What each batch holds is decided exactly as in the torch loader: the same batch sampler
 (``loader.train_batches`` / ``loader.eval_batches``: DDP shard by rank, aspect-ratio groups, exact resume),
 the same per-sample draws (``TrainTransform.draw``: shorter side capped by ``max_size``, flip, colour
-factors) and the same box arithmetic (``transforms.resize_boxes`` / ``hflip_boxes``), so boxes are
-identical to the torch loader's. A Python source feeds the encoded files, sizes and factors to a
+factors) and the same box arithmetic (``transforms.resize_boxes`` / ``hflip_boxes``, given a whole
+batch's boxes at once with per-box sizes), so boxes are identical to the torch loader's. A Python source feeds the encoded files, sizes and factors to a
 ``@pipeline_def`` pipeline through ``fn.external_source``; DALI decodes (``decoders.image``, device
 "mixed": nvJPEG / the hardware JPEG decoder), resizes (antialiased linear, to the exact integer size),
 flips and pads every image to the batch's bucket (``fn.pad`` with a per-sample shape). The colour jitter
@@ -111,65 +111,60 @@ class BatchSource:
 
     def __call__(self) -> tuple[list[Any], ...]:
         plans = next(self.plans)  # StopIteration ends the pipeline's epoch
-        files, rx, ry, flips, boxes, labels, scales, sizes = ([] for _ in range(8))
-        for p in plans:
-            files.append(np.fromfile(self.dataset.file_path(p.index), dtype=np.uint8))
-            raw_boxes, raw_labels = self.dataset.targets(p.index)
-            b, scale, (h, w) = self._boxes(p, raw_boxes)
-            rx.append(np.float32(w))
-            ry.append(np.float32(h))
-            flips.append(np.int32(p.flip))
-            boxes.append(b)
-            labels.append(torch.from_numpy(raw_labels.astype(np.int64)))
-            scales.append(scale)
-            sizes.append((h, w))
-        height = max([s[0] for s in sizes] + [p.pad_at_least[0] for p in plans])
-        width = max([s[1] for s in sizes] + [p.pad_at_least[1] for p in plans])
+        files = [np.fromfile(self.dataset.file_path(p.index), dtype=np.uint8) for p in plans]
+        batch, resized = self._targets(plans)
+        rx = [np.float32(w) for _, w in resized]
+        ry = [np.float32(h) for h, _ in resized]
+        flips = [np.int32(p.flip) for p in plans]
+        height = max([h for h, _ in resized] + [p.pad_at_least[0] for p in plans])
+        width = max([w for _, w in resized] + [p.pad_at_least[1] for p in plans])
         shape = self.policy.pad_shape(height, width)
-        ids = [self.ids[p.index] for p in plans]
         factors = torch.tensor([p.colour for p in plans], dtype=torch.float32) if self.colour else None
-        self.pending.append((_host_batch(boxes, labels, ids, scales, sizes), factors))
+        self.pending.append((batch, factors))
         shapes = [np.asarray(shape, dtype=np.int32)] * len(plans)
         return files, rx, ry, flips, shapes
 
-    def _boxes(self, p: Plan, raw: np.ndarray) -> tuple[torch.Tensor, float, tuple[int, int]]:
-        """Boxes (N, 4) in resized (and flipped) pixels, the scale, and the resized (h, w).
-        raw: (N, 4) float32 x1y1x2y2 in original pixels (the dataset's targets)."""
-        h, w = (int(v) for v in self.sizes[p.index])
-        boxes = clip_boxes(torch.from_numpy(raw), h, w)
-        scale = resize_scale(h, w, p.shorter, self.max_size)
-        nh, nw = resized_size(h, w, scale)
-        boxes = resize_boxes(boxes, scale, nh, nw)
-        if p.flip:
-            boxes = hflip_boxes(boxes, nh, nw)
-        return boxes, scale, (nh, nw)
+    def _targets(self, plans: list[Plan]) -> tuple[Batch, list[tuple[int, int]]]:
+        """The Batch of ``plans`` without images, and each image's resized (h, w).
+
+        The torch path's per-sample box transforms (clip to the original, scale, clip to the resized
+        image, flip), applied to the whole batch's boxes at once: the same float32 arithmetic in a few
+        ops per batch instead of a dozen per image (this runs on the training process's thread)."""
+        sizes = self.sizes[[p.index for p in plans]]  # (B, 2) original (h, w)
+        scales = [
+            resize_scale(int(h), int(w), p.shorter, self.max_size)
+            for (h, w), p in zip(sizes, plans, strict=True)
+        ]
+        resized = [resized_size(int(h), int(w), s) for (h, w), s in zip(sizes, scales, strict=True)]
+        raw = [self.dataset.targets(p.index) for p in plans]
+        counts = [len(labels) for _, labels in raw]
+        rows = torch.repeat_interleave(torch.arange(len(plans)), torch.tensor(counts, dtype=torch.int64))
+        original = torch.from_numpy(sizes)[rows]  # (N, 2) per box
+        new = torch.tensor(resized, dtype=torch.int64).view(-1, 2)[rows]
+        boxes = torch.from_numpy(np.concatenate([b for b, _ in raw]).reshape(-1, 4))
+        boxes = clip_boxes(boxes, original[:, 0], original[:, 1])
+        boxes = resize_boxes(boxes, torch.tensor(scales)[rows], new[:, 0], new[:, 1])
+        flip = torch.tensor([p.flip for p in plans])[rows]
+        boxes = torch.where(flip[:, None], hflip_boxes(boxes, new[:, 0], new[:, 1]), boxes)
+        labels = torch.from_numpy(np.concatenate([lab for _, lab in raw]).astype(np.int64))
+        count = max([1, *counts])
+        slot = torch.arange(len(rows)) - torch.tensor(np.cumsum([0, *counts[:-1]]), dtype=torch.int64)[rows]
+        padded_boxes = torch.zeros((len(plans), count, 4), dtype=torch.float32)
+        padded_labels = torch.full((len(plans), count), -1, dtype=torch.int64)
+        padded_boxes[rows, slot] = boxes
+        padded_labels[rows, slot] = labels
+        batch = Batch(
+            images=torch.empty(0),
+            boxes=padded_boxes,
+            labels=padded_labels,
+            image_ids=torch.tensor([self.ids[p.index] for p in plans], dtype=torch.int64),
+            scales=torch.tensor(scales, dtype=torch.float32),
+            sizes=torch.tensor(resized, dtype=torch.int64).view(-1, 2),
+        )
+        return batch, resized
 
     def pop(self) -> tuple[Batch, torch.Tensor | None]:
         return self.pending.popleft()
-
-
-def _host_batch(
-    boxes: list[torch.Tensor],
-    labels: list[torch.Tensor],
-    ids: list[int],
-    scales: list[float],
-    sizes: list[tuple[int, int]],
-) -> Batch:
-    """The Batch of one plan list without images: boxes/labels padded to M >= 1 rows (label -1)."""
-    count = max([1] + [len(lab) for lab in labels])
-    padded_boxes = torch.zeros((len(ids), count, 4), dtype=torch.float32)
-    padded_labels = torch.full((len(ids), count), -1, dtype=torch.int64)
-    for i, (b, lab) in enumerate(zip(boxes, labels, strict=True)):
-        padded_boxes[i, : len(lab)] = b
-        padded_labels[i, : len(lab)] = lab
-    return Batch(
-        images=torch.empty(0),
-        boxes=padded_boxes,
-        labels=padded_labels,
-        image_ids=torch.tensor(ids, dtype=torch.int64),
-        scales=torch.tensor(scales, dtype=torch.float32),
-        sizes=torch.tensor(sizes, dtype=torch.int64).view(-1, 2),
-    )
 
 
 def build_pipeline(source: Callable[[], Any], opts: PipelineOptions) -> Any:

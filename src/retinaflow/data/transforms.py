@@ -32,16 +32,20 @@ def resized_size(height: int, width: int, scale: float) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def clip_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Boxes (N, 4) x1y1x2y2 clipped to a ``height`` x ``width`` image (one op: loaders call this per
-    sample, so it stays cheap)."""
-    limits = torch.tensor([width, height, width, height], dtype=boxes.dtype)
-    return torch.clamp(boxes, min=torch.zeros_like(limits), max=limits)
+Size = int | torch.Tensor  # one value for every box, or (N,) values, one per box (a batch's boxes at once)
 
 
-def resize_boxes(boxes: torch.Tensor, scale: float, height: int, width: int) -> torch.Tensor:
-    """Boxes (N, 4) x1y1x2y2 multiplied by ``scale`` and clipped to the resized ``height`` x ``width``."""
-    return clip_boxes(boxes * scale, height, width)
+def clip_boxes(boxes: torch.Tensor, height: Size, width: Size) -> torch.Tensor:
+    """Boxes (N, 4) x1y1x2y2 clipped to a ``height`` x ``width`` image (a few ops whatever N: loaders call
+    this per sample, the DALI loader once per batch)."""
+    return torch.minimum(boxes.clamp(min=0), _per_box(boxes, (width, height, width, height)))
+
+
+def resize_boxes(boxes: torch.Tensor, scale: float | torch.Tensor, height: Size, width: Size) -> torch.Tensor:
+    """Boxes (N, 4) x1y1x2y2 multiplied by ``scale`` (a float or (N,)) and clipped to the resized
+    ``height`` x ``width``."""
+    factor = scale[:, None].to(boxes.dtype) if isinstance(scale, torch.Tensor) else scale
+    return clip_boxes(boxes * factor, height, width)
 
 
 def resize(image: torch.Tensor, boxes: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,10 +58,18 @@ def resize(image: torch.Tensor, boxes: torch.Tensor, scale: float) -> tuple[torc
     return image, resize_boxes(boxes, scale, new_h, new_w)
 
 
-def hflip_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def hflip_boxes(boxes: torch.Tensor, height: Size, width: Size) -> torch.Tensor:
     """Boxes (N, 4) x1y1x2y2 of a ``height`` x ``width`` image mirrored left–right (x1' = W - x2,
     x2' = W - x1: torchvision's ``horizontal_flip`` of XYXY boxes, without its tv_tensors wrapping)."""
-    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+    w = width.to(boxes.dtype) if isinstance(width, torch.Tensor) else width
+    return torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
+
+
+def _per_box(boxes: torch.Tensor, values: tuple[Size, ...]) -> torch.Tensor:
+    """(4,) or (N, 4) in boxes' dtype from four ints or four (N,) tensors."""
+    if any(isinstance(v, torch.Tensor) for v in values):
+        return torch.stack([torch.as_tensor(v) for v in values], -1).to(boxes.dtype)
+    return torch.tensor(values, dtype=boxes.dtype)
 
 
 def hflip(image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
