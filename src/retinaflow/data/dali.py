@@ -4,14 +4,15 @@ What each batch holds is decided exactly as in the torch loader: the same batch 
 (``loader.train_batches`` / ``loader.eval_batches``: DDP shard by rank, aspect-ratio groups, exact resume),
 the same per-sample draws (``TrainTransform.draw``: shorter side capped by ``max_size``, flip, colour
 factors) and the same box arithmetic (``transforms.resize_boxes`` / ``hflip_boxes``, given a whole
-batch's boxes at once with per-box sizes), so boxes are identical to the torch loader's. A Python source feeds the encoded files, sizes and factors to a
-``@pipeline_def`` pipeline through ``fn.external_source``; DALI decodes (``decoders.image``, device
-"mixed": nvJPEG / the hardware JPEG decoder), resizes (antialiased linear, to the exact integer size),
-flips and pads every image to the batch's bucket (``fn.pad`` with a per-sample shape). The colour jitter
-(torchvision's arithmetic) then runs on the whole padded batch in PyTorch on the same device
-(``transforms.colour_jitter_batch``: a handful of batched kernels; as DALI arithmetic ops, per sample, it
-took 57 % of the loader's time). Pixels differ from the torch loader's only by decoder and resampling
-rounding (see tests/data/test_dali.py for the measured tolerance).
+batch's boxes at once with per-box sizes), so boxes are identical to the torch loader's. A Python source
+feeds the encoded files, sizes and factors to a ``@pipeline_def`` pipeline through
+``fn.external_source``; DALI decodes (``decoders.image``, device "mixed": nvJPEG / the hardware JPEG
+decoder), resizes (antialiased linear, to the exact integer size), flips and pads every image to the
+batch's bucket (``fn.pad`` with a per-sample shape). The colour jitter (torchvision's arithmetic) then runs
+on the whole padded batch in PyTorch on the same device (``transforms.colour_jitter_batch``: a handful of
+batched kernels; as DALI arithmetic ops, per sample, it took 57 % of the loader's time). Pixels differ
+from the torch loader's only by decoder and resampling rounding (see tests/data/test_dali.py for the
+measured tolerance).
 
 ``fn.readers.coco`` is not used on purpose: its own shuffling cannot group batches by aspect ratio (so no
 bounded set of shapes), cannot reproduce the torch loader's batches, and would need reader checkpoints to
