@@ -103,31 +103,30 @@ class LaggedMean:
 
     def __init__(self, info: DistInfo) -> None:
         self.info = info
-        self.previous: torch.Tensor | None = None
-        self.used: torch.Tensor | None = None
-        self.pending: tuple[Any, torch.Tensor] | None = None
+        self.previous: torch.Tensor | None = None  # the normaliser the loss gets (the last exact mean)
+        self.pending: tuple[Any, torch.Tensor] | None = None  # this step's all-reduce and its result
 
     def __call__(self, local: torch.Tensor) -> torch.Tensor:
         total = local.detach().to(torch.float32).clone()
         work = dist.all_reduce(total, op=dist.ReduceOp.SUM, async_op=True)
         if self.previous is None:  # nothing to go by yet: this once, wait for the exact value
             work.wait()
-            self.previous = self.used = self._mean(total)
-            return self.used
-        self.pending, self.used = (work, total), self.previous
-        return self.used
+            self.previous = self._mean(total)
+        else:
+            self.pending = (work, total)
+        return self.previous
 
     def correction(self) -> torch.Tensor | None:
         """used / exact for this step's loss (None when the exact value was used), the stream made to
         wait for the all-reduce; the exact mean becomes the next step's normaliser."""
         if self.pending is None:
             return None
+        assert self.previous is not None
         work, total = self.pending
         self.pending = None
         work.wait()
         exact = self._mean(total)
-        assert self.used is not None
-        factor = self.used / exact
+        factor = self.previous / exact
         self.previous = exact
         return factor
 
