@@ -1,15 +1,16 @@
 """Which CUDA ``.pt2`` packages crash when loaded: a bisection for PERFORMANCE.md, not a benchmark.
 
-The R50-FPN engine of ``bench_engine.py`` dies with SIGSEGV inside ``aoti_load_package`` while the tiny
-test engines (ResNet-18, 128 px, one head conv) load. Each variant below changes one thing from the
-failing case; each is exported by ``retinaflow export`` and then loaded and run once (batch 1) in its own
-process, so a crash ends that variant only. Exports run ``--parallel`` at a time.
+CUDA packages die with SIGSEGV inside ``aoti_load_package`` when loaded from Python in a fresh process,
+while they load in the process that exported them and in the C++ runner. Each variant below changes one
+thing of the package; each is exported by ``retinaflow export`` and then loaded and run once (batch 1) in
+fresh processes, one per ``--load-modes`` entry (see ``LOAD_MODES``), so a crash ends that load only.
+Exports run ``--parallel`` at a time.
 
-    python benchmarks/probe_pt2.py --out DIR [--variants r50,r50_b1,...] [--parallel 3]
+    python benchmarks/probe_pt2.py --out DIR [--variants r50,tiny,...] [--load-modes engine,direct,...]
 
-Prints one JSON line per variant: export and load exit codes (negative = killed by that signal) and the
-last lines of the failing process's output; for a native crash, the crashing C++ frames (the load rerun
-with ``native/segv_backtrace.c`` preloaded, built with gcc on the spot).
+Prints one JSON line per variant: export and load exit codes (negative = killed by that signal), the
+load's timed phases and last lines; for a native crash, the crashing C++ frames (``native/segv_backtrace.c``
+preloaded into every load process).
 """
 
 from __future__ import annotations
@@ -62,16 +63,38 @@ sys.exit(main(sys.argv[2:]))
 """
 
 LOAD = """
-import sys, torch
-from retinaflow.export.engines import open_engine
-engine = open_engine(sys.argv[1], "cuda")
-h, w = int(sys.argv[2]), int(sys.argv[3])
+import sys, time, torch
+t0 = time.perf_counter()
+def mark(what):
+    print(f"[{time.perf_counter() - t0:6.1f}s] {what}", file=sys.stderr, flush=True)
+path, h, w, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+torch.zeros(1, device="cuda")
+mark("cuda context")
+if mode == "engine":  # what retinaflow infer does
+    from retinaflow.export.engines import open_engine
+    engine = open_engine(path, "cuda")
+    mark("open_engine")
+    run = lambda i, s: engine(i, s).counts
+else:
+    if mode != "no_ops":
+        import retinaflow.ops._library
+        mark("op schemas")
+        from retinaflow.ops import _ext
+        mark("kernels loaded: " + _ext.load())
+    index = 0 if mode == "direct_idx0" else -1
+    loader = torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, index)
+    mark("AOTIModelPackageLoader")
+    run = lambda i, s: loader.run([i, s])[0]
 images = torch.zeros(1, 3, h, w, dtype=torch.uint8, device="cuda")
 sizes = torch.tensor([[h, w]], device="cuda")
-out = engine(images, sizes)
+counts = run(images, sizes)
 torch.cuda.synchronize()
-print("ran: detections", int(out.counts.sum()))
+mark("ran: detections " + str(int(counts.sum())))
 """
+# how the load process gets the package (``--load-modes``): engine = retinaflow's open_engine; direct = the
+# C++ loader after registering the ops (as the C++ runner does, device -1); direct_idx0 = the same on device
+# 0; no_ops = the C++ loader without retinaflow's ops registered
+LOAD_MODES = ("engine", "direct", "direct_idx0", "no_ops")
 
 
 def checkpoint(folder: Path, overrides: dict[str, Any]) -> Path:
@@ -94,7 +117,7 @@ def _run(cmd: list[str], log: Path) -> tuple[int, float, list[str]]:
     return proc.returncode, round(time.perf_counter() - t0, 1), tail
 
 
-def probe(name: str, out: Path) -> dict[str, Any]:
+def probe(name: str, out: Path, modes: list[str], preload: Path | None) -> dict[str, Any]:
     overrides, precision, (lo, hi), (h, w), *inductor = VARIANTS[name]
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -123,30 +146,48 @@ def probe(name: str, out: Path) -> dict[str, Any]:
         result["export_tail"] = tail
         return result
     result["package_mb"] = round(engine.stat().st_size / 2**20, 1)
-    rc, secs, tail = _run(
-        [sys.executable, "-X", "faulthandler", "-c", LOAD, str(engine), str(h), str(w)], folder / "load.log"
-    )
-    result.update(load_rc=rc, load_s=secs, load_tail=tail)
-    if rc < 0 and shutil.which("gcc"):  # a native crash: where, in C++ (no gdb on the GPU machines)
-        result["native_backtrace"] = native_backtrace(engine, h, w, folder)
+
+    def load(mode: str) -> dict[str, Any]:
+        cmd = [sys.executable, "-X", "faulthandler", "-c", LOAD, str(engine), str(h), str(w), mode]
+        env = {**os.environ, "LD_PRELOAD": str(preload)} if preload else None
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        text = proc.stdout + proc.stderr
+        (folder / f"load_{mode}.log").write_text(text)
+        python, _, native = text.partition("== native backtrace")
+        tail = [
+            line[-240:] for line in python.strip().splitlines() if not line.startswith("Extension modules")
+        ]
+        entry = {"load_rc": proc.returncode, "load_s": round(time.perf_counter() - t0, 1), "tail": tail[-14:]}
+        if native:
+            entry["native_backtrace"] = _demangle(native).strip().splitlines()[1:41]
+        return entry
+
+    with ThreadPoolExecutor(len(modes)) as pool:  # each load in its own process, all at once
+        result.update(zip(modes, pool.map(load, modes), strict=True))
     return result
 
 
-def native_backtrace(engine: Path, h: int, w: int, folder: Path) -> list[str]:
-    """Load ``engine`` again with ``native/segv_backtrace.c`` preloaded: the crashing native frames,
-    demangled with ``c++filt`` where it exists."""
+def segv_preload(folder: Path) -> Path | None:
+    """``native/segv_backtrace.c`` built with the first C compiler found (or ``$SEGV_BACKTRACE_SO``):
+    preloaded into the load processes, it prints the native frames of a crash (no gdb on the GPU
+    machines)."""
+    given = os.environ.get("SEGV_BACKTRACE_SO")
+    if given:
+        return Path(given)
+    compiler = next((c for c in ("gcc", "cc", "c++", "g++") if shutil.which(c)), None)
+    if compiler is None:
+        return None
     lib = folder / "segv_backtrace.so"
     source = Path(__file__).resolve().parent / "native" / "segv_backtrace.c"
-    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-o", str(lib), str(source)], check=True)
-    env = {**os.environ, "LD_PRELOAD": str(lib)}
-    proc = subprocess.run(
-        [sys.executable, "-c", LOAD, str(engine), str(h), str(w)], capture_output=True, text=True, env=env
-    )
-    text = proc.stderr.split("== native backtrace", 1)[-1]
-    if shutil.which("c++filt"):
-        text = subprocess.run(["c++filt"], input=text, capture_output=True, text=True).stdout
-    (folder / "native_backtrace.log").write_text(text)
-    return [line[-200:] for line in text.strip().splitlines()[:40]]
+    subprocess.run([compiler, "-shared", "-fPIC", "-O1", "-o", str(lib), str(source)], check=True)
+    return lib
+
+
+def _demangle(text: str) -> str:
+    if not shutil.which("c++filt"):
+        return text
+    return subprocess.run(["c++filt"], input=text, capture_output=True, text=True).stdout
 
 
 def main() -> None:
@@ -154,14 +195,20 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/probe_pt2")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--parallel", type=int, default=3)
+    ap.add_argument("--load-modes", default="engine", help=f"comma-separated, of {', '.join(LOAD_MODES)}")
     args = ap.parse_args()
     out = Path(args.out)
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         sys.exit(f"probe_pt2: unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    out.mkdir(parents=True, exist_ok=True)
+    preload = segv_preload(out)
+    modes = args.load_modes.split(",")
+    if set(modes) - set(LOAD_MODES):
+        sys.exit(f"probe_pt2: unknown load modes {sorted(set(modes) - set(LOAD_MODES))}")
     with ThreadPoolExecutor(args.parallel) as pool:
-        for result in pool.map(lambda n: probe(n, out), names):
+        for result in pool.map(lambda n: probe(n, out, modes, preload), names):
             print(json.dumps(result), flush=True)
 
 
