@@ -63,11 +63,14 @@ sys.exit(main(sys.argv[2:]))
 """
 
 LOAD = """
-import sys, time, torch
+import os, sys, time
+path, h, w, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+if mode == "direct_rtld_global":  # every library global, as in a C++ program
+    sys.setdlopenflags(os.RTLD_NOW | os.RTLD_GLOBAL)
+import torch
 t0 = time.perf_counter()
 def mark(what):
     print(f"[{time.perf_counter() - t0:6.1f}s] {what}", file=sys.stderr, flush=True)
-path, h, w, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 torch.zeros(1, device="cuda")
 mark("cuda context")
 if mode == "engine":  # what retinaflow infer does
@@ -78,9 +81,15 @@ if mode == "engine":  # what retinaflow infer does
 else:
     if mode != "no_ops":
         import retinaflow.ops._library
-        mark("op schemas")
         from retinaflow.ops import _ext
         mark("kernels loaded: " + _ext.load())
+    if mode == "direct_promote":  # torch/lib's libraries made global after the fact
+        from retinaflow.export.engines import _torch_libraries_global
+        _torch_libraries_global()
+    if mode == "direct_triton":
+        import triton
+    maps = open("/proc/self/maps").read().splitlines()
+    mark("libstdc++ mapped: " + ", ".join(sorted({l.split()[-1] for l in maps if "libstdc++" in l})))
     index = 0 if mode == "direct_idx0" else -1
     loader = torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, index)
     mark("AOTIModelPackageLoader")
@@ -91,10 +100,21 @@ counts = run(images, sizes)
 torch.cuda.synchronize()
 mark("ran: detections " + str(int(counts.sum())))
 """
-# how the load process gets the package (``--load-modes``): engine = retinaflow's open_engine; direct = the
-# C++ loader after registering the ops (as the C++ runner does, device -1); direct_idx0 = the same on device
-# 0; no_ops = the C++ loader without retinaflow's ops registered
-LOAD_MODES = ("engine", "direct", "direct_idx0", "no_ops")
+# How a load process gets the package (``--load-modes``): engine = retinaflow's open_engine; direct = the
+# C++ loader after registering the ops (as the C++ runner does; device -1); direct_idx0 = the same on
+# device 0; direct_rtld_global = direct with every library loaded RTLD_GLOBAL; direct_promote = direct
+# after making torch/lib's libraries global; direct_triton = direct after importing triton;
+# direct_c_locale = direct under LC_ALL=C; no_ops = the C++ loader without retinaflow's ops.
+LOAD_MODES = (
+    "engine",
+    "direct",
+    "direct_idx0",
+    "direct_rtld_global",
+    "direct_promote",
+    "direct_triton",
+    "direct_c_locale",
+    "no_ops",
+)
 
 
 def checkpoint(folder: Path, overrides: dict[str, Any]) -> Path:
@@ -149,7 +169,9 @@ def probe(name: str, out: Path, modes: list[str], preload: Path | None) -> dict[
 
     def load(mode: str) -> dict[str, Any]:
         cmd = [sys.executable, "-X", "faulthandler", "-c", LOAD, str(engine), str(h), str(w), mode]
-        env = {**os.environ, "LD_PRELOAD": str(preload)} if preload else None
+        env = {**os.environ, **({"LD_PRELOAD": str(preload)} if preload else {})}
+        if mode == "direct_c_locale":
+            env.update(LC_ALL="C", LANG="C")
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         text = proc.stdout + proc.stderr

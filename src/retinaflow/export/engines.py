@@ -8,6 +8,9 @@ line saying what to do. An engine is called with ``images: (B, 3, H, W) uint8`` 
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -70,7 +73,7 @@ class Engine:
 
 
 class Pt2Engine(Engine):
-    """An AOTInductor package, loaded with ``torch._inductor.aoti_load_package``."""
+    """An AOTInductor package, run by its C++ loader (see :func:`load_pt2_runner`)."""
 
     def __init__(self, path: Path, device: str | None) -> None:
         meta = _pt2_preflight(path)
@@ -83,16 +86,16 @@ class Pt2Engine(Engine):
         _register_ops(dev, path)
         try:
             index = (dev.index or 0) if dev.type == "cuda" else -1
-            self.compiled = torch._inductor.aoti_load_package(str(path), device_index=index)
+            self.runner = load_pt2_runner(path, index)
         except Exception as exc:  # the loader's errors are long C++ traces: one line and the fix
             raise EngineError(f"cannot load {path.name} ({_first_line(exc)}): re-export it") from exc
-        meta = {**meta, **parse(dict(self.compiled.get_metadata()))}
+        meta = {**meta, **parse(dict(self.runner.get_metadata()))}
         _check_torch_version(meta, path)  # also when the sidecar was not copied along
         super().__init__(path, meta, dev)
 
     def run(self, images: torch.Tensor, sizes: torch.Tensor) -> tuple[torch.Tensor, ...]:
         with torch.no_grad():
-            return tuple(self.compiled(images.to(self.device), sizes.to(self.device)))
+            return tuple(self.runner.run([images.to(self.device), sizes.to(self.device)]))
 
 
 class OnnxEngine(Engine):
@@ -134,6 +137,36 @@ def open_engine(path: str | Path, device: str | None = None) -> Engine:
     if suffix == ".onnx":
         return OnnxEngine(p, device)
     raise EngineError(f"{p.name}: not an engine retinaflow runs (use a .pt2 or .onnx export)")
+
+
+def load_pt2_runner(path: Path, device_index: int) -> Any:
+    """The package's C++ runner (``AOTIModelPackageLoader``: ``run(list of tensors)``, ``get_metadata()``)
+    for ``device_index`` (-1: CPU), loaded as a C++ program loads it.
+
+    Not ``torch._inductor.aoti_load_package``, which wraps the same loader but first probes the host
+    compiler's vector ISA (about 35 s on the GPU machines) and, on any RuntimeError, loads the package a
+    second time. libtorch's libraries are made global first (:func:`_torch_libraries_global`).
+    """
+    _torch_libraries_global()
+    return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, device_index)
+
+
+def _torch_libraries_global() -> None:
+    """Put the loaded ``torch/lib`` libraries in the global symbol scope, where a C++ program has them.
+
+    Python loads libtorch privately (``RTLD_LOCAL``), so a package's ``wrapper.so`` binds the C++ standard
+    library templates it instantiates (``std::regex``, parsing its device string) to its own copies; on the
+    GPU machines those crashed the process (SIGSEGV in ``std::regex_traits::transform_primary``) in every
+    fresh process, while the C++ runner, with libtorch global, loads the same packages (PERFORMANCE.md).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    lib = Path(torch.__file__).parent / "lib"
+    with open("/proc/self/maps") as maps:
+        loaded = {line.split()[-1] for line in maps if str(lib) in line}
+    for path in sorted(loaded):
+        if path.endswith(".so") or ".so." in path:
+            ctypes.CDLL(path, mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)
 
 
 def _pt2_preflight(path: Path) -> dict[str, Any]:
