@@ -373,7 +373,8 @@ def driver(args: argparse.Namespace) -> None:
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     Path(args.work).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    generate(SynthConfig(out=Path(args.data_dir), images=args.images, seed=0, sizes=COCO_SIZES))
+    if not (Path(args.data_dir) / "annotations" / "val.json").is_file():  # kept between invocations
+        generate(SynthConfig(out=Path(args.data_dir), images=args.images, seed=0, sizes=COCO_SIZES))
     report: dict[str, Any] = {
         "env": environment(),
         "gpus": args.gpus,
