@@ -98,3 +98,12 @@ def test_pt2_on_cuda_fp16_matches_eager(tiny_checkpoint, tmp_path):
     assert (got.classes[:, :10] == classes[:, :10]).float().mean().item() > 0.9
     # measured on an H200 (2026-11-26): at most 2.2e-3 on one of 80 scores
     torch.testing.assert_close(got.scores[:, :10], scores[:, :10], atol=5e-3, rtol=0)
+    # CUDA-graph replay (retinaflow infer ENGINE --cuda-graph): the same detections as the package's own
+    # launches, for a second batch too (replayed from the graph captured by the first), and outputs that
+    # the next call does not overwrite
+    graphed = open_engine(out, cuda_graph=True)
+    first = graphed(images, sizes)
+    again = graphed(images.flip(0), sizes.flip(0))
+    for name in ("counts", "boxes", "scores", "classes"):
+        torch.testing.assert_close(getattr(first, name), getattr(got, name))
+    torch.testing.assert_close(again.counts, got.counts.flip(0))

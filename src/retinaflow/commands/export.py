@@ -80,7 +80,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 #: ``retinaflow infer`` flags an engine does not fix: the rest are baked in at export time.
-_ENGINE_INFER_FLAGS = ("infer.batch", "infer.loader", "infer.cudnn_benchmark")
+_ENGINE_INFER_FLAGS = ("infer.batch", "infer.loader", "infer.cudnn_benchmark", "infer.cuda_graph")
 
 
 def check_engine_flags(args: argparse.Namespace) -> None:

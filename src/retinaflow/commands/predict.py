@@ -44,7 +44,13 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         if is_engine(args.model):  # .pt2 / .onnx: post-processing and resize are baked into the engine
             check_engine_flags(args)
             result = infer_engine(
-                args.model, args.images, args.output, args.annotations, args.batch, args.device
+                args.model,
+                args.images,
+                args.output,
+                args.annotations,
+                args.batch,
+                args.device,
+                bool(overrides.get("cuda_graph", False)),
             )
         else:
             result = infer(

@@ -31,12 +31,14 @@ def infer_engine(
     annotations: str | Path | None = None,
     batch: int | None = None,
     device: str | None = None,
+    cuda_graph: bool = False,
 ) -> EvalResult | None:
-    """Detect every image of ``images`` with the engine; write COCO results; evaluate with ``annotations``."""
+    """Detect every image of ``images`` with the engine; write COCO results; evaluate with ``annotations``.
+    ``cuda_graph``: replay a .pt2 engine from CUDA graphs (``retinaflow infer ENGINE --cuda-graph``)."""
     from retinaflow.engine.infer import image_list_as_coco, images_folder, write_detections
 
     images_dir = images_folder(images, output)
-    engine = open_engine(engine_path, device)
+    engine = open_engine(engine_path, device, cuda_graph)
     with tempfile.TemporaryDirectory() as tmp:
         ann = Path(annotations) if annotations else image_list_as_coco(images_dir, engine.meta, Path(tmp))
         dets, file_names = detect_folder(engine, images_dir, ann, batch)

@@ -73,9 +73,15 @@ class Engine:
 
 
 class Pt2Engine(Engine):
-    """An AOTInductor package, run by its C++ loader (see :func:`load_pt2_runner`)."""
+    """An AOTInductor package, run by its C++ loader (see :func:`load_pt2_runner`).
 
-    def __init__(self, path: Path, device: str | None) -> None:
+    ``cuda_graph``: on a CUDA device, each batch size is captured once as a CUDA graph and replayed (the
+    package launches its kernels one by one; a graph launches them all at once, which is what batch-1
+    latency needs). The runner is then single-threaded (its multi-threaded mode waits on events, which a
+    capture does not allow); outputs are copied out of the graph's static buffers.
+    """
+
+    def __init__(self, path: Path, device: str | None, cuda_graph: bool = False) -> None:
         meta = _pt2_preflight(path)
         dev = torch.device(device or meta.get("device", "cpu"))
         if meta.get("device") and dev.type != meta["device"]:
@@ -84,9 +90,10 @@ class Pt2Engine(Engine):
                 f"with --device {dev.type}"
             )
         _register_ops(dev, path)
+        self.graphs: dict[int, Any] | None = {} if cuda_graph and dev.type == "cuda" else None
         try:
             index = (dev.index or 0) if dev.type == "cuda" else -1
-            self.runner = load_pt2_runner(path, index)
+            self.runner = load_pt2_runner(path, index, single_threaded=self.graphs is not None)
         except Exception as exc:  # the loader's errors are long C++ traces: one line and the fix
             raise EngineError(f"cannot load {path.name} ({_first_line(exc)}): re-export it") from exc
         meta = {**meta, **parse(dict(self.runner.get_metadata()))}
@@ -94,8 +101,16 @@ class Pt2Engine(Engine):
         super().__init__(path, meta, dev)
 
     def run(self, images: torch.Tensor, sizes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        inputs = [images.to(self.device), sizes.to(self.device)]
         with torch.no_grad():
-            return tuple(self.runner.run([images.to(self.device), sizes.to(self.device)]))
+            if self.graphs is None:
+                return tuple(self.runner.run(inputs))
+            from retinaflow.ops.graph import CudaGraphRunner
+
+            graph = self.graphs.get(images.shape[0])
+            if graph is None:
+                graph = self.graphs[images.shape[0]] = CudaGraphRunner(self.runner.run, inputs)
+            return tuple(t.clone() for t in graph(*inputs))
 
 
 class OnnxEngine(Engine):
@@ -126,29 +141,31 @@ class OnnxEngine(Engine):
         return tuple(torch.from_numpy(o) for o in self.session.run(None, feeds))
 
 
-def open_engine(path: str | Path, device: str | None = None) -> Engine:
-    """Load the engine at ``path`` (.pt2 or .onnx) for ``device`` (default: the one it was built for)."""
+def open_engine(path: str | Path, device: str | None = None, cuda_graph: bool = False) -> Engine:
+    """Load the engine at ``path`` (.pt2 or .onnx) for ``device`` (default: the one it was built for);
+    ``cuda_graph``: replay a .pt2 engine on CUDA from CUDA graphs (:class:`Pt2Engine`)."""
     p = Path(path)
     if not p.is_file():
         raise EngineError(f"engine not found: {p}")
     suffix = p.suffix.lower() or (".pt2" if zipfile.is_zipfile(p) else ".onnx")  # pipeline artifacts
     if suffix == ".pt2":
-        return Pt2Engine(p, device)
+        return Pt2Engine(p, device, cuda_graph)
     if suffix == ".onnx":
         return OnnxEngine(p, device)
     raise EngineError(f"{p.name}: not an engine retinaflow runs (use a .pt2 or .onnx export)")
 
 
-def load_pt2_runner(path: Path, device_index: int) -> Any:
+def load_pt2_runner(path: Path, device_index: int, single_threaded: bool = False) -> Any:
     """The package's C++ runner (``AOTIModelPackageLoader``: ``run(list of tensors)``, ``get_metadata()``)
-    for ``device_index`` (-1: CPU), loaded as a C++ program loads it.
+    for ``device_index`` (-1: CPU), loaded as a C++ program loads it; ``single_threaded`` for callers
+    that never run it from two threads at once (needed under CUDA-graph capture).
 
     Not ``torch._inductor.aoti_load_package``, which wraps the same loader but first probes the host
     compiler's vector ISA (about 35 s on the GPU machines) and, on any RuntimeError, loads the package a
     second time. libtorch's libraries are made global first (:func:`_torch_libraries_global`).
     """
     _torch_libraries_global()
-    return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, device_index)
+    return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", single_threaded, 1, device_index)
 
 
 def _torch_libraries_global() -> None:
