@@ -109,7 +109,8 @@ class Pt2Engine(Engine):
 
             graph = self.graphs.get(images.shape[0])
             if graph is None:
-                graph = self.graphs[images.shape[0]] = CudaGraphRunner(self.runner.run, inputs)
+                run = lambda *tensors: self.runner.run(list(tensors))  # noqa: E731
+                graph = self.graphs[images.shape[0]] = CudaGraphRunner(run, inputs)
             return tuple(t.clone() for t in graph(*inputs))
 
 
