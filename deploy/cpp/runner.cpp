@@ -45,6 +45,7 @@ TORCH_LIBRARY(retinaflow, m) {
   m.def(
       "group_norm_backward(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, int groups) "
       "-> (Tensor, Tensor, Tensor)");
+  m.def("colour_jitter(Tensor images, Tensor sizes, Tensor factors) -> Tensor");
 }
 
 namespace {

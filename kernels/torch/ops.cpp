@@ -1,7 +1,7 @@
-// Thin PyTorch binding: the CUDA implementations of retinaflow::decode, nms, match, group_norm and
-// group_norm_backward. The operator schemas are declared once, in Python (src/retinaflow/ops/_library.py);
+// Thin PyTorch binding: the CUDA implementations of retinaflow::decode, nms, match, group_norm,
+// group_norm_backward and colour_jitter. The operator schemas are declared once, in Python (src/retinaflow/ops/_library.py);
 // this file only checks tensors, allocates outputs and workspace through PyTorch's caching allocator, and
-// calls the C API of decode.h / nms.h / match.h / group_norm.h on the current stream (so it can be
+// calls the C API of decode.h / nms.h / match.h / group_norm.h / colour.h on the current stream (so it can be
 // captured in a CUDA graph).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -14,6 +14,7 @@
 #include <tuple>
 #include <vector>
 
+#include "colour.h"
 #include "decode.h"
 #include "group_norm.h"
 #include "match.h"
@@ -271,6 +272,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward_cuda(const at
   return {dx, dweight, dbias};
 }
 
+at::Tensor colour_jitter_cuda(const at::Tensor& images_in, const at::Tensor& sizes_in, const at::Tensor& factors_in) {
+  TORCH_CHECK(images_in.is_cuda() && images_in.dim() == 4 && images_in.size(1) == 3 &&
+                  images_in.scalar_type() == at::kByte,
+              "retinaflow colour_jitter: images must be CUDA (B, 3, H, W) uint8");
+  const c10::cuda::CUDAGuard guard(images_in.device());
+  const int64_t batch = images_in.size(0), height = images_in.size(2), width = images_in.size(3);
+  const at::Tensor images = images_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor sizes = sizes_in.to(images.device(), at::kLong).contiguous();
+  const at::Tensor factors = factors_in.to(images.device(), at::kFloat).contiguous();
+  TORCH_CHECK(sizes.dim() == 2 && sizes.size(0) == batch && sizes.size(1) == 2,
+              "retinaflow colour_jitter: sizes must be (B, 2)");
+  TORCH_CHECK(factors.dim() == 2 && factors.size(0) == batch && factors.size(1) == 3,
+              "retinaflow colour_jitter: factors must be (B, 3)");
+  at::Tensor out = at::empty_like(images, images.options(), at::MemoryFormat::ChannelsLast);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(images.device().index()).stream();
+  const int64_t bytes = rf_colour_jitter(nullptr, nullptr, nullptr, nullptr, batch, height, width, nullptr, 0, stream);
+  at::Tensor work = workspace(bytes, images, "colour_jitter");
+  const int64_t status = rf_colour_jitter(images.data_ptr<uint8_t>(), sizes.data_ptr<int64_t>(),
+                                          factors.data_ptr<float>(), out.data_ptr<uint8_t>(), batch, height, width,
+                                          work.data_ptr(), static_cast<size_t>(bytes), stream);
+  TORCH_CHECK(status == 0, "retinaflow colour_jitter: ", rf_status_string(status));
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(retinaflow, CUDA, m) {
@@ -279,4 +304,5 @@ TORCH_LIBRARY_IMPL(retinaflow, CUDA, m) {
   m.impl("match", &match_cuda);
   m.impl("group_norm", &group_norm_cuda);
   m.impl("group_norm_backward", &group_norm_backward_cuda);
+  m.impl("colour_jitter", &colour_jitter_cuda);
 }

@@ -72,7 +72,7 @@ def test_compiler_failure_becomes_one_line_and_is_not_retried(monkeypatch):
     assert len(calls) == 1
     assert calls[0]["is_python_module"] is False
     sources = [s.rsplit("/", 2)[-1] for s in calls[0]["sources"]]
-    assert sources == ["decode.cu", "nms.cu", "match.cu", "group_norm.cu", "ops.cpp"]
+    assert sources == ["decode.cu", "nms.cu", "match.cu", "group_norm.cu", "colour.cu", "ops.cpp"]
 
 
 def test_cuda_tensors_without_kernels_fall_back_to_the_reference_with_one_warning(monkeypatch, caplog):

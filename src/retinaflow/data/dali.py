@@ -9,8 +9,9 @@ feeds the encoded files, sizes and factors to a ``@pipeline_def`` pipeline throu
 ``fn.external_source``; DALI decodes (``decoders.image``, device "mixed": nvJPEG / the hardware JPEG
 decoder), resizes (antialiased linear, to the exact integer size), flips and pads every image to the
 batch's bucket (``fn.pad`` with a per-sample shape). The colour jitter (torchvision's arithmetic) then runs
-on the whole padded batch in PyTorch on the same device (``transforms.colour_jitter_batch``: a handful of
-batched kernels; as DALI arithmetic ops, per sample, it took 57 % of the loader's time). Pixels differ
+on the whole padded batch on the same device (``transforms.colour_jitter_batch``: the
+``retinaflow::colour_jitter`` kernels, two passes over uint8 data; as DALI arithmetic ops, per sample, it
+took 57 % of the loader's time, as ~20 batched PyTorch ops about half). Pixels differ
 from the torch loader's only by decoder and resampling rounding (see tests/data/test_dali.py for the
 measured tolerance).
 

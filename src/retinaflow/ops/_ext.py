@@ -1,9 +1,9 @@
 """Build and load the CUDA kernels as the CUDA implementation of the ``retinaflow::`` operators.
 
 One build path: ``torch.utils.cpp_extension.load`` compiles ``kernels/decode.cu``, ``kernels/nms.cu``,
-``kernels/match.cu``, ``kernels/group_norm.cu`` and the thin binding ``kernels/torch/ops.cpp`` on first
-use and caches the library under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); later
-processes only load it.
+``kernels/match.cu``, ``kernels/group_norm.cu``, ``kernels/colour.cu`` and the thin binding
+``kernels/torch/ops.cpp`` on first use and caches the library under ``TORCH_EXTENSIONS_DIR`` (default
+``~/.cache/torch_extensions``); later processes only load it.
 ``python -m retinaflow.ops.build`` runs the same build ahead of time (container images: set
 ``TORCH_CUDA_ARCH_LIST``, e.g. ``9.0``, when the build machine has no GPU).
 
@@ -26,7 +26,7 @@ from retinaflow.ops import _library
 log = logging.getLogger(__name__)
 
 EXTENSION_NAME = "retinaflow_kernels"
-SOURCES = ("decode.cu", "nms.cu", "match.cu", "group_norm.cu", "torch/ops.cpp")
+SOURCES = ("decode.cu", "nms.cu", "match.cu", "group_norm.cu", "colour.cu", "torch/ops.cpp")
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}

@@ -1,4 +1,5 @@
-"""The ``retinaflow::`` operators (decode, nms, match, group_norm and its backward), declared once.
+"""The ``retinaflow::`` operators (decode, nms, match, group_norm and its backward, colour_jitter), declared
+once.
 
 Importing :mod:`retinaflow.ops` defines them with their CPU implementation (the reference,
 :mod:`._reference`) and their fake implementation (torch.compile, torch.export, tracing). The CUDA
@@ -31,6 +32,7 @@ SCHEMAS = {
     "-> (Tensor, Tensor, Tensor)",
     "group_norm_backward": "(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, int groups) "
     "-> (Tensor, Tensor, Tensor)",
+    "colour_jitter": "(Tensor images, Tensor sizes, Tensor factors) -> Tensor",
 }
 REFERENCE: dict[str, Callable[..., object]] = {
     "decode": _reference.decode,
@@ -38,6 +40,7 @@ REFERENCE: dict[str, Callable[..., object]] = {
     "match": _reference.match,
     "group_norm": _reference.group_norm,
     "group_norm_backward": _reference.group_norm_backward,
+    "colour_jitter": _reference.colour_jitter,
 }
 
 
@@ -100,12 +103,17 @@ def _group_norm_backward_fake(
     return torch.empty_like(x), param, torch.empty_like(param)
 
 
+def _colour_jitter_fake(images: torch.Tensor, sizes: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(images, memory_format=torch.channels_last)
+
+
 FAKE: dict[str, Callable[..., object]] = {
     "decode": _decode_fake,
     "nms": _nms_fake,
     "match": _match_fake,
     "group_norm": _group_norm_fake,
     "group_norm_backward": _group_norm_backward_fake,
+    "colour_jitter": _colour_jitter_fake,
 }
 _registered: set[str] = set()
 

@@ -17,6 +17,9 @@ class is >= 0 (padding rows, class -1, are ignored), keeping at most ``max_det``
 match — RetinaNet's anchor assignment (see :func:`match`): the IoU of every anchor with every ground truth
 of its image, best ground truth per anchor (first index among ties), fg/bg thresholds, optional
 low-quality matches. The kernel reproduces each float32 rounding of :func:`pairwise_iou`.
+
+colour_jitter — torchvision's brightness, contrast and saturation adjustments on a padded uint8 batch,
+each image with its own factors and its own pixels (see :func:`colour_jitter`).
 """
 
 from __future__ import annotations
@@ -282,3 +285,41 @@ def group_norm_backward(
     m1, m2 = _group_mean(wdy, groups), _group_mean(wdy * xhat, groups)
     dx = _per_channel(rstd, c) * (wdy - _per_channel(m1, c) - xhat * _per_channel(m2, c))
     return dx.to(x.dtype), (g * xhat).sum((0, 2, 3)), g.sum((0, 2, 3))
+
+
+def colour_jitter(images: torch.Tensor, sizes: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``adjust_brightness`` → ``adjust_contrast`` → ``adjust_saturation`` on a padded batch.
+
+    images:  (B, 3, H, W) uint8 RGB, each image in its top-left ``sizes[i]`` corner, zeros elsewhere;
+    sizes:   (B, 2) int (h, w) of each image;
+    factors: (B, 3) float (brightness, contrast, saturation) per image.
+    Returns (B, 3, H, W) uint8 channels_last with the padding still zero. Same arithmetic as torchvision
+    on each image alone (float32, truncation to uint8 after each step, the contrast's mean over the
+    image's own pixels). The CUDA kernel (``kernels/colour.cu``) sums the grey levels exactly, where this
+    float32 sum may round: its mean can differ in the last bits.
+    """
+    sizes = sizes.to(images.device)  # the loaders keep sizes on the host
+    valid = _valid_mask(images, sizes)  # (B, 1, H, W) bool
+    area = (sizes[:, 0] * sizes[:, 1]).to(torch.float32).clamp(min=1).view(-1, 1, 1, 1)
+    f = factors.to(device=images.device, dtype=torch.float32).view(-1, 3, 1, 1)
+    x = images.float()
+    x = (x * f[:, 0:1]).clamp_(0, 255).floor_()
+    mean = _grey(x).sum(dim=(-2, -1), keepdim=True) / area
+    x = (x * f[:, 1:2] + mean * (1 - f[:, 1:2])).clamp_(0, 255).floor_() * valid
+    x = (x * f[:, 2:3] + _grey(x) * (1 - f[:, 2:3])).clamp_(0, 255).floor_()
+    return x.to(torch.uint8).contiguous(memory_format=torch.channels_last)
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) float 0..255 → (B, 1, H, W) grey levels, floored (torchvision's uint8 grayscale)."""
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    return (r * 0.2989 + g * 0.587 + b * 0.114).floor_()
+
+
+def _valid_mask(images: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) bool: True inside each image's own (h, w) corner."""
+    h, w = images.shape[-2:]
+    sizes = sizes.to(images.device)
+    rows = torch.arange(h, device=images.device).view(1, 1, h, 1) < sizes[:, 0].view(-1, 1, 1, 1)
+    cols = torch.arange(w, device=images.device).view(1, 1, 1, w) < sizes[:, 1].view(-1, 1, 1, 1)
+    return rows & cols
