@@ -1,7 +1,10 @@
-"""Which CUDA ``.pt2`` packages crash when loaded: a bisection for PERFORMANCE.md, not a benchmark.
+"""Why CUDA ``.pt2`` packages crashed when loaded: a bisection for PERFORMANCE.md, not a benchmark.
 
-CUDA packages die with SIGSEGV inside ``aoti_load_package`` when loaded from Python in a fresh process,
-while they load in the process that exported them and in the C++ runner. Each variant below changes one
+CUDA packages died with SIGSEGV inside ``aoti_load_package`` when loaded from Python in a fresh process,
+while they loaded in the process that exported them and in the C++ runner. Found with the load modes
+below (fifth session): the crash is in the package's own ``std::regex`` code; loaded with libtorch's
+libraries made global first (``direct_rtld_global``, ``direct_promote``; what ``open_engine`` now does,
+mode ``engine``) the packages load and run. Each variant below changes one
 thing of the package; each is exported by ``retinaflow export`` and then loaded and run once (batch 1) in
 fresh processes, one per ``--load-modes`` entry (see ``LOAD_MODES``), so a crash ends that load only.
 Exports run ``--parallel`` at a time.

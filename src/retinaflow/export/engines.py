@@ -172,10 +172,11 @@ def load_pt2_runner(path: Path, device_index: int, single_threaded: bool = False
 def _torch_libraries_global() -> None:
     """Put the loaded ``torch/lib`` libraries in the global symbol scope, where a C++ program has them.
 
-    Python loads libtorch privately (``RTLD_LOCAL``), so a package's ``wrapper.so`` binds the C++ standard
-    library templates it instantiates (``std::regex``, parsing its device string) to its own copies; on the
-    GPU machines those crashed the process (SIGSEGV in ``std::regex_traits::transform_primary``) in every
-    fresh process, while the C++ runner, with libtorch global, loads the same packages (PERFORMANCE.md).
+    Python loads libtorch privately (``RTLD_LOCAL``), so a package's ``wrapper.so`` runs its own copies of
+    the C++ standard library templates it instantiates (``std::regex``, parsing its device string) instead
+    of libtorch's (which exports them). On the GPU machines (torch 2.11) that crashed every fresh process
+    with SIGSEGV in ``std::regex_traits::transform_primary``; with libtorch global, as in the C++ runner,
+    the same packages load and run (PERFORMANCE.md, fifth session; ``benchmarks/probe_pt2.py``).
     """
     if not sys.platform.startswith("linux"):
         return
