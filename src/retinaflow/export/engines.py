@@ -163,7 +163,8 @@ def load_pt2_runner(path: Path, device_index: int, single_threaded: bool = False
 
     Not ``torch._inductor.aoti_load_package``, which wraps the same loader but first reads the package's
     device information (compiling test programs to pick the CPU's vector ISA: tens of seconds in a fresh
-    process on the GPU machines) and, on any RuntimeError, loads the package a second time. libtorch's libraries are made global first (:func:`_torch_libraries_global`).
+    process on the GPU machines) and, on any RuntimeError, loads the package a second time. libtorch's
+    libraries are made global first (:func:`_torch_libraries_global`).
     """
     _torch_libraries_global()
     return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", single_threaded, 1, device_index)
