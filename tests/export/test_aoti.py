@@ -36,6 +36,9 @@ def test_pt2_infer_equals_the_pytorch_path_and_carries_metadata(pt2, tiny_checkp
     assert main([*args, "--output", str(tmp_path / "pt2.json")]) == 0
     expected = json.loads((tmp_path / "torch.json").read_text())
     assert_same_results(expected, json.loads((tmp_path / "pt2.json").read_text()))
+    # --cuda-graph is a run-time choice for engines (graphs only on CUDA; the CPU runs the package as is)
+    assert main([*args, "--cuda-graph", "--output", str(tmp_path / "graph.json")]) == 0
+    assert_same_results(expected, json.loads((tmp_path / "graph.json").read_text()))
     engine = open_engine(pt2)
     assert engine.meta["class_names"] == ["a", "b", "c"] and engine.meta["device"] == "cpu"
     assert json.loads(sidecar(pt2).read_text())["checkpoint_sha256"] == engine.meta["checkpoint_sha256"]
