@@ -2,11 +2,12 @@
 
     python benchmarks/bench_ddp.py --gpus 1,2,4 --out-dir $OUT [--loaders torch,dali] [--compile] [--profile]
 
-The driver writes a JPEG dataset of varied sizes and aspect ratios (the synthetic generator, images
-480-800 px per side), then launches ``torchrun`` workers (this file, ``worker`` sub-command) for:
+The driver writes a JPEG dataset (the synthetic generator) with COCO's sizes and aspect ratios
+(``--sizes coco``: several padded shapes) or all 1333x800 (``--sizes fixed``: one shape, so that
+``--compile`` compiles once), then launches ``torchrun`` workers (this file, ``worker`` sub-command) for:
 
 1. **throughput**: R50-FPN, 800x1333 (shorter side 800, long side capped at 1333), bf16, batch 8 per GPU,
-   the real training loop (``retinaflow.engine.train.train``) with the torch loader, on 1 and on N GPUs.
+   the real training loop (``retinaflow.engine.train.train``) with each of ``--loaders``, on 1 and N GPUs.
    img/s is *global* (images of all ranks per second) over the same steady-state window of iterations
    (after ``--warmup``), from rank 0's wall times at the log steps (every 10 iterations, as a real run
    logs; each log step syncs the host, so wall time is GPU time + loader waits). The loader alone (same
@@ -373,8 +374,9 @@ def driver(args: argparse.Namespace) -> None:
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     Path(args.work).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    sizes = COCO_SIZES if args.sizes == "coco" else ((1333, 800),)
     if not (Path(args.data_dir) / "annotations" / "val.json").is_file():  # kept between invocations
-        generate(SynthConfig(out=Path(args.data_dir), images=args.images, seed=0, sizes=COCO_SIZES))
+        generate(SynthConfig(out=Path(args.data_dir), images=args.images, seed=0, sizes=sizes))
     report: dict[str, Any] = {
         "env": environment(),
         "gpus": args.gpus,
@@ -486,6 +488,13 @@ def main() -> None:
     d.add_argument("--work", default="/tmp/bench_ddp_work")
     d.add_argument("--data-dir", default="/tmp/bench_ddp_data")
     d.add_argument("--images", type=int, default=1200)
+    d.add_argument(
+        "--sizes",
+        choices=["coco", "fixed"],
+        default="coco",
+        help="JPEG sizes: COCO's spread (varied padded shapes) or all 1333x800 (one shape: --compile then "
+        "compiles once; use another --data-dir than the coco data)",
+    )
     d.add_argument("--workers", type=int, default=8, help="DataLoader workers per rank")
     d.add_argument("--tp-iters", type=int, default=120)
     d.add_argument("--tp-warmup", type=int, default=50, help="iterations left out of the img/s window")
