@@ -76,6 +76,23 @@ def test_unusable_pt2_files_are_one_line_errors(pt2, tmp_path, capsys):
     assert code == EngineError.exit_code and len(err) == 1 and "re-export" in err[0]
 
 
+def test_a_pt2_of_another_gpu_architecture_is_refused_before_loading(pt2, tmp_path, monkeypatch):
+    """A CUDA package's kernels run on the architecture they were compiled for: the sidecar says which,
+    and another GPU gets one line naming both (checked before the package is handed to the loader)."""
+    other = tmp_path / "h100.pt2"
+    shutil.copy(pt2, other)
+    meta = json.loads(sidecar(pt2).read_text())
+    meta.update(device="cuda", compute_capability="9.0", gpu="NVIDIA H100 80GB HBM3")
+    sidecar(other).write_text(json.dumps(meta))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    expected = (
+        r"compute capability 9\.0 \(NVIDIA H100 80GB HBM3\), this GPU \(NVIDIA A100-SXM4-80GB\) is 8\.0"
+    )
+    with pytest.raises(EngineError, match=expected + ": re-export it on this GPU"):
+        open_engine(other, "cuda")
+
+
 @pytest.mark.gpu
 def test_pt2_on_cuda_fp16_matches_eager(tiny_checkpoint, tmp_path):
     """The CUDA engine (fp16 network, retinaflow CUDA kernels for decode + NMS) against the same module

@@ -44,6 +44,9 @@ def export_pt2(
     prepare_for_inference(model, DTYPES[spec.precision] if spec.precision != "fp32" else None)
     module = end_to_end_reference(model, config, spec)
     meta = {**engine_metadata(checkpoint, state, spec), "device": dev.type}
+    if dev.type == "cuda":  # its kernels run on this architecture only (checked when it is loaded)
+        major, minor = torch.cuda.get_device_capability(dev)
+        meta.update(gpu=torch.cuda.get_device_name(dev), compute_capability=f"{major}.{minor}")
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     if dev.type == "cuda":

@@ -89,6 +89,7 @@ class Pt2Engine(Engine):
                 f"{path.name} was compiled for {meta['device']}, not {dev.type}: run it there or re-export "
                 f"with --device {dev.type}"
             )
+        _check_gpu(meta, path, dev)
         _register_ops(dev, path)
         self.graphs: dict[int, Any] | None = {} if cuda_graph and dev.type == "cuda" else None
         try:
@@ -98,6 +99,7 @@ class Pt2Engine(Engine):
             raise EngineError(f"cannot load {path.name} ({_first_line(exc)}): re-export it") from exc
         meta = {**meta, **parse(dict(self.runner.get_metadata()))}
         _check_torch_version(meta, path)  # also when the sidecar was not copied along
+        _check_gpu(meta, path, dev)
         super().__init__(path, meta, dev)
 
     def run(self, images: torch.Tensor, sizes: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -214,6 +216,19 @@ def _check_torch_version(meta: dict[str, Any], path: Path) -> None:
         raise EngineError(
             f"{path.name} was built with torch {built}, this is torch {here}: AOTInductor packages only "
             f"load in the torch that built them; re-export it here"
+        )
+
+
+def _check_gpu(meta: dict[str, Any], path: Path, device: torch.device) -> None:
+    """EngineError when a CUDA package was compiled for another GPU architecture than ``device``'s."""
+    built = meta.get("compute_capability")
+    if device.type != "cuda" or not built:
+        return
+    here = "{}.{}".format(*torch.cuda.get_device_capability(device))
+    if str(built) != here:
+        raise EngineError(
+            f"{path.name} was compiled for compute capability {built} ({meta.get('gpu', 'another GPU')}), "
+            f"this GPU ({torch.cuda.get_device_name(device)}) is {here}: re-export it on this GPU"
         )
 
 
