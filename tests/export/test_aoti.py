@@ -28,12 +28,16 @@ def pt2(tiny_checkpoint, tmp_path_factory):
     return export_pt2(path, out, ExportConfig(min_batch=1, max_batch=4), device="cpu")
 
 
-def test_pt2_infer_equals_the_pytorch_path_and_carries_metadata(pt2, tiny_checkpoint, synth_small, tmp_path):
+def test_pt2_infer_equals_the_pytorch_path_and_carries_metadata(
+    pt2, tiny_checkpoint, synth_small, tmp_path, caplog
+):
     path, _ = tiny_checkpoint
     images, ann = synth_small.val_images, synth_small.val_annotations
     infer(path, images, tmp_path / "torch.json", annotations=ann, device="cpu")
     args = ["infer", str(pt2), "--images", str(images), "--annotations", str(ann), "--batch", "4"]
-    assert main([*args, "--output", str(tmp_path / "pt2.json")]) == 0
+    with caplog.at_level("INFO", logger="retinaflow.export.engine_infer"):
+        assert main([*args, "--output", str(tmp_path / "pt2.json")]) == 0
+    assert "engine tiny.pt2 loaded in" in caplog.text and "pt2 fp32, batch 1..4, input 128x128" in caplog.text
     expected = json.loads((tmp_path / "torch.json").read_text())
     assert_same_results(expected, json.loads((tmp_path / "pt2.json").read_text()))
     # --cuda-graph is a run-time choice for engines (graphs only on CUDA; the CPU runs the package as is)

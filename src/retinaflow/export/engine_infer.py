@@ -7,7 +7,9 @@ engine's input size (pixel coordinates unchanged) and run through it; the detect
 
 from __future__ import annotations
 
+import logging
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,8 @@ from retinaflow.export.spec import NETWORK_STRIDE
 from retinaflow.ops.detections import Detections
 
 DEFAULT_BATCH = 8
+
+log = logging.getLogger(__name__)
 
 
 def infer_engine(
@@ -38,7 +42,20 @@ def infer_engine(
     from retinaflow.engine.infer import image_list_as_coco, images_folder, write_detections
 
     images_dir = images_folder(images, output)
+    t0 = time.perf_counter()
     engine = open_engine(engine_path, device, cuda_graph)
+    meta = engine.meta
+    log.info(
+        "engine %s loaded in %.2f s: %s %s, batch %s..%s, input %dx%d, on %s",
+        engine.path.name,
+        time.perf_counter() - t0,
+        meta.get("format", engine.path.suffix.lstrip(".")),
+        meta.get("precision", "?"),
+        meta.get("min_batch", "?"),
+        meta.get("max_batch", "?"),
+        *engine.input_hw,
+        engine.device,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         ann = Path(annotations) if annotations else image_list_as_coco(images_dir, engine.meta, Path(tmp))
         dets, file_names = detect_folder(engine, images_dir, ann, batch)
