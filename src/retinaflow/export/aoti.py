@@ -20,7 +20,7 @@ from retinaflow.config import ExportConfig
 from retinaflow.engine.infer import load_model, prepare_for_inference
 from retinaflow.errors import ConfigError
 from retinaflow.export.detector import EndToEnd, end_to_end_reference
-from retinaflow.export.metadata import engine_metadata, sidecar
+from retinaflow.export.metadata import engine_metadata, gpu_identity, sidecar
 from retinaflow.export.spec import EngineSpec, resolve
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,7 @@ def export_pt2(
     module = end_to_end_reference(model, config, spec)
     meta = {**engine_metadata(checkpoint, state, spec), "device": dev.type}
     if dev.type == "cuda":  # its kernels run on this architecture only (checked when it is loaded)
-        major, minor = torch.cuda.get_device_capability(dev)
-        meta.update(gpu=torch.cuda.get_device_name(dev), compute_capability=f"{major}.{minor}")
+        meta.update(gpu_identity(dev))
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     if dev.type == "cuda":

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from retinaflow.errors import CheckpointError, ConfigError, MissingDependency
-from retinaflow.export.metadata import OUTPUTS, parse, read_sidecar, sidecar
+from retinaflow.export.metadata import OUTPUTS, gpu_identity, parse, read_sidecar, sidecar
 from retinaflow.ops.detections import Detections
 
 SUFFIXES = (".pt2", ".onnx")
@@ -224,11 +224,11 @@ def _check_gpu(meta: dict[str, Any], path: Path, device: torch.device) -> None:
     built = meta.get("compute_capability")
     if device.type != "cuda" or not built:
         return
-    here = "{}.{}".format(*torch.cuda.get_device_capability(device))
-    if str(built) != here:
+    here = gpu_identity(device)
+    if str(built) != here["compute_capability"]:
         raise EngineError(
             f"{path.name} was compiled for compute capability {built} ({meta.get('gpu', 'another GPU')}), "
-            f"this GPU ({torch.cuda.get_device_name(device)}) is {here}: re-export it on this GPU"
+            f"this GPU ({here['gpu']}) is {here['compute_capability']}: re-export it on this GPU"
         )
 
 

@@ -62,6 +62,13 @@ def engine_metadata(checkpoint: str | Path, state: dict[str, Any], spec: EngineS
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
 
 
+def gpu_identity(device: torch.device) -> dict[str, str]:
+    """What a CUDA engine records of the GPU it was compiled on and is checked against when loaded: its
+    name and compute capability ("9.0")."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return {"gpu": torch.cuda.get_device_name(device), "compute_capability": f"{major}.{minor}"}
+
+
 def parse(meta: dict[str, str]) -> dict[str, Any]:
     """The typed values of an engine's string metadata (JSON-decoded where they are JSON)."""
     out: dict[str, Any] = {}
