@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from common import emit, time_ms
@@ -55,14 +56,57 @@ def inputs(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images, sizes
 
 
-def measure(run, iters: int) -> dict[str, float]:
-    """Batch-1 latency (ms) and batch-32 throughput (img/s) of ``run(images, sizes) -> Detections``."""
+def measure_batches(run, batches: list[int], iters: int) -> dict[str, float]:
+    """``run(images, sizes) -> Detections`` timed to detections on the host: batch-1 latency (ms) and
+    other batches' throughput (img/s)."""
     out = {}
-    for batch in (1, 32):
+    for batch in batches:
         images, sizes = inputs(batch)
         ms = time_ms(lambda images=images, sizes=sizes: run(images, sizes).counts.cpu(), 10, iters)
-        out["latency_b1_ms" if batch == 1 else "throughput_b32_img_s"] = ms if batch == 1 else 32e3 / ms
+        if batch == 1:
+            out["latency_b1_ms"] = ms
+        else:
+            out[f"throughput_b{batch}_img_s"] = batch * 1e3 / ms
     return out
+
+
+def measure(run, iters: int) -> dict[str, float]:
+    """Batch-1 latency (ms) and batch-32 throughput (img/s) of ``run(images, sizes) -> Detections``."""
+    return measure_batches(run, [1, 32], iters)
+
+
+KERNEL_CLASSES = (  # (class, substrings of kernel names), first match wins
+    ("triton", ("triton",)),  # inductor's fused kernels (bias, ReLU, adds, group norm, pre-processing)
+    ("retinaflow ops", ("retinaflow", "decode", "nms", "score", "topk", "select")),
+    ("convolutions", ("conv", "xmma", "cudnn", "implicit", "gemm", "sm90", "cutlass", "nhwc", "nchw")),
+)
+
+
+def kernel_classes(run, batch: int, calls: int = 3) -> dict[str, Any]:
+    """GPU milliseconds per call of ``run`` at ``batch``, per kernel class and for the top 10 kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    images, sizes = inputs(batch)
+    for _ in range(3):
+        run(images, sizes).counts.cpu()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            run(images, sizes).counts.cpu()
+    per_kernel: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.device_time_total > 0 and event.device_type.name == "CUDA":
+            per_kernel[event.key] = per_kernel.get(event.key, 0.0) + event.device_time_total / 1e3 / calls
+    classes: dict[str, float] = {}
+    for name, ms in per_kernel.items():
+        low = name.lower()
+        cls = next((c for c, keys in KERNEL_CLASSES if any(k in low for k in keys)), "other")
+        classes[cls] = round(classes.get(cls, 0.0) + ms, 3)
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:10]
+    return {
+        "gpu_ms_per_call": round(sum(per_kernel.values()), 3),
+        "classes_ms": classes,
+        "top_ms": {k[:90]: round(v, 3) for k, v in top},
+    }
 
 
 def main() -> None:

@@ -79,7 +79,7 @@ def test_runner_writes_the_detections_of_retinaflow_infer(runner, tiny_checkpoin
     path, _ = tiny_checkpoint
     engine = export_pt2(path, tmp_path / "cuda.pt2", ExportConfig(min_batch=1, max_batch=4), device="cuda")
     images = synth_small.val_images
-    infer_engine(engine, images, tmp_path / "python.json", batch=4)
+    infer_engine(engine, images, tmp_path / "python.json", overrides={"batch": 4})
     cmd = [str(runner), str(engine), str(images), str(tmp_path / "cpp.json"), "--batch", "4"]
     proc = subprocess.run(
         [*cmd, "--kernels", _ext.load(), "--image-lib", image_library()], capture_output=True, text=True

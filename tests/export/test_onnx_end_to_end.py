@@ -61,10 +61,20 @@ def test_end_to_end_detections_match_pytorch_on_synthetic_val(
     path, _ = tiny_checkpoint
     images, ann = synth_small.val_images, synth_small.val_annotations
     infer(path, images, tmp_path / "torch.json", annotations=ann, device="cpu")
-    result = infer_engine(onnx_engine, images, tmp_path / "onnx.json", ann, batch=4)
+    result = infer_engine(onnx_engine, images, tmp_path / "onnx.json", ann, overrides={"batch": 4})
     assert result is not None
     expected = json.loads((tmp_path / "torch.json").read_text())
     assert_same_results(expected, json.loads((tmp_path / "onnx.json").read_text()))
+
+
+def test_engine_inference_takes_only_the_settings_an_engine_leaves_open(onnx_engine, synth_small, tmp_path):
+    images = synth_small.val_images
+    with pytest.raises(ConfigError, match="infer.score_thresh"):
+        infer_engine(onnx_engine, images, tmp_path / "a.json", overrides={"score_thresh": 0.3})
+    with pytest.raises(ConfigError, match="data.loader must be one of"):
+        infer_engine(onnx_engine, images, tmp_path / "b.json", overrides={"loader": "pil"})
+    infer_engine(onnx_engine, images, tmp_path / "c.json", overrides={"loader": "torch", "batch": 3})
+    assert json.loads((tmp_path / "c.json").read_text())
 
 
 def test_network_only_onnx_detections_match_pytorch_on_synthetic_val(tiny_checkpoint, synth_small, tmp_path):

@@ -79,18 +79,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-#: ``retinaflow infer`` flags an engine does not fix: the rest are baked in at export time.
-_ENGINE_INFER_FLAGS = ("infer.batch", "infer.loader", "infer.cudnn_benchmark", "infer.cuda_graph")
-
-
 def check_engine_flags(args: argparse.Namespace) -> None:
     """ConfigError for ``retinaflow infer ENGINE`` flags that an exported engine fixes at export time."""
+    from retinaflow.export.engine_infer import ENGINE_INFER_KEYS
     from retinaflow.flags import INFER_FLAGS, given
 
     fixed = [
         f.option
         for f in INFER_FLAGS
-        if f.key in given(args, INFER_FLAGS) and f.key not in _ENGINE_INFER_FLAGS
+        if f.key in given(args, INFER_FLAGS) and f.key.split(".", 1)[1] not in ENGINE_INFER_KEYS
     ]
     if fixed:
         raise ConfigError(

@@ -44,13 +44,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         if is_engine(args.model):  # .pt2 / .onnx: post-processing and resize are baked into the engine
             check_engine_flags(args)
             result = infer_engine(
-                args.model,
-                args.images,
-                args.output,
-                args.annotations,
-                args.batch,
-                args.device,
-                bool(overrides.get("cuda_graph", False)),
+                args.model, args.images, args.output, args.annotations, args.device, overrides
             )
         else:
             result = infer(

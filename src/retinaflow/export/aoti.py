@@ -61,10 +61,16 @@ def export_pt2(
     return out
 
 
-def export_program(module: EndToEnd, spec: EngineSpec, device: torch.device) -> torch.export.ExportedProgram:
-    """``torch.export`` of ``module`` with a dynamic batch dimension when ``spec`` has a range."""
-    batch = 2 if spec.dynamic_batch else spec.max_batch
-    batch = min(max(batch, spec.min_batch), spec.max_batch)
+def export_program(
+    module: EndToEnd, spec: EngineSpec, device: torch.device, example_batch: int | None = None
+) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``module`` with a dynamic batch dimension when ``spec`` has a range.
+
+    ``example_batch`` (default: the largest) is the batch of the example input. Inductor picks its
+    kernels' configurations (persistent or looped reductions, block sizes) for the example's sizes, and
+    the largest batch is where throughput counts.
+    """
+    batch = min(max(example_batch or spec.max_batch, spec.min_batch), spec.max_batch)
     images = torch.zeros(batch, 3, spec.height, spec.width, dtype=torch.uint8, device=device)
     sizes = torch.tensor([[spec.height, spec.width]] * batch, dtype=torch.int64, device=device)
     dynamic = None

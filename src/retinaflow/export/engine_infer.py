@@ -7,6 +7,7 @@ engine's input size (pixel coordinates unchanged) and run through it; the detect
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import time
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from retinaflow.config import DataConfig
+from retinaflow.config import DataConfig, InferConfig
 from retinaflow.engine.callbacks import EvalResult
 from retinaflow.errors import ConfigError
 from retinaflow.export.engines import Engine, open_engine
@@ -25,6 +26,9 @@ from retinaflow.ops.detections import Detections
 
 DEFAULT_BATCH = 8
 
+#: ``InferConfig`` fields an exported engine does not fix (the rest are baked in at export time).
+ENGINE_INFER_KEYS = ("batch", "loader", "cudnn_benchmark", "cuda_graph")
+
 log = logging.getLogger(__name__)
 
 
@@ -33,17 +37,25 @@ def infer_engine(
     images: str | Path,
     output: str | Path,
     annotations: str | Path | None = None,
-    batch: int | None = None,
     device: str | None = None,
-    cuda_graph: bool = False,
+    overrides: dict[str, Any] | None = None,
 ) -> EvalResult | None:
     """Detect every image of ``images`` with the engine; write COCO results; evaluate with ``annotations``.
-    ``cuda_graph``: replay a .pt2 engine from CUDA graphs (``retinaflow infer ENGINE --cuda-graph``)."""
+
+    ``overrides``: the inference settings an engine does not fix (``ENGINE_INFER_KEYS``; e.g. from
+    ``retinaflow infer ENGINE`` flags): ``batch`` (default: 8 or the engine's largest batch if smaller),
+    ``loader``, ``cudnn_benchmark`` ("auto" is on: an engine has one input size) and ``cuda_graph``
+    (replay a .pt2 engine from CUDA graphs). Other settings are the engine's own, saved at export.
+    """
     from retinaflow.engine.infer import image_list_as_coco, images_folder, write_detections
 
+    given = dict(overrides or {})
+    unknown = sorted(set(given) - set(ENGINE_INFER_KEYS))
+    if unknown:
+        raise ConfigError(f"an engine fixes infer.{unknown[0]} at export: re-export to change it")
     images_dir = images_folder(images, output)
     t0 = time.perf_counter()
-    engine = open_engine(engine_path, device, cuda_graph)
+    engine = open_engine(engine_path, device, bool(given.pop("cuda_graph", False)))
     meta = engine.meta
     log.info(
         "engine %s loaded in %.2f s: %s %s, batch %s..%s, input %dx%d, on %s",
@@ -56,26 +68,28 @@ def infer_engine(
         *engine.input_hw,
         engine.device,
     )
+    given.setdefault("batch", min(DEFAULT_BATCH, int(meta["max_batch"])))
+    infer = dataclasses.replace(infer_config(meta), **given)
+    if engine.device.type == "cuda":
+        torch.backends.cudnn.benchmark = infer.cudnn_benchmark in ("auto", "on")
     with tempfile.TemporaryDirectory() as tmp:
         ann = Path(annotations) if annotations else image_list_as_coco(images_dir, engine.meta, Path(tmp))
-        dets, file_names = detect_folder(engine, images_dir, ann, batch)
+        dets, file_names = detect_folder(engine, images_dir, ann, infer)
     return write_detections(dets, file_names, output, annotations, list(engine.meta.get("class_names", [])))
 
 
 def detect_folder(
-    engine: Engine, images_dir: Path, annotations: Path, batch: int | None
+    engine: Engine, images_dir: Path, annotations: Path, infer: InferConfig
 ) -> tuple[list[dict[str, Any]], dict[int, str]]:
     """COCO results (boxes [x, y, w, h] in original pixels) of every image of ``annotations``, in dataset
-    order, and the file name of each image id. Images are loaded as the engine's saved inference settings
-    say (``DataConfig.workers`` 0)."""
-    from retinaflow.data.loader import build_eval_loader
+    order, and the file name of each image id. Images are loaded as ``infer`` says (the engine's saved
+    resize settings, ``infer.loader``, ``infer.batch``; ``DataConfig.workers`` 0 for the torch loader)."""
+    from retinaflow.data.select import build_eval
     from retinaflow.engine.infer import eval_data, to_coco_results
 
-    meta = engine.meta
-    data = eval_data(infer_config(meta), DataConfig(workers=0))
-    size = batch if batch is not None else min(DEFAULT_BATCH, int(meta["max_batch"]))
-    loader, dataset = build_eval_loader(str(images_dir), str(annotations), data, size)
-    cat_lut = torch.tensor(meta["category_ids"], dtype=torch.int64)
+    data = eval_data(infer, DataConfig(workers=0))
+    loader, dataset = build_eval(str(images_dir), str(annotations), data, infer.batch, 0, 1, engine.device)
+    cat_lut = torch.tensor(engine.meta["category_ids"], dtype=torch.int64)
     results: list[dict[str, Any]] = []
     for b in loader:
         dets = run_padded(engine, pad_to(b.images, engine.input_hw, engine.path.name), b.sizes)

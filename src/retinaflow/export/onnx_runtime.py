@@ -52,7 +52,7 @@ def infer_onnx(
     infer = cfg or config.infer
     session = ort.InferenceSession(str(onnx_model), providers=["CPUExecutionProvider"])
     if [o.name for o in session.get_outputs()] == list(OUTPUTS):  # end to end: decode + NMS inside
-        result = infer_engine(onnx_model, images_dir, output, annotations, infer.batch)
+        result = infer_engine(onnx_model, images_dir, output, annotations, "cpu", {"batch": infer.batch})
     else:
         height, width = _input_hw(session)
         name = Path(onnx_model).name

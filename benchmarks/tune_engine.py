@@ -1,0 +1,144 @@
+"""Which export settings make the ``.pt2`` engine fastest: a search for PERFORMANCE.md, not a benchmark.
+
+Each variant changes one thing of ``bench_engine.py``'s engine (R50-FPN, fp16, 800x1344): the batch range,
+the input's memory format, or inductor's compile options. All variants are exported at once (each by
+``retinaflow export`` in its own process, inductor options patched in), then each engine is loaded in a
+fresh process and timed as ``bench_engine.py`` times it (batch 1 latency with and without CUDA graphs,
+batch 32 throughput), with cuDNN autotuning on (the engine's input size is fixed). ``--profile`` adds the
+GPU time per kernel class (convolutions, Triton, retinaflow ops, other) of one batch-32 call.
+
+    python benchmarks/tune_engine.py [--variants base,static32,...] [--out DIR] [--export-timeout 400]
+
+Prints one JSON line per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from probe_pt2 import checkpoint
+
+HEIGHT, WIDTH = 800, 1344
+
+# name: (model overrides, batch range, export-process patches: inductor options and "channels_last_input")
+VARIANTS: dict[str, tuple[dict[str, Any], tuple[int, int], dict[str, Any]]] = {
+    "base": ({}, (1, 32), {}),  # bench_engine's engine (example batch 32 since the sixth session)
+    "example_batch2": ({}, (1, 32), {"example_batch": 2}),  # what export used until the sixth session
+    "static32": ({}, (32, 32), {}),
+    "static1": ({}, (1, 1), {}),
+    "channels_last_input": ({}, (1, 32), {"channels_last_input": True}),
+    "freezing": ({}, (1, 32), {"freezing": True}),
+    "coordinate_descent": ({}, (1, 32), {"coordinate_descent_tuning": True}),
+    "max_autotune": ({}, (1, 32), {"max_autotune": True, "max_autotune_conv_backends": "ATEN,TRITON"}),
+    "no_gn_head": ({"head_norm": "none"}, (1, 32), {}),  # the ODTK head, for reference
+}
+
+EXPORT = """
+import json, sys, torch
+extra = json.loads(sys.argv[1])
+if extra.pop("channels_last_input", False):
+    from retinaflow.model.retinanet import RetinaNet
+    normalize = RetinaNet.normalize
+    RetinaNet.normalize = lambda self, x: normalize(self, x.contiguous(memory_format=torch.channels_last))
+example_batch = extra.pop("example_batch", None)
+if example_batch:
+    from retinaflow.export import aoti
+    export_program = aoti.export_program
+    def with_example(module, spec, device):  # the batch the example input has (the kernels' size hint)
+        return export_program(module, spec, device, example_batch)
+    aoti.export_program = with_example
+compile_and_package = torch._inductor.aoti_compile_and_package
+def patched(program, package_path=None, inductor_configs=None):
+    configs = {**inductor_configs, **extra}
+    return compile_and_package(program, package_path=package_path, inductor_configs=configs)
+torch._inductor.aoti_compile_and_package = patched
+from retinaflow.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+MEASURE = """
+import json, sys, torch
+from bench_engine import measure_batches
+from retinaflow.export.engines import open_engine
+path, lo, hi, iters, profile = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+torch.backends.cudnn.benchmark = True
+batches = [b for b in (1, 32) if lo <= b <= hi]
+out = {"pt2": measure_batches(open_engine(path, "cuda"), batches, iters)}
+if 1 in batches:
+    out["pt2_cuda_graph"] = measure_batches(open_engine(path, "cuda", cuda_graph=True), [1], iters)
+if profile == "1":
+    from bench_engine import kernel_classes
+    engine = open_engine(path, "cuda")
+    out.update({f"profile_b{b}": kernel_classes(engine, b) for b in batches})
+print("RESULT " + json.dumps(out))
+"""
+
+
+def _run(cmd: list[str], log: Path, timeout: float) -> tuple[int, float, str]:
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        rc, text = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        rc, text = -999, f"timed out after {timeout} s\n{exc.stdout or ''}{exc.stderr or ''}"
+    log.write_text(text if isinstance(text, str) else str(text))
+    return rc, round(time.perf_counter() - t0, 1), text
+
+
+def export(name: str, out: Path, timeout: float) -> dict[str, Any]:
+    overrides, (lo, hi), patches = VARIANTS[name]
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    engine = folder / f"{name}.pt2"
+    cmd = [sys.executable, "-c", EXPORT, json.dumps(patches), "export", str(checkpoint(folder, overrides))]
+    cmd += [str(engine), "--device", "cuda", "--precision", "fp16", "--batch", str(lo), str(hi)]
+    cmd += ["--size", str(HEIGHT), str(WIDTH)]
+    rc, secs, text = _run(cmd, folder / "export.log", timeout)
+    result: dict[str, Any] = {"variant": name, "export_rc": rc, "export_s": secs}
+    if rc != 0:
+        result["export_tail"] = [line[-240:] for line in text.strip().splitlines()[-5:]]
+    return result
+
+
+def measure(name: str, out: Path, iters: int, profile: bool) -> dict[str, Any]:
+    _, (lo, hi), _ = VARIANTS[name]
+    engine = out / name / f"{name}.pt2"
+    cmd = [sys.executable, "-c", MEASURE, str(engine), str(lo), str(hi), str(iters), "1" if profile else "0"]
+    rc, secs, text = _run(cmd, out / name / "measure.log", 240)
+    lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
+    if rc != 0 or not lines:
+        return {"measure_rc": rc, "measure_tail": [line[-240:] for line in text.strip().splitlines()[-5:]]}
+    return {"measure_s": secs, **json.loads(lines[-1][len("RESULT ") :])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="/tmp/tune_engine")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--profile", default="base", help="comma-separated variants to profile (batches 1 and 32)")
+    ap.add_argument("--export-timeout", type=float, default=400)
+    ap.add_argument("--iters", type=int, default=50)
+    args = ap.parse_args()
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        sys.exit(f"tune_engine: unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(len(names)) as pool:  # the compiles are mostly single-threaded: all at once
+        exported = list(pool.map(lambda n: export(n, out, args.export_timeout), names))
+    for result in exported:
+        if result["export_rc"] == 0:
+            result.update(measure(result["variant"], out, args.iters, result["variant"] in args.profile))
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
