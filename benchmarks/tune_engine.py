@@ -122,7 +122,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="/tmp/tune_engine")
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--profile", default="base", help="comma-separated variants to profile (batches 1 and 32)")
+    ap.add_argument("--profile", default="base", help="variants to profile (batches 1, 32)")
     ap.add_argument("--export-timeout", type=float, default=400)
     ap.add_argument("--iters", type=int, default=50)
     args = ap.parse_args()
