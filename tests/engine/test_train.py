@@ -214,6 +214,17 @@ def test_compiled_network_trains_like_the_eager_one(synth_small, tmp_path):
         torch.testing.assert_close(compiled[key], value, rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_training_on_several_bucket_shapes_compiles_one_graph(synth_small, tmp_path):
+    # height and width are symbolic from the first batch on: no static graph first, then a dynamic one
+    cfg = tiny_config(synth_small, iters=8)
+    cfg.train.compile = "eager"
+    cfg.data.resize, cfg.data.max_size, cfg.data.jitter = 96, 192, (64, 128)  # four bucket shapes
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    train(cfg, tmp_path / "m.pth")
+    assert counters["stats"]["calls_captured"] > 0 and counters["stats"]["unique_graphs"] == 1
+
+
 def test_scratch_run_resolves_auto_norms_once_and_resumes_with_them(synth_small, tmp_path):
     cfg = tiny_config(synth_small, iters=1)
     cfg.model.norm, cfg.model.head_norm = "auto", "auto"

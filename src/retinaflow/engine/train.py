@@ -164,6 +164,10 @@ class _Trainer:
             )
         if cfg.train.compile:
             self.ddp = torch.compile(self.ddp, backend=cfg.train.compile)  # type: ignore[assignment]
+        # Batches of several padded shapes (buckets, or stride padding): compile once with symbolic
+        # height and width instead of once for the first shape and again, dynamic, for the second.
+        policy = self.loader.policy
+        self.dynamic_hw = bool(cfg.train.compile) and (policy is None or len(policy.buckets) != 1)
 
     def _check_resumable(self, model: RetinaNet) -> None:
         """The checkpoint being resumed holds this architecture, trained on these classes with this optimizer
@@ -235,6 +239,9 @@ class _Trainer:
         images = batch.images
         if cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        if self.dynamic_hw:
+            torch._dynamo.maybe_mark_dynamic(images, 2)
+            torch._dynamo.maybe_mark_dynamic(images, 3)
         self.lr = lr_at(self.iteration, cfg.train)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
