@@ -93,6 +93,7 @@ def run_peer(config: Config, peer: str, first: int, second: int, out_dir: Path) 
         batches = itertools.cycle([b.to(DEVICE) for b in itertools.islice(batches, 16)])
         trainer.loader.close()
     meter, windows = CpuMeter(), []
+    first_step_s = first_images = 0.0
     for count in (first, second):
         torch.cuda.synchronize()
         t0, c0, images = time.perf_counter(), meter.seconds(), 0
@@ -101,6 +102,9 @@ def run_peer(config: Config, peer: str, first: int, second: int, out_dir: Path) 
             trainer.step(batch)
             trainer.iteration += 1
             images += len(batch)
+            if trainer.iteration == 1:  # the warm-up the fixed-shape benchmark leaves out (compile)
+                torch.cuda.synchronize()
+                first_step_s, first_images = time.perf_counter() - t0, len(batch)
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
         windows.append((images / elapsed, (meter.seconds() - c0) / elapsed, images, elapsed))
@@ -113,6 +117,12 @@ def run_peer(config: Config, peer: str, first: int, second: int, out_dir: Path) 
         "img_s_second": round(windows[1][0], 1),
         # the measure: all images over all time, iterations 1..first+second
         "img_s_all": round((windows[0][2] + windows[1][2]) / (windows[0][3] + windows[1][3]), 1),
+        # the same without iteration 1 (the first compile; bench_train.py's warm-up leaves it out too)
+        "first_step_s": round(first_step_s, 1),
+        "img_s_all_after_first_step": round(
+            (windows[0][2] + windows[1][2] - first_images) / (windows[0][3] + windows[1][3] - first_step_s),
+            1,
+        ),
         "host_cpu_cores_second": round(windows[1][1], 2),
         "gpu_mem_gib": round(used / 2**30, 2),
     }
