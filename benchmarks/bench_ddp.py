@@ -257,6 +257,8 @@ def _use_ddp_options(text: str) -> None:
     """Make the trainer's ``DistributedDataParallel(...)`` also get these keyword arguments (``k=0|1,...``):
     a benchmark-side switch, so that DDP settings are compared before one becomes the trainer's."""
     options = {k: bool(int(v)) for k, v in (item.split("=", 1) for item in text.split(",") if item)}
+    if "optimize_ddp" in options:  # not a DDP argument: dynamo's graph split at DDP's buckets (compile)
+        torch._dynamo.config.optimize_ddp = options.pop("optimize_ddp")
     base = torch.nn.parallel.DistributedDataParallel
 
     class WithOptions(base):  # type: ignore[misc, valid-type]
@@ -396,7 +398,10 @@ def driver(args: argparse.Namespace) -> None:
         else [False]
     )
     runs = [(comp, loader) for comp in modes for loader in args.loaders.split(",")]
-    variants = [("", "")] + [tuple(v.split("=", 1)) for v in args.ddp_variant]  # type: ignore[misc]
+    variants = [("", "")] * (not args.only_variants) + [
+        tuple(v.split("=", 1))  # type: ignore[misc]
+        for v in args.ddp_variant
+    ]
     # Eager throughput first, then equivalence and evaluation, compiled throughput last (the longest);
     # the report is rewritten after each step, so a run cut short still leaves what it measured.
     steps = [r for r in runs if not r[0]] + [None] + [r for r in runs if r[0]]
@@ -516,8 +521,10 @@ def main() -> None:
         default=[],
         metavar="NAME=KEY=VALUE,...",
         help="also run each N-GPU throughput run with these DistributedDataParallel arguments (booleans "
-        "0/1), e.g. bucket_view=gradient_as_bucket_view=1,static_graph=1 (repeatable)",
+        "0/1), e.g. bucket_view=gradient_as_bucket_view=1,static_graph=1 (repeatable); the key optimize_ddp "
+        "sets torch._dynamo.config.optimize_ddp (compiled runs)",
     )
+    d.add_argument("--only-variants", action="store_true", help="N-GPU runs with --ddp-variant options only")
     w = sub.add_parser("worker", help="internal: one torchrun task")
     w.add_argument("--task", choices=["throughput", "equivalence", "evaluate"], required=True)
     w.add_argument("--data", required=True)
