@@ -69,9 +69,9 @@ def test_end_to_end_detections_match_pytorch_on_synthetic_val(
 
 def test_engine_inference_takes_only_the_settings_an_engine_leaves_open(onnx_engine, synth_small, tmp_path):
     images = synth_small.val_images
-    with pytest.raises(ConfigError, match="infer.score_thresh"):
+    with pytest.raises(ConfigError, match=r"infer\.score_thresh"):
         infer_engine(onnx_engine, images, tmp_path / "a.json", overrides={"score_thresh": 0.3})
-    with pytest.raises(ConfigError, match="data.loader must be one of"):
+    with pytest.raises(ConfigError, match=r"data\.loader must be one of"):
         infer_engine(onnx_engine, images, tmp_path / "b.json", overrides={"loader": "pil"})
     infer_engine(onnx_engine, images, tmp_path / "c.json", overrides={"loader": "torch", "batch": 3})
     assert json.loads((tmp_path / "c.json").read_text())
