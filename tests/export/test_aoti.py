@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tests.export.test_onnx_end_to_end import assert_same_results
@@ -55,6 +57,21 @@ def test_pt2_rejects_inputs_outside_its_range(pt2):
         engine(torch.zeros(5, 3, 128, 128, dtype=torch.uint8), sizes)
     with pytest.raises(ConfigError, match=r"takes images \(B, 3, 128, 128\)"):
         engine(torch.zeros(1, 3, 96, 128, dtype=torch.uint8), sizes[:1])
+
+
+def test_pt2_takes_channels_last_images_as_contiguous_ones(pt2, synth_small):
+    # DALI batches are channels_last views; the package's kernels assume the traced (contiguous) strides
+    from PIL import Image
+
+    first = sorted(Path(synth_small.val_images).iterdir())[0]
+    image = torch.from_numpy(np.asarray(Image.open(first).convert("RGB").resize((128, 128)))).permute(2, 0, 1)
+    images, sizes = image[None].contiguous(), torch.tensor([[128, 128]])
+    engine = open_engine(pt2)
+    expected = engine(images, sizes)
+    assert int(expected.counts[0]) > 0
+    got = engine(images.contiguous(memory_format=torch.channels_last), sizes)
+    torch.testing.assert_close(got.scores, expected.scores)
+    torch.testing.assert_close(got.boxes, expected.boxes)
 
 
 def test_unusable_pt2_files_are_one_line_errors(pt2, tmp_path, capsys):

@@ -44,8 +44,9 @@ def infer_engine(
 
     ``overrides``: the inference settings an engine does not fix (``ENGINE_INFER_KEYS``; e.g. from
     ``retinaflow infer ENGINE`` flags): ``batch`` (default: 8 or the engine's largest batch if smaller),
-    ``loader``, ``cudnn_benchmark`` ("auto" is on: an engine has one input size) and ``cuda_graph``
-    (replay a .pt2 engine from CUDA graphs). Other settings are the engine's own, saved at export.
+    ``loader`` (default "torch"), ``cudnn_benchmark`` ("auto" is on: an engine has one input size) and
+    ``cuda_graph`` (replay a .pt2 engine from CUDA graphs). Other settings are the engine's own, saved at
+    export.
     """
     from retinaflow.engine.infer import image_list_as_coco, images_folder, write_detections
 
@@ -69,6 +70,7 @@ def infer_engine(
         engine.device,
     )
     given.setdefault("batch", min(DEFAULT_BATCH, int(meta["max_batch"])))
+    given.setdefault("loader", "torch")  # DALI on request: its engine path is not yet verified on a GPU
     infer = dataclasses.replace(infer_config(meta), **given)
     if engine.device.type == "cuda":
         torch.backends.cudnn.benchmark = infer.cudnn_benchmark in ("auto", "on")

@@ -103,7 +103,8 @@ class Pt2Engine(Engine):
         super().__init__(path, meta, dev)
 
     def run(self, images: torch.Tensor, sizes: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        inputs = [images.to(self.device), sizes.to(self.device)]
+        # contiguous: the package's kernels assume the strides of the example it was traced with
+        inputs = [images.to(self.device).contiguous(), sizes.to(self.device).contiguous()]
         with torch.no_grad():
             if self.graphs is None:
                 return tuple(self.runner.run(inputs))
