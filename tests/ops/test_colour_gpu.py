@@ -10,20 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.ops.gpu import CUDA_KERNEL_TESTS
 
-from retinaflow.ops import _ext, _reference
+from retinaflow.ops import _reference
 from retinaflow.ops.colour import colour_jitter
 from retinaflow.ops.graph import CudaGraphRunner
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def kernels():
-    _ext.load()
+pytestmark = CUDA_KERNEL_TESTS
 
 
 def padded_batch(batch: int, height: int, width: int, seed: int):

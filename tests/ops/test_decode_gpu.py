@@ -8,24 +8,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.ops.gpu import CUDA_KERNEL_TESTS
 from tests.ops.oracle import GRID_THRESH, random_heads
 
 from retinaflow.config import InferConfig
-from retinaflow.ops import _ext, _reference, boxes
+from retinaflow.ops import _reference, boxes
 from retinaflow.ops.graph import CudaGraphRunner
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
+pytestmark = CUDA_KERNEL_TESTS
 
 SHAPES = [(12, 20), (6, 10), (3, 5), (2, 3), (1, 2)]
 R50_800x1344 = [(100, 168), (50, 84), (25, 42), (13, 21), (7, 11)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def kernels():
-    _ext.load()
 
 
 def _cuda(ts):

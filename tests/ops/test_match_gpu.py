@@ -8,21 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.ops.gpu import CUDA_KERNEL_TESTS
 
 from retinaflow.config import AnchorConfig
 from retinaflow.model.anchors import generate_anchors
-from retinaflow.ops import _ext, _reference
+from retinaflow.ops import _reference
 from retinaflow.ops.graph import CudaGraphRunner
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def kernels():
-    _ext.load()
+pytestmark = CUDA_KERNEL_TESTS
 
 
 def anchors_for(height: int, width: int) -> torch.Tensor:

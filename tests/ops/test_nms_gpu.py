@@ -10,21 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from tests.ops.gpu import CUDA_KERNEL_TESTS
 from tests.ops.oracle import greedy_nms
 
-from retinaflow.ops import _ext, _reference
+from retinaflow.ops import _reference
 from retinaflow.ops.boxes import batched_nms
 from retinaflow.ops.detections import Detections
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def kernels():
-    _ext.load()
+pytestmark = CUDA_KERNEL_TESTS
 
 
 def make(batch, k, num_classes, seed, pad=0.1, spread=300.0, size=80.0, score_levels=0):

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from retinaflow.config import DataConfig, InferConfig
+from retinaflow.data.shapes import ShapePolicy, use_cudnn_benchmark
 from retinaflow.engine.callbacks import EvalResult
 from retinaflow.errors import ConfigError
 from retinaflow.export.engines import Engine, open_engine
@@ -72,8 +73,9 @@ def infer_engine(
     given.setdefault("batch", min(DEFAULT_BATCH, int(meta["max_batch"])))
     given.setdefault("loader", "torch")  # DALI on request: its engine path is not yet verified on a GPU
     infer = dataclasses.replace(infer_config(meta), **given)
-    if engine.device.type == "cuda":
-        torch.backends.cudnn.benchmark = infer.cudnn_benchmark in ("auto", "on")
+    if engine.device.type == "cuda":  # "auto": on, the engine has a single input shape
+        one_shape = ShapePolicy(buckets=(engine.input_hw,), stride=NETWORK_STRIDE)
+        torch.backends.cudnn.benchmark = use_cudnn_benchmark(infer.cudnn_benchmark, one_shape)
     with tempfile.TemporaryDirectory() as tmp:
         ann = Path(annotations) if annotations else image_list_as_coco(images_dir, engine.meta, Path(tmp))
         dets, file_names = detect_folder(engine, images_dir, ann, infer)
