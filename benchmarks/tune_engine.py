@@ -31,6 +31,7 @@ HEIGHT, WIDTH = 800, 1344
 VARIANTS: dict[str, tuple[dict[str, Any], tuple[int, int], dict[str, Any]]] = {
     "base": ({}, (1, 32), {}),  # bench_engine's engine (example batch 32 since the sixth session)
     "example_batch2": ({}, (1, 32), {"example_batch": 2}),  # what export used until the sixth session
+    "unfused": ({}, (1, 32), {"unfused": True}),  # no cuDNN epilogues (export.fuse), the base until then
     "static32": ({}, (32, 32), {}),
     "static1": ({}, (1, 1), {}),
     "channels_last_input": ({}, (1, 32), {"channels_last_input": True}),
@@ -47,6 +48,10 @@ if extra.pop("channels_last_input", False):
     from retinaflow.model.retinanet import RetinaNet
     normalize = RetinaNet.normalize
     RetinaNet.normalize = lambda self, x: normalize(self, x.contiguous(memory_format=torch.channels_last))
+if extra.pop("unfused", False):
+    from retinaflow.export import aoti
+    from retinaflow.export.fuse import Fused
+    aoti.fuse_conv_activations = lambda program: (program, Fused(0, 0))
 example_batch = extra.pop("example_batch", None)
 if example_batch:
     from retinaflow.export import aoti

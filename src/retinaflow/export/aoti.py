@@ -2,7 +2,9 @@
 
 The package holds :class:`~retinaflow.export.detector.EndToEnd` (uint8 images + sizes in, fixed-size
 detections out) with batch norms folded and weights in the requested precision, compiled for one device
-(CPU: C++ via the host compiler; CUDA: Triton kernels) with ``torch._inductor.aoti_compile_and_package``.
+(CPU: C++ via the host compiler; CUDA: Triton kernels, channels_last weights, and the convolutions'
+bias + ReLU (+ residual) epilogues in cuDNN through :mod:`.fuse`) with
+``torch._inductor.aoti_compile_and_package``.
 Decode and NMS stay calls of ``torch.ops.retinaflow.*``: whoever loads the package registers them first
 (:mod:`retinaflow.export.engines` in Python; the C++ runner links the kernels library). Its metadata
 (:mod:`.metadata`) is compiled in (``get_metadata()``) and written next to it as ``<name>.json``.
@@ -20,6 +22,7 @@ from retinaflow.config import ExportConfig
 from retinaflow.engine.infer import load_model, prepare_for_inference
 from retinaflow.errors import ConfigError
 from retinaflow.export.detector import EndToEnd, end_to_end_reference
+from retinaflow.export.fuse import fuse_conv_activations
 from retinaflow.export.metadata import engine_metadata, gpu_identity, sidecar
 from retinaflow.export.spec import EngineSpec, resolve
 
@@ -52,7 +55,11 @@ def export_pt2(
         from retinaflow.ops import _ext
 
         _ext.load()  # the CUDA impls of the retinaflow ops must be registered before export
+        module.to(memory_format=torch.channels_last)  # weights NHWC: cuDNN's fast fp16/bf16 layout
     program = export_program(module, spec, dev)
+    if dev.type == "cuda":
+        program, fused = fuse_conv_activations(program)
+        log.info("cuDNN epilogues: %d conv+ReLU, %d conv+add+ReLU", fused.conv_relu, fused.conv_add_relu)
     log.info("compiling %s with AOTInductor for %s (minutes for a large network)", out.name, dev)
     torch._inductor.aoti_compile_and_package(
         program, package_path=str(out), inductor_configs={"aot_inductor.metadata": meta}

@@ -1,0 +1,98 @@
+"""The cuDNN epilogue pass: which convolutions it fuses, and the rewritten program computes the same thing.
+
+cuDNN's fused ops have no CPU kernel, so the test registers reference CPU kernels for them (convolution,
+add, ReLU) for its duration: the rewritten program then runs here and must equal the original, which
+checks every argument the pass moves (stride, padding, bias, residual, groups)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from retinaflow.config import Config
+from retinaflow.engine.infer import prepare_for_inference
+from retinaflow.export.fuse import Fused, fuse_conv_activations
+from retinaflow.model.retinanet import build_model
+
+F = nn.functional
+
+
+@pytest.fixture
+def cpu_reference_kernels():
+    lib = torch.library.Library("aten", "IMPL")
+
+    def conv_relu(x, w, b, stride, padding, dilation, groups):
+        return F.conv2d(x, w, b, stride, padding, dilation, groups).relu()
+
+    def conv_add_relu(x, w, z, alpha, b, stride, padding, dilation, groups):
+        return (F.conv2d(x, w, b, stride, padding, dilation, groups) + alpha * z).relu()
+
+    lib.impl("cudnn_convolution_relu", conv_relu, "CPU")
+    lib.impl("cudnn_convolution_add_relu", conv_add_relu, "CPU")
+    yield
+    del lib
+
+
+class Network(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        cls, box = self.model(images)
+        return [*cls, *box]
+
+
+@pytest.mark.parametrize(
+    ("backbone", "head_norm", "expected"),
+    [
+        # stem + one per BasicBlock / Bottleneck; each block's last convolution takes the residual. P7's
+        # input ReLU reads P6, which the head reads too: not fused. The GroupNorm head's ReLUs follow norms.
+        ("resnet18", "gn", Fused(conv_relu=1 + 8, conv_add_relu=8)),
+        ("resnet50", "gn", Fused(conv_relu=1 + 2 * 16, conv_add_relu=16)),
+        # ODTK's head: conv + ReLU four times per subnet, once per pyramid level (5 levels, 2 subnets)
+        ("resnet18", "none", Fused(conv_relu=1 + 8 + 5 * 2 * 4, conv_add_relu=8)),
+    ],
+)
+def test_fused_program_equals_the_original(cpu_reference_kernels, backbone, head_norm, expected):
+    cfg = Config()
+    cfg.model.backbone, cfg.model.norm, cfg.model.head_norm = backbone, "frozen_bn", head_norm
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    for bn in model.modules():  # non-trivial statistics, so that folding them matters
+        if hasattr(bn, "running_var") and bn.running_var is not None:
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 2.0)
+    prepare_for_inference(model, None)
+    images = torch.randint(0, 256, (2, 3, 96, 128), dtype=torch.uint8)
+    program = torch.export.export(Network(model).eval(), (images,))
+    fused, counts = fuse_conv_activations(program)
+    assert counts == expected
+    targets = [str(n.target) for n in fused.graph.nodes]
+    assert targets.count("aten.cudnn_convolution_relu.default") == expected.conv_relu
+    assert targets.count("aten.cudnn_convolution_add_relu.default") == expected.conv_add_relu
+    with torch.no_grad():
+        want, got = program.module()(images), fused.module()(images)
+    for w, g in zip(want, got, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_a_convolution_read_twice_or_a_broadcast_residual_stays(cpu_reference_kernels):
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            y = self.a(x)
+            kept = y.relu()  # y is also returned: cuDNN would not write it
+            bias = x.mean((2, 3), keepdim=True)  # (B, C, 1, 1): the fused add does not broadcast
+            return y, kept, (self.b(x) + bias).relu()
+
+    x = torch.randn(2, 4, 8, 8)
+    program = torch.export.export(Block().eval(), (x,))
+    fused, counts = fuse_conv_activations(program)
+    assert counts == Fused(conv_relu=0, conv_add_relu=0)
+    for w, g in zip(program.module()(x), fused.module()(x), strict=True):
+        torch.testing.assert_close(g, w)
