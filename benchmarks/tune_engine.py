@@ -32,6 +32,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], tuple[int, int], dict[str, Any]]] = {
     "base": ({}, (1, 32), {}),  # bench_engine's engine (example batch 32 since the sixth session)
     "example_batch2": ({}, (1, 32), {"example_batch": 2}),  # what export used until the sixth session
     "unfused": ({}, (1, 32), {"unfused": True}),  # no cuDNN epilogues (export.fuse), the base until then
+    "merged_head": ({}, (1, 32), {"merged_head": True}),  # model.head.MergedHead: half the head launches
     "static32": ({}, (32, 32), {}),
     "static1": ({}, (1, 1), {}),
     "channels_last_input": ({}, (1, 32), {"channels_last_input": True}),
@@ -52,6 +53,14 @@ if extra.pop("unfused", False):
     from retinaflow.export import aoti
     from retinaflow.export.fuse import Fused
     aoti.fuse_conv_activations = lambda program: (program, Fused(0, 0))
+if extra.pop("merged_head", False):
+    from retinaflow.export import aoti
+    from retinaflow.model.head import MergedHead
+    reference = aoti.end_to_end_reference
+    def merged(model, config, spec):
+        model.head = MergedHead(model.head)
+        return reference(model, config, spec)
+    aoti.end_to_end_reference = merged
 example_batch = extra.pop("example_batch", None)
 if example_batch:
     from retinaflow.export import aoti

@@ -70,3 +70,63 @@ class RetinaNetHead(nn.Module):
         cls = [self.cls_logits(self.cls_subnet(f)) for f in features]
         box = [self.box_pred(self.box_subnet(f)) for f in features]
         return cls, box
+
+
+class MergedHead(nn.Module):
+    """Inference form of a :class:`RetinaNetHead`: both subnets as one tower of twice the channels.
+
+    The first conv reads the shared input with both subnets' filters (C -> 2C), the later ones are
+    grouped convs (groups=2: each half reads its own subnet's channels), and a GroupNorm of 2G groups over
+    2C channels is exactly the two subnets' G-group norms side by side. Half the launches per pyramid
+    level, same outputs as the head it was built from (weights copied, not shared). Same forward.
+    """
+
+    def __init__(self, head: RetinaNetHead) -> None:
+        super().__init__()
+        self.num_classes, self.num_anchors = head.num_classes, head.num_anchors
+        layers: list[nn.Module] = []
+        first = True
+        for cls_layer, box_layer in zip(head.cls_subnet, head.box_subnet, strict=True):
+            if isinstance(cls_layer, nn.Conv2d):
+                assert isinstance(box_layer, nn.Conv2d)
+                layers.append(_merged_conv(cls_layer, box_layer, groups=1 if first else 2))
+                first = False
+            elif isinstance(cls_layer, nn.GroupNorm):
+                assert isinstance(box_layer, nn.GroupNorm)
+                layers.append(_merged_norm(cls_layer, box_layer))
+            else:
+                layers.append(nn.ReLU(inplace=True))
+        self.tower = nn.Sequential(*layers)
+        self.split = 0 if first else head.cls_logits.in_channels
+        self.cls_logits, self.box_pred = head.cls_logits, head.box_pred
+
+    def forward(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        cls, box = [], []
+        for f in features:
+            t = self.tower(f)
+            c, b = (t[:, : self.split], t[:, self.split :]) if self.split else (t, t)
+            cls.append(self.cls_logits(c))
+            box.append(self.box_pred(b))
+        return cls, box
+
+
+@torch.no_grad()
+def _merged_conv(a: nn.Conv2d, b: nn.Conv2d, groups: int) -> nn.Conv2d:
+    out_channels = 2 * a.out_channels
+    conv = nn.Conv2d(
+        a.in_channels * groups, out_channels, 3, padding=1, groups=groups, bias=a.bias is not None
+    )
+    conv = conv.to(a.weight)
+    conv.weight.copy_(torch.cat([a.weight, b.weight]))
+    if conv.bias is not None and a.bias is not None and b.bias is not None:
+        conv.bias.copy_(torch.cat([a.bias, b.bias]))
+    return conv
+
+
+@torch.no_grad()
+def _merged_norm(a: nn.GroupNorm, b: nn.GroupNorm) -> nn.GroupNorm:
+    norm = type(a)(2 * a.num_groups, 2 * a.num_channels, a.eps, a.affine).to(a.weight)
+    if a.affine:
+        norm.weight.copy_(torch.cat([a.weight, b.weight]))
+        norm.bias.copy_(torch.cat([a.bias, b.bias]))
+    return norm
