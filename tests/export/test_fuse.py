@@ -78,6 +78,23 @@ def test_fused_program_equals_the_original(cpu_reference_kernels, backbone, head
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
 
+def test_fused_ops_trace_with_a_dynamic_batch(cpu_reference_kernels):
+    """The module's Meta kernels: re-exporting the fused program with a symbolic batch (what inductor does
+    with an engine's batch range) traces through the cuDNN ops, channels_last in, channels_last out."""
+    conv = nn.Conv2d(8, 8, 3, padding=1).to(memory_format=torch.channels_last)
+    block = nn.Sequential(conv, nn.ReLU()).eval()
+    x = torch.randn(4, 8, 16, 16).to(memory_format=torch.channels_last)
+    batch = {0: torch.export.Dim("batch", min=1, max=8)}
+    fused, counts = fuse_conv_activations(torch.export.export(block, (x,), dynamic_shapes=(batch,)))
+    assert counts == Fused(conv_relu=1, conv_add_relu=0)
+    again = torch.export.export(fused.module(), (x,), dynamic_shapes=(batch,))
+    (out,) = (n for n in again.graph.nodes if n.op == "output")
+    val = out.args[0][0].meta["val"]
+    assert isinstance(val.shape[0], torch.SymInt)
+    assert val.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(again.module()(x[:3]), block(x[:3]))
+
+
 def test_a_convolution_read_twice_or_a_broadcast_residual_stays(cpu_reference_kernels):
     class Block(nn.Module):
         def __init__(self) -> None:

@@ -15,6 +15,10 @@ Rewritten, in a functional ATen graph (``ExportedProgram.run_decompositions({})`
 - ``relu(add(conv(x, w, b), z))`` (either operand order, alpha 1, ``z`` of the output's shape and dtype, the
   add's output used by the ReLU only) -> ``cudnn_convolution_add_relu(x, w, z, 1, b)``
 
+PyTorch has no Meta (fake) kernels for the two ops, which ``torch.export`` and inductor need to trace a
+program with a dynamic batch through them; this module registers them (output shape of the convolution,
+layout as cuDNN picks it: channels_last when the input or the weight is).
+
 The weights should be channels_last (cuDNN then runs NHWC, the fast layout for fp16/bf16 tensor cores):
 :func:`retinaflow.export.aoti.export_pt2` converts the network before exporting it.
 """
@@ -22,13 +26,40 @@ The weights should be channels_last (cuDNN then runs NHWC, the fast layout for f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import fx
+from torch._prims_common import suggest_memory_format
 
 aten = torch.ops.aten
 CONV, CONV2D, RELU, ADD = aten.convolution.default, aten.conv2d.default, aten.relu.default, aten.add.Tensor
+
+
+def _meta_conv(x: torch.Tensor, w: torch.Tensor, *conv: Any) -> torch.Tensor:
+    bias, stride, padding, dilation, groups = conv
+    out = aten.convolution.default(x, w, bias, stride, padding, dilation, False, [0] * len(stride), groups)
+    channels_last = torch.channels_last in (suggest_memory_format(x), suggest_memory_format(w))
+    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _meta_conv_relu(x: torch.Tensor, w: torch.Tensor, *conv: Any) -> torch.Tensor:
+    return _meta_conv(x, w, *conv)
+
+
+def _meta_conv_add_relu(
+    x: torch.Tensor, w: torch.Tensor, z: torch.Tensor, alpha: Any, *conv: Any
+) -> torch.Tensor:
+    return _meta_conv(x, w, *conv)
+
+
+_META_LIBRARY = torch.library.Library("aten", "IMPL")
+for _op, _fn in (
+    ("cudnn_convolution_relu", _meta_conv_relu),
+    ("cudnn_convolution_add_relu", _meta_conv_add_relu),
+):
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{_op}", "Meta"):
+        _META_LIBRARY.impl(_op, _fn, "Meta")
 
 
 @dataclass(frozen=True)
