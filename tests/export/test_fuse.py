@@ -113,3 +113,24 @@ def test_a_convolution_read_twice_or_a_broadcast_residual_stays(cpu_reference_ke
     assert counts == Fused(conv_relu=0, conv_add_relu=0)
     for w, g in zip(program.module()(x), fused.module()(x), strict=True):
         torch.testing.assert_close(g, w)
+
+
+def test_keep_decides_each_candidate(cpu_reference_kernels):
+    """``keep`` sees every candidate with its sizes (batch None where dynamic) and can leave it unfused."""
+    block = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, stride=2), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU())
+    x = torch.randn(2, 3, 16, 16)
+    seen = []
+
+    def keep(candidate):
+        seen.append(candidate)
+        return candidate.weight[1] == 3  # the first convolution only
+
+    batch = {0: torch.export.Dim("batch", min=1, max=4)}
+    program = torch.export.export(block.eval(), (x,), dynamic_shapes=(batch,))
+    fused, counts = fuse_conv_activations(program, keep=keep)
+    assert counts == Fused(conv_relu=1, conv_add_relu=0, left=1)
+    first, second = seen
+    assert first.input == (None, 3, 16, 16) and first.output == (None, 8, 8, 8) and first.stride == (2, 2)
+    assert first.padding == (1, 1) and first.bias and not first.residual and first.dtype == torch.float32
+    assert second.weight == (8, 8, 1, 1) and second.groups == 1
+    torch.testing.assert_close(fused.module()(x), block(x))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from retinaflow.errors import ConfigError
-from retinaflow.model.head import RetinaNetHead
+from retinaflow.model.head import MergedHead, RetinaNetHead
 
 
 def test_output_shapes() -> None:
@@ -43,3 +43,20 @@ def test_bad_settings() -> None:
         RetinaNetHead(8, 9, 3, prior=1.0)
     with pytest.raises(ConfigError):
         RetinaNetHead(8, 9, 0)
+
+
+@pytest.mark.parametrize(("norm", "convs"), [("gn", 4), ("none", 4), ("gn", 1), ("none", 0)])
+def test_merged_head_gives_the_same_outputs(norm, convs):
+    torch.manual_seed(0)
+    head = RetinaNetHead(64, 9, 5, convs, norm=norm).eval()
+    with torch.no_grad():
+        for p in head.parameters():  # not the init's zero biases / unit affine: every copied tensor matters
+            p.normal_(std=0.1)
+    merged = MergedHead(head).eval()
+    convs_in_tower = sum(isinstance(m, torch.nn.Conv2d) for m in merged.tower)
+    assert convs_in_tower == convs  # one merged convolution per layer of the two subnets
+    features = [torch.randn(2, 64, s, s + 3) for s in (16, 8, 1)]
+    with torch.no_grad():
+        want, got = head(features), merged(features)
+    for w, g in zip(want[0] + want[1], got[0] + got[1], strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

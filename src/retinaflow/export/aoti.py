@@ -1,9 +1,10 @@
 """AOTInductor engine (.pt2): the whole detector through ``torch.export``, compiled ahead of time.
 
 The package holds :class:`~retinaflow.export.detector.EndToEnd` (uint8 images + sizes in, fixed-size
-detections out) with batch norms folded and weights in the requested precision, compiled for one device
+detections out) with batch norms folded, the head's two subnets merged (:class:`MergedHead`) and weights in
+the requested precision, compiled for one device
 (CPU: C++ via the host compiler; CUDA: Triton kernels, channels_last weights, and the convolutions'
-bias + ReLU (+ residual) epilogues in cuDNN through :mod:`.fuse`) with
+bias + ReLU (+ residual) epilogues in cuDNN where that is faster on this GPU, :mod:`.fuse`) with
 ``torch._inductor.aoti_compile_and_package``.
 Decode and NMS stay calls of ``torch.ops.retinaflow.*``: whoever loads the package registers them first
 (:mod:`retinaflow.export.engines` in Python; the C++ runner links the kernels library). Its metadata
@@ -22,9 +23,10 @@ from retinaflow.config import ExportConfig
 from retinaflow.engine.infer import load_model, prepare_for_inference
 from retinaflow.errors import ConfigError
 from retinaflow.export.detector import EndToEnd, end_to_end_reference
-from retinaflow.export.fuse import fuse_conv_activations
+from retinaflow.export.fuse import faster_on, fuse_conv_activations
 from retinaflow.export.metadata import engine_metadata, gpu_identity, sidecar
 from retinaflow.export.spec import EngineSpec, resolve
+from retinaflow.model.head import MergedHead, RetinaNetHead
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,8 @@ def export_pt2(
     model, config, state = load_model(checkpoint, dev)
     spec = resolve(output, cfg, config, "pt2")
     prepare_for_inference(model, DTYPES[spec.precision] if spec.precision != "fp32" else None)
+    if isinstance(model.head, RetinaNetHead):  # same outputs, half the head's launches per pyramid level
+        model.head = MergedHead(model.head)
     module = end_to_end_reference(model, config, spec)
     meta = {**engine_metadata(checkpoint, state, spec), "device": dev.type}
     if dev.type == "cuda":  # its kernels run on this architecture only (checked when it is loaded)
@@ -58,8 +62,13 @@ def export_pt2(
         module.to(memory_format=torch.channels_last)  # weights NHWC: cuDNN's fast fp16/bf16 layout
     program = export_program(module, spec, dev)
     if dev.type == "cuda":
-        program, fused = fuse_conv_activations(program)
-        log.info("cuDNN epilogues: %d conv+ReLU, %d conv+add+ReLU", fused.conv_relu, fused.conv_add_relu)
+        program, fused = fuse_conv_activations(program, keep=faster_on(dev, spec.max_batch))
+        log.info(
+            "cuDNN epilogues: %d conv+ReLU, %d conv+add+ReLU (%d left to inductor: slower fused)",
+            fused.conv_relu,
+            fused.conv_add_relu,
+            fused.left,
+        )
     log.info("compiling %s with AOTInductor for %s (minutes for a large network)", out.name, dev)
     torch._inductor.aoti_compile_and_package(
         program, package_path=str(out), inductor_configs={"aot_inductor.metadata": meta}

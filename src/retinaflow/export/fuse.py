@@ -25,6 +25,7 @@ The weights should be channels_last (cuDNN then runs NHWC, the fast layout for f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -64,35 +65,138 @@ for _op, _fn in (
 
 @dataclass(frozen=True)
 class Fused:
-    """How many epilogues :func:`fuse_conv_activations` moved into cuDNN."""
+    """How many epilogues :func:`fuse_conv_activations` moved into cuDNN, and how many candidates it left
+    because ``keep`` found the fused op slower."""
 
     conv_relu: int
     conv_add_relu: int
+    left: int = 0
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One convolution the pass could fuse, with the sizes its tensors have at ``batch`` images.
+
+    ``shapes``: input, weight and output shapes (B, C, H, W) with the batch dimension as in the program
+    (an int, or None where it is dynamic); the other fields are the convolution's arguments.
+    """
+
+    input: tuple[int | None, ...]
+    weight: tuple[int, ...]
+    output: tuple[int | None, ...]
+    bias: bool
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    residual: bool
+    dtype: torch.dtype
+
+
+Keep = Callable[[Candidate], bool]
 
 
 def fuse_conv_activations(
-    program: torch.export.ExportedProgram,
+    program: torch.export.ExportedProgram, keep: Keep | None = None
 ) -> tuple[torch.export.ExportedProgram, Fused]:
-    """``program`` (its functional ATen form) with the patterns of the module docstring rewritten."""
+    """``program`` (its functional ATen form) with the patterns of the module docstring rewritten, each
+    where ``keep(candidate)`` says so (default: all; :func:`faster_on` times them on the GPU)."""
     program = program.run_decompositions({})
     graph = program.graph_module.graph
-    conv_relu = conv_add_relu = 0
+    conv_relu = conv_add_relu = left = 0
     for relu in list(graph.nodes):
         if relu.op != "call_function" or relu.target is not RELU:
             continue
         src = relu.args[0]
         if _fusable_conv(src):
-            _replace(graph, relu, src, None, [src])
-            conv_relu += 1
+            conv, residual, dead = src, None, [src]
+        else:
+            match = _conv_plus_residual(src)
+            if match is None:
+                continue
+            (conv, residual), dead = match, [src, match[0]]
+        if keep is not None and not keep(_candidate(conv, residual is not None)):
+            left += 1
             continue
-        match = _conv_plus_residual(src)
-        if match is not None:
-            conv, residual = match
-            _replace(graph, relu, conv, residual, [src, conv])
+        _replace(graph, relu, conv, residual, dead)
+        if residual is None:
+            conv_relu += 1
+        else:
             conv_add_relu += 1
     graph.lint()
     program.graph_module.recompile()
-    return program, Fused(conv_relu, conv_add_relu)
+    return program, Fused(conv_relu, conv_add_relu, left)
+
+
+def faster_on(device: torch.device, batch: int, iters: int = 10) -> Keep:
+    """``keep`` for :func:`fuse_conv_activations` that times each candidate on ``device`` (CUDA) at
+    ``batch`` images, channels_last, cuDNN autotuning on: the fused op is kept when it takes at most the
+    plain convolution's time plus half the eager epilogue's (inductor's fused epilogue is one pass, eager
+    takes two or three). cuDNN's fused kernels are not fast for every shape: with ODTK's head (conv + ReLU
+    at every pyramid level) fusing everything made an R50 engine 4x slower on an H100."""
+
+    def keep(c: Candidate) -> bool:
+        def tensor(shape: tuple[int | None, ...]) -> torch.Tensor:
+            sizes = [batch if d is None else d for d in shape]
+            t = torch.randn(sizes, device=device, dtype=c.dtype)
+            return t.contiguous(memory_format=torch.channels_last)
+
+        x, w, out = tensor(c.input), tensor(c.weight), tensor(c.output)
+        b = torch.randn(c.weight[0], device=device, dtype=c.dtype) if c.bias else None
+        z = tensor(c.output) if c.residual else None
+        conv = (c.stride, c.padding, c.dilation)
+        with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, benchmark=True):
+            plain = _ms(
+                lambda: aten.convolution(x, w, None, *conv, False, [0] * len(c.stride), c.groups), iters
+            )
+            shift = b.view(1, -1, 1, 1) if b is not None else 0
+            epilogue = _ms(lambda: ((out + shift) if z is None else (out + shift + z)).relu_(), iters)
+            if z is None:
+                fused = _ms(lambda: aten.cudnn_convolution_relu(x, w, b, *conv, c.groups), iters)
+            else:
+                fused = _ms(lambda: aten.cudnn_convolution_add_relu(x, w, z, 1.0, b, *conv, c.groups), iters)
+        return fused <= plain + 0.5 * epilogue
+
+    return keep
+
+
+def _ms(fn: Callable[[], object], iters: int) -> float:
+    for _ in range(3):  # cuDNN autotunes on the first call of a shape
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def _candidate(conv: fx.Node, residual: bool) -> Candidate:
+    args = _conv_args(conv)
+    assert args is not None
+    x, w, bias, stride, padding, dilation, groups = args
+
+    def shape(node: object) -> tuple[int | None, ...]:
+        assert isinstance(node, fx.Node)
+        return tuple(d if isinstance(d, int) else None for d in node.meta["val"].shape)
+
+    def ints(v: object) -> tuple[int, ...]:
+        return tuple(int(i) for i in cast(list[int], v))
+
+    weight = tuple(d for d in shape(w) if d is not None)
+    return Candidate(
+        shape(x),
+        weight,
+        shape(conv),
+        bias is not None,
+        ints(stride),
+        ints(padding),
+        ints(dilation),
+        int(cast(int, groups)),
+        residual,
+        conv.meta["val"].dtype,
+    )
 
 
 def _single_user(node: fx.Node) -> bool:
