@@ -52,7 +52,7 @@ if extra.pop("channels_last_input", False):
 if extra.pop("unfused", False):
     from retinaflow.export import aoti
     from retinaflow.export.fuse import Fused
-    aoti.fuse_conv_activations = lambda program: (program, Fused(0, 0))
+    aoti.fuse_conv_activations = lambda program, keep=None: (program, Fused(0, 0))
 if extra.pop("merged_head", False):
     from retinaflow.export import aoti
     from retinaflow.model.head import MergedHead

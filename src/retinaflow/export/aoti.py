@@ -62,7 +62,8 @@ def export_pt2(
         module.to(memory_format=torch.channels_last)  # weights NHWC: cuDNN's fast fp16/bf16 layout
     program = export_program(module, spec, dev)
     if dev.type == "cuda":
-        program, fused = fuse_conv_activations(program, keep=faster_on(dev, spec.max_batch))
+        batches = tuple(sorted({spec.min_batch, spec.max_batch}))  # timed at both ends of the range
+        program, fused = fuse_conv_activations(program, keep=faster_on(dev, batches))
         log.info(
             "cuDNN epilogues: %d conv+ReLU, %d conv+add+ReLU (%d left to inductor: slower fused)",
             fused.conv_relu,

@@ -128,14 +128,18 @@ def fuse_conv_activations(
     return program, Fused(conv_relu, conv_add_relu, left)
 
 
-def faster_on(device: torch.device, batch: int, iters: int = 10) -> Keep:
-    """``keep`` for :func:`fuse_conv_activations` that times each candidate on ``device`` (CUDA) at
-    ``batch`` images, channels_last, cuDNN autotuning on: the fused op is kept when it takes at most the
-    plain convolution's time plus half the eager epilogue's (inductor's fused epilogue is one pass, eager
-    takes two or three). cuDNN's fused kernels are not fast for every shape: with ODTK's head (conv + ReLU
-    at every pyramid level) fusing everything made an R50 engine 4x slower on an H100."""
+def faster_on(device: torch.device, batches: tuple[int, ...], iters: int = 20) -> Keep:
+    """``keep`` for :func:`fuse_conv_activations` that times each candidate on ``device`` (CUDA) at each of
+    ``batches`` (an engine's smallest and largest batch), channels_last, cuDNN autotuning on: the fused op
+    is kept when, at every batch, it takes at most the plain convolution's time plus half the eager
+    epilogue's (inductor's fused epilogue is one pass, eager takes two or three). cuDNN's fused kernels are
+    not fast for every shape: fusing all of ODTK's head (conv + ReLU at every pyramid level) made an R50
+    engine 4x slower at batch 32 on an H100, and timing at batch 32 only left it 2x slower at batch 1."""
 
     def keep(c: Candidate) -> bool:
+        return all(faster_at(c, batch) for batch in batches)
+
+    def faster_at(c: Candidate, batch: int) -> bool:
         def tensor(shape: tuple[int | None, ...]) -> torch.Tensor:
             sizes = [batch if d is None else d for d in shape]
             t = torch.randn(sizes, device=device, dtype=c.dtype)
