@@ -40,6 +40,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], tuple[int, int], dict[str, Any]]] = {
     "coordinate_descent": ({}, (1, 32), {"coordinate_descent_tuning": True}),
     "max_autotune": ({}, (1, 32), {"max_autotune": True, "max_autotune_conv_backends": "ATEN,TRITON"}),
     "no_gn_head": ({"head_norm": "none"}, (1, 32), {}),  # the ODTK head, for reference
+    "no_gn_head_unfused": ({"head_norm": "none"}, (1, 32), {"unfused": True}),
+    "no_gn_head_unmerged": ({"head_norm": "none"}, (1, 32), {"unmerged": True}),
 }
 
 EXPORT = """
@@ -53,6 +55,9 @@ if extra.pop("unfused", False):
     from retinaflow.export import aoti
     from retinaflow.export.fuse import Fused
     aoti.fuse_conv_activations = lambda program, keep=None: (program, Fused(0, 0))
+if extra.pop("unmerged", False):
+    from retinaflow.export import aoti
+    aoti.MergedHead = lambda head: head
 if extra.pop("merged_head", False):
     from retinaflow.export import aoti
     from retinaflow.model.head import MergedHead
