@@ -31,8 +31,8 @@ HEIGHT, WIDTH = 800, 1344
 VARIANTS: dict[str, tuple[dict[str, Any], tuple[int, int], dict[str, Any]]] = {
     "base": ({}, (1, 32), {}),  # bench_engine's engine (example batch 32 since the sixth session)
     "example_batch2": ({}, (1, 32), {"example_batch": 2}),  # what export used until the sixth session
-    "unfused": ({}, (1, 32), {"unfused": True}),  # no cuDNN epilogues (export.fuse), the base until then
-    "merged_head": ({}, (1, 32), {"merged_head": True}),  # model.head.MergedHead: half the head launches
+    "fused": ({}, (1, 32), {"args": ["--fuse-epilogues"]}),  # cuDNN epilogues (export.fuse)
+    "unmerged": ({}, (1, 32), {"unmerged": True}),  # without model.head.MergedHead (the seventh session's)
     "static32": ({}, (32, 32), {}),
     "static1": ({}, (1, 1), {}),
     "channels_last_input": ({}, (1, 32), {"channels_last_input": True}),
@@ -40,8 +40,12 @@ VARIANTS: dict[str, tuple[dict[str, Any], tuple[int, int], dict[str, Any]]] = {
     "coordinate_descent": ({}, (1, 32), {"coordinate_descent_tuning": True}),
     "max_autotune": ({}, (1, 32), {"max_autotune": True, "max_autotune_conv_backends": "ATEN,TRITON"}),
     "no_gn_head": ({"head_norm": "none"}, (1, 32), {}),  # the ODTK head, for reference
-    "no_gn_head_unfused": ({"head_norm": "none"}, (1, 32), {"unfused": True}),
-    "no_gn_head_unmerged": ({"head_norm": "none"}, (1, 32), {"unmerged": True}),
+    "no_gn_head_fused": ({"head_norm": "none"}, (1, 32), {"args": ["--fuse-epilogues"]}),
+    "no_gn_head_fused_unmerged": (
+        {"head_norm": "none"},
+        (1, 32),
+        {"unmerged": True, "args": ["--fuse-epilogues"]},
+    ),
 }
 
 EXPORT = """
@@ -51,21 +55,10 @@ if extra.pop("channels_last_input", False):
     from retinaflow.model.retinanet import RetinaNet
     normalize = RetinaNet.normalize
     RetinaNet.normalize = lambda self, x: normalize(self, x.contiguous(memory_format=torch.channels_last))
-if extra.pop("unfused", False):
-    from retinaflow.export import aoti
-    from retinaflow.export.fuse import Fused
-    aoti.fuse_conv_activations = lambda program, keep=None: (program, Fused(0, 0))
+extra.pop("args", None)  # CLI flags, passed by the driver
 if extra.pop("unmerged", False):
     from retinaflow.export import aoti
     aoti.MergedHead = lambda head: head
-if extra.pop("merged_head", False):
-    from retinaflow.export import aoti
-    from retinaflow.model.head import MergedHead
-    reference = aoti.end_to_end_reference
-    def merged(model, config, spec):
-        model.head = MergedHead(model.head)
-        return reference(model, config, spec)
-    aoti.end_to_end_reference = merged
 example_batch = extra.pop("example_batch", None)
 if example_batch:
     from retinaflow.export import aoti
@@ -118,7 +111,7 @@ def export(name: str, out: Path, timeout: float) -> dict[str, Any]:
     engine = folder / f"{name}.pt2"
     cmd = [sys.executable, "-c", EXPORT, json.dumps(patches), "export", str(checkpoint(folder, overrides))]
     cmd += [str(engine), "--device", "cuda", "--precision", "fp16", "--batch", str(lo), str(hi)]
-    cmd += ["--size", str(HEIGHT), str(WIDTH)]
+    cmd += ["--size", str(HEIGHT), str(WIDTH), *patches.get("args", [])]
     rc, secs, text = _run(cmd, folder / "export.log", timeout)
     result: dict[str, Any] = {"variant": name, "export_rc": rc, "export_s": secs}
     if rc != 0:

@@ -108,6 +108,7 @@ INFER_FLAGS = _table(
 EXPORT_FLAGS = _table(
     ("export.precision", "network precision (default fp32; int8: .onnx and .plan)", {"choices": PRECISIONS}),
     ("export.opset", "ONNX opset (>= 17)"),
+    ("export.fuse_epilogues", ".pt2 on CUDA: conv + bias + ReLU in cuDNN's fused kernels (experimental)"),
     "int8 (ModelOpt post-training quantization)",
     ("export.calibration_images", "images to calibrate on (default 512)", {"metavar": "N"}),
     (

@@ -4,7 +4,8 @@ The package holds :class:`~retinaflow.export.detector.EndToEnd` (uint8 images + 
 detections out) with batch norms folded, the head's two subnets merged (:class:`MergedHead`) and weights in
 the requested precision, compiled for one device
 (CPU: C++ via the host compiler; CUDA: Triton kernels, channels_last weights, and the convolutions'
-bias + ReLU (+ residual) epilogues in cuDNN where that is faster on this GPU, :mod:`.fuse`) with
+bias + ReLU (+ residual) epilogues in cuDNN where that is faster on this GPU with ``fuse_epilogues``,
+:mod:`.fuse`) with
 ``torch._inductor.aoti_compile_and_package``.
 Decode and NMS stay calls of ``torch.ops.retinaflow.*``: whoever loads the package registers them first
 (:mod:`retinaflow.export.engines` in Python; the C++ runner links the kernels library). Its metadata
