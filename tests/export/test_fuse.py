@@ -134,3 +134,12 @@ def test_keep_decides_each_candidate(cpu_reference_kernels):
     assert first.padding == (1, 1) and first.bias and not first.residual and first.dtype == torch.float32
     assert second.weight == (8, 8, 1, 1) and second.groups == 1
     torch.testing.assert_close(fused.module()(x), block(x))
+
+
+def test_the_fusion_is_opt_in():
+    from retinaflow.cli import build_parser
+    from retinaflow.commands.export import export_config
+
+    parse = build_parser().parse_args
+    assert not export_config(parse(["export", "m.pth", "m.pt2"])).fuse_epilogues
+    assert export_config(parse(["export", "m.pth", "m.pt2", "--fuse-epilogues"])).fuse_epilogues

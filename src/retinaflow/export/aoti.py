@@ -3,8 +3,8 @@
 The package holds :class:`~retinaflow.export.detector.EndToEnd` (uint8 images + sizes in, fixed-size
 detections out) with batch norms folded, the head's two subnets merged (:class:`MergedHead`) and weights in
 the requested precision, compiled for one device
-(CPU: C++ via the host compiler; CUDA: Triton kernels, channels_last weights, and the convolutions'
-bias + ReLU (+ residual) epilogues in cuDNN where that is faster on this GPU with ``fuse_epilogues``,
+(CPU: C++ via the host compiler; CUDA: Triton kernels, and with ``fuse_epilogues`` channels_last weights
+and the convolutions' bias + ReLU (+ residual) epilogues in cuDNN where that is faster on this GPU,
 :mod:`.fuse`) with
 ``torch._inductor.aoti_compile_and_package``.
 Decode and NMS stay calls of ``torch.ops.retinaflow.*``: whoever loads the package registers them first
@@ -60,9 +60,11 @@ def export_pt2(
         from retinaflow.ops import _ext
 
         _ext.load()  # the CUDA impls of the retinaflow ops must be registered before export
-        module.to(memory_format=torch.channels_last)  # weights NHWC: cuDNN's fast fp16/bf16 layout
+    fuse = dev.type == "cuda" and cfg.fuse_epilogues
+    if fuse:  # weights NHWC: the fused ops' fast fp16/bf16 layout (inductor picks its own otherwise)
+        module.to(memory_format=torch.channels_last)
     program = export_program(module, spec, dev)
-    if dev.type == "cuda":
+    if fuse:
         batches = tuple(sorted({spec.min_batch, spec.max_batch}))  # timed at both ends of the range
         program, fused = fuse_conv_activations(program, keep=faster_on(dev, batches))
         log.info(
