@@ -119,6 +119,8 @@ class TrainConfig:
 
     ``compile``: "" (off) or a ``torch.compile`` backend for the network: "inductor" on GPUs; "eager" or
     "aot_eager" to debug graph capture. Multi-scale training recompiles once per new padded size.
+    ``compile_cache``: a file of the compiler's artifacts (``retinaflow.engine.compile_cache``): read at
+    start, rewritten at checkpoints after a new compile; "" for none.
 
     ``optimizer``: "adamw" (default) or "sgd" (momentum, paper/ODTK: lr 0.01, weight_decay 1e-4, step
     schedule; ``configs/retinanet_odtk.yaml``). ``lr_schedule``: "cosine" (to 0 at ``iters``, default) or
@@ -146,6 +148,7 @@ class TrainConfig:
     precision: str = "auto"
     channels_last: bool = True
     compile: str = ""
+    compile_cache: str = ""
     # cuDNN autotuning: "off", "on", or "auto" (on when data.shapes bounds the shapes); see data/shapes.py.
     # Measured in fresh processes (H200, R50 batch 8, bench_cudnn.py): autotuning costs ~9 s per padded
     # shape (~55 s for 6 buckets) and then gains 1.2 % -- it repays itself only after ~80k iterations.

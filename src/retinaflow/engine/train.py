@@ -22,6 +22,7 @@ from torch import nn
 
 from retinaflow.config import Config
 from retinaflow.data.batch import Batch
+from retinaflow.engine import compile_cache
 from retinaflow.engine import distributed as D
 from retinaflow.engine.callbacks import Callback, CallbackList, EvalResult, TrainState
 from retinaflow.engine.checkpoint import (
@@ -163,7 +164,16 @@ class _Trainer:
                 static_graph=not cfg.train.compile,
             )
         if cfg.train.compile:
+            if info.distributed:
+                # dynamo's DDPOptimizer splits the graph at DDP's buckets so that their all-reduces can
+                # start during the backward; on 2 H100s one unsplit graph scaled better: 1.65x against
+                # 1.48x (bench_ddp.py --ddp-variant nosplit=optimize_ddp=0, same call; docs/PERFORMANCE.md).
+                torch._dynamo.config.optimize_ddp = False
+                log.info("compile: one graph for the DDP model (dynamo's bucket split off)")
             self.ddp = torch.compile(self.ddp, backend=cfg.train.compile)  # type: ignore[assignment]
+            if cfg.train.compile_cache:
+                compile_cache.load(cfg.train.compile_cache)
+        self.cached_graphs = compile_cache.compiled_graphs()  # what the cache file already holds
         # Batches of several padded shapes (buckets, or stride padding): compile once with symbolic
         # height and width instead of once for the first shape and again, dynamic, for the second.
         policy = self.loader.policy
@@ -228,8 +238,17 @@ class _Trainer:
                 },
             )
             self.callbacks.on_checkpoint(self.state, self.path)
+            self._save_compile_cache()
         D.barrier(self.info)
         return self.path
+
+    def _save_compile_cache(self) -> None:
+        """Rank 0, after a new compile (first step, new shapes): rewrite ``train.compile_cache``."""
+        t = self.config.train
+        new = compile_cache.compiled_graphs() > self.cached_graphs
+        if self.info.is_main and t.compile and t.compile_cache and new:
+            compile_cache.save(t.compile_cache)
+            self.cached_graphs = compile_cache.compiled_graphs()
 
     # -- one step -----------------------------------------------------------------------------
     def step(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -317,9 +336,13 @@ class _Trainer:
         t = self.config.train
         batches: Iterator[Batch] = iter(self.loader)
         window_start, window_images = time.perf_counter(), 0
+        first = True
         while self.iteration < t.iters:
             batch = next(batches)
             losses = self.step(batch)
+            if first:  # compiled now: keep the artifacts even if this run stops before a checkpoint
+                self._save_compile_cache()
+                first = False
             bad_here = torch.where(torch.isfinite(losses["loss"].detach()), _NONE, self.iteration + 1)
             self.first_bad = torch.minimum(self.first_bad, bad_here)
             self.iteration = self.state.iteration = self.iteration + 1

@@ -1,0 +1,40 @@
+"""``train.compile_cache``: a second training process on a fresh inductor cache directory compiles nothing
+itself when it starts from the first one's artifact file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+def _train(tmp_path, cfg_path, ckpt, cache_dir):
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir), "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "retinaflow", "train", str(ckpt), "--config", str(cfg_path)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+
+
+@pytest.mark.timeout(900)
+def test_a_fresh_process_reuses_the_compile_artifacts(synth_small, tmp_path):
+    cfg = tiny_config(synth_small, iters=2)
+    cfg.train.compile = "inductor"
+    cfg.train.checkpoint_every = 0
+    cache = tmp_path / "cache" / "compile.bin"
+    cfg.train.compile_cache = str(cache)
+    cfg.dump(tmp_path / "cfg.yaml")
+
+    first = _train(tmp_path, tmp_path / "cfg.yaml", tmp_path / "a.pth", tmp_path / "inductor-a")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "does not exist yet" in first.stderr and "written to" in first.stderr, first.stderr[-3000:]
+    assert cache.stat().st_size > 0
+
+    # another machine: an empty inductor cache directory, only the artifact file
+    second = _train(tmp_path, tmp_path / "cfg.yaml", tmp_path / "b.pth", tmp_path / "inductor-b")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "artifacts loaded from" in second.stderr, second.stderr[-3000:]
+    assert "written to" not in second.stderr, second.stderr[-3000:]  # nothing compiled anew
