@@ -29,7 +29,10 @@ which skips them).
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +59,8 @@ from retinaflow.data.transforms import (
 from retinaflow.errors import DataError, MissingDependency
 
 log = logging.getLogger(__name__)
+
+_END = object()  # BatchSource: the plans ran out
 
 
 def require_dali() -> Any:
@@ -93,10 +98,16 @@ class Plan:
 
 
 class BatchSource:
-    """``fn.external_source`` callback: each call turns the next plan list into the pipeline's inputs
-    (encoded files, sizes, flips, bucket shape) and queues the host-side targets and (B, 3) colour
-    factors (None without colour jitter), which :meth:`pop` hands back in the same order as the
-    pipeline's outputs."""
+    """``fn.external_source`` callback: each call returns the next plan list's pipeline inputs (encoded
+    files, sizes, flips, bucket shape) and queues the host-side targets and (B, 3) colour factors (None
+    without colour jitter), which :meth:`pop` hands back in the same order as the pipeline's outputs.
+
+    DALI calls the source on the thread that runs the pipeline, between iterations; there, reading the
+    files and computing the targets (~0.1 ms an image, 9,688 img/s alone on the H100 machine) ran in
+    series with everything else. A producer thread prepares the next ``ahead`` batches' inputs instead
+    (file reads and torch ops release the GIL), in the plans' order; a failure there is raised from the
+    call that would have returned its batch. :meth:`close` stops it.
+    """
 
     def __init__(
         self,
@@ -105,14 +116,53 @@ class BatchSource:
         policy: ShapePolicy,
         max_size: int,
         colour: bool,
+        ahead: int = 3,
     ) -> None:
         self.dataset, self.plans, self.policy, self.max_size = dataset, plans, policy, max_size
         self.colour = colour
         self.sizes, self.ids = dataset.image_sizes(), dataset.image_ids
         self.pending: collections.deque[tuple[Batch, torch.Tensor | None]] = collections.deque()
+        self._ready: queue.Queue[Any] = queue.Queue(maxsize=ahead)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="dali-batch-source", daemon=True)
+        self._thread.start()
 
     def __call__(self) -> tuple[list[Any], ...]:
-        plans = next(self.plans)  # StopIteration ends the pipeline's epoch
+        item = self._ready.get()
+        if item is _END:
+            self._ready.put(_END)  # every later call ends too (StopIteration ends the pipeline's epoch)
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        inputs, targets = item
+        self.pending.append(targets)
+        return inputs
+
+    def close(self) -> None:
+        """Stop the producer thread (it may be waiting for room in the queue) and wait for it."""
+        self._stop.set()
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self._ready.get_nowait()
+            self._thread.join(timeout=0.05)
+
+    def _produce(self) -> None:
+        try:
+            for plans in self.plans:
+                if not self._put(self._inputs(plans)):
+                    return
+            self._put(_END)
+        except BaseException as exc:  # handed to the pipeline's thread, raised there
+            self._put(exc)
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            with contextlib.suppress(queue.Full):
+                self._ready.put(item, timeout=0.1)
+                return True
+        return False
+
+    def _inputs(self, plans: list[Plan]) -> tuple[tuple[list[Any], ...], tuple[Batch, torch.Tensor | None]]:
         files = [np.fromfile(self.dataset.file_path(p.index), dtype=np.uint8) for p in plans]
         batch, resized = self._targets(plans)
         rx = [np.float32(w) for _, w in resized]
@@ -122,9 +172,8 @@ class BatchSource:
         width = max([w for _, w in resized] + [p.pad_at_least[1] for p in plans])
         shape = self.policy.pad_shape(height, width)
         factors = torch.tensor([p.colour for p in plans], dtype=torch.float32) if self.colour else None
-        self.pending.append((batch, factors))
         shapes = [np.asarray(shape, dtype=np.int32)] * len(plans)
-        return files, rx, ry, flips, shapes
+        return (files, rx, ry, flips, shapes), (batch, factors)
 
     def _targets(self, plans: list[Plan]) -> tuple[Batch, list[tuple[int, int]]]:
         """The Batch of ``plans`` without images, and each image's resized (h, w).
@@ -271,6 +320,7 @@ class DaliTrainLoader:
         return batch
 
     def close(self) -> None:
+        self.source.close()
         self.pipe = None
 
 
@@ -304,9 +354,12 @@ class DaliEvalLoader:
         source = BatchSource(self.dataset, plans, self.policy, self.data.max_size, colour=False)
         largest = max(len(b) for b in self.batches)
         opts = PipelineOptions(largest, _device_id(self.device), max(2, self.data.workers))
-        pipe = build_pipeline(source, opts)
-        for _ in self.batches:
-            yield run_batch(pipe, source, self.device)
+        try:
+            pipe = build_pipeline(source, opts)
+            for _ in self.batches:
+                yield run_batch(pipe, source, self.device)
+        finally:
+            source.close()
 
 
 def build_dali_train_loader(
