@@ -32,7 +32,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], tuple[int, int], dict[str, Any]]] = {
     "base": ({}, (1, 32), {}),  # bench_engine's engine (example batch 32 since the sixth session)
     "example_batch2": ({}, (1, 32), {"example_batch": 2}),  # what export used until the sixth session
     "fused": ({}, (1, 32), {"args": ["--fuse-epilogues"]}),  # cuDNN epilogues (export.fuse)
-    "unmerged": ({}, (1, 32), {"unmerged": True}),  # without model.head.MergedHead (the seventh session's)
+    "merged_head": ({}, (1, 32), {"merged_head": True}),  # model.head.MergedHead: half the head's launches
+    "merged_head_fused": ({}, (1, 32), {"merged_head": True, "args": ["--fuse-epilogues"]}),
     "static32": ({}, (32, 32), {}),
     "static1": ({}, (1, 1), {}),
     "channels_last_input": ({}, (1, 32), {"channels_last_input": True}),
@@ -41,11 +42,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], tuple[int, int], dict[str, Any]]] = {
     "max_autotune": ({}, (1, 32), {"max_autotune": True, "max_autotune_conv_backends": "ATEN,TRITON"}),
     "no_gn_head": ({"head_norm": "none"}, (1, 32), {}),  # the ODTK head, for reference
     "no_gn_head_fused": ({"head_norm": "none"}, (1, 32), {"args": ["--fuse-epilogues"]}),
-    "no_gn_head_fused_unmerged": (
-        {"head_norm": "none"},
-        (1, 32),
-        {"unmerged": True, "args": ["--fuse-epilogues"]},
-    ),
+    "no_gn_head_merged": ({"head_norm": "none"}, (1, 32), {"merged_head": True}),
 }
 
 EXPORT = """
@@ -56,9 +53,14 @@ if extra.pop("channels_last_input", False):
     normalize = RetinaNet.normalize
     RetinaNet.normalize = lambda self, x: normalize(self, x.contiguous(memory_format=torch.channels_last))
 extra.pop("args", None)  # CLI flags, passed by the driver
-if extra.pop("unmerged", False):
+if extra.pop("merged_head", False):
     from retinaflow.export import aoti
-    aoti.MergedHead = lambda head: head
+    from retinaflow.model.head import MergedHead
+    reference = aoti.end_to_end_reference
+    def merged(model, config, spec):
+        model.head = MergedHead(model.head)
+        return reference(model, config, spec)
+    aoti.end_to_end_reference = merged
 example_batch = extra.pop("example_batch", None)
 if example_batch:
     from retinaflow.export import aoti

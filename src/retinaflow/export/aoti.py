@@ -1,8 +1,7 @@
 """AOTInductor engine (.pt2): the whole detector through ``torch.export``, compiled ahead of time.
 
 The package holds :class:`~retinaflow.export.detector.EndToEnd` (uint8 images + sizes in, fixed-size
-detections out) with batch norms folded, the head's two subnets merged (:class:`MergedHead`) and weights in
-the requested precision, compiled for one device
+detections out) with batch norms folded and weights in the requested precision, compiled for one device
 (CPU: C++ via the host compiler; CUDA: Triton kernels, and with ``fuse_epilogues`` channels_last weights
 and the convolutions' bias + ReLU (+ residual) epilogues in cuDNN where that is faster on this GPU,
 :mod:`.fuse`) with
@@ -27,7 +26,6 @@ from retinaflow.export.detector import EndToEnd, end_to_end_reference
 from retinaflow.export.fuse import faster_on, fuse_conv_activations
 from retinaflow.export.metadata import engine_metadata, gpu_identity, sidecar
 from retinaflow.export.spec import EngineSpec, resolve
-from retinaflow.model.head import MergedHead, RetinaNetHead
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +46,6 @@ def export_pt2(
     model, config, state = load_model(checkpoint, dev)
     spec = resolve(output, cfg, config, "pt2")
     prepare_for_inference(model, DTYPES[spec.precision] if spec.precision != "fp32" else None)
-    if isinstance(model.head, RetinaNetHead):  # same outputs, half the head's launches per pyramid level
-        model.head = MergedHead(model.head)
     module = end_to_end_reference(model, config, spec)
     meta = {**engine_metadata(checkpoint, state, spec), "device": dev.type}
     if dev.type == "cuda":  # its kernels run on this architecture only (checked when it is loaded)
