@@ -212,7 +212,7 @@ class ExportConfig:
     convolutions in floating point (``retinaflow.export.quantize.HEAD_LAST_CONVS``).
     ``fuse_epilogues`` (.pt2 on CUDA, experimental): convolution + bias + ReLU (+ residual) as cuDNN's fused
     kernels where they time faster (``retinaflow.export.fuse``): +10-20 % at batch 32 on an H100, but two of
-    five R50 engines with ODTK's head ran 20x slower, not understood yet (docs/PERFORMANCE.md).
+    six R50 engines with ODTK's head ran 20x slower, not understood yet (docs/PERFORMANCE.md).
     """
 
     opset: int = 17

@@ -7,6 +7,7 @@ kernel: one more read and write of every backbone activation. ``aten.cudnn_convo
 800x1344 (``benchmarks/probe_conv_fusion.py``, compiled network): 674 -> 747 img/s at batch 32, 2.62 ->
 2.42 ms at batch 1 (CUDA graph). The ops exist for CUDA only (cuDNN), so only CUDA engines use the pass;
 AOTInductor calls them through its proxy executor (they have no C shim), which the C++ runner has too.
+Opt-in (``retinaflow export --fuse-epilogues``): see :func:`faster_on` for why.
 
 Rewritten, in a functional ATen graph (``ExportedProgram.run_decompositions({})``), where ``conv`` is an
 ``aten.conv2d`` or a non-transposed 2-D ``aten.convolution`` whose output has no other user:
@@ -132,9 +133,11 @@ def faster_on(device: torch.device, batches: tuple[int, ...], iters: int = 20) -
     """``keep`` for :func:`fuse_conv_activations` that times each candidate on ``device`` (CUDA) at each of
     ``batches`` (an engine's smallest and largest batch), channels_last, cuDNN autotuning on: the fused op
     is kept when, at every batch, it takes at most the plain convolution's time plus half the eager
-    epilogue's (inductor's fused epilogue is one pass, eager takes two or three). cuDNN's fused kernels are
-    not fast for every shape: fusing all of ODTK's head (conv + ReLU at every pyramid level) made an R50
-    engine 4x slower at batch 32 on an H100, and timing at batch 32 only left it 2x slower at batch 1."""
+    epilogue's (inductor's fused epilogue is one pass, eager takes two or three). Batch 1 is the noisy
+    end: of an R50's 49 fusions, timing at batch 32 kept 48, at batches 1 and 32 only 27. Timing did not
+    prevent the intermittent 20x slowdowns of fused engines with ODTK's head (docs/PERFORMANCE.md,
+    seventh session), which is why the pass is opt-in (``export.fuse_epilogues``).
+    """
 
     def keep(c: Candidate) -> bool:
         return all(faster_at(c, batch) for batch in batches)

@@ -81,7 +81,7 @@ class MergedHead(nn.Module):
     level, same outputs as the head it was built from (weights copied, not shared). Same forward.
 
     Not in exported engines yet: on an H100 (``benchmarks/tune_engine.py``, R50-FPN fp16) it cut the
-    batch-1 latency by 12 % in one comparison and lost 8-16 % in another (docs/PERFORMANCE.md).
+    batch-1 latency by 12 % in one comparison and added 19 % in another (docs/PERFORMANCE.md).
     """
 
     def __init__(self, head: RetinaNetHead) -> None:
