@@ -255,10 +255,20 @@ def worker(args: argparse.Namespace) -> None:
 
 def _use_ddp_options(text: str) -> None:
     """Make the trainer's ``DistributedDataParallel(...)`` also get these keyword arguments (``k=0|1,...``):
-    a benchmark-side switch, so that DDP settings are compared before one becomes the trainer's."""
-    options = {k: bool(int(v)) for k, v in (item.split("=", 1) for item in text.split(",") if item)}
-    if "optimize_ddp" in options:  # not a DDP argument: dynamo's graph split at DDP's buckets (compile)
-        torch._dynamo.config.optimize_ddp = options.pop("optimize_ddp")
+    a benchmark-side switch, so that DDP settings are compared before one becomes the trainer's.
+
+    Two keys are not DDP arguments: ``optimize_ddp`` (0, 1 or a mode such as ``python_reducer``) is what
+    the trainer sets ``torch._dynamo.config.optimize_ddp`` to for a compiled DDP model, and
+    ``compiled_autograd`` (0|1) sets ``torch._dynamo.config.compiled_autograd`` (the Python reducer needs it).
+    """
+    from retinaflow.engine import train as trainer
+
+    pairs = [item.split("=", 1) for item in text.split(",") if item]
+    options: dict[str, Any] = {k: bool(int(v)) if v in ("0", "1") else v for k, v in pairs}
+    if "optimize_ddp" in options:
+        trainer.COMPILED_DDP_SPLIT = options.pop("optimize_ddp")
+    if "compiled_autograd" in options:
+        torch._dynamo.config.compiled_autograd = options.pop("compiled_autograd")
     base = torch.nn.parallel.DistributedDataParallel
 
     class WithOptions(base):  # type: ignore[misc, valid-type]
@@ -521,8 +531,8 @@ def main() -> None:
         default=[],
         metavar="NAME=KEY=VALUE,...",
         help="also run each N-GPU throughput run with these DistributedDataParallel arguments (booleans "
-        "0/1), e.g. bucket_view=gradient_as_bucket_view=1,static_graph=1 (repeatable); the key optimize_ddp "
-        "sets torch._dynamo.config.optimize_ddp (compiled runs)",
+        "0/1), e.g. bucket_view=gradient_as_bucket_view=1,static_graph=1 (repeatable); the keys optimize_ddp "
+        "(0, 1 or a mode: python_reducer) and compiled_autograd set torch._dynamo.config (compiled runs)",
     )
     d.add_argument("--only-variants", action="store_true", help="N-GPU runs with --ddp-variant options only")
     w = sub.add_parser("worker", help="internal: one torchrun task")

@@ -45,6 +45,12 @@ from retinaflow.model.retinanet import RetinaNet, build_model
 
 log = logging.getLogger(__name__)
 
+# torch._dynamo.config.optimize_ddp when the trainer compiles a DDP model. True: dynamo's DDPOptimizer
+# splits the graph at DDP's buckets so that their all-reduces can start during the backward. On 2 H100s
+# one unsplit graph scaled better: 1.65x against 1.48x (bench_ddp.py, same call; docs/PERFORMANCE.md).
+# bench_ddp.py's --ddp-variant NAME=optimize_ddp=... sets it to compare the modes.
+COMPILED_DDP_SPLIT: Any = False  # a bool or one of dynamo's mode names
+
 _NONE = torch.iinfo(torch.int64).max  # "no non-finite loss yet" in the device-side first-bad-iteration flag
 
 
@@ -165,11 +171,9 @@ class _Trainer:
             )
         if cfg.train.compile:
             if info.distributed:
-                # dynamo's DDPOptimizer splits the graph at DDP's buckets so that their all-reduces can
-                # start during the backward; on 2 H100s one unsplit graph scaled better: 1.65x against
-                # 1.48x (bench_ddp.py --ddp-variant nosplit=optimize_ddp=0, same call; docs/PERFORMANCE.md).
-                torch._dynamo.config.optimize_ddp = False
-                log.info("compile: one graph for the DDP model (dynamo's bucket split off)")
+                torch._dynamo.config.optimize_ddp = COMPILED_DDP_SPLIT
+                if not COMPILED_DDP_SPLIT:
+                    log.info("compile: one graph for the DDP model (dynamo's bucket split off)")
             self.ddp = torch.compile(self.ddp, backend=cfg.train.compile)  # type: ignore[assignment]
             if cfg.train.compile_cache:
                 compile_cache.load(cfg.train.compile_cache)
