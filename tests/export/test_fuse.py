@@ -47,12 +47,13 @@ class Network(nn.Module):
 @pytest.mark.parametrize(
     ("backbone", "head_norm", "expected"),
     [
-        # stem + one per BasicBlock / Bottleneck; each block's last convolution takes the residual. P7's
-        # input ReLU reads P6, which the head reads too: not fused. The GroupNorm head's ReLUs follow norms.
-        ("resnet18", "gn", Fused(conv_relu=1 + 8, conv_add_relu=8)),
-        ("resnet50", "gn", Fused(conv_relu=1 + 2 * 16, conv_add_relu=16)),
+        # one per BasicBlock / Bottleneck (not the 7x7 stem); each block's last convolution takes the
+        # residual. P7's input ReLU reads P6, which the head reads too: not fused. The GroupNorm head's
+        # ReLUs follow norms.
+        ("resnet18", "gn", Fused(conv_relu=8, conv_add_relu=8)),
+        ("resnet50", "gn", Fused(conv_relu=2 * 16, conv_add_relu=16)),
         # ODTK's head: conv + ReLU four times per subnet, once per pyramid level (5 levels, 2 subnets)
-        ("resnet18", "none", Fused(conv_relu=1 + 8 + 5 * 2 * 4, conv_add_relu=8)),
+        ("resnet18", "none", Fused(conv_relu=8 + 5 * 2 * 4, conv_add_relu=8)),
     ],
 )
 def test_fused_program_equals_the_original(cpu_reference_kernels, backbone, head_norm, expected):

@@ -226,11 +226,17 @@ def _conv_args(node: fx.Node) -> tuple[fx.node.Argument, ...] | None:
 
 
 def _fusable_conv(node: object) -> bool:
-    """A 2-D, non-transposed convolution node read by one node only."""
+    """A 2-D, non-transposed convolution node with a kernel of at most 3x3, read by one node only.
+
+    Larger kernels stay out: ``cudnn_convolution_relu`` is known to run 17x slower on 7x7 channels_last
+    convolutions (pytorch/pytorch#68506, open), the shape of ResNet's stem."""
     if not isinstance(node, fx.Node) or node.op != "call_function" or not _single_user(node):
         return False
-    val = node.meta.get("val")
-    return isinstance(val, torch.Tensor) and val.dim() == 4 and _conv_args(node) is not None
+    val, args = node.meta.get("val"), _conv_args(node)
+    if not isinstance(val, torch.Tensor) or val.dim() != 4 or args is None:
+        return False
+    weight = args[1].meta.get("val") if isinstance(args[1], fx.Node) else None
+    return isinstance(weight, torch.Tensor) and max(weight.shape[2:]) <= 3
 
 
 def _conv_plus_residual(node: object) -> tuple[fx.Node, fx.Node] | None:
