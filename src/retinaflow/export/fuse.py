@@ -76,10 +76,11 @@ class Fused:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One convolution the pass could fuse, with the sizes its tensors have at ``batch`` images.
+    """One convolution the pass could fuse (what ``keep`` decides on).
 
-    ``shapes``: input, weight and output shapes (B, C, H, W) with the batch dimension as in the program
-    (an int, or None where it is dynamic); the other fields are the convolution's arguments.
+    ``input``, ``weight``, ``output``: shapes, (B, C, H, W) and (O, C/groups, kH, kW), with the batch
+    dimension as in the program (an int, or None where it is dynamic); ``bias``: whether it has one;
+    ``residual``: whether the fused op would add a residual; the rest are the convolution's arguments.
     """
 
     input: tuple[int | None, ...]
