@@ -38,3 +38,14 @@ def test_a_fresh_process_reuses_the_compile_artifacts(synth_small, tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "artifacts loaded from" in second.stderr, second.stderr[-3000:]
     assert "written to" not in second.stderr, second.stderr[-3000:]  # nothing compiled anew
+
+
+def test_an_unreadable_cache_file_costs_a_compile_not_the_run(tmp_path, caplog):
+    from retinaflow.engine import compile_cache
+
+    bad = tmp_path / "compile.bin"
+    bad.write_bytes(b"not a cache")
+    with caplog.at_level("WARNING", logger="retinaflow.engine.compile_cache"):
+        assert compile_cache.load(bad) == 0
+    assert f"cannot read {bad}" in caplog.text and "compiling without it" in caplog.text
+    assert compile_cache.load(tmp_path / "absent.bin") == 0

@@ -27,12 +27,24 @@ def compiled_graphs() -> int:
 
 
 def load(path: str | Path) -> int:
-    """Fill the in-process compile caches from ``path``; returns how many artifacts it held (0: no file)."""
+    """Fill the in-process compile caches from ``path``; returns how many artifacts it held (0: no file, or
+    one that cannot be read: then a warning, and the run compiles as without it)."""
     path = Path(path)
     if not path.is_file():
         log.info("compile cache: %s does not exist yet; it is written after the first compile", path)
         return 0
-    info = torch.compiler.load_cache_artifacts(path.read_bytes())
+    torch_log = logging.getLogger("torch.compiler._cache")  # logs a traceback for a file it cannot read
+    level = torch_log.level
+    torch_log.setLevel(logging.ERROR)
+    try:
+        info = torch.compiler.load_cache_artifacts(path.read_bytes())
+    except Exception:  # a torn or foreign file costs a compile, never the run
+        info = None
+    finally:
+        torch_log.setLevel(level)
+    if info is None:
+        log.warning("compile cache: cannot read %s; compiling without it", path)
+        return 0
     count = sum(len(v) for v in info.artifacts.values()) if info is not None else 0
     log.info("compile cache: %d artifacts loaded from %s", count, path)
     return count
