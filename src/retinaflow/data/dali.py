@@ -180,7 +180,7 @@ class BatchSource:
 
         The torch path's per-sample box transforms (clip to the original, scale, clip to the resized
         image, flip), applied to the whole batch's boxes at once: the same float32 arithmetic in a few
-        ops per batch instead of a dozen per image (this runs on the training process's thread)."""
+        ops per batch instead of a dozen per image (on the producer thread, in the training process)."""
         sizes = self.sizes[[p.index for p in plans]]  # (B, 2) original (h, w)
         scales = [
             resize_scale(int(h), int(w), p.shorter, self.max_size)
