@@ -7,7 +7,10 @@ fresh process and timed as ``bench_engine.py`` times it (batch 1 latency with an
 batch 32 throughput), with cuDNN autotuning on (the engine's input size is fixed). ``--profile`` adds the
 GPU time per kernel class (convolutions, Triton, retinaflow ops, other) of one batch-32 call.
 
-    python benchmarks/tune_engine.py [--variants base,static32,...] [--out DIR] [--export-timeout 400]
+    python benchmarks/tune_engine.py [--variants base,base#2,static32,...] [--repeat N] [--out DIR]
+
+``NAME#K`` exports variant NAME once more (its own engine); ``--repeat N`` measures each engine in N fresh
+processes (what varies between exports, and what between processes loading one engine).
 
 Prints one JSON line per variant.
 """
@@ -29,19 +32,19 @@ HEIGHT, WIDTH = 800, 1344
 
 # name: (model overrides, batch range, export-process patches: inductor options and "channels_last_input")
 VARIANTS: dict[str, tuple[dict[str, Any], tuple[int, int], dict[str, Any]]] = {
-    "base": ({}, (1, 32), {}),  # bench_engine's engine (example batch 32 since the sixth session)
+    "base": ({}, (1, 32), {}),  # bench_engine's engine: the default export (backbone epilogues in cuDNN)
+    "unfused": ({}, (1, 32), {"args": ["--no-fuse-epilogues"]}),  # the default until the eighth session
     "example_batch2": ({}, (1, 32), {"example_batch": 2}),  # what export used until the sixth session
-    "fused": ({}, (1, 32), {"args": ["--fuse-epilogues"]}),  # cuDNN epilogues (export.fuse)
     "merged_head": ({}, (1, 32), {"merged_head": True}),  # model.head.MergedHead: half the head's launches
-    "merged_head_fused": ({}, (1, 32), {"merged_head": True, "args": ["--fuse-epilogues"]}),
     "static32": ({}, (32, 32), {}),
     "static1": ({}, (1, 1), {}),
     "channels_last_input": ({}, (1, 32), {"channels_last_input": True}),
     "freezing": ({}, (1, 32), {"freezing": True}),
     "coordinate_descent": ({}, (1, 32), {"coordinate_descent_tuning": True}),
     "max_autotune": ({}, (1, 32), {"max_autotune": True, "max_autotune_conv_backends": "ATEN,TRITON"}),
-    "no_gn_head": ({"head_norm": "none"}, (1, 32), {}),  # the ODTK head, for reference
-    "no_gn_head_fused": ({"head_norm": "none"}, (1, 32), {"args": ["--fuse-epilogues"]}),
+    "no_gn_head": ({"head_norm": "none"}, (1, 32), {}),  # the ODTK head
+    "no_gn_head_unfused": ({"head_norm": "none"}, (1, 32), {"args": ["--no-fuse-epilogues"]}),
+    "no_gn_head_fused_head": ({"head_norm": "none"}, (1, 32), {"fuse_head": True}),  # its head's too
     "no_gn_head_merged": ({"head_norm": "none"}, (1, 32), {"merged_head": True}),
 }
 
@@ -53,6 +56,9 @@ if extra.pop("channels_last_input", False):
     normalize = RetinaNet.normalize
     RetinaNet.normalize = lambda self, x: normalize(self, x.contiguous(memory_format=torch.channels_last))
 extra.pop("args", None)  # CLI flags, passed by the driver
+if extra.pop("fuse_head", False):  # the head's convolutions too (export.fuse.outside_head off)
+    from retinaflow.export import aoti
+    aoti.outside_head = lambda candidate: True
 if extra.pop("merged_head", False):
     from retinaflow.export import aoti
     from retinaflow.model.head import MergedHead
@@ -106,11 +112,16 @@ def _run(cmd: list[str], log: Path, timeout: float) -> tuple[int, float, str]:
     return rc, round(time.perf_counter() - t0, 1), text
 
 
+def _variant(name: str) -> tuple[dict[str, Any], tuple[int, int], dict[str, Any]]:
+    """``VARIANTS`` entry of ``name``, or of ``base`` for ``base#2`` (another export of the same variant)."""
+    return VARIANTS[name.partition("#")[0]]
+
+
 def export(name: str, out: Path, timeout: float) -> dict[str, Any]:
-    overrides, (lo, hi), patches = VARIANTS[name]
-    folder = out / name
+    overrides, (lo, hi), patches = _variant(name)
+    folder = out / name.replace("#", "_")
     folder.mkdir(parents=True, exist_ok=True)
-    engine = folder / f"{name}.pt2"
+    engine = folder / "engine.pt2"
     cmd = [sys.executable, "-c", EXPORT, json.dumps(patches), "export", str(checkpoint(folder, overrides))]
     cmd += [str(engine), "--device", "cuda", "--precision", "fp16", "--batch", str(lo), str(hi)]
     cmd += ["--size", str(HEIGHT), str(WIDTH), *patches.get("args", [])]
@@ -121,11 +132,12 @@ def export(name: str, out: Path, timeout: float) -> dict[str, Any]:
     return result
 
 
-def measure(name: str, out: Path, iters: int, profile: bool) -> dict[str, Any]:
-    _, (lo, hi), _ = VARIANTS[name]
-    engine = out / name / f"{name}.pt2"
-    cmd = [sys.executable, "-c", MEASURE, str(engine), str(lo), str(hi), str(iters), "1" if profile else "0"]
-    rc, secs, text = _run(cmd, out / name / "measure.log", 240)
+def measure(name: str, out: Path, iters: int, profile: bool, run: int = 0) -> dict[str, Any]:
+    _, (lo, hi), _ = _variant(name)
+    folder = out / name.replace("#", "_")
+    cmd = [sys.executable, "-c", MEASURE, str(folder / "engine.pt2"), str(lo), str(hi), str(iters)]
+    cmd.append("1" if profile else "0")
+    rc, secs, text = _run(cmd, folder / f"measure{run}.log", 240)
     lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
     if rc != 0 or not lines:
         return {"measure_rc": rc, "measure_tail": [line[-240:] for line in text.strip().splitlines()[-5:]]}
@@ -139,18 +151,22 @@ def main() -> None:
     ap.add_argument("--profile", default="base", help="variants to profile (batches 1, 32)")
     ap.add_argument("--export-timeout", type=float, default=400)
     ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--repeat", type=int, default=1, help="fresh processes measuring each engine")
     args = ap.parse_args()
     names = args.variants.split(",")
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = [n for n in names if n.partition("#")[0] not in VARIANTS]
     if unknown:
         sys.exit(f"tune_engine: unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(len(names)) as pool:  # the compiles are mostly single-threaded: all at once
         exported = list(pool.map(lambda n: export(n, out, args.export_timeout), names))
+    profiled = args.profile.split(",")
     for result in exported:
-        if result["export_rc"] == 0:
-            result.update(measure(result["variant"], out, args.iters, result["variant"] in args.profile))
+        name = result["variant"]
+        for run in range(args.repeat if result["export_rc"] == 0 else 0):
+            timed = measure(name, out, args.iters, name.partition("#")[0] in profiled, run)
+            result.update(timed if run == 0 else {f"run{run}": timed})
         print(json.dumps(result), flush=True)
 
 

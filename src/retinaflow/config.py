@@ -210,9 +210,9 @@ class ExportConfig:
     ``calibration_images`` images drawn (seeded) from ``calibration_data`` (images folder, COCO JSON; None:
     the checkpoint's ``data.images`` / ``data.annotations``); ``int8_keep_head`` leaves the head's last
     convolutions in floating point (``retinaflow.export.quantize.HEAD_LAST_CONVS``).
-    ``fuse_epilogues`` (.pt2 on CUDA, experimental): convolution + bias + ReLU (+ residual) as cuDNN's fused
-    kernels where they time faster (``retinaflow.export.fuse``): +10-20 % at batch 32 on an H100, but two of
-    six R50 engines with ODTK's head ran 20x slower, not understood yet (docs/PERFORMANCE.md).
+    ``fuse_epilogues`` (.pt2 on CUDA): the backbone's and FPN's convolution + bias + ReLU (+ residual) as
+    cuDNN's fused kernels where they time faster (``retinaflow.export.fuse``; the head's stay with inductor):
+    +10-20 % at batch 32 on an H100 (docs/PERFORMANCE.md).
     """
 
     opset: int = 17
@@ -230,7 +230,7 @@ class ExportConfig:
     calibration_images: int = 512
     calibration_data: tuple[str, str] | None = None
     int8_keep_head: bool = False
-    fuse_epilogues: bool = False
+    fuse_epilogues: bool = True
 
     def __post_init__(self) -> None:
         pair = self.calibration_data is None or len(self.calibration_data) == 2

@@ -109,7 +109,11 @@ INFER_FLAGS = _table(
 EXPORT_FLAGS = _table(
     ("export.precision", "network precision (default fp32; int8: .onnx and .plan)", {"choices": PRECISIONS}),
     ("export.opset", "ONNX opset (>= 17)"),
-    ("export.fuse_epilogues", ".pt2 on CUDA: conv + bias + ReLU in cuDNN's fused kernels (experimental)"),
+    (
+        "export.fuse_epilogues",
+        ".pt2 on CUDA: the backbone's conv + bias + ReLU in cuDNN's fused kernels (default on)",
+        {"action": argparse.BooleanOptionalAction},
+    ),
     "int8 (ModelOpt post-training quantization)",
     ("export.calibration_images", "images to calibrate on (default 512)", {"metavar": "N"}),
     (

@@ -169,3 +169,33 @@ def test_pt2_on_cuda_fp16_matches_eager(tiny_checkpoint, tmp_path):
     for name in ("counts", "boxes", "scores", "classes"):
         torch.testing.assert_close(getattr(first, name), getattr(got, name))
     torch.testing.assert_close(again.counts, got.counts.flip(0))
+
+
+@pytest.mark.gpu
+def test_cuda_pt2_with_the_dali_loader_matches_the_checkpoint(tiny_checkpoint, synth_small, tmp_path):
+    """``infer ENGINE.pt2 --loader dali`` on a GPU: DALI's GPU-decoded channels_last batches feed the CUDA
+    engine, which finds what the checkpoint finds on the same loader (fp32 both; kernels differ, so scores
+    within 2e-3 and nearly the same detections per image)."""
+    pytest.importorskip("nvidia.dali")
+    path, _ = tiny_checkpoint
+    engine = export_pt2(path, tmp_path / "cuda.pt2", ExportConfig(min_batch=1, max_batch=4), device="cuda")
+    images, ann = synth_small.val_images, synth_small.val_annotations
+    common = ["--images", str(images), "--annotations", str(ann), "--batch", "4", "--loader", "dali"]
+    common += ["--device", "cuda", "--precision", "fp32"]
+    assert main(["infer", str(path), *common, "--output", str(tmp_path / "torch.json")]) == 0
+    assert main(["infer", str(engine), *common, "--output", str(tmp_path / "pt2.json")]) == 0
+
+    def by_image(file: Path) -> dict[int, list[tuple[int, float]]]:
+        found: dict[int, list[tuple[int, float]]] = {}
+        for d in json.loads(file.read_text()):
+            found.setdefault(d["image_id"], []).append((d["category_id"], d["score"]))
+        return {k: sorted(v, key=lambda d: -d[1]) for k, v in found.items()}
+
+    expected, got = by_image(tmp_path / "torch.json"), by_image(tmp_path / "pt2.json")
+    assert expected and set(got) == set(expected)
+    for image, want in expected.items():
+        have = got[image]
+        assert abs(len(have) - len(want)) <= 2, image
+        top = min(10, len(want), len(have))
+        assert sum(h[0] == w[0] for h, w in zip(have[:top], want[:top], strict=True)) >= 0.9 * top
+        assert all(abs(h[1] - w[1]) <= 2e-3 for h, w in zip(have[:top], want[:top], strict=True))
