@@ -9,7 +9,8 @@ Timed (median ms, triton.testing.do_bench, which flushes L2 between runs):
   - retinaflow postprocess (decode + NMS kernels), eager and as a replayed CUDA graph, fp32 and fp16
     heads, and decode / NMS alone;
   - torchvision RetinaNet.postprocess_detections on the same (flattened) tensors, fp32;
-  - NMS alone on 5,000 candidate boxes: retinaflow nms vs torchvision.ops.batched_nms.
+  - NMS alone on 5,000 candidate boxes: retinaflow nms vs torchvision.ops.batched_nms;
+  - decode with more candidates in a level than its buffer holds (``overflow``).
 
     python benchmarks/bench_postprocess.py [--batches 1 8]
 """
@@ -128,6 +129,38 @@ def run_batch(batch: int, tv: torchvision.models.detection.RetinaNet, anchors: l
 
 
 @torch.no_grad()
+def overflow(batch: int, anchors: list[torch.Tensor]) -> dict:
+    """Decode when a level has more candidates than its buffer (32,768): an untrained model, or a low
+    threshold. Logit means 2 below / 4 above logit(0.05) put ~2 % / ~100 % of the pairs above it. Peers:
+    a buffer that holds every pair (no overflow), and the exact single-block path every overflowing level
+    took before the eighth session (still taken when top_n exceeds the buffer: capacity top_n - 1)."""
+    sizes = torch.tensor([[800, 1333]] * batch, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(batch)
+    res: dict[str, object] = {}
+    for shift in (-2.0, 4.0):
+        mean = math.log(CFG.score_thresh / (1 - CFG.score_thresh)) + shift
+        cls = [(torch.randn(batch, A * C, h, w, device="cuda", generator=g) + mean).half() for h, w in LEVELS]
+        box = [(torch.randn(batch, A * 4, h, w, device="cuda", generator=g) * 0.5).half() for h, w in LEVELS]
+        res[f"logit_shift_{shift:+g}"] = _overflow_case(cls, box, anchors, sizes)
+    return res
+
+
+def _overflow_case(cls: list, box: list, anchors: list, sizes: torch.Tensor) -> dict:
+    def run(capacity: int) -> tuple[torch.Tensor, ...]:
+        return torch.ops.retinaflow.decode(cls, box, anchors, sizes, CFG.score_thresh, CFG.top_n, capacity)
+
+    every, single = A * C * LEVELS[0][0] * LEVELS[0][1], CFG.top_n - 1
+    classes = [run(cap)[2] for cap in (0, every, single)]
+    return {
+        "p3_candidates_per_image": int((cls[0].float() > math.log(0.05 / 0.95)).sum()) // len(sizes),
+        "refined_ms": bench(lambda: run(0)),
+        "buffer_holds_all_ms": bench(lambda: run(every)),
+        "single_block_ms": bench(lambda: run(single)),
+        "same_candidates": all(torch.equal(classes[0], c) for c in classes[1:]),
+    }
+
+
+@torch.no_grad()
 def nms_only(num_boxes: int = 5000) -> dict:
     g = torch.Generator(device="cuda").manual_seed(0)
     xy = torch.rand(num_boxes, 2, device="cuda", generator=g) * 1200
@@ -187,6 +220,8 @@ def main() -> None:
         out[f"batch{b}"] = {
             k: round(v, 4) if isinstance(v, float) else v for k, v in run_batch(b, tv, anchors).items()
         }
+    for b in args.batches:
+        out[f"overflow_batch{b}"] = overflow(b, anchors)
     out["nms_only"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in nms_only().items()}
     emit("postprocess", out)
 

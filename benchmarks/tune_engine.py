@@ -32,7 +32,7 @@ HEIGHT, WIDTH = 800, 1344
 
 # name: (model overrides, batch range, export-process patches: inductor options and "channels_last_input")
 VARIANTS: dict[str, tuple[dict[str, Any], tuple[int, int], dict[str, Any]]] = {
-    "base": ({}, (1, 32), {}),  # bench_engine's engine: the default export (backbone epilogues in cuDNN)
+    "base": ({}, (1, 32), {}),  # bench_engine's engine: the default export (epilogues in cuDNN)
     "unfused": ({}, (1, 32), {"args": ["--no-fuse-epilogues"]}),  # the default until the eighth session
     "example_batch2": ({}, (1, 32), {"example_batch": 2}),  # what export used until the sixth session
     "merged_head": ({}, (1, 32), {"merged_head": True}),  # model.head.MergedHead: half the head's launches
@@ -44,7 +44,6 @@ VARIANTS: dict[str, tuple[dict[str, Any], tuple[int, int], dict[str, Any]]] = {
     "max_autotune": ({}, (1, 32), {"max_autotune": True, "max_autotune_conv_backends": "ATEN,TRITON"}),
     "no_gn_head": ({"head_norm": "none"}, (1, 32), {}),  # the ODTK head
     "no_gn_head_unfused": ({"head_norm": "none"}, (1, 32), {"args": ["--no-fuse-epilogues"]}),
-    "no_gn_head_fused_head": ({"head_norm": "none"}, (1, 32), {"fuse_head": True}),  # its head's too
     "no_gn_head_merged": ({"head_norm": "none"}, (1, 32), {"merged_head": True}),
 }
 
@@ -56,9 +55,6 @@ if extra.pop("channels_last_input", False):
     normalize = RetinaNet.normalize
     RetinaNet.normalize = lambda self, x: normalize(self, x.contiguous(memory_format=torch.channels_last))
 extra.pop("args", None)  # CLI flags, passed by the driver
-if extra.pop("fuse_head", False):  # the head's convolutions too (export.fuse.outside_head off)
-    from retinaflow.export import aoti
-    aoti.outside_head = lambda candidate: True
 if extra.pop("merged_head", False):
     from retinaflow.export import aoti
     from retinaflow.model.head import MergedHead

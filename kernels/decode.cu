@@ -13,6 +13,12 @@ constexpr uint32_t kFilterTile = kFilterThreads * kFilterItems;
 constexpr int kSelectThreads = 1024;
 constexpr int kStage = 8192;  // candidates copied to shared memory for the select passes (64 KB)
 constexpr int kDefaultCapacity = 32768;
+// Overflow refinement (a level with more candidates than the buffer holds): three histogram passes over
+// the key's bits 31-21, 20-10 and 9-0 find the exact key of the top_n-th candidate with the whole GPU.
+constexpr int kRefineThreads = 1024;
+constexpr uint32_t kRefineTile = kRefineThreads * 16;
+constexpr int kRefineBins = 2048;
+constexpr int kRefineMaxBlocks = 264;  // 2 per SM of an H100: enough to stream a level per pass
 constexpr float kClip = 4.135166556742356f;  // log(1000 / 16)
 
 struct Level {
@@ -24,6 +30,8 @@ struct Level {
   uint32_t n;           // H * W * A * C pairs per image
   uint32_t blocks;      // filter blocks per image
   uint32_t first_block; // first filter block of this level
+  uint32_t rtiles;      // refinement tiles per image
+  uint32_t first_rtile; // first refinement tile of this level
   int channels_last;    // iterate channel-fastest (stride of channels is 1)
   int dense;            // strides equal the iteration order: element e is at offset e
   int vec;              // dense, 16-byte aligned rows, n a multiple of the vector: 16-byte loads
@@ -40,6 +48,11 @@ struct Args {
   int top_n;
   int sel_slots;  // power of two >= top_n
   uint32_t cap;
+  uint32_t rtiles;       // refinement tiles of all levels and images
+  uint32_t* overflow;    // set when a (level, image) has more candidates than cap
+  uint32_t* tickets;     // per refinement pass: blocks done (the last one picks the digits)
+  uint32_t* state;       // per (level, image): key prefix, still to take, refined candidates
+  uint32_t* hist;        // per pass and (level, image): kRefineBins counts
   float* scores;
   float* boxes;
   void* classes;
@@ -163,7 +176,10 @@ __global__ __launch_bounds__(kFilterThreads) void filter_kernel(const __grid_con
   const int total = __shfl_sync(kFullMask, incl, 31);
   const int s = l * a.B + b;
   uint32_t pos = 0;
-  if (lane == 31) pos = atomicAdd(&counts[s], static_cast<uint32_t>(total));
+  if (lane == 31) {
+    pos = atomicAdd(&counts[s], static_cast<uint32_t>(total));
+    if (pos + static_cast<uint32_t>(total) > a.cap) *a.overflow = 1;
+  }
   pos = __shfl_sync(kFullMask, pos, 31) + static_cast<uint32_t>(incl - cnt);
   uint64_t* out = cand + static_cast<size_t>(s) * a.cap;
 #pragma unroll
@@ -211,6 +227,129 @@ __device__ __forceinline__ int pow2_at_least(uint32_t v) {
   return v <= 1 ? 1 : 1 << (32 - __clz(static_cast<int>(v - 1)));
 }
 
+// A (level, image) the refinement resolves: more candidates than the buffer holds, top_n of them fit.
+__device__ __forceinline__ bool refinable(const Args& a, const uint32_t* counts, int s) {
+  return counts[s] > a.cap && static_cast<uint32_t>(a.top_n) <= a.cap;
+}
+
+// Refinement tile t -> level, image and first element; false past the last tile.
+__device__ __forceinline__ bool refine_tile(const Args& a, uint32_t t, int& l, int& b, uint32_t& start) {
+  if (t >= a.rtiles) return false;
+  l = 0;
+  for (int i = 1; i < a.L; ++i)
+    if (t >= a.lv[i].first_rtile) l = i;
+  const uint32_t rel = t - a.lv[l].first_rtile;
+  b = rel / a.lv[l].rtiles;
+  start = (rel % a.lv[l].rtiles) * kRefineTile;
+  return true;
+}
+
+// Lowest key bit that refinement pass p (0, 1, 2) decides.
+__device__ __forceinline__ int refine_shift(int p) { return p == 0 ? 21 : (p == 1 ? 10 : 0); }
+
+// Pass p of the overflow refinement: histogram of key bits kShift[p].. of the candidates whose higher bits
+// equal the prefix found so far; the last block to finish picks the digit holding the k-th key.
+template <typename T>
+__global__ __launch_bounds__(kRefineThreads) void refine_kernel(const __grid_constant__ Args a,
+                                                                const uint32_t* __restrict__ counts, int p) {
+  if (*a.overflow == 0) return;  // the usual case: one flag read per block
+  __shared__ uint32_t hist[kRefineBins];
+  __shared__ bool s_last;
+  const int segments = a.L * a.B;
+  const uint32_t mask = p == 0 ? 0u : ~((1u << refine_shift(p - 1)) - 1u);  // the bits decided so far
+  const int shift = refine_shift(p);
+  for (uint32_t t = blockIdx.x;; t += gridDim.x) {
+    int l, b;
+    uint32_t start;
+    if (!refine_tile(a, t, l, b, start)) break;
+    const int s = l * a.B + b;
+    if (!refinable(a, counts, s)) continue;
+    const uint32_t prefix = a.state[3 * s];
+    for (int i = threadIdx.x; i < kRefineBins; i += blockDim.x) hist[i] = 0;
+    __syncthreads();
+    const Level& lv = a.lv[l];
+    const uint32_t end = min(start + kRefineTile, lv.n);
+    for (uint32_t e = start + threadIdx.x; e < end; e += blockDim.x) {
+      uint64_t c;
+      if (!raw_candidate<T>(a, lv, b, e, c)) continue;
+      const uint32_t key = static_cast<uint32_t>(c >> 32);
+      if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & (kRefineBins - 1)], 1u);
+    }
+    __syncthreads();
+    uint32_t* out = a.hist + (static_cast<size_t>(p) * segments + s) * kRefineBins;
+    for (int i = threadIdx.x; i < kRefineBins; i += blockDim.x)
+      if (hist[i] != 0) atomicAdd(&out[i], hist[i]);
+    __syncthreads();
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) s_last = atomicAdd(&a.tickets[p], 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  // Last block: for each refinable (level, image), the digit d with (above d) < k <= (d and above).
+  constexpr int kPerLane = kRefineBins / 32;
+  for (int s = 0; s < segments; ++s) {
+    if (!refinable(a, counts, s)) continue;
+    const volatile uint32_t* h = a.hist + (static_cast<size_t>(p) * segments + s) * kRefineBins;
+    for (int i = threadIdx.x; i < kRefineBins; i += blockDim.x) hist[i] = h[i];
+    __syncthreads();
+    if (threadIdx.x < 32) {  // lane L owns digits 2047 - 64L down to 1984 - 64L
+      const int lane = threadIdx.x;
+      uint32_t* st = a.state + 3 * s;
+      const uint32_t k = p == 0 ? static_cast<uint32_t>(a.top_n) : st[1];
+      uint32_t local = 0;
+      for (int q = 0; q < kPerLane; ++q) local += hist[kRefineBins - 1 - kPerLane * lane - q];
+      uint32_t incl = local;
+      for (int o = 1; o < 32; o <<= 1) {
+        const uint32_t v = __shfl_up_sync(kFullMask, incl, o);
+        if (lane >= o) incl += v;
+      }
+      const unsigned hit = __ballot_sync(kFullMask, incl >= k);
+      if (lane == __ffs(hit) - 1) {
+        uint32_t acc = incl - local;
+        for (int q = 0; q < kPerLane; ++q) {
+          const int d = kRefineBins - 1 - kPerLane * lane - q;
+          if (acc + hist[d] >= k) {
+            st[0] |= static_cast<uint32_t>(d) << shift;
+            st[1] = k - acc;
+            break;
+          }
+          acc += hist[d];
+        }
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// After the last pass the prefix is the exact key of the top_n-th candidate: every candidate with a key at
+// least that goes to the buffer (state[3s + 2] counts them; the select pass uses them if they fit).
+template <typename T>
+__global__ __launch_bounds__(kRefineThreads) void gather_kernel(const __grid_constant__ Args a,
+                                                                const uint32_t* __restrict__ counts,
+                                                                uint64_t* __restrict__ cand) {
+  if (*a.overflow == 0) return;
+  for (uint32_t t = blockIdx.x;; t += gridDim.x) {
+    int l, b;
+    uint32_t start;
+    if (!refine_tile(a, t, l, b, start)) break;
+    const int s = l * a.B + b;
+    if (!refinable(a, counts, s)) continue;
+    const uint32_t kth = a.state[3 * s];
+    const Level& lv = a.lv[l];
+    const uint32_t end = min(start + kRefineTile, lv.n);
+    uint64_t* out = cand + static_cast<size_t>(s) * a.cap;
+    for (uint32_t base = start; base < end; base += blockDim.x) {  // whole warps: warp_reserve
+      const uint32_t e = base + threadIdx.x;
+      uint64_t c = 0;
+      const bool m = e < end && raw_candidate<T>(a, lv, b, e, c) && static_cast<uint32_t>(c >> 32) >= kth;
+      const uint32_t pos = warp_reserve(kFullMask, m, &a.state[3 * s + 2]);
+      if (m && pos < a.cap) out[pos] = c;
+    }
+  }
+}
+
 // One block per (level, image): exact top_n by radix select on the unique keys, bitonic sort, output.
 template <typename T>
 __global__ __launch_bounds__(kSelectThreads) void select_kernel(const __grid_constant__ Args a,
@@ -227,14 +366,18 @@ __global__ __launch_bounds__(kSelectThreads) void select_kernel(const __grid_con
   const int l = s / a.B, b = s % a.B;
   const Level& lv = a.lv[l];
   const uint32_t n = counts[s];
-  const bool fast = n <= a.cap;
-  const uint32_t M = fast ? n : lv.n;
+  // In the buffer: every candidate, or (refined overflow) those at or above the top_n-th key when they fit.
+  const bool refine = refinable(a, counts, s);
+  const uint32_t refined = refine ? a.state[3 * s + 2] : 0;
+  const uint32_t held = n <= a.cap ? n : refined;
+  const bool fast = n <= a.cap || (refine && refined <= a.cap);
+  const uint32_t M = fast ? held : lv.n;
   const uint32_t need = min(n, static_cast<uint32_t>(a.top_n));
   const uint64_t* buf = cand + static_cast<size_t>(s) * a.cap;
-  const bool staged = fast && n <= static_cast<uint32_t>(kStage);
+  const bool staged = fast && held <= static_cast<uint32_t>(kStage);
   if (staged) {  // every pass below reads the candidates again: keep them on chip
 #pragma unroll 4
-    for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) stage[i] = buf[i];
+    for (uint32_t i = threadIdx.x; i < held; i += blockDim.x) stage[i] = buf[i];
     __syncthreads();
   }
   const uint64_t* src = staged ? stage : buf;
@@ -247,7 +390,7 @@ __global__ __launch_bounds__(kSelectThreads) void select_kernel(const __grid_con
   };
 
   uint64_t prefix = 0, pmask = 0;  // selected: (key & pmask) >= prefix
-  if (n > static_cast<uint32_t>(a.top_n)) {
+  if ((fast ? held : n) > static_cast<uint32_t>(a.top_n)) {
     uint32_t k = need;  // still to take from keys matching prefix
     for (int shift = 56; shift >= 0; shift -= 8) {
       for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
@@ -330,6 +473,9 @@ __global__ __launch_bounds__(kSelectThreads) void select_kernel(const __grid_con
 template <typename T>
 int64_t launch(const Args& args, int filter_blocks, uint32_t* counts, uint64_t* cand, cudaStream_t stream) {
   filter_kernel<T><<<filter_blocks, kFilterThreads, 0, stream>>>(args, counts, cand);
+  const int refine_blocks = args.rtiles < kRefineMaxBlocks ? static_cast<int>(args.rtiles) : kRefineMaxBlocks;
+  for (int p = 0; p < 3; ++p) refine_kernel<T><<<refine_blocks, kRefineThreads, 0, stream>>>(args, counts, p);
+  gather_kernel<T><<<refine_blocks, kRefineThreads, 0, stream>>>(args, counts, cand);
   const size_t smem = (static_cast<size_t>(args.sel_slots) + kStage) * sizeof(uint64_t);
   static int configured[64] = {};
   const cudaError_t e = raise_smem_limit(select_kernel<T>, smem, configured);
@@ -359,7 +505,7 @@ extern "C" int64_t rf_decode(const rf_decode_params* p, void* workspace, size_t 
   a.A = static_cast<uint32_t>(p->num_anchors);
   a.C = static_cast<uint32_t>(p->num_classes);
   const int64_t channels = static_cast<int64_t>(p->num_anchors) * p->num_classes;
-  int64_t max_n = 0, blocks = 0;
+  int64_t max_n = 0, blocks = 0, rtiles = 0;
   for (int l = 0; l < a.L; ++l) {
     const rf_decode_level& s = p->levels[l];
     Level& d = a.lv[l];
@@ -385,13 +531,18 @@ extern "C" int64_t rf_decode(const rf_decode_params* p, void* workspace, size_t 
     d.vec = d.dense && reinterpret_cast<uintptr_t>(s.cls) % 16 == 0 && (s.cls_strides[0] * elem) % 16 == 0 &&
             (n * elem) % 16 == 0;
     blocks += static_cast<int64_t>(d.blocks) * p->batch;
+    d.rtiles = static_cast<uint32_t>((n + kRefineTile - 1) / kRefineTile);
+    d.first_rtile = static_cast<uint32_t>(rtiles);
+    rtiles += static_cast<int64_t>(d.rtiles) * p->batch;
     if (n > max_n) max_n = n;
   }
   if (blocks >= (int64_t{1} << 31)) return RF_ERROR_INVALID_ARGUMENT;
   const int64_t cap = p->capacity > 0 ? p->capacity : kDefaultCapacity;
   a.cap = static_cast<uint32_t>(cap < max_n ? cap : max_n);
   const size_t segments = static_cast<size_t>(a.L) * a.B;
-  const size_t counts_bytes = align_up(segments * sizeof(uint32_t));
+  // Zeroed each call: counts, the overflow flag and the refinement's tickets, state and histograms.
+  const size_t counts_bytes =
+      align_up((segments + 4 + 3 * segments + 3 * segments * kRefineBins) * sizeof(uint32_t));
   const size_t bytes = counts_bytes + align_up(segments * a.cap * sizeof(uint64_t));
   if (workspace == nullptr) return static_cast<int64_t>(bytes);
   if (workspace_bytes < bytes) return RF_ERROR_WORKSPACE_TOO_SMALL;
@@ -416,8 +567,13 @@ extern "C" int64_t rf_decode(const rf_decode_params* p, void* workspace, size_t 
   a.classes_type = p->classes_type;
 
   uint32_t* counts = static_cast<uint32_t*>(workspace);
+  a.overflow = counts + segments;
+  a.tickets = a.overflow + 1;
+  a.state = a.tickets + 3;
+  a.hist = a.state + 3 * segments;
+  a.rtiles = static_cast<uint32_t>(rtiles);
   uint64_t* cand = reinterpret_cast<uint64_t*>(static_cast<char*>(workspace) + counts_bytes);
-  const cudaError_t e = cudaMemsetAsync(counts, 0, segments * sizeof(uint32_t), stream);
+  const cudaError_t e = cudaMemsetAsync(counts, 0, counts_bytes, stream);
   if (e != cudaSuccess) return status_of(e);
   switch (p->dtype) {
     case RF_FLOAT16: return launch<__half>(a, static_cast<int>(blocks), counts, cand, stream);

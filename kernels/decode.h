@@ -15,8 +15,11 @@
  *
  * Method: one pass over the logits compacts candidates into per-(image, level) buffers of `capacity`
  * entries; one block per (image, level) then radix-selects the exact top_n by a unique 64-bit key
- * (logit, index), sorts them and writes the outputs. A level with more than `capacity` candidates takes
- * an exact but slower path that re-reads its logits (still no host synchronisation).
+ * (logit, index), sorts them and writes the outputs. A level with more than `capacity` candidates (a low
+ * threshold, an untrained model) is refined first: three histogram passes over its logits, spread over the
+ * GPU, find the exact key of its top_n-th candidate, and the candidates at or above it fill the buffer.
+ * Only when those do not fit (more exact ties at that key than the buffer holds, or top_n > capacity) does
+ * the level take the exact single-block path that re-reads its logits. No host synchronisation either way.
  */
 #pragma once
 

@@ -210,9 +210,9 @@ class ExportConfig:
     ``calibration_images`` images drawn (seeded) from ``calibration_data`` (images folder, COCO JSON; None:
     the checkpoint's ``data.images`` / ``data.annotations``); ``int8_keep_head`` leaves the head's last
     convolutions in floating point (``retinaflow.export.quantize.HEAD_LAST_CONVS``).
-    ``fuse_epilogues`` (.pt2 on CUDA): the backbone's and FPN's convolution + bias + ReLU (+ residual) as
-    cuDNN's fused kernels where they time faster (``retinaflow.export.fuse``; the head's stay with inductor):
-    +10-20 % at batch 32 on an H100 (docs/PERFORMANCE.md).
+    ``fuse_epilogues`` (.pt2 on CUDA): convolution + bias + ReLU (+ residual) as cuDNN's fused kernels
+    where they time faster (``retinaflow.export.fuse``): +10-20 % at batch 32 on an H100
+    (docs/PERFORMANCE.md).
     """
 
     opset: int = 17

@@ -111,7 +111,7 @@ EXPORT_FLAGS = _table(
     ("export.opset", "ONNX opset (>= 17)"),
     (
         "export.fuse_epilogues",
-        ".pt2 on CUDA: the backbone's conv + bias + ReLU in cuDNN's fused kernels (default on)",
+        ".pt2 on CUDA: conv + bias + ReLU (+ residual) in cuDNN's fused kernels (default on)",
         {"action": argparse.BooleanOptionalAction},
     ),
     "int8 (ModelOpt post-training quantization)",

@@ -12,7 +12,7 @@ from torch import nn
 
 from retinaflow.config import Config
 from retinaflow.engine.infer import prepare_for_inference
-from retinaflow.export.fuse import Fused, fuse_conv_activations, outside_head
+from retinaflow.export.fuse import Fused, fuse_conv_activations
 from retinaflow.model.retinanet import build_model
 
 F = nn.functional
@@ -144,20 +144,3 @@ def test_the_fusion_is_on_by_default_and_can_be_turned_off():
     parse = build_parser().parse_args
     assert export_config(parse(["export", "m.pth", "m.pt2"])).fuse_epilogues
     assert not export_config(parse(["export", "m.pth", "m.pt2", "--no-fuse-epilogues"])).fuse_epilogues
-
-
-def test_outside_head_leaves_the_head_to_inductor(cpu_reference_kernels):
-    """Engines fuse the backbone's epilogues only: ODTK's head (conv + ReLU, 4 per subnet and level) stays."""
-    cfg = Config()
-    cfg.model.backbone, cfg.model.norm, cfg.model.head_norm = "resnet18", "frozen_bn", "none"
-    model = build_model(cfg.model)
-    prepare_for_inference(model, None)
-    images = torch.randint(0, 256, (1, 3, 64, 96), dtype=torch.uint8)
-    program = torch.export.export(Network(model).eval(), (images,))
-    modules: list[str] = []
-    fused, counts = fuse_conv_activations(program, keep=lambda c: modules.append(c.module) or outside_head(c))
-    assert counts == Fused(conv_relu=8, conv_add_relu=8, left=5 * 2 * 4)
-    assert "model.backbone.body.layer1.0.conv1" in modules and "model.head.cls_subnet.0" in modules
-    with torch.no_grad():
-        for w, g in zip(program.module()(images), fused.module()(images), strict=True):
-            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)

@@ -23,7 +23,7 @@ from retinaflow.config import ExportConfig
 from retinaflow.engine.infer import load_model, prepare_for_inference
 from retinaflow.errors import ConfigError
 from retinaflow.export.detector import EndToEnd, end_to_end_reference
-from retinaflow.export.fuse import faster_on, fuse_conv_activations, outside_head
+from retinaflow.export.fuse import faster_on, fuse_conv_activations
 from retinaflow.export.metadata import engine_metadata, gpu_identity, sidecar
 from retinaflow.export.spec import EngineSpec, resolve
 
@@ -62,10 +62,9 @@ def export_pt2(
     program = export_program(module, spec, dev)
     if fuse:
         batches = tuple(sorted({spec.min_batch, spec.max_batch}))  # timed at both ends of the range
-        faster = faster_on(dev, batches)
-        program, fused = fuse_conv_activations(program, keep=lambda c: outside_head(c) and faster(c))
+        program, fused = fuse_conv_activations(program, keep=faster_on(dev, batches))
         log.info(
-            "cuDNN epilogues: %d conv+ReLU, %d conv+add+ReLU (%d left to inductor: head, or slower fused)",
+            "cuDNN epilogues: %d conv+ReLU, %d conv+add+ReLU (%d left to inductor: slower fused)",
             fused.conv_relu,
             fused.conv_add_relu,
             fused.left,

@@ -7,8 +7,7 @@ kernel: one more read and write of every backbone activation. ``aten.cudnn_convo
 800x1344 (``benchmarks/probe_conv_fusion.py``, compiled network): 674 -> 747 img/s at batch 32, 2.62 ->
 2.42 ms at batch 1 (CUDA graph). The ops exist for CUDA only (cuDNN), so only CUDA engines use the pass;
 AOTInductor calls them through its proxy executor (they have no C shim), which the C++ runner has too.
-On by default for the backbone and FPN (``export.fuse_epilogues``; ``--no-fuse-epilogues``); engines
-leave the head's convolutions to inductor (:func:`outside_head` says why).
+On by default (``export.fuse_epilogues``; ``--no-fuse-epilogues``).
 
 Rewritten, in a functional ATen graph (``ExportedProgram.run_decompositions({})``), where ``conv`` is an
 ``aten.conv2d`` or a non-transposed 2-D ``aten.convolution`` whose output has no other user:
@@ -81,9 +80,7 @@ class Candidate:
 
     ``input``, ``weight``, ``output``: shapes, (B, C, H, W) and (O, C/groups, kH, kW), with the batch
     dimension as in the program (an int, or None where it is dynamic); ``bias``: whether it has one;
-    ``residual``: whether the fused op would add a residual; ``module``: the convolution module's
-    qualified name in the exported module ("" when the graph does not say); the rest are the convolution's
-    arguments.
+    ``residual``: whether the fused op would add a residual; the rest are the convolution's arguments.
     """
 
     input: tuple[int | None, ...]
@@ -96,7 +93,6 @@ class Candidate:
     groups: int
     residual: bool
     dtype: torch.dtype
-    module: str = ""
 
 
 Keep = Callable[[Candidate], bool]
@@ -139,9 +135,7 @@ def faster_on(device: torch.device, batches: tuple[int, ...], iters: int = 20) -
     ``batches`` (an engine's smallest and largest batch), channels_last, cuDNN autotuning on: the fused op
     is kept when, at every batch, it takes at most the plain convolution's time plus half the eager
     epilogue's (inductor's fused epilogue is one pass, eager takes two or three). Batch 1 is the noisy
-    end: of an R50's 49 fusions, timing at batch 32 kept 48, at batches 1 and 32 only 27. Timing did not
-    prevent the intermittent 20x slowdowns of engines whose head convolutions were fused (see
-    :func:`outside_head`).
+    end: of an R50's 49 fusions, timing at batch 32 kept 48, at batches 1 and 32 only 27.
     """
 
     def keep(c: Candidate) -> bool:
@@ -208,22 +202,7 @@ def _candidate(conv: fx.Node, residual: bool) -> Candidate:
         int(cast(int, groups)),
         residual,
         conv.meta["val"].dtype,
-        _module_name(conv),
     )
-
-
-def _module_name(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    return str(list(stack.values())[-1][0]) if stack else ""
-
-
-def outside_head(c: Candidate) -> bool:
-    """``keep``: the candidate is not in the detection head (a module path without a ``head`` part).
-
-    Fused engines whose head convolutions were fused (ODTK's head: conv + ReLU, 40 of them) ran 20x slower
-    in 3 of 6 H100 calls, intermittently; engines with only the backbone's epilogues fused never did
-    (docs/PERFORMANCE.md, seventh and eighth sessions). The GroupNorm head has nothing to fuse anyway."""
-    return "head" not in c.module.split(".")
 
 
 def _single_user(node: fx.Node) -> bool:
