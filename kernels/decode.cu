@@ -227,6 +227,35 @@ __device__ __forceinline__ int pow2_at_least(uint32_t v) {
   return v <= 1 ? 1 : 1 << (32 - __clz(static_cast<int>(v - 1)));
 }
 
+// First warp only (threadIdx.x < 32): the digit d of a descending radix histogram hist[0, bins) that holds the
+// k-th key (1-based): the counts above d are < k and those from d up are >= k. True on the one lane that
+// found it, with d and the count above it; false on the others. bins a multiple of 32.
+template <int kBins>
+__device__ __forceinline__ bool kth_digit(const uint32_t* hist, uint32_t k, int& digit, uint32_t& above) {
+  constexpr int kPerLane = kBins / 32;  // lane L owns digits bins-1 - kPerLane*L downwards
+  const int lane = threadIdx.x;
+  uint32_t local = 0;
+  for (int q = 0; q < kPerLane; ++q) local += hist[kBins - 1 - kPerLane * lane - q];
+  uint32_t incl = local;
+  for (int o = 1; o < 32; o <<= 1) {
+    const uint32_t t = __shfl_up_sync(kFullMask, incl, o);
+    if (lane >= o) incl += t;
+  }
+  const unsigned hit = __ballot_sync(kFullMask, incl >= k);
+  if (lane != __ffs(hit) - 1) return false;
+  uint32_t acc = incl - local;
+  for (int q = 0; q < kPerLane; ++q) {
+    const int d = kBins - 1 - kPerLane * lane - q;
+    if (acc + hist[d] >= k) {
+      digit = d;
+      above = acc;
+      return true;
+    }
+    acc += hist[d];
+  }
+  return false;
+}
+
 // A (level, image) the refinement resolves: more candidates than the buffer holds, top_n of them fit.
 __device__ __forceinline__ bool refinable(const Args& a, const uint32_t* counts, int s) {
   return counts[s] > a.cap && static_cast<uint32_t>(a.top_n) <= a.cap;
@@ -287,36 +316,20 @@ __global__ __launch_bounds__(kRefineThreads) void refine_kernel(const __grid_con
   __syncthreads();
   if (!s_last) return;
   __threadfence();
-  // Last block: for each refinable (level, image), the digit d with (above d) < k <= (d and above).
-  constexpr int kPerLane = kRefineBins / 32;
+  // Last block: for each refinable (level, image), the digit holding its k-th key.
   for (int s = 0; s < segments; ++s) {
     if (!refinable(a, counts, s)) continue;
     const volatile uint32_t* h = a.hist + (static_cast<size_t>(p) * segments + s) * kRefineBins;
     for (int i = threadIdx.x; i < kRefineBins; i += blockDim.x) hist[i] = h[i];
     __syncthreads();
-    if (threadIdx.x < 32) {  // lane L owns digits 2047 - 64L down to 1984 - 64L
-      const int lane = threadIdx.x;
+    if (threadIdx.x < 32) {
       uint32_t* st = a.state + 3 * s;
       const uint32_t k = p == 0 ? static_cast<uint32_t>(a.top_n) : st[1];
-      uint32_t local = 0;
-      for (int q = 0; q < kPerLane; ++q) local += hist[kRefineBins - 1 - kPerLane * lane - q];
-      uint32_t incl = local;
-      for (int o = 1; o < 32; o <<= 1) {
-        const uint32_t v = __shfl_up_sync(kFullMask, incl, o);
-        if (lane >= o) incl += v;
-      }
-      const unsigned hit = __ballot_sync(kFullMask, incl >= k);
-      if (lane == __ffs(hit) - 1) {
-        uint32_t acc = incl - local;
-        for (int q = 0; q < kPerLane; ++q) {
-          const int d = kRefineBins - 1 - kPerLane * lane - q;
-          if (acc + hist[d] >= k) {
-            st[0] |= static_cast<uint32_t>(d) << shift;
-            st[1] = k - acc;
-            break;
-          }
-          acc += hist[d];
-        }
+      int d;
+      uint32_t above;
+      if (kth_digit<kRefineBins>(hist, k, d, above)) {
+        st[0] |= static_cast<uint32_t>(d) << shift;
+        st[1] = k - above;
       }
     }
     __syncthreads();
@@ -407,27 +420,12 @@ __global__ __launch_bounds__(kSelectThreads) void select_kernel(const __grid_con
         }
       }
       __syncthreads();
-      if (threadIdx.x < 32) {  // lane L owns digits 255 - 8L down to 248 - 8L
-        const int lane = threadIdx.x;
-        uint32_t local = 0;
-        for (int q = 0; q < 8; ++q) local += hist[255 - 8 * lane - q];
-        uint32_t incl = local;
-        for (int o = 1; o < 32; o <<= 1) {
-          const uint32_t t = __shfl_up_sync(kFullMask, incl, o);
-          if (lane >= o) incl += t;
-        }
-        const unsigned hit = __ballot_sync(kFullMask, incl >= k);
-        if (lane == __ffs(hit) - 1) {
-          uint32_t acc = incl - local;
-          for (int q = 0; q < 8; ++q) {
-            const int d = 255 - 8 * lane - q;
-            if (acc + hist[d] >= k) {
-              s_digit = d;
-              s_above = acc;
-              break;
-            }
-            acc += hist[d];
-          }
+      if (threadIdx.x < 32) {
+        int d;
+        uint32_t above;
+        if (kth_digit<256>(hist, k, d, above)) {
+          s_digit = d;
+          s_above = above;
         }
       }
       __syncthreads();
