@@ -276,8 +276,8 @@ __device__ __forceinline__ bool refine_tile(const Args& a, uint32_t t, int& l, i
 // Lowest key bit that refinement pass p (0, 1, 2) decides.
 __device__ __forceinline__ int refine_shift(int p) { return p == 0 ? 21 : (p == 1 ? 10 : 0); }
 
-// Pass p of the overflow refinement: histogram of key bits kShift[p].. of the candidates whose higher bits
-// equal the prefix found so far; the last block to finish picks the digit holding the k-th key.
+// Pass p of the overflow refinement: histogram of key bits refine_shift(p).. of the candidates whose higher
+// bits equal the prefix found so far; the last block to finish picks the digit holding the k-th key.
 template <typename T>
 __global__ __launch_bounds__(kRefineThreads) void refine_kernel(const __grid_constant__ Args a,
                                                                 const uint32_t* __restrict__ counts, int p) {
