@@ -28,6 +28,7 @@ Prints one JSON object (and writes it to ``--out-dir/ddp.json``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -257,23 +258,39 @@ def _use_ddp_options(text: str) -> None:
     """Make the trainer's ``DistributedDataParallel(...)`` also get these keyword arguments (``k=0|1,...``):
     a benchmark-side switch, so that DDP settings are compared before one becomes the trainer's.
 
-    Two keys are not DDP arguments: ``optimize_ddp`` (0, 1 or a mode such as ``python_reducer``) is what
-    the trainer sets ``torch._dynamo.config.optimize_ddp`` to for a compiled DDP model, and
-    ``compiled_autograd`` (0|1) sets ``torch._dynamo.config.compiled_autograd`` (the Python reducer needs it).
+    Three keys are not DDP arguments: ``optimize_ddp`` (0, 1 or a mode such as ``python_reducer``) is what
+    the trainer sets ``torch._dynamo.config.optimize_ddp`` to for a compiled DDP model,
+    ``compiled_autograd`` (0|1) sets ``torch._dynamo.config.compiled_autograd`` (the Python reducer needs it),
+    and ``comm_hook`` (bf16|fp16) registers DDP's gradient compression hook of that name. Other values are
+    numbers (``bucket_cap_mb=100``) or strings.
     """
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
     from retinaflow.engine import train as trainer
 
+    def value(v: str) -> Any:
+        if v in ("0", "1"):
+            return bool(int(v))
+        with contextlib.suppress(ValueError):
+            return float(v) if "." in v else int(v)
+        return v
+
     pairs = [item.split("=", 1) for item in text.split(",") if item]
-    options: dict[str, Any] = {k: bool(int(v)) if v in ("0", "1") else v for k, v in pairs}
+    options: dict[str, Any] = {k: value(v) for k, v in pairs}
     if "optimize_ddp" in options:
         trainer.COMPILED_DDP_SPLIT = options.pop("optimize_ddp")
     if "compiled_autograd" in options:
         torch._dynamo.config.compiled_autograd = options.pop("compiled_autograd")
+    hook = {"bf16": default_hooks.bf16_compress_hook, "fp16": default_hooks.fp16_compress_hook, None: None}[
+        options.pop("comm_hook", None)
+    ]
     base = torch.nn.parallel.DistributedDataParallel
 
     class WithOptions(base):  # type: ignore[misc, valid-type]
         def __init__(self, *a: Any, **kw: Any) -> None:
             super().__init__(*a, **{**kw, **options})
+            if hook is not None:
+                self.register_comm_hook(None, hook)
 
     torch.nn.parallel.DistributedDataParallel = WithOptions  # type: ignore[misc]
 

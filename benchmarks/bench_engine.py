@@ -83,7 +83,7 @@ KERNEL_CLASSES = (  # (class, substrings of kernel names), first match wins
 
 
 def kernel_classes(run, batch: int, calls: int = 3) -> dict[str, Any]:
-    """GPU milliseconds per call of ``run`` at ``batch``, per kernel class and for the top 10 kernels."""
+    """GPU milliseconds per call of ``run`` at ``batch``, per kernel class and for the top 20 kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     images, sizes = inputs(batch)
@@ -101,7 +101,7 @@ def kernel_classes(run, batch: int, calls: int = 3) -> dict[str, Any]:
         low = name.lower()
         cls = next((c for c, keys in KERNEL_CLASSES if any(k in low for k in keys)), "other")
         classes[cls] = round(classes.get(cls, 0.0) + ms, 3)
-    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:10]
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:20]
     return {
         "gpu_ms_per_call": round(sum(per_kernel.values()), 3),
         "classes_ms": classes,

@@ -19,6 +19,7 @@ preloaded into every load process).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -120,16 +121,33 @@ LOAD_MODES = (
 )
 
 
-def checkpoint(folder: Path, overrides: dict[str, Any]) -> Path:
+def checkpoint(folder: Path, overrides: dict[str, Any], candidates: int = 0) -> Path:
+    """A random-init R50 checkpoint with ``overrides`` of the model config. ``candidates`` > 0: its score
+    threshold leaves that many (anchor, class) pairs of ``bench_engine``'s batch-1 image above it (a
+    random head scores every pair near the prior, so the default threshold leaves a few, or millions,
+    depending on an export's rounding; a trained model on a busy image leaves thousands)."""
     cfg = Config()
     for key, value in overrides.items():
         setattr(cfg.model, key, value)
     cfg.class_names = [f"c{i}" for i in range(cfg.model.num_classes)]
     torch.manual_seed(0)
     model = build_model(cfg.model)
+    if candidates:
+        cfg.infer.score_thresh = _threshold(model, candidates)
     payload: dict[str, Any] = {"arch": model.arch, "model": model.state_dict(), "config": cfg.to_dict()}
     payload.update(class_names=cfg.class_names, category_ids=list(range(1, 81)), iteration=0)
     return save_checkpoint(folder / "model.pth", payload)
+
+
+def _threshold(model: torch.nn.Module, candidates: int) -> float:
+    from bench_e2e_latency import threshold_for
+    from bench_engine import inputs
+
+    net = copy.deepcopy(model).cuda().eval().to(memory_format=torch.channels_last)
+    images, _ = inputs(1)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+        cls, _ = net(images)
+    return threshold_for(cls, candidates)
 
 
 def _run(cmd: list[str], log: Path) -> tuple[int, float, list[str]]:

@@ -35,7 +35,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], tuple[int, int], dict[str, Any]]] = {
     "base": ({}, (1, 32), {}),  # bench_engine's engine: the default export (epilogues in cuDNN)
     "unfused": ({}, (1, 32), {"args": ["--no-fuse-epilogues"]}),  # the default until the eighth session
     "example_batch2": ({}, (1, 32), {"example_batch": 2}),  # what export used until the sixth session
-    "merged_head": ({}, (1, 32), {"merged_head": True}),  # model.head.MergedHead: half the head's launches
+    "split_head": ({}, (1, 32), {"split_head": True}),  # subnets apart (the default until the ninth session)
     "static32": ({}, (32, 32), {}),
     "static1": ({}, (1, 1), {}),
     "channels_last_input": ({}, (1, 32), {"channels_last_input": True}),
@@ -44,7 +44,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], tuple[int, int], dict[str, Any]]] = {
     "max_autotune": ({}, (1, 32), {"max_autotune": True, "max_autotune_conv_backends": "ATEN,TRITON"}),
     "no_gn_head": ({"head_norm": "none"}, (1, 32), {}),  # the ODTK head
     "no_gn_head_unfused": ({"head_norm": "none"}, (1, 32), {"args": ["--no-fuse-epilogues"]}),
-    "no_gn_head_merged": ({"head_norm": "none"}, (1, 32), {"merged_head": True}),
+    "no_gn_head_split": ({"head_norm": "none"}, (1, 32), {"split_head": True}),
 }
 
 EXPORT = """
@@ -55,14 +55,9 @@ if extra.pop("channels_last_input", False):
     normalize = RetinaNet.normalize
     RetinaNet.normalize = lambda self, x: normalize(self, x.contiguous(memory_format=torch.channels_last))
 extra.pop("args", None)  # CLI flags, passed by the driver
-if extra.pop("merged_head", False):
+if extra.pop("split_head", False):
     from retinaflow.export import aoti
-    from retinaflow.model.head import MergedHead
-    reference = aoti.end_to_end_reference
-    def merged(model, config, spec):
-        model.head = MergedHead(model.head)
-        return reference(model, config, spec)
-    aoti.end_to_end_reference = merged
+    aoti.MergedHead = lambda head: head
 example_batch = extra.pop("example_batch", None)
 if example_batch:
     from retinaflow.export import aoti
@@ -113,12 +108,13 @@ def _variant(name: str) -> tuple[dict[str, Any], tuple[int, int], dict[str, Any]
     return VARIANTS[name.partition("#")[0]]
 
 
-def export(name: str, out: Path, timeout: float) -> dict[str, Any]:
+def export(name: str, out: Path, timeout: float, candidates: int) -> dict[str, Any]:
     overrides, (lo, hi), patches = _variant(name)
     folder = out / name.replace("#", "_")
     folder.mkdir(parents=True, exist_ok=True)
     engine = folder / "engine.pt2"
-    cmd = [sys.executable, "-c", EXPORT, json.dumps(patches), "export", str(checkpoint(folder, overrides))]
+    model = checkpoint(folder, overrides, candidates)
+    cmd = [sys.executable, "-c", EXPORT, json.dumps(patches), "export", str(model)]
     cmd += [str(engine), "--device", "cuda", "--precision", "fp16", "--batch", str(lo), str(hi)]
     cmd += ["--size", str(HEIGHT), str(WIDTH), *patches.get("args", [])]
     rc, secs, text = _run(cmd, folder / "export.log", timeout)
@@ -148,6 +144,12 @@ def main() -> None:
     ap.add_argument("--export-timeout", type=float, default=400)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--repeat", type=int, default=1, help="fresh processes measuring each engine")
+    ap.add_argument(
+        "--candidates",
+        type=int,
+        default=5000,
+        help="score threshold leaving this many pairs of the batch-1 image (0: the default threshold)",
+    )
     args = ap.parse_args()
     names = args.variants.split(",")
     unknown = [n for n in names if n.partition("#")[0] not in VARIANTS]
@@ -156,7 +158,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(len(names)) as pool:  # the compiles are mostly single-threaded: all at once
-        exported = list(pool.map(lambda n: export(n, out, args.export_timeout), names))
+        exported = list(pool.map(lambda n: export(n, out, args.export_timeout, args.candidates), names))
     profiled = args.profile.split(",")
     for result in exported:
         name = result["variant"]

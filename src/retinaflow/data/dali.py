@@ -235,12 +235,15 @@ def build_pipeline(source: Callable[[], Any], opts: PipelineOptions) -> Any:
         return fn.pad(images, axes=(0, 1), shape=shapes, fill_value=0)
 
     threads = max(1, opts.threads)
+    # The dynamic executor hands GPU outputs over with a CUDA event instead of waiting for them on the
+    # host: 4,080 img/s against 3,388 with the default executor (benchmarks/probe_dali.py, H100).
     pipe = pipeline(
         batch_size=opts.batch,
         num_threads=threads,
         device_id=opts.device_id,
         seed=opts.seed,
         prefetch_queue_depth=2,
+        exec_dynamic=True,
     )
     pipe.build()
     return pipe

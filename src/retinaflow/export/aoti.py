@@ -2,10 +2,10 @@
 
 The package holds :class:`~retinaflow.export.detector.EndToEnd` (uint8 images + sizes in, fixed-size
 detections out) with batch norms folded and weights in the requested precision, compiled for one device
-(CPU: C++ via the host compiler; CUDA: Triton kernels, and with ``fuse_epilogues`` channels_last weights
-and the convolutions' bias + ReLU (+ residual) epilogues in cuDNN where that is faster on this GPU,
-:mod:`.fuse`) with
-``torch._inductor.aoti_compile_and_package``.
+(CPU: C++ via the host compiler; CUDA: Triton kernels, the head's two subnets as one grouped tower
+(:class:`~retinaflow.model.head.MergedHead`), and with ``fuse_epilogues`` channels_last weights and the
+convolutions' bias + ReLU (+ residual) epilogues in cuDNN where that is faster on this GPU, :mod:`.fuse`)
+with ``torch._inductor.aoti_compile_and_package``.
 Decode and NMS stay calls of ``torch.ops.retinaflow.*``: whoever loads the package registers them first
 (:mod:`retinaflow.export.engines` in Python; the C++ runner links the kernels library). Its metadata
 (:mod:`.metadata`) is compiled in (``get_metadata()``) and written next to it as ``<name>.json``.
@@ -26,6 +26,7 @@ from retinaflow.export.detector import EndToEnd, end_to_end_reference
 from retinaflow.export.fuse import faster_on, fuse_conv_activations
 from retinaflow.export.metadata import engine_metadata, gpu_identity, sidecar
 from retinaflow.export.spec import EngineSpec, resolve
+from retinaflow.model.head import MergedHead
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ def export_pt2(
     model, config, state = load_model(checkpoint, dev)
     spec = resolve(output, cfg, config, "pt2")
     prepare_for_inference(model, DTYPES[spec.precision] if spec.precision != "fp32" else None)
+    if dev.type == "cuda":  # half the head's kernels: -0.1 to -0.4 ms at batch 1 on an H100, same at 32
+        model.head = MergedHead(model.head)
     module = end_to_end_reference(model, config, spec)
     meta = {**engine_metadata(checkpoint, state, spec), "device": dev.type}
     if dev.type == "cuda":  # its kernels run on this architecture only (checked when it is loaded)
