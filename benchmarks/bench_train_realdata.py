@@ -210,7 +210,7 @@ def _dali_batches(data: Any, batch: int) -> Any:
     from retinaflow.data.dali import PipelineOptions, build_pipeline, run_batch
 
     source = _dali_source(data, batch)
-    pipe = build_pipeline(source, PipelineOptions(batch, torch.cuda.current_device(), max(4, data.workers)))
+    pipe = build_pipeline(source, PipelineOptions(batch, torch.cuda.current_device()))
     while True:
         yield _normalised(run_batch(pipe, source, torch.device("cuda")).images)
 

@@ -77,6 +77,8 @@ class PipelineOptions:
     """How the DALI graph is built.
 
     device_id: GPU to run on; None builds a CPU-only pipeline (decoder "cpu"), for tests and CPU hosts.
+    threads: DALI's CPU threads (the decoder's host stage). Four: eight were slower on the H100 machine
+    (3,150 against 3,325 img/s, benchmarks/probe_dali.py), fifteen slower still.
     """
 
     batch: int
@@ -162,17 +164,19 @@ class BatchSource:
                 return True
         return False
 
-    def _inputs(self, plans: list[Plan]) -> tuple[tuple[list[Any], ...], tuple[Batch, torch.Tensor | None]]:
-        files = [np.fromfile(self.dataset.file_path(p.index), dtype=np.uint8) for p in plans]
+    def _inputs(self, plans: list[Plan]) -> tuple[tuple[Any, ...], tuple[Batch, torch.Tensor | None]]:
+        """The pipeline's inputs: the encoded files (a list: their lengths differ), then the resized
+        widths, heights, flips and pad shapes each as one array of the batch (DALI converts an array in
+        one call, a list element by element, on the thread that runs the pipeline)."""
+        files = [np.frombuffer(self.dataset.file_path(p.index).read_bytes(), dtype=np.uint8) for p in plans]
         batch, resized = self._targets(plans)
-        rx = [np.float32(w) for _, w in resized]
-        ry = [np.float32(h) for h, _ in resized]
-        flips = [np.int32(p.flip) for p in plans]
+        sizes = np.asarray(resized, dtype=np.int32).reshape(-1, 2)
+        rx, ry = sizes[:, 1].astype(np.float32), sizes[:, 0].astype(np.float32)
+        flips = np.asarray([p.flip for p in plans], dtype=np.int32)
         height = max([h for h, _ in resized] + [p.pad_at_least[0] for p in plans])
         width = max([w for _, w in resized] + [p.pad_at_least[1] for p in plans])
-        shape = self.policy.pad_shape(height, width)
+        shapes = np.tile(np.asarray(self.policy.pad_shape(height, width), dtype=np.int32), (len(plans), 1))
         factors = torch.tensor([p.colour for p in plans], dtype=torch.float32) if self.colour else None
-        shapes = [np.asarray(shape, dtype=np.int32)] * len(plans)
         return (files, rx, ry, flips, shapes), (batch, factors)
 
     def _targets(self, plans: list[Plan]) -> tuple[Batch, list[tuple[int, int]]]:
@@ -307,7 +311,7 @@ class DaliTrainLoader:
         transform = TrainTransform(data)
         colour = data.color_jitter > 0
         self.source = BatchSource(dataset, train_plans(sampler, transform), policy, data.max_size, colour)
-        opts = PipelineOptions(sampler.batch, _device_id(device), max(2, data.workers), seed=seed)
+        opts = PipelineOptions(sampler.batch, _device_id(device), seed=seed)
         self.pipe = build_pipeline(self.source, opts)
 
     @property
@@ -356,7 +360,7 @@ class DaliEvalLoader:
         plans = ([Plan(i, self.data.resize, False, (1.0, 1.0, 1.0)) for i in b] for b in self.batches)
         source = BatchSource(self.dataset, plans, self.policy, self.data.max_size, colour=False)
         largest = max(len(b) for b in self.batches)
-        opts = PipelineOptions(largest, _device_id(self.device), max(2, self.data.workers))
+        opts = PipelineOptions(largest, _device_id(self.device))
         try:
             pipe = build_pipeline(source, opts)
             for _ in self.batches:
