@@ -46,10 +46,13 @@ from retinaflow.model.retinanet import RetinaNet, build_model
 log = logging.getLogger(__name__)
 
 # torch._dynamo.config.optimize_ddp when the trainer compiles a DDP model. True: dynamo's DDPOptimizer
-# splits the graph at DDP's buckets so that their all-reduces can start during the backward. On 2 H100s
-# one unsplit graph scaled better: 1.65x against 1.48x (bench_ddp.py, same call; docs/PERFORMANCE.md).
-# bench_ddp.py's --ddp-variant NAME=optimize_ddp=... sets it to compare the modes.
-COMPILED_DDP_SPLIT: Any = False  # a bool or one of dynamo's mode names
+# splits the graph at DDP's buckets so that their all-reduces can start during the backward. With DDP's
+# 25 MB buckets (~20 subgraphs) one unsplit graph scaled better on 2 H100s (1.65x against 1.48x); with
+# COMPILED_DDP_BUCKET_MB buckets the split beats it: 1.744x against 1.549x, bf16 gradients 1.634x
+# (bench_ddp.py, same call; docs/PERFORMANCE.md). bench_ddp.py's --ddp-variant NAME=optimize_ddp=...,
+# bucket_cap_mb=... compares the modes.
+COMPILED_DDP_SPLIT: Any = True  # a bool or one of dynamo's mode names
+COMPILED_DDP_BUCKET_MB = 100
 
 _NONE = torch.iinfo(torch.int64).max  # "no non-finite loss yet" in the device-side first-bad-iteration flag
 
@@ -163,16 +166,21 @@ class _Trainer:
             # static_graph: every step uses every parameter in the same order, so DDP can fix its
             # buckets and skip its per-step graph bookkeeping: 1.77-1.80x instead of 1.69x on 2 H200s
             # (bench_ddp.py). Left off under torch.compile, whose DDPOptimizer splits the graph itself.
+            # Compiled: fewer, larger buckets, so that dynamo's split (one subgraph per bucket) is short.
             self.ddp = nn.parallel.DistributedDataParallel(
                 model,
                 device_ids=ids,
                 broadcast_buffers=updates_running_stats(model),
                 static_graph=not cfg.train.compile,
+                bucket_cap_mb=COMPILED_DDP_BUCKET_MB if cfg.train.compile else None,
             )
         if cfg.train.compile:
             if info.distributed:
                 torch._dynamo.config.optimize_ddp = COMPILED_DDP_SPLIT
-                if not COMPILED_DDP_SPLIT:
+                if COMPILED_DDP_SPLIT is True:
+                    mb = COMPILED_DDP_BUCKET_MB
+                    log.info("compile: the DDP model's graph split at its %d MB buckets", mb)
+                elif not COMPILED_DDP_SPLIT:
                     log.info("compile: one graph for the DDP model (dynamo's bucket split off)")
             self.ddp = torch.compile(self.ddp, backend=cfg.train.compile)  # type: ignore[assignment]
             if cfg.train.compile_cache:

@@ -18,7 +18,7 @@ from retinaflow.config import AnchorConfig, ModelConfig
 from retinaflow.errors import ConfigError, DataError
 from retinaflow.model.backbones import build_backbone
 from retinaflow.model.fpn import FPN
-from retinaflow.model.head import RetinaNetHead
+from retinaflow.model.head import MergedHead, RetinaNetHead
 from retinaflow.model.norm import resolve_norms
 from retinaflow.ops._reference import flatten_level
 
@@ -65,7 +65,7 @@ class RetinaNet(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.fpn = fpn
-        self.head = head
+        self.head: RetinaNetHead | MergedHead = head  # MergedHead: the inference form (export.aoti)
         self.anchor_config = anchors
         self.arch: dict[str, Any] = arch if arch is not None else {}
         # (x - mean) / std folded into x * scale + shift; not saved in state dicts.
