@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_train_realdata import _dali_source, _normalised, make_data
+from bench_train_realdata import _dali_source, _normalised, _rate, make_data
 from common import emit
 
 from retinaflow.config import Config
@@ -100,17 +100,6 @@ def batches(data: Any, batch: int, variant: str) -> Any:
     pipe = build(source, batch, variant)
     while True:
         yield _normalised(run_batch(pipe, source, torch.device("cuda")).images)
-
-
-def rate(it: Any, iters: int, batch: int) -> float:
-    for _ in range(10):
-        next(it)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        next(it)
-    torch.cuda.synchronize()
-    return round(iters * batch / (time.perf_counter() - t0), 1)
 
 
 def profile(it: Any, steps: int) -> dict[str, Any]:
@@ -191,8 +180,8 @@ def main() -> None:
     print(out, flush=True)
     for v in args.variants.split(","):
         try:
-            r = {"img_s": rate(batches(data, args.batch, v), args.iters, args.batch)}
-            r["no_colour_img_s"] = rate(batches(plain, args.batch, v), args.iters, args.batch)
+            r = {"img_s": _rate(batches(data, args.batch, v), args.iters, args.batch)}
+            r["no_colour_img_s"] = _rate(batches(plain, args.batch, v), args.iters, args.batch)
             if v in args.profile.split(","):
                 r["profile"] = profile(batches(data, args.batch, v), 30)
         except Exception as exc:  # one variant's failure (an unsupported argument) must not end the search
