@@ -22,6 +22,9 @@ The driver writes a JPEG dataset (the synthetic generator) with COCO's sizes and
 ms and kernel launches per step, the top host ops): a GPU-bound step is ~100 % busy, a host-bound one
 is not.
 
+``--one-rank-ddp``: the 1-GPU throughput run is repeated wrapped in DDP (a process group of one), so that
+what DDP and compiled DDP's graph split cost shows apart from waiting for peers (``ddp_cost_1``).
+
 Prints one JSON object (and writes it to ``--out-dir/ddp.json``).
 """
 
@@ -225,6 +228,8 @@ def worker(args: argparse.Namespace) -> None:
         _worker_evaluate(args)
         return
     cfg = _config(args, world)
+    if args.force_ddp:
+        _force_ddp()
     if args.ddp_options:
         _use_ddp_options(args.ddp_options)
     log = _StepLog()
@@ -252,6 +257,18 @@ def worker(args: argparse.Namespace) -> None:
         result["loader_img_s_rank"] = round(_loader_rate(_config(args, world), rank, world, 30), 1)
     if rank == 0:
         Path(args.result).write_text(json.dumps(result))
+
+
+def _force_ddp() -> None:
+    """Make a one-rank run train through DistributedDataParallel (a process group of one): what DDP and,
+    compiled, dynamo's split at its buckets cost with no peer to wait for and nothing to exchange."""
+    import torch.distributed as dist
+
+    from retinaflow.engine import distributed as D
+
+    D.DistInfo.distributed = property(lambda self: True)  # type: ignore[method-assign, assignment]
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
 def _use_ddp_options(text: str) -> None:
@@ -452,6 +469,15 @@ def driver(args: argparse.Namespace) -> None:
                 run.pop("losses", None)
                 entry[key] = run
                 one = entry["1gpu"]
+                if gpus == 1 and args.one_rank_ddp:
+                    ddp = _launch(
+                        args, 1, "throughput", f"tp_{tag}_1gpu_ddp", compile=comp, loader=loader,
+                        force_ddp=True, **common,
+                    )  # fmt: skip
+                    ddp.pop("losses", None)
+                    entry["1gpu_ddp"] = ddp
+                    if "img_s" in one and "img_s" in ddp:
+                        entry["ddp_cost_1"] = round(ddp["img_s"] / one["img_s"], 3)
                 suffix = f"{gpus}" + (f"_{variant}" if variant else "")
                 if gpus > 1 and "img_s" in one and "img_s" in run:
                     entry[f"scaling_{suffix}"] = round(run["img_s"] / one["img_s"], 3)
@@ -552,8 +578,14 @@ def main() -> None:
         "(0, 1 or a mode: python_reducer) and compiled_autograd set torch._dynamo.config (compiled runs)",
     )
     d.add_argument("--only-variants", action="store_true", help="N-GPU runs with --ddp-variant options only")
+    d.add_argument(
+        "--one-rank-ddp",
+        action="store_true",
+        help="also run 1 GPU wrapped in DDP (a process group of one): DDP's cost without communication",
+    )
     w = sub.add_parser("worker", help="internal: one torchrun task")
     w.add_argument("--task", choices=["throughput", "equivalence", "evaluate"], required=True)
+    w.add_argument("--force-ddp", action="store_true", help="train through DDP even on one rank")
     w.add_argument("--data", required=True)
     w.add_argument("--checkpoint", required=True)
     w.add_argument("--result", required=True)
