@@ -98,7 +98,7 @@ class DataConfig:
     # levels P3-P5 divide exactly; P6/P7 and their anchors use ceil(H / stride), as the convolutions do).
     # ODTK padded to 128, its largest stride: up to 18 % more pixels at 800x1333 for the same images.
     pad_stride: int = 32
-    workers: int = 4
+    workers: int = 4  # DataLoader worker processes of the torch loader (DALI always runs four threads)
     # Shape policy (data/shapes.py): "buckets" pads each batch to the smallest of a few canonical shapes
     # (aspect_groups x bucket_levels, batches drawn from one aspect-ratio group); "stride" pads to a
     # multiple of pad_stride (any number of shapes).
