@@ -9,7 +9,10 @@ resizes, flips and pads (the host source and the colour kernel are the product's
 * ``roi``       — the flip folded into the resize (a reversed relative ROI), then pad;
 * ``roi_crop``  — as ``roi``, padding by an out-of-bounds crop instead of ``fn.pad``;
 * ``*_dyn``     — the same graph on DALI's dynamic executor (``exec_dynamic=True``);
-* ``*_t8``      — eight CPU threads instead of four.
+* ``*_t8``      — eight CPU threads instead of four (``*_t2``: two);
+* ``*_hwNN``    — the decoder's ``hw_decoder_load`` at NN % (default 65: the rest of each batch is decoded
+  by nvJPEG's hybrid path, Huffman on DALI's CPU threads; ``_hw100`` sends every JPEG to the H100's
+  hardware decoder).
 
 For each: img/s with and without colour jitter, and for ``--profile`` variants the GPU time per batch by
 kernel (torch.profiler sees DALI's kernels too: one CUPTI per process). The colour kernel and the bf16
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -42,12 +46,16 @@ def build(source: Any, batch: int, variant: str) -> Any:
 
     base = variant.split("_")[0] if not variant.startswith("roi_crop") else "roi_crop"
     dynamic = "_dyn" in variant
-    threads = 8 if "_t8" in variant else 4
+    threads = 8 if "_t8" in variant else 2 if "_t2" in variant else 4
+    hw = re.search(r"_hw(\d+)", variant)
+    decoder_args = {"hw_decoder_load": int(hw.group(1)) / 100} if hw else {}
 
     @pipeline_def(enable_conditionals=False)
     def graph() -> Any:
         files, rx, ry, flips, shapes = fn.external_source(source=source, num_outputs=5, batch=True)
-        images: Any = fn.decoders.image(files, device="mixed", output_type=types.DALIImageType.RGB)
+        images: Any = fn.decoders.image(
+            files, device="mixed", output_type=types.DALIImageType.RGB, **decoder_args
+        )
         linear = types.DALIInterpType.INTERP_LINEAR
         if base == "now":
             images = fn.resize(images, resize_x=rx, resize_y=ry, antialias=True, interp_type=linear)
@@ -170,8 +178,10 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--iters", type=int, default=200)
-    ap.add_argument("--variants", default="now,roi,roi_crop,now_dyn,roi_dyn,roi_t8")
-    ap.add_argument("--profile", default="now,roi", help="variants to profile (30 batches each)")
+    ap.add_argument("--variants", default="now_dyn,now_dyn_hw100,now_dyn_hw90,now_dyn_hw0,now_dyn_t2")
+    ap.add_argument(
+        "--profile", default="now_dyn,now_dyn_hw100", help="variants to profile (30 batches each)"
+    )
     args = ap.parse_args()
     images, annotations = make_data(Path(args.data + "_640x480"), args.images, ((640, 480),))
     data = dataclasses.replace(Config().data, images=images, annotations=annotations, workers=4)
