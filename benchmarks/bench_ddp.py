@@ -231,7 +231,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.force_ddp:
         _force_ddp()
     if args.ddp_options:
-        _use_ddp_options(args.ddp_options)
+        _use_ddp_options(args.ddp_options, cfg)
     log = _StepLog()
     callbacks: list[Callback] = [log]
     # Profiled: iterations iters-20 .. iters-10, after the img/s window (the profiler slows what it sees).
@@ -271,15 +271,16 @@ def _force_ddp() -> None:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
-def _use_ddp_options(text: str) -> None:
+def _use_ddp_options(text: str, cfg: Config) -> None:
     """Make the trainer's ``DistributedDataParallel(...)`` also get these keyword arguments (``k=0|1,...``):
     a benchmark-side switch, so that DDP settings are compared before one becomes the trainer's.
 
-    Three keys are not DDP arguments: ``optimize_ddp`` (0, 1 or a mode such as ``python_reducer``) is what
+    Four keys are not DDP arguments: ``optimize_ddp`` (0, 1 or a mode such as ``python_reducer``) is what
     the trainer sets ``torch._dynamo.config.optimize_ddp`` to for a compiled DDP model,
     ``compiled_autograd`` (0|1) sets ``torch._dynamo.config.compiled_autograd`` (the Python reducer needs it),
-    and ``comm_hook`` (bf16|fp16) registers DDP's gradient compression hook of that name. Other values are
-    numbers (``bucket_cap_mb=100``) or strings.
+    ``comm_hook`` (bf16|fp16) registers DDP's gradient compression hook of that name, and ``grad_sync``
+    sets ``cfg.train.grad_sync`` (``after_backward``: no DDP at all, gradients averaged after backward).
+    Other values are numbers (``bucket_cap_mb=100``) or strings.
     """
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
@@ -294,6 +295,8 @@ def _use_ddp_options(text: str) -> None:
 
     pairs = [item.split("=", 1) for item in text.split(",") if item]
     options: dict[str, Any] = {k: value(v) for k, v in pairs}
+    if "grad_sync" in options:
+        cfg.train.grad_sync = options.pop("grad_sync")
     if "optimize_ddp" in options:
         trainer.COMPILED_DDP_SPLIT = options.pop("optimize_ddp")
     if "compiled_autograd" in options:
@@ -575,7 +578,8 @@ def main() -> None:
         metavar="NAME=KEY=VALUE,...",
         help="also run each N-GPU throughput run with these DistributedDataParallel arguments (booleans "
         "0/1), e.g. bucket_view=gradient_as_bucket_view=1,static_graph=1 (repeatable); the keys optimize_ddp "
-        "(0, 1 or a mode: python_reducer) and compiled_autograd set torch._dynamo.config (compiled runs)",
+        "(0, 1 or a mode: python_reducer) and compiled_autograd set torch._dynamo.config (compiled runs); "
+        "grad_sync=after_backward trains without DDP (gradients averaged after backward)",
     )
     d.add_argument("--only-variants", action="store_true", help="N-GPU runs with --ddp-variant options only")
     d.add_argument(

@@ -149,6 +149,10 @@ class TrainConfig:
     channels_last: bool = True
     compile: str = ""
     compile_cache: str = ""
+    # Gradient averaging over ranks (several GPUs): "ddp" (DistributedDataParallel: bucketed all-reduces
+    # overlapped with backward) or "after_backward" (engine.distributed.GradientAverage: flat all-reduces
+    # after backward; no DDP hooks, one compiled graph). docs/PERFORMANCE.md compares them.
+    grad_sync: str = "ddp"
     # cuDNN autotuning: "off", "on", or "auto" (on when data.shapes bounds the shapes); see data/shapes.py.
     # Measured in fresh processes (H200, R50 batch 8, bench_cudnn.py): autotuning costs ~9 s per padded
     # shape (~55 s for 6 buckets) and then gains 1.2 % -- it repays itself only after ~80k iterations.
@@ -162,7 +166,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         positive = {"iters": self.iters > 0, "batch": self.batch > 0, "lr": self.lr > 0}
-        _require("train", self, **positive, checkpoint_every=self.checkpoint_every >= 0)
+        _require(
+            "train",
+            self,
+            **positive,
+            checkpoint_every=self.checkpoint_every >= 0,
+            grad_sync=self.grad_sync in GRAD_SYNCS,
+        )
 
     def scaled(self, value: int) -> int:
         return round(value * self.schedule)
@@ -305,7 +315,9 @@ class Config:
             node.__post_init__()  # the section's range checks
 
 
+GRAD_SYNCS = ("ddp", "after_backward")
 _RULES = {
+    "grad_sync": f"be one of {', '.join(GRAD_SYNCS)}",
     "nms_iou": "be in [0, 1]",
     "max_det": "be >= 1",
     "checkpoint_every": "be >= 0 (0: off)",

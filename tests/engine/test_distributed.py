@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -209,41 +210,71 @@ def test_two_rank_ddp_trains_checkpoints_on_rank0_and_resumes(synth_small, tmp_p
     assert len(re.findall(r"iteration 5: validation mAP \d", proc.stderr)) == 1, proc.stderr[-3000:]
 
 
+def _sgd_config(synth: Any, tmp_path: Path) -> tuple[str, ...]:
+    """CLI arguments of a 4-iteration SGD run (the update is linear in the gradient, so a gradient off by
+    any factor shows; AdamW would normalise a constant factor away)."""
+    cfg = tiny_config(synth, iters=4)
+    cfg.train.batch, cfg.train.checkpoint_every = 4, 0
+    cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay = "sgd", 0.01, 0.0
+    cfg.dump(tmp_path / "cfg.yaml")
+    return ("--config", str(tmp_path / "cfg.yaml"))
+
+
+def _trained(
+    tmp_path: Path, backend: str, name: str, *args: str, start: Path | None = None, **hooks: str
+) -> dict[str, torch.Tensor]:
+    """The weights of a 2-rank run into ``name``.pth (resuming a copy of ``start`` if given)."""
+    ckpt = tmp_path / f"{name}.pth"
+    if start is not None:
+        shutil.copy(start, ckpt)
+    proc = run_train(tmp_path, backend, str(ckpt), *args, **hooks)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return load_checkpoint(ckpt)["model"]
+
+
+def _assert_same_training(
+    start: dict[str, torch.Tensor], a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], backend: str
+) -> None:
+    """``a`` and ``b`` trained from ``start`` alike: on the CPU (gloo) to float32 rounding; on GPUs (bf16
+    autocast, cuDNN's TF32 and atomics, NCCL's reduction order) to 1 % of each tensor's largest update
+    since ``start``. A gradient off by a step's normaliser or a rank's share is off by tens of percent."""
+    for name, value in b.items():
+        if not value.is_floating_point():
+            continue
+        update = (value - start[name]).abs().max().item()
+        difference = (a[name] - value).abs().max().item()
+        assert difference <= 0.01 * update + 1e-7, (name, difference, update)
+        if backend == "gloo":
+            torch.testing.assert_close(a[name], value, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_lagged_loss_normaliser_trains_as_the_exact_one(synth_small, tmp_path, backend):
     """The foreground mean applied after backward (no mid-step wait between ranks) gives the weights that
-    normalising each step by its own all-reduced mean gives, over steps whose counts differ.
-
-    SGD, so that the update is linear in the gradient (AdamW would hide a normaliser off by a constant).
-    Both runs resume one common first step, so their difference is judged against the update they made:
-    on the CPU (gloo) they must agree to float32 rounding; on GPUs (bf16 autocast, cuDNN's TF32 and
-    atomics, NCCL's reduction order) to 1 % of the largest update of each tensor. A normaliser taken from
-    the wrong step would be off by the ratio of two steps' foreground counts (tens of percent)."""
-    cfg = tiny_config(synth_small, iters=4)
-    cfg.train.batch, cfg.train.checkpoint_every = 4, 0
-    cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay = "sgd", 0.01, 0.0
-    cfg.dump(tmp_path / "cfg.yaml")
-    config = ("--config", str(tmp_path / "cfg.yaml"))
+    normalising each step by its own all-reduced mean gives, over steps whose counts differ. Both resume
+    one common first step, whose weights measure the update (with the correction removed, the CPU
+    variant is off by 75 % of it)."""
+    config = _sgd_config(synth_small, tmp_path)
     start = tmp_path / "start.pth"
-    proc = run_train(tmp_path, backend, str(start), *config, "--iters", "1", exact_norm="1")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    weights = {}
-    for mode, hooks in (("lagged", {}), ("exact", {"exact_norm": "1"})):
-        ckpt = tmp_path / f"{mode}.pth"
-        shutil.copy(start, ckpt)
-        proc = run_train(tmp_path, backend, str(ckpt), *config, **hooks)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        weights[mode] = load_checkpoint(ckpt)["model"]
-    initial = load_checkpoint(start)["model"]
-    for name, value in weights["exact"].items():
-        if not value.is_floating_point():
-            continue
-        update = (value - initial[name]).abs().max().item()
-        difference = (weights["lagged"][name] - value).abs().max().item()
-        assert difference <= 0.01 * update + 1e-7, (name, difference, update)
-        if backend == "gloo":
-            torch.testing.assert_close(weights["lagged"][name], value, rtol=1e-4, atol=1e-6)
+    _trained(tmp_path, backend, "start", *config, "--iters", "1", exact_norm="1")
+    lagged = _trained(tmp_path, backend, "lagged", *config, start=start)
+    exact = _trained(tmp_path, backend, "exact", *config, start=start, exact_norm="1")
+    _assert_same_training(load_checkpoint(start)["model"], lagged, exact, backend)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_averaged_after_backward_train_as_ddp(synth_small, tmp_path, backend):
+    """``train.grad_sync=after_backward`` (flat all-reduces after backward, no DDP) gives DDP's weights.
+    It starts from scratch, where each rank draws other initial weights: only rank 0's broadcast makes it
+    equal DDP's run (resumed from DDP's first step, whose weights measure the update)."""
+    config = _sgd_config(synth_small, tmp_path)
+    start = tmp_path / "start.pth"
+    _trained(tmp_path, backend, "start", *config, "--iters", "1")
+    ddp = _trained(tmp_path, backend, "ddp", *config, start=start)
+    after = _trained(tmp_path, backend, "after", *config, "--set", "train.grad_sync=after_backward")
+    _assert_same_training(load_checkpoint(start)["model"], after, ddp, backend)
 
 
 @pytest.mark.timeout(300)
@@ -271,17 +302,26 @@ def test_global_batch_must_divide_by_the_number_of_ranks(synth_small, tmp_path, 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_compiled_ddp_trains_split_at_large_buckets(synth_small, tmp_path, backend):
-    """``--compile`` under DDP compiles the DDP model split at its (100 MB) buckets (measured faster on two
-    H100s than one graph or the 25 MB buckets) and trains: finite losses on rank 0, one checkpoint."""
+@pytest.mark.parametrize(
+    ("grad_sync", "logged"),
+    [
+        ("ddp", "compile: the DDP model's graph split at its 100 MB buckets"),
+        ("after_backward", "compile: one graph; gradients averaged after backward (train.grad_sync)"),
+    ],
+    ids=["ddp", "after_backward"],
+)
+def test_compiled_ddp_trains(synth_small, tmp_path, backend, grad_sync, logged):
+    """``--compile`` on several ranks trains: finite losses on rank 0, one checkpoint. With DDP the model
+    is compiled split at DDP's (100 MB) buckets (measured faster on two H100s than one graph or the 25 MB
+    buckets); with gradients averaged after backward it is one graph, as on one GPU."""
     cfg = tiny_config(synth_small, iters=2)
-    cfg.train.batch = 4
+    cfg.train.batch, cfg.train.grad_sync = 4, grad_sync
     cfg.train.compile = "eager"  # dynamo's graph capture (where the split happens), no code generation
     cfg.dump(tmp_path / "cfg.yaml")
     ckpt = tmp_path / "m.pth"
     proc = run_train(tmp_path, backend, str(ckpt), "--config", str(tmp_path / "cfg.yaml"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "compile: the DDP model's graph split at its 100 MB buckets" in proc.stderr, proc.stderr[-3000:]
+    assert logged in proc.stderr, proc.stderr[-3000:]
     losses = logged_losses(proc.stderr)
     assert sorted(losses) == [1, 2] and all(math.isfinite(v) for v in losses.values()), losses
     assert load_checkpoint(ckpt)["iteration"] == 2

@@ -11,7 +11,7 @@ from tests.conftest import tiny_config
 from retinaflow.config import ModelConfig
 from retinaflow.engine.callbacks import Callback
 from retinaflow.engine.checkpoint import load_checkpoint
-from retinaflow.engine.train import train, updates_running_stats
+from retinaflow.engine.train import keeps_running_stats_per_rank, train, updates_running_stats
 from retinaflow.errors import CheckpointError, ConfigError, TrainingDiverged
 from retinaflow.model.retinanet import build_model
 
@@ -286,4 +286,9 @@ def test_resume_with_a_changed_batch_or_lr_says_so_once_each(synth_small, tmp_pa
 @pytest.mark.parametrize(("norm", "broadcast"), [("frozen_bn", False), ("gn", False), ("bn", True)])
 def test_ddp_broadcasts_buffers_only_when_training_changes_them(norm: str, broadcast: bool) -> None:
     cfg = ModelConfig(backbone="mobilenet_v2", norm=norm, head_norm="gn", fpn_channels=16, head_convs=1)
-    assert updates_running_stats(build_model(cfg)) is broadcast
+    model = build_model(cfg)
+    assert updates_running_stats(model) is broadcast
+    # Averaging gradients after backward (no DDP, no buffer broadcast) leaves plain BN's statistics
+    # per rank; SyncBatchNorm's are the global batch's on every rank.
+    assert keeps_running_stats_per_rank(model) is broadcast
+    assert not keeps_running_stats_per_rank(torch.nn.SyncBatchNorm.convert_sync_batchnorm(model))

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,55 @@ class LaggedMean:
 
     def _mean(self, total: torch.Tensor) -> torch.Tensor:
         return (total / self.info.world_size).clamp(min=1.0)
+
+
+class GradientAverage:
+    """Gradient averaging over ranks without DistributedDataParallel (``train.grad_sync`` "after_backward").
+
+    Construction broadcasts rank 0's parameters and buffers, as DDP does. :meth:`__call__`, after backward,
+    averages every gradient over the ranks in flat all-reduces of up to ``bucket_mb`` MB each: each bucket
+    is copied into one buffer, divided by the world size, summed and copied back -- DDP's arithmetic (it
+    divides before the sum too), so the same values up to the order of the sum. Nothing overlaps the
+    backward: the network runs as on one GPU (under ``torch.compile`` one graph, which DDP makes dynamo
+    split at its buckets), no per-parameter hooks run, and the all-reduce is paid at the end of the step
+    (R50-FPN's 150 MB of fp32 gradients: 0.6 ms between two H100s over NVLink; between hosts DDP's overlap
+    is worth more). Every rank must run the same backward (the same parameters get gradients).
+    """
+
+    def __init__(self, model: torch.nn.Module, info: DistInfo, bucket_mb: int = 256) -> None:
+        self.world = info.world_size
+        self.bucket_bytes = bucket_mb * 2**20
+        self.buckets = self._buckets([p for p in model.parameters() if p.requires_grad])
+        with torch.no_grad():
+            for bucket in self._buckets([*model.parameters(), *model.buffers()]):
+                flat = _flatten_dense_tensors(bucket)
+                dist.broadcast(flat, src=0)
+                torch._foreach_copy_(bucket, _unflatten_dense_tensors(flat, bucket))
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        for params in self.buckets:
+            grads = [p.grad for p in params if p.grad is not None]
+            if not grads:
+                continue
+            flat = _flatten_dense_tensors(grads)
+            flat.div_(self.world)
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            torch._foreach_copy_(grads, _unflatten_dense_tensors(flat, grads))
+
+    def _buckets(self, tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """``tensors`` in order, grouped by dtype and device, cut once a group holds ``bucket_bytes``."""
+        done: list[list[torch.Tensor]] = []
+        open_: dict[tuple[torch.dtype, torch.device], tuple[list[torch.Tensor], int]] = {}
+        for t in tensors:
+            key = (t.dtype, t.device)
+            bucket, size = open_.get(key, ([], 0))
+            if size >= self.bucket_bytes:
+                done.append(bucket)
+                bucket, size = [], 0
+            bucket.append(t)
+            open_[key] = (bucket, size + t.numel() * t.element_size())
+        return done + [bucket for bucket, _ in open_.values()]
 
 
 def warn_if_world_changed(saved: int | None, info: DistInfo, batch: int, path: str | Path) -> None:

@@ -93,6 +93,17 @@ def updates_running_stats(model: nn.Module) -> bool:
     )
 
 
+def keeps_running_stats_per_rank(model: nn.Module) -> bool:
+    """Whether ``model`` has BatchNorm layers whose running statistics each rank updates from its own
+    batch (plain ``bn``; SyncBatchNorm updates them from the global batch, the same on every rank)."""
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and m.track_running_stats
+        and not isinstance(m, nn.SyncBatchNorm)
+        for m in model.modules()
+    )
+
+
 class _Trainer:
     def __init__(self, config: Config, path: Path, callbacks: CallbackList, info: D.DistInfo) -> None:
         self.config, self.path, self.callbacks, self.info = config, path, callbacks, info
@@ -160,14 +171,23 @@ class _Trainer:
         if cfg.train.channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model
-        self.ddp: nn.Module = model
-        if info.distributed:
+        self.forward_net: nn.Module = model  # what step() calls: the model, DDP-wrapped and/or compiled
+        self.grad_average: D.GradientAverage | None = None
+        ddp = info.distributed and cfg.train.grad_sync == "ddp"
+        if info.distributed and not ddp:
+            if keeps_running_stats_per_rank(model):
+                raise ConfigError(
+                    "train.grad_sync=after_backward keeps no BatchNorm running statistics in step across "
+                    "ranks (model.norm=bn): use model.norm=sync_bn or frozen_bn, or train.grad_sync=ddp"
+                )
+            self.grad_average = D.GradientAverage(model, info)
+        if ddp:
             ids = [info.device.index] if info.device.type == "cuda" else None
             # static_graph: every step uses every parameter in the same order, so DDP can fix its
             # buckets and skip its per-step graph bookkeeping: 1.77-1.80x instead of 1.69x on 2 H200s
             # (bench_ddp.py). Left off under torch.compile, whose DDPOptimizer splits the graph itself.
             # Compiled: fewer, larger buckets, so that dynamo's split (one subgraph per bucket) is short.
-            self.ddp = nn.parallel.DistributedDataParallel(
+            self.forward_net = nn.parallel.DistributedDataParallel(
                 model,
                 device_ids=ids,
                 broadcast_buffers=updates_running_stats(model),
@@ -175,14 +195,16 @@ class _Trainer:
                 bucket_cap_mb=COMPILED_DDP_BUCKET_MB if cfg.train.compile else None,
             )
         if cfg.train.compile:
-            if info.distributed:
+            if ddp:
                 torch._dynamo.config.optimize_ddp = COMPILED_DDP_SPLIT
                 if COMPILED_DDP_SPLIT is True:
                     mb = COMPILED_DDP_BUCKET_MB
                     log.info("compile: the DDP model's graph split at its %d MB buckets", mb)
                 elif not COMPILED_DDP_SPLIT:
                     log.info("compile: one graph for the DDP model (dynamo's bucket split off)")
-            self.ddp = torch.compile(self.ddp, backend=cfg.train.compile)  # type: ignore[assignment]
+            elif info.distributed:
+                log.info("compile: one graph; gradients averaged after backward (train.grad_sync)")
+            self.forward_net = torch.compile(self.forward_net, backend=cfg.train.compile)  # type: ignore[assignment]
             if cfg.train.compile_cache:
                 compile_cache.load(cfg.train.compile_cache)
         self.cached_graphs = compile_cache.compiled_graphs()  # what the cache file already holds
@@ -280,7 +302,7 @@ class _Trainer:
             torch.autocast(dev.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
         )
         with autocast:
-            cls_out, box_out = self.ddp(images)
+            cls_out, box_out = self.forward_net(images)
         anchors = generate_anchors(
             cfg.model.anchors, (images.shape[-2], images.shape[-1]), dev, torch.float32
         )
@@ -292,6 +314,8 @@ class _Trainer:
         )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(losses["loss"]).backward()
+        if self.grad_average is not None:
+            self.grad_average()
         factor = self.fg_mean.correction() if self.fg_mean is not None else None
         if factor is not None:
             torch._foreach_mul_([p.grad for p in self.model.parameters() if p.grad is not None], factor)
