@@ -8,10 +8,16 @@ import pytest
 import torch
 from tests.conftest import tiny_config
 
-from retinaflow.config import ModelConfig
+from retinaflow.config import Config, ModelConfig
 from retinaflow.engine.callbacks import Callback
 from retinaflow.engine.checkpoint import load_checkpoint
-from retinaflow.engine.train import keeps_running_stats_per_rank, train, updates_running_stats
+from retinaflow.engine.distributed import DistInfo
+from retinaflow.engine.train import (
+    _keep_ranks_in_step,
+    keeps_running_stats_per_rank,
+    train,
+    updates_running_stats,
+)
 from retinaflow.errors import CheckpointError, ConfigError, TrainingDiverged
 from retinaflow.model.retinanet import build_model
 
@@ -292,3 +298,14 @@ def test_ddp_broadcasts_buffers_only_when_training_changes_them(norm: str, broad
     # per rank; SyncBatchNorm's are the global batch's on every rank.
     assert keeps_running_stats_per_rank(model) is broadcast
     assert not keeps_running_stats_per_rank(torch.nn.SyncBatchNorm.convert_sync_batchnorm(model))
+
+
+def test_gradients_averaged_after_backward_refuse_per_rank_batchnorm_statistics() -> None:
+    """Refused before any collective: each rank's plain BN statistics would drift apart without DDP's
+    buffer broadcast (the equality with DDP itself: tests/engine/test_distributed.py)."""
+    cfg = ModelConfig(backbone="mobilenet_v2", norm="bn", head_norm="gn", fpn_channels=16, head_convs=1)
+    two_ranks = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    train_cfg = Config().train
+    train_cfg.grad_sync = "after_backward"
+    with pytest.raises(ConfigError, match=r"model\.norm=sync_bn or frozen_bn, or train\.grad_sync=ddp"):
+        _keep_ranks_in_step(build_model(cfg), train_cfg, two_ranks)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from retinaflow.config import Config
+from retinaflow.config import Config, TrainConfig
 from retinaflow.data.batch import Batch
 from retinaflow.engine import compile_cache
 from retinaflow.engine import distributed as D
@@ -91,6 +91,36 @@ def updates_running_stats(model: nn.Module) -> bool:
     return any(
         isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules()
     )
+
+
+def _keep_ranks_in_step(
+    model: nn.Module, train: TrainConfig, info: D.DistInfo
+) -> tuple[nn.Module, D.GradientAverage | None]:
+    """How the ranks' copies of ``model`` stay equal (``train.grad_sync``): the module to call and the
+    gradient average to run after backward. One process: (model, None). "ddp": (DDP around the model,
+    None). "after_backward": (model, GradientAverage), refused when BatchNorm statistics would drift."""
+    if not info.distributed:
+        return model, None
+    if train.grad_sync == "after_backward":
+        if keeps_running_stats_per_rank(model):
+            raise ConfigError(
+                "train.grad_sync=after_backward keeps no BatchNorm running statistics in step across "
+                "ranks (model.norm=bn): use model.norm=sync_bn or frozen_bn, or train.grad_sync=ddp"
+            )
+        return model, D.GradientAverage(model, info)
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    # static_graph: every step uses every parameter in the same order, so DDP can fix its buckets and
+    # skip its per-step graph bookkeeping: 1.77-1.80x instead of 1.69x on 2 H200s (bench_ddp.py). Left
+    # off under torch.compile, whose DDPOptimizer splits the graph itself. Compiled: fewer, larger
+    # buckets, so that dynamo's split (one subgraph per bucket) is short.
+    ddp = nn.parallel.DistributedDataParallel(
+        model,
+        device_ids=ids,
+        broadcast_buffers=updates_running_stats(model),
+        static_graph=not train.compile,
+        bucket_cap_mb=COMPILED_DDP_BUCKET_MB if train.compile else None,
+    )
+    return ddp, None
 
 
 def keeps_running_stats_per_rank(model: nn.Module) -> bool:
@@ -171,31 +201,10 @@ class _Trainer:
         if cfg.train.channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model
-        self.forward_net: nn.Module = model  # what step() calls: the model, DDP-wrapped and/or compiled
-        self.grad_average: D.GradientAverage | None = None
-        ddp = info.distributed and cfg.train.grad_sync == "ddp"
-        if info.distributed and not ddp:
-            if keeps_running_stats_per_rank(model):
-                raise ConfigError(
-                    "train.grad_sync=after_backward keeps no BatchNorm running statistics in step across "
-                    "ranks (model.norm=bn): use model.norm=sync_bn or frozen_bn, or train.grad_sync=ddp"
-                )
-            self.grad_average = D.GradientAverage(model, info)
-        if ddp:
-            ids = [info.device.index] if info.device.type == "cuda" else None
-            # static_graph: every step uses every parameter in the same order, so DDP can fix its
-            # buckets and skip its per-step graph bookkeeping: 1.77-1.80x instead of 1.69x on 2 H200s
-            # (bench_ddp.py). Left off under torch.compile, whose DDPOptimizer splits the graph itself.
-            # Compiled: fewer, larger buckets, so that dynamo's split (one subgraph per bucket) is short.
-            self.forward_net = nn.parallel.DistributedDataParallel(
-                model,
-                device_ids=ids,
-                broadcast_buffers=updates_running_stats(model),
-                static_graph=not cfg.train.compile,
-                bucket_cap_mb=COMPILED_DDP_BUCKET_MB if cfg.train.compile else None,
-            )
+        # what step() calls (the model, DDP-wrapped and/or compiled) and, without DDP, the gradient average
+        self.forward_net, self.grad_average = _keep_ranks_in_step(model, cfg.train, info)
         if cfg.train.compile:
-            if ddp:
+            if isinstance(self.forward_net, nn.parallel.DistributedDataParallel):
                 torch._dynamo.config.optimize_ddp = COMPILED_DDP_SPLIT
                 if COMPILED_DDP_SPLIT is True:
                     mb = COMPILED_DDP_BUCKET_MB
