@@ -12,6 +12,12 @@ GPU time per kernel class (convolutions, Triton, retinaflow ops, other) of one b
 ``NAME#K`` exports variant NAME once more (its own engine); ``--repeat N`` measures each engine in N fresh
 processes (what varies between exports, and what between processes loading one engine).
 
+The peer (``--peer``, on by default): the in-process fast path the issue's batch-1 target was set from,
+``retinaflow infer --compile --cuda-graph`` (``make_detector`` with ``infer.compile=inductor`` and
+``infer.cuda_graph``, fp16 weights), on the same calibrated checkpoint as ``base``, timed at batch 1 in
+its own fresh process after it compiles; each variant's line then carries ``b1_graph_vs_peer`` (engine
+ms / peer ms: below 1 is faster).
+
 Prints one JSON line per variant.
 """
 
@@ -91,6 +97,17 @@ if profile == "1":
 print("RESULT " + json.dumps(out))
 """
 
+PEER = """
+import json, sys, torch
+from bench_engine import measure_batches
+from retinaflow.engine.infer import load_model, make_detector
+torch.backends.cudnn.benchmark = True
+model, config, _ = load_model(sys.argv[1], torch.device("cuda"))
+config.infer.compile, config.infer.cuda_graph = "inductor", True
+detector = make_detector(model, config, torch.float16, inference_only=True)
+print("RESULT " + json.dumps({"compiled_cuda_graph": measure_batches(detector, [1], int(sys.argv[2]))}))
+"""
+
 
 def _run(cmd: list[str], log: Path, timeout: float) -> tuple[int, float, str]:
     t0 = time.perf_counter()
@@ -136,6 +153,18 @@ def measure(name: str, out: Path, iters: int, profile: bool, run: int = 0) -> di
     return {"measure_s": secs, **json.loads(lines[-1][len("RESULT ") :])}
 
 
+def _peer(out: Path, iters: int, candidates: int) -> dict[str, Any]:
+    """The in-process ``--compile --cuda-graph`` detector on ``base``'s checkpoint, in a fresh process."""
+    folder = out / "peer"
+    folder.mkdir(parents=True, exist_ok=True)
+    model = checkpoint(folder, _variant("base")[0], candidates)
+    rc, secs, text = _run([sys.executable, "-c", PEER, str(model), str(iters)], folder / "peer.log", 400)
+    lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
+    if rc != 0 or not lines:
+        return {"peer_rc": rc, "peer_tail": [line[-240:] for line in text.strip().splitlines()[-5:]]}
+    return {"peer_s": secs, **json.loads(lines[-1][len("RESULT ") :])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="/tmp/tune_engine")
@@ -144,6 +173,12 @@ def main() -> None:
     ap.add_argument("--export-timeout", type=float, default=400)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--repeat", type=int, default=1, help="fresh processes measuring each engine")
+    ap.add_argument(
+        "--peer",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time `infer --compile --cuda-graph` at batch 1 (the issue's reference path)",
+    )
     ap.add_argument(
         "--candidates",
         type=int,
@@ -159,12 +194,20 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(len(names)) as pool:  # the compiles are mostly single-threaded: all at once
         exported = list(pool.map(lambda n: export(n, out, args.export_timeout, args.candidates), names))
+    peer_ms = None
+    if args.peer:
+        peer = _peer(out, args.iters, args.candidates)
+        print(json.dumps({"variant": "peer_infer_compile_cuda_graph", **peer}), flush=True)
+        peer_ms = peer.get("compiled_cuda_graph", {}).get("latency_b1_ms")
     profiled = args.profile.split(",")
     for result in exported:
         name = result["variant"]
         for run in range(args.repeat if result["export_rc"] == 0 else 0):
             timed = measure(name, out, args.iters, name.partition("#")[0] in profiled, run)
             result.update(timed if run == 0 else {f"run{run}": timed})
+        graph_ms = result.get("pt2_cuda_graph", {}).get("latency_b1_ms")
+        if peer_ms and graph_ms:
+            result["b1_graph_vs_peer"] = round(graph_ms / peer_ms, 3)
         print(json.dumps(result), flush=True)
 
 
