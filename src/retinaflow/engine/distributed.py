@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 log = logging.getLogger(__name__)
 
@@ -144,12 +143,14 @@ class GradientAverage:
 
     Construction broadcasts rank 0's parameters and buffers, as DDP does. :meth:`__call__`, after backward,
     averages every gradient over the ranks in flat all-reduces of up to ``bucket_mb`` MB each: each bucket
-    is copied into one buffer, divided by the world size, summed and copied back -- DDP's arithmetic (it
-    divides before the sum too), so the same values up to the order of the sum. Nothing overlaps the
-    backward: the network runs as on one GPU (under ``torch.compile`` one graph, which DDP makes dynamo
-    split at its buckets), no per-parameter hooks run, and the all-reduce is paid at the end of the step
-    (R50-FPN's 150 MB of fp32 gradients: 0.6 ms between two H100s over NVLink; between hosts DDP's overlap
-    is worth more). Every rank must run the same backward (the same parameters get gradients).
+    is copied into one buffer (in memory order), divided by the world size, summed and copied back --
+    DDP's arithmetic (it divides before the sum too), so the same values up to the order of the sum.
+
+    Nothing overlaps the backward: the network runs as on one GPU (under ``torch.compile`` one graph,
+    which DDP makes dynamo split at its buckets), no per-parameter hooks run, and the all-reduce is paid
+    at the end of the step (R50-FPN's 150 MB of fp32 gradients: 0.6 ms between two H100s over NVLink;
+    between hosts DDP's overlap is worth more). Every rank must run the same backward (the same
+    parameters get gradients).
     """
 
     def __init__(self, model: torch.nn.Module, info: DistInfo, bucket_mb: int = 256) -> None:
@@ -158,20 +159,21 @@ class GradientAverage:
         self.buckets = self._buckets([p for p in model.parameters() if p.requires_grad])
         with torch.no_grad():
             for bucket in self._buckets([*model.parameters(), *model.buffers()]):
-                flat = _flatten_dense_tensors(bucket)
+                views = [_in_memory_order(t) for t in bucket]
+                flat = torch.cat(views)
                 dist.broadcast(flat, src=0)
-                torch._foreach_copy_(bucket, _unflatten_dense_tensors(flat, bucket))
+                torch._foreach_copy_(views, flat.split([v.numel() for v in views]))
 
     @torch.no_grad()
     def __call__(self) -> None:
         for params in self.buckets:
-            grads = [p.grad for p in params if p.grad is not None]
-            if not grads:
+            views = [_in_memory_order(p.grad) for p in params if p.grad is not None]
+            if not views:
                 continue
-            flat = _flatten_dense_tensors(grads)
+            flat = torch.cat(views)
             flat.div_(self.world)
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            torch._foreach_copy_(grads, _unflatten_dense_tensors(flat, grads))
+            torch._foreach_copy_(views, flat.split([v.numel() for v in views]))
 
     def _buckets(self, tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         """``tensors`` in order, grouped by dtype and device, cut once a group holds ``bucket_bytes``."""
@@ -186,6 +188,14 @@ class GradientAverage:
             bucket.append(t)
             open_[key] = (bucket, size + t.numel() * t.element_size())
         return done + [bucket for bucket, _ in open_.values()]
+
+
+def _in_memory_order(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of ``t``'s elements in memory order (channels_last included): copies to and from a
+    flat buffer then run as one multi-tensor kernel each, not one strided copy per tensor."""
+    if not (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
+        raise ValueError(f"expected a dense tensor, got shape {tuple(t.shape)} strides {t.stride()}")
+    return t.as_strided((t.numel(),), (1,))
 
 
 def warn_if_world_changed(saved: int | None, info: DistInfo, batch: int, path: str | Path) -> None:
