@@ -41,7 +41,9 @@ def _setup(tmp_path, monkeypatch, data=S3) -> tuple[Path, TrainJobRequest]:
     ckpt.write_bytes(b"weights")
     monkeypatch.setattr("retinaflow.kubeflow.trainjob.local_input", lambda uri: ckpt)
     monkeypatch.setattr("retinaflow.engine.checkpoint.load_checkpoint", lambda path: {"iteration": 90})
-    train = TrainRequest(gpus=8, batch=64, checkpoint_root="s3://b/ck", run_name="Run_1")
+    train = TrainRequest(
+        gpus=8, batch=64, checkpoint_root="s3://b/ck", run_name="Run_1", train_env=["NCCL_SOCKET_IFNAME=eth0"]
+    )
     return folder, TrainJobRequest(train=train, nodes=4, poll_seconds=0)
 
 
@@ -54,10 +56,10 @@ def test_creates_the_job_and_fetches_the_checkpoint(tmp_path, monkeypatch):
     trainer = job["spec"]["trainer"]
     assert (trainer["numNodes"], trainer["numProcPerNode"], trainer["command"]) == (4, 8, ["torchrun"])
     assert trainer["args"][:4] == ["-m", "retinaflow", "train", "s3://b/ck/Run_1/model.pth"]
-    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in trainer["env"]} == {
-        "retinaflow-s3",
-        "retinaflow-mlflow",
-    }
+    secrets = [e for e in trainer["env"] if "valueFrom" in e]
+    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in secrets} == {"retinaflow-s3", "retinaflow-mlflow"}
+    # train_env reaches every node's container (NCCL's network settings of the cluster)
+    assert [e for e in trainer["env"] if "value" in e] == [{"name": "NCCL_SOCKET_IFNAME", "value": "eth0"}]
     assert api.polled == 3 and result.iterations == 90
     assert (tmp_path / "out" / "model").read_bytes() == b"weights"
 

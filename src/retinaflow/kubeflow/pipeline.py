@@ -103,6 +103,7 @@ def retinaflow_pipeline(
     checkpoint_every: int = 1000,
     backbone_weights: str = "",
     overrides: list[str] = [],  # noqa: B006
+    train_env: list[str] = [],  # noqa: B006
     checkpoint_root: str = "",
     stage_uri: str = "",
     experiment: str = "retinaflow",

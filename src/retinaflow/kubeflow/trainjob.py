@@ -64,6 +64,7 @@ def trainjob_manifest(req: TrainJobRequest, data: DatasetManifest) -> dict[str, 
     env = [_secret_env(k, req.s3_secret) for k in S3_KEYS] + [
         _secret_env(k, req.mlflow_secret) for k in MLFLOW_KEYS
     ]
+    env += [{"name": k, "value": v} for k, v in req.train.environment().items()]
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "TrainJob",

@@ -18,7 +18,8 @@ from retinaflow.kubeflow.steps.training import TrainRequest, TrainResult
 TRAIN_INPUTS = dict(
     backbone="resnet18", iters=500, batch=8, lr=0.02, precision="bf16", resize=640, max_size=1024,
     gpus=2, val_every=100, checkpoint_every=50, backbone_weights="s3://w/r18.pth",
-    overrides=["loss.gamma=1.5"], checkpoint_root="s3://b/ck", experiment="exp", run_name="run-1",
+    overrides=["loss.gamma=1.5"], train_env=["NCCL_DEBUG=INFO"], checkpoint_root="s3://b/ck",
+    experiment="exp", run_name="run-1",
 )  # fmt: skip
 RESULT = TrainResult(Path("/m"), 500, "abc", "s3://b/ck/run-1/model.pth")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -68,7 +69,7 @@ def _dataset(tmp_path: Path) -> Path:
 
 def test_failed_training_keeps_the_checkpoint_location(tmp_path, monkeypatch):
     monkeypatch.setenv("RETINAFLOW_NO_MLFLOW", "1")
-    monkeypatch.setattr(training.subprocess, "call", lambda argv: 3)
+    monkeypatch.setattr(training.subprocess, "call", lambda argv, env: 3)
     req = TrainRequest(gpus=0, batch=2, checkpoint_root=str(tmp_path / "ck"), run_name="run")
     with pytest.raises(TrainingFailed, match="code 3"):
         run_training(req, _dataset(tmp_path), tmp_path / "out" / "model")
@@ -83,7 +84,8 @@ def test_resume_from_s3_then_copy_to_the_model_artifact(tmp_path, monkeypatch):
         Path(dest).write_bytes(b"previous attempt")
         return True
 
-    def trainer(argv):
+    def trainer(argv, env):
+        assert env["NCCL_DEBUG"] == "INFO" and env["PATH"] == os.environ["PATH"]  # added, not replaced
         checkpoint = Path(argv[4])
         assert checkpoint.read_bytes() == b"previous attempt"  # the trainer resumes from it
         checkpoint.write_bytes(b"final")
@@ -96,11 +98,24 @@ def test_resume_from_s3_then_copy_to_the_model_artifact(tmp_path, monkeypatch):
     )
     monkeypatch.setattr(training.subprocess, "call", trainer)
     monkeypatch.setattr("retinaflow.engine.checkpoint.load_checkpoint", lambda path: {"iteration": 42})
-    req = TrainRequest(gpus=0, batch=2, checkpoint_root="s3://b/ck", run_name="run")
+    req = TrainRequest(
+        gpus=0, batch=2, checkpoint_root="s3://b/ck", run_name="run", train_env=["NCCL_DEBUG=INFO"]
+    )
     result = run_training(req, _dataset(tmp_path), tmp_path / "out" / "model")
     assert downloaded == ["s3://b/ck/run/model.pth"] == [result.checkpoint_uri]
     assert uploads == [("s3://b/ck/run/model.pth", b"final")]
     assert (tmp_path / "out" / "model").read_bytes() == b"final" and result.iterations == 42
+
+
+@pytest.mark.parametrize("item", ["NCCL_DEBUG", "=INFO", "1NCCL=x", "NCCL DEBUG=INFO"])
+def test_train_env_entries_must_be_key_value(item):
+    with pytest.raises(ConfigError, match="train_env entries are KEY=VALUE") as err:
+        TrainRequest(gpus=0, batch=2, train_env=[item]).check()
+    assert "\n" not in str(err.value)
+    assert TrainRequest(train_env=["NCCL_IB_HCA=mlx5_0,mlx5_1", "EMPTY="]).environment() == {
+        "NCCL_IB_HCA": "mlx5_0,mlx5_1",
+        "EMPTY": "",
+    }
 
 
 def test_syncer_uploads_each_new_checkpoint(tmp_path, monkeypatch):

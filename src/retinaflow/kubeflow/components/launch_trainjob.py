@@ -24,6 +24,7 @@ def launch_trainjob(
     checkpoint_every: int,
     backbone_weights: str,
     overrides: list[str],
+    train_env: list[str],
     checkpoint_root: str,
     experiment: str,
     run_name: str,

@@ -23,6 +23,7 @@ def train(
     checkpoint_every: int,
     backbone_weights: str,
     overrides: list[str],
+    train_env: list[str],
     checkpoint_root: str,
     experiment: str,
     run_name: str,
@@ -33,7 +34,8 @@ def train(
     ``gpus`` > 0 launches ``torchrun --nproc-per-node gpus``; 0 trains on the CPU in one process.
     The checkpoint lives at ``{checkpoint_root}/{run_name}/model.pth`` (``s3://`` on a cluster), so
     a retried pod resumes where the previous one stopped. ``overrides`` are ``section.key=value``
-    config overrides. With ``MLFLOW_TRACKING_URI`` set (or the embedded store), the run is tracked
+    config overrides; ``train_env`` (``KEY=VALUE``) is added to the training processes' environment.
+    With ``MLFLOW_TRACKING_URI`` set (or the embedded store), the run is tracked
     in ``experiment``; its id is returned for the later steps.
     """
     from retinaflow.kubeflow.steps.common import request_from

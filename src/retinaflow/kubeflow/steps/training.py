@@ -10,6 +10,7 @@ uploads the local one whenever the trainer rewrites it, so a pod killed mid-trai
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -58,6 +59,9 @@ class TrainRequest:
     checkpoint_every: int = 1000
     backbone_weights: str = ""
     overrides: list[str] = field(default_factory=list)
+    # KEY=VALUE environment of every training process (single pod and TrainJob nodes): NCCL's network
+    # settings of a cluster (NCCL_SOCKET_IFNAME, NCCL_IB_HCA), NCCL_DEBUG=INFO, NCCL_NVLS_ENABLE=0.
+    train_env: list[str] = field(default_factory=list)
     checkpoint_root: str = ""
     experiment: str = "retinaflow"
     run_name: str = "retinaflow"
@@ -72,11 +76,24 @@ class TrainRequest:
             raise ConfigError(f"gpus must be 0 (CPU) or more, got {self.gpus}")
         if self.gpus and self.batch % self.gpus:
             raise ConfigError(f"batch {self.batch} must be a multiple of gpus {self.gpus}")
+        self.environment()
         config = Config()
         for flag, value in self.settings():
             config.set_key(flag.key, value)
         config.override(self.overrides)
 
+    def environment(self) -> dict[str, str]:
+        """``train_env`` as a mapping; ConfigError for an entry that is not KEY=VALUE."""
+        env = {}
+        for item in self.train_env:
+            key, sep, value = item.partition("=")
+            if not sep or not _ENV_NAME.fullmatch(key):
+                raise ConfigError(f"train_env entries are KEY=VALUE with KEY a variable name, got {item!r}")
+            env[key] = value
+        return env
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 #: The flags (and config keys) that are pipeline parameters: those TrainRequest has a field for.
 CONFIG_FLAGS = tuple(f for f in TRAIN_FLAGS if f.name in {x.name for x in fields(TrainRequest)})
@@ -144,7 +161,7 @@ def run_training(req: TrainRequest, dataset_dir: str | Path, model_path: str | P
     argv = train_argv(req, data, str(local), tracked)
     log.info("training: %s", " ".join(argv))
     with _Syncer(local, uri if is_remote(uri) else None):
-        code = subprocess.call(argv)
+        code = subprocess.call(argv, env={**os.environ, **req.environment()})
     if code != 0:
         raise TrainingFailed(f"training exited with code {code} (checkpoint kept at {uri})")
     if not local.is_file():
