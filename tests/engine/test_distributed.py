@@ -182,6 +182,9 @@ def test_two_rank_ddp_trains_checkpoints_on_rank0_and_resumes(synth_small, tmp_p
     assert sorted(p.name for p in out.iterdir()) == ["m.pth"]  # no temporary files left behind
     # every save happened once, on rank 0: after iteration 2 and at the end
     assert writes(tmp_path) == [f"0 {ckpt}"] * 2
+    device = "cpu" if backend == "gloo" else "cuda"
+    summary = f"2 ranks ({device}, {backend}): global batch 4, 2 per rank; gradients averaged by DDP"
+    assert proc.stderr.count(summary) == 1, proc.stderr[-3000:]  # said once, by rank 0
     losses = logged_losses(proc.stderr)
     assert sorted(losses) == [1, 2, 3]
     assert all(math.isfinite(v) for v in losses.values()), losses

@@ -160,6 +160,13 @@ class _Trainer:
         self._build_data()
         self._build_model()
         self._build_optimizer()
+        if info.distributed and info.is_main:  # once: what every pod's log of a multi-GPU job should show
+            log.info(
+                "%d ranks (%s, %s): global batch %d, %d per rank; gradients averaged %s",
+                info.world_size, info.device.type, torch.distributed.get_backend(), cfg.train.batch,
+                cfg.train.batch // info.world_size,
+                "by DDP" if cfg.train.grad_sync == "ddp" else "after backward (train.grad_sync)",
+            )  # fmt: skip
         self.state = TrainState(
             config=cfg, output=self.path.parent, iteration=self.iteration, total_iters=cfg.train.iters,
             resumed=self.iteration > 0,
