@@ -84,13 +84,18 @@ def _check_config(config: Config) -> None:
         raise ConfigError("give both --val-images and --val-annotations, or neither")
 
 
+def _tracked_batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers whose running statistics training updates (``model.norm`` bn or sync_bn)."""
+    return [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+
+
 def updates_running_stats(model: nn.Module) -> bool:
-    """Whether training changes any buffer of ``model``: BatchNorm's running statistics (``model.norm`` bn or
-    sync_bn). Only then must DDP broadcast rank 0's buffers before every forward; frozen BN's statistics
-    and GroupNorm have nothing to keep in step, and the broadcast would be one collective per step."""
-    return any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules()
-    )
+    """Whether training changes any buffer of ``model``: BatchNorm's running statistics. Only then must
+    DDP broadcast rank 0's buffers before every forward; frozen BN's statistics and GroupNorm have
+    nothing to keep in step, and the broadcast would be one collective per step."""
+    return bool(_tracked_batchnorms(model))
 
 
 def _keep_ranks_in_step(
@@ -126,12 +131,7 @@ def _keep_ranks_in_step(
 def keeps_running_stats_per_rank(model: nn.Module) -> bool:
     """Whether ``model`` has BatchNorm layers whose running statistics each rank updates from its own
     batch (plain ``bn``; SyncBatchNorm updates them from the global batch, the same on every rank)."""
-    return any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm)
-        and m.track_running_stats
-        and not isinstance(m, nn.SyncBatchNorm)
-        for m in model.modules()
-    )
+    return any(not isinstance(m, nn.SyncBatchNorm) for m in _tracked_batchnorms(model))
 
 
 class _Trainer:
