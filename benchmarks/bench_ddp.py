@@ -230,6 +230,7 @@ def worker(args: argparse.Namespace) -> None:
     cfg = _config(args, world)
     if args.force_ddp:
         _force_ddp()
+        cfg.train.grad_sync = "ddp"  # auto would average after backward: one node
     if args.ddp_options:
         _use_ddp_options(args.ddp_options, cfg)
     log = _StepLog()
@@ -279,7 +280,8 @@ def _use_ddp_options(text: str, cfg: Config) -> None:
     the trainer sets ``torch._dynamo.config.optimize_ddp`` to for a compiled DDP model,
     ``compiled_autograd`` (0|1) sets ``torch._dynamo.config.compiled_autograd`` (the Python reducer needs it),
     ``comm_hook`` (bf16|fp16) registers DDP's gradient compression hook of that name, and ``grad_sync``
-    sets ``cfg.train.grad_sync`` (``after_backward``: no DDP at all, gradients averaged after backward).
+    sets ``cfg.train.grad_sync`` (``ddp``; ``after_backward``: no DDP at all, gradients averaged after
+    backward); other keys imply ``grad_sync=ddp``.
     Other values are numbers (``bucket_cap_mb=100``) or strings.
     """
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -295,8 +297,8 @@ def _use_ddp_options(text: str, cfg: Config) -> None:
 
     pairs = [item.split("=", 1) for item in text.split(",") if item]
     options: dict[str, Any] = {k: value(v) for k, v in pairs}
-    if "grad_sync" in options:
-        cfg.train.grad_sync = options.pop("grad_sync")
+    # DDP's own options mean DDP: the default (grad_sync auto) averages after backward on one node.
+    cfg.train.grad_sync = options.pop("grad_sync", "ddp" if options else cfg.train.grad_sync)
     if "optimize_ddp" in options:
         trainer.COMPILED_DDP_SPLIT = options.pop("optimize_ddp")
     if "compiled_autograd" in options:
@@ -579,7 +581,8 @@ def main() -> None:
         help="also run each N-GPU throughput run with these DistributedDataParallel arguments (booleans "
         "0/1), e.g. bucket_view=gradient_as_bucket_view=1,static_graph=1 (repeatable); the keys optimize_ddp "
         "(0, 1 or a mode: python_reducer) and compiled_autograd set torch._dynamo.config (compiled runs); "
-        "grad_sync=after_backward trains without DDP (gradients averaged after backward)",
+        "grad_sync=ddp|after_backward sets train.grad_sync (default auto: after_backward on one node; DDP "
+        "arguments imply ddp)",
     )
     d.add_argument("--only-variants", action="store_true", help="N-GPU runs with --ddp-variant options only")
     d.add_argument(

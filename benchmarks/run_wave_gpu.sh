@@ -5,8 +5,8 @@
 #   bash benchmarks/run_wave_gpu.sh loaders   loaders alone, cuDNN autotuning on/off
 #   bash benchmarks/run_wave_gpu.sh realdata  real-shaped training (preloaded / torch / DALI), eager + compiled
 #   bash benchmarks/run_wave_gpu.sh ddp       bench_ddp.py on all visible GPUs (scaling, equivalence, eval)
-#   bash benchmarks/run_wave_gpu.sh gradsync  DDP vs gradients averaged after backward (train.grad_sync), compiled,
-#                                             on all visible GPUs, after their NCCL tests (~9 min on 2 GPUs)
+#   bash benchmarks/run_wave_gpu.sh gradsync  the default (train.grad_sync auto: after backward on one node) vs DDP,
+#                                             compiled, on all visible GPUs, after their NCCL tests (~9 min on 2 GPUs)
 #   bash benchmarks/run_wave_gpu.sh gradsync_eager   the same comparison eager, real-shaped data (~4 min)
 #   bash benchmarks/run_wave_gpu.sh engines   every `gpu` test (kernels, engines, C++ runner, NCCL faults), probe_pt2, bench_engine
 #   bash benchmarks/run_wave_gpu.sh accuracy  bench_accuracy (retinaflow recipes vs torchvision) + INT8 on a result
@@ -42,12 +42,12 @@ case "${1:-tests}" in
       -k "after_backward or lagged or compiled" 2>&1 | tee "$OUT/gradsync_tests.log" | tail -8
     gpus=$(nvidia-smi -L | wc -l); counts=1,2; [ "$gpus" -ge 4 ] && counts=1,2,4
     python benchmarks/bench_ddp.py --gpus "$counts" --loaders dali --compile-only --sizes fixed --images 400 \
-      --data-dir /tmp/ddp_fixed --skip-equivalence --ddp-variant after=grad_sync=after_backward \
+      --data-dir /tmp/ddp_fixed --skip-equivalence --ddp-variant ddp=grad_sync=ddp \
       --out-dir "$OUT" 2>&1 | tail -40 ;;
   gradsync_eager)
     gpus=$(nvidia-smi -L | wc -l); counts=1,2; [ "$gpus" -ge 4 ] && counts=1,2,4
     python benchmarks/bench_ddp.py --gpus "$counts" --loaders dali --skip-equivalence \
-      --ddp-variant after=grad_sync=after_backward --out-dir "$OUT" 2>&1 | tail -40 ;;
+      --ddp-variant ddp=grad_sync=ddp --out-dir "$OUT" 2>&1 | tail -40 ;;
   engines)
     python -m pytest -q -p no:cacheprovider -m gpu -rs --durations=15 tests/ops tests/model tests/engine tests/data \
       tests/export tests/deploy tests/kernels tests/kubeflow/steps 2>&1 | tee "$OUT/gpu_tests.log" | tail -40

@@ -150,9 +150,11 @@ class TrainConfig:
     compile: str = ""
     compile_cache: str = ""
     # Gradient averaging over ranks (several GPUs): "ddp" (DistributedDataParallel: bucketed all-reduces
-    # overlapped with backward) or "after_backward" (engine.distributed.GradientAverage: flat all-reduces
-    # after backward; no DDP hooks, one compiled graph). docs/PERFORMANCE.md compares them.
-    grad_sync: str = "ddp"
+    # overlapped with backward), "after_backward" (engine.distributed.GradientAverage: flat all-reduces
+    # after backward; no DDP hooks, one compiled graph) or "auto": after_backward when every rank is on
+    # one node and no rank keeps its own BatchNorm statistics, else ddp. Two H100s, R50-FPN batch 8 per
+    # GPU: after_backward 12-24 % faster than DDP, eager and compiled (docs/PERFORMANCE.md, 11th session).
+    grad_sync: str = "auto"
     # cuDNN autotuning: "off", "on", or "auto" (on when data.shapes bounds the shapes); see data/shapes.py.
     # Measured in fresh processes (H200, R50 batch 8, bench_cudnn.py): autotuning costs ~9 s per padded
     # shape (~55 s for 6 buckets) and then gains 1.2 % -- it repays itself only after ~80k iterations.
@@ -315,7 +317,7 @@ class Config:
             node.__post_init__()  # the section's range checks
 
 
-GRAD_SYNCS = ("ddp", "after_backward")
+GRAD_SYNCS = ("auto", "ddp", "after_backward")
 _RULES = {
     "grad_sync": f"be one of {', '.join(GRAD_SYNCS)}",
     "nms_iou": "be in [0, 1]",

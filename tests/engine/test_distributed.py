@@ -183,7 +183,8 @@ def test_two_rank_ddp_trains_checkpoints_on_rank0_and_resumes(synth_small, tmp_p
     # every save happened once, on rank 0: after iteration 2 and at the end
     assert writes(tmp_path) == [f"0 {ckpt}"] * 2
     device = "cpu" if backend == "gloo" else "cuda"
-    summary = f"2 ranks ({device}, {backend}): global batch 4, 2 per rank; gradients averaged by DDP"
+    how = "after backward (train.grad_sync=auto: one node)"  # the default on one node, without plain BN
+    summary = f"2 ranks ({device}, {backend}): global batch 4, 2 per rank; gradients averaged {how}"
     assert proc.stderr.count(summary) == 1, proc.stderr[-3000:]  # said once, by rank 0
     losses = logged_losses(proc.stderr)
     assert sorted(losses) == [1, 2, 3]
@@ -273,9 +274,10 @@ def test_gradients_averaged_after_backward_train_as_ddp(synth_small, tmp_path, b
     It starts from scratch, where each rank draws other initial weights: only rank 0's broadcast makes it
     equal DDP's run (resumed from DDP's first step, whose weights measure the update)."""
     config = _sgd_config(synth_small, tmp_path)
+    by_ddp = (*config, "--set", "train.grad_sync=ddp")
     start = tmp_path / "start.pth"
-    _trained(tmp_path, backend, "start", *config, "--iters", "1")
-    ddp = _trained(tmp_path, backend, "ddp", *config, start=start)
+    _trained(tmp_path, backend, "start", *by_ddp, "--iters", "1")
+    ddp = _trained(tmp_path, backend, "ddp", *by_ddp, start=start)
     after = _trained(tmp_path, backend, "after", *config, "--set", "train.grad_sync=after_backward")
     _assert_same_training(load_checkpoint(start)["model"], after, ddp, backend)
 

@@ -14,6 +14,7 @@ from retinaflow.engine.checkpoint import load_checkpoint
 from retinaflow.engine.distributed import DistInfo
 from retinaflow.engine.train import (
     _keep_ranks_in_step,
+    grad_sync_of,
     keeps_running_stats_per_rank,
     train,
     updates_running_stats,
@@ -304,8 +305,35 @@ def test_gradients_averaged_after_backward_refuse_per_rank_batchnorm_statistics(
     """Refused before any collective: each rank's plain BN statistics would drift apart without DDP's
     buffer broadcast (the equality with DDP itself: tests/engine/test_distributed.py)."""
     cfg = ModelConfig(backbone="mobilenet_v2", norm="bn", head_norm="gn", fpn_channels=16, head_convs=1)
-    two_ranks = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    two_ranks = DistInfo(rank=0, world_size=2, local_rank=0, local_world_size=2, device=torch.device("cpu"))
     train_cfg = Config().train
     train_cfg.grad_sync = "after_backward"
     with pytest.raises(ConfigError, match=r"model\.norm=sync_bn or frozen_bn, or train\.grad_sync=ddp"):
         _keep_ranks_in_step(build_model(cfg), train_cfg, two_ranks)
+
+
+@pytest.mark.parametrize(
+    ("norm", "grad_sync", "ranks_per_node", "expected"),
+    [
+        ("frozen_bn", "auto", 4, ("after_backward", "train.grad_sync=auto: one node")),
+        ("gn", "auto", 2, ("ddp", "train.grad_sync=auto: 2 nodes")),  # DDP overlaps the slower all-reduce
+        ("bn", "auto", 4, ("ddp", "train.grad_sync=auto: BatchNorm statistics kept in step by DDP")),
+        ("sync_bn", "auto", 4, ("after_backward", "train.grad_sync=auto: one node")),
+        ("frozen_bn", "ddp", 4, ("ddp", "train.grad_sync=ddp")),
+        ("gn", "after_backward", 1, ("after_backward", "train.grad_sync=after_backward")),
+    ],
+)
+def test_grad_sync_auto_averages_after_backward_on_one_node_without_per_rank_batchnorm(
+    norm: str, grad_sync: str, ranks_per_node: int, expected: tuple[str, str]
+) -> None:
+    cfg = ModelConfig(backbone="mobilenet_v2", norm="bn" if norm == "sync_bn" else norm, head_norm="gn")
+    cfg.fpn_channels, cfg.head_convs = 16, 1
+    model = build_model(cfg)
+    if norm == "sync_bn":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    cpu = torch.device("cpu")
+    four = DistInfo(rank=0, world_size=4, local_rank=0, local_world_size=ranks_per_node, device=cpu)
+    train_cfg = Config().train
+    assert train_cfg.grad_sync == "auto"
+    train_cfg.grad_sync = grad_sync
+    assert grad_sync_of(model, train_cfg, four) == expected

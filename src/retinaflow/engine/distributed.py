@@ -22,11 +22,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DistInfo:
-    """Where this process sits: global rank, world size, local rank, and the device it drives."""
+    """Where this process sits: global rank, world size, local rank, the number of ranks on this node
+    (torchrun's ``LOCAL_WORLD_SIZE``), and the device it drives."""
 
     rank: int
     world_size: int
     local_rank: int
+    local_world_size: int
     device: torch.device
 
     @property
@@ -36,6 +38,11 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def nodes(self) -> int:
+        """How many nodes the ranks span (equal counts per node, as torchrun starts them)."""
+        return max(1, self.world_size // max(1, self.local_world_size))
 
 
 def init_distributed(device: str | None = None) -> DistInfo:
@@ -47,13 +54,15 @@ def init_distributed(device: str | None = None) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    # Without LOCAL_WORLD_SIZE (a launcher other than torchrun) each rank counts as its own node.
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
-    return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
+    return DistInfo(rank=rank, world_size=world, local_rank=local, local_world_size=local_world, device=dev)
 
 
 def barrier(info: DistInfo) -> None:
