@@ -56,7 +56,9 @@ HERE = Path(__file__).resolve()
 # worker side (runs under torchrun)
 # ---------------------------------------------------------------------------------------------------
 class _StepLog(Callback):
-    """Rank 0: iteration, wall time and loss at every log step (``train.log_every``)."""
+    """Rank 0: iteration and wall time when training starts (iteration 0: the model and loader built, no
+    step run; ``--tp-warmup 0`` times from there, compile included) and at every log step
+    (``train.log_every``), with the loss of each log step."""
 
     def __init__(self) -> None:
         self.iterations: list[int] = []
@@ -64,12 +66,18 @@ class _StepLog(Callback):
         self.losses: list[float] = []
         self.val_map: float | None = None
 
+    def on_train_start(self, state: TrainState) -> None:
+        self._mark(state.iteration)
+
     def on_step(self, state: TrainState, metrics: dict[str, float]) -> None:
+        self._mark(state.iteration)
+        self.losses.append(metrics["loss"])
+
+    def _mark(self, iteration: int) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.iterations.append(state.iteration)
+        self.iterations.append(iteration)
         self.times.append(time.perf_counter())
-        self.losses.append(metrics["loss"])
 
     def on_validation(self, state: TrainState, result: Any) -> None:
         self.val_map = result.map

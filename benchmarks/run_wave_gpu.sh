@@ -8,6 +8,8 @@
 #   bash benchmarks/run_wave_gpu.sh gradsync  the default (train.grad_sync auto: after backward on one node) vs DDP,
 #                                             compiled, on all visible GPUs, after their NCCL tests (~9 min on 2 GPUs)
 #   bash benchmarks/run_wave_gpu.sh gradsync_eager   the same comparison eager, real-shaped data (~4 min)
+#   bash benchmarks/run_wave_gpu.sh realdata2 issue 13 on 1 and 2 GPUs: img/s over iterations 1-1000 (start-up
+#                                             included), real-shaped JPEGs then one fixed shape (~8 min)
 #   bash benchmarks/run_wave_gpu.sh engines   every `gpu` test (kernels, engines, C++ runner, NCCL faults), probe_pt2, bench_engine
 #   bash benchmarks/run_wave_gpu.sh accuracy  bench_accuracy (retinaflow recipes vs torchvision) + INT8 on a result
 #   bash benchmarks/run_wave_gpu.sh scratch   R50-FPN from random init at the issue's scale: default norms vs ODTK's
@@ -48,6 +50,11 @@ case "${1:-tests}" in
     gpus=$(nvidia-smi -L | wc -l); counts=1,2; [ "$gpus" -ge 4 ] && counts=1,2,4
     python benchmarks/bench_ddp.py --gpus "$counts" --loaders dali --skip-equivalence \
       --ddp-variant ddp=grad_sync=ddp --out-dir "$OUT" 2>&1 | tail -40 ;;
+  realdata2)  # the mean over the first 1,000 iterations, real data against the fixed-shape peer, eager
+    for sizes in coco fixed; do
+      python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --sizes $sizes --images 1200 --tp-iters 1000 \
+        --tp-warmup 0 --skip-equivalence --data-dir /tmp/ddp_$sizes --out-dir "$OUT/$sizes" 2>&1 | tail -30
+    done ;;
   engines)
     python -m pytest -q -p no:cacheprovider -m gpu -rs --durations=15 tests/ops tests/model tests/engine tests/data \
       tests/export tests/deploy tests/kernels tests/kubeflow/steps 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
