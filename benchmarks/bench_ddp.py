@@ -385,7 +385,7 @@ def _launch(args: argparse.Namespace, gpus: int, task: str, name: str, **extra: 
     ckpt.unlink(missing_ok=True)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-        str(HERE), "worker", "--task", task, "--data", args.data_dir, "--checkpoint",
+        *args.torchrun_arg, str(HERE), "worker", "--task", task, "--data", args.data_dir, "--checkpoint",
         str(extra.pop("checkpoint", ckpt)), "--result", str(result),
     ]  # fmt: skip
     for key, value in extra.items():
@@ -593,6 +593,13 @@ def main() -> None:
         "arguments imply ddp)",
     )
     d.add_argument("--only-variants", action="store_true", help="N-GPU runs with --ddp-variant options only")
+    d.add_argument(
+        "--torchrun-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="passed to every torchrun launch (repeatable), e.g. --torchrun-arg=--numa-binding=node",
+    )
     d.add_argument(
         "--one-rank-ddp",
         action="store_true",

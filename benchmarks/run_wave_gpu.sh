@@ -8,6 +8,8 @@
 #   bash benchmarks/run_wave_gpu.sh gradsync  the default (train.grad_sync auto: after backward on one node) vs DDP,
 #                                             compiled, on all visible GPUs, after their NCCL tests (~9 min on 2 GPUs)
 #   bash benchmarks/run_wave_gpu.sh gradsync_eager   the same comparison eager, real-shaped data (~4 min)
+#   bash benchmarks/run_wave_gpu.sh numa      eager 1/2 GPUs (default and DDP) with and without torchrun's
+#                                             --numa-binding=node, after the host's topology (~5 min)
 #   bash benchmarks/run_wave_gpu.sh realdata2 issue 13 on 1 and 2 GPUs: img/s over iterations 1-1000 (start-up
 #                                             included), real-shaped JPEGs then one fixed shape (~8 min)
 #   bash benchmarks/run_wave_gpu.sh engines   every `gpu` test (kernels, engines, C++ runner, NCCL faults), probe_pt2, bench_engine
@@ -50,6 +52,12 @@ case "${1:-tests}" in
     gpus=$(nvidia-smi -L | wc -l); counts=1,2; [ "$gpus" -ge 4 ] && counts=1,2,4
     python benchmarks/bench_ddp.py --gpus "$counts" --loaders dali --skip-equivalence \
       --ddp-variant ddp=grad_sync=ddp --out-dir "$OUT" 2>&1 | tail -40 ;;
+  numa)  # is a rank's host work slowed by running far from its GPU? (eager DDP: 1.64x on one 2 x H100 host)
+    nvidia-smi topo -m | tee "$OUT/topology.txt"; lscpu | grep -iE "numa|socket|model name" | tee -a "$OUT/topology.txt"
+    for bind in "" "--torchrun-arg=--numa-binding=node"; do
+      python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --skip-equivalence --ddp-variant ddp=grad_sync=ddp \
+        $bind --out-dir "$OUT/numa${bind:+_node}" 2>&1 | grep -E '"(img_s|scaling|efficiency|error|1gpu|2gpu)'
+    done ;;
   realdata2)  # the mean over the first 1,000 iterations, real data against the fixed-shape peer, eager
     for sizes in coco fixed; do
       python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --sizes $sizes --images 1200 --tp-iters 1000 \
