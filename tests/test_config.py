@@ -35,7 +35,10 @@ def test_dict_and_yaml_round_trip(tmp_path):
         ("train.channels_last=3", "expects true/false"),
         ("train.milestones=5", "expects a list"),
         ("noequals", "section.key=value"),
-        ("train.grad_sync=allreduce", "grad_sync must be one of auto, ddp, after_backward, got allreduce"),
+        (
+            "train.grad_sync=allreduce",
+            "train.grad_sync must be one of auto, ddp, after_backward, got allreduce",
+        ),
     ],
 )
 def test_bad_overrides_are_one_line_errors(override, message):

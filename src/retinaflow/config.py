@@ -153,7 +153,7 @@ class TrainConfig:
     # overlapped with backward), "after_backward" (engine.distributed.GradientAverage: flat all-reduces
     # after backward; no DDP hooks, one compiled graph) or "auto": after_backward when every rank is on
     # one node and no rank keeps its own BatchNorm statistics, else ddp. Two H100s, R50-FPN batch 8 per
-    # GPU: after_backward 12-24 % faster than DDP, eager and compiled (docs/PERFORMANCE.md, 11th session).
+    # GPU: after_backward 11-24 % faster than DDP, eager and compiled (docs/PERFORMANCE.md, 11th session).
     grad_sync: str = "auto"
     # cuDNN autotuning: "off", "on", or "auto" (on when data.shapes bounds the shapes); see data/shapes.py.
     # Measured in fresh processes (H200, R50 batch 8, bench_cudnn.py): autotuning costs ~9 s per padded

@@ -42,7 +42,7 @@ class DistInfo:
     @property
     def nodes(self) -> int:
         """How many nodes the ranks span (equal counts per node, as torchrun starts them)."""
-        return max(1, self.world_size // max(1, self.local_world_size))
+        return self.world_size // self.local_world_size
 
 
 def init_distributed(device: str | None = None) -> DistInfo:
