@@ -391,7 +391,7 @@ def _launch(args: argparse.Namespace, gpus: int, task: str, name: str, **extra: 
     for key, value in extra.items():
         if value is True:
             cmd.append(f"--{key.replace('_', '-')}")
-        elif value not in (None, False):
+        elif value is not None and value is not False:  # 0 is a value (--tp-warmup 0), not "off"
             cmd += [f"--{key.replace('_', '-')}", str(value)]
     env = dict(os.environ, NCCL_NVLS_ENABLE="0", OMP_NUM_THREADS="1")
     t0 = time.perf_counter()
@@ -407,10 +407,10 @@ def _launch(args: argparse.Namespace, gpus: int, task: str, name: str, **extra: 
 
 
 def _exception_lines(text: str) -> list[str]:
-    """The distinct exception lines of the workers' output (torchrun's own summary left out)."""
-    found = re.findall(
-        r"^(?:\[rank\d+\]:)?\s*((?:[\w.]+(?:Error|Exception|Interrupted|Diverged)): .*)$", text, re.M
-    )
+    """The distinct exception lines of the workers' output (torchrun's own summary left out), retinaflow's
+    own (``MissingDependency: ...``, ``TrainingDiverged: ...``) included."""
+    names = r"[\w.]*(?:Error|Exception|Interrupted|Diverged|Dependency|Mismatch)"
+    found = re.findall(rf"^(?:\[rank\d+\]:)?\s*({names}: .*)$", text, re.M)
     return list(dict.fromkeys(line for line in found if "ChildFailedError" not in line))[:8]
 
 
