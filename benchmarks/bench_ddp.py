@@ -294,7 +294,7 @@ def _use_ddp_options(text: str, cfg: Config) -> None:
     """
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    from retinaflow.engine import train as trainer
+    from retinaflow.engine import grad_sync
 
     def value(v: str) -> Any:
         if v in ("0", "1"):
@@ -308,7 +308,7 @@ def _use_ddp_options(text: str, cfg: Config) -> None:
     # DDP's own options mean DDP: the default (grad_sync auto) averages after backward on one node.
     cfg.train.grad_sync = options.pop("grad_sync", "ddp" if options else cfg.train.grad_sync)
     if "optimize_ddp" in options:
-        trainer.COMPILED_DDP_SPLIT = options.pop("optimize_ddp")
+        grad_sync.COMPILED_DDP_SPLIT = options.pop("optimize_ddp")
     if "compiled_autograd" in options:
         torch._dynamo.config.compiled_autograd = options.pop("compiled_autograd")
     hook = {"bf16": default_hooks.bf16_compress_hook, "fp16": default_hooks.fp16_compress_hook, None: None}[

@@ -151,9 +151,10 @@ class TrainConfig:
     compile_cache: str = ""
     # Gradient averaging over ranks (several GPUs): "ddp" (DistributedDataParallel: bucketed all-reduces
     # overlapped with backward), "after_backward" (engine.distributed.GradientAverage: flat all-reduces
-    # after backward; no DDP hooks, one compiled graph) or "auto": after_backward when every rank is on
-    # one node and no rank keeps its own BatchNorm statistics, else ddp. Two H100s, R50-FPN batch 8 per
-    # GPU: after_backward 11-24 % faster than DDP, eager and compiled (docs/PERFORMANCE.md, 11th session).
+    # after backward; no DDP hooks, one compiled graph) or "auto" (engine.grad_sync.grad_sync_of):
+    # after_backward when every rank is on one node and no rank keeps its own BatchNorm statistics, else
+    # ddp. R50-FPN batch 8 per GPU: after_backward 11-24 % faster than DDP on two H100s (eager and
+    # compiled), 8 % on two H200s (eager) (docs/PERFORMANCE.md, 11th and 12th sessions).
     grad_sync: str = "auto"
     # cuDNN autotuning: "off", "on", or "auto" (on when data.shapes bounds the shapes); see data/shapes.py.
     # Measured in fresh processes (H200, R50 batch 8, bench_cudnn.py): autotuning costs ~9 s per padded

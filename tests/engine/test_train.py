@@ -8,19 +8,11 @@ import pytest
 import torch
 from tests.conftest import tiny_config
 
-from retinaflow.config import Config, ModelConfig
+from retinaflow.config import Config
 from retinaflow.engine.callbacks import Callback
 from retinaflow.engine.checkpoint import load_checkpoint
-from retinaflow.engine.distributed import DistInfo
-from retinaflow.engine.train import (
-    _keep_ranks_in_step,
-    grad_sync_of,
-    keeps_running_stats_per_rank,
-    train,
-    updates_running_stats,
-)
+from retinaflow.engine.train import train
 from retinaflow.errors import CheckpointError, ConfigError, TrainingDiverged
-from retinaflow.model.retinanet import build_model
 
 
 class Recorder(Callback):
@@ -245,7 +237,6 @@ def test_scratch_run_resolves_auto_norms_once_and_resumes_with_them(synth_small,
 
 
 def test_divergence_hint_names_the_scratch_norm_fix() -> None:
-    from retinaflow.config import Config
     from retinaflow.engine.train import _divergence_hint
 
     cfg = Config()
@@ -288,52 +279,3 @@ def test_resume_with_a_changed_batch_or_lr_says_so_once_each(synth_small, tmp_pa
         f"resuming {path}: --lr {changed.train.lr} differs from the checkpoint's "
         f"{changed.train.lr / 2}; continuing with {changed.train.lr}",
     ]
-
-
-@pytest.mark.parametrize(("norm", "broadcast"), [("frozen_bn", False), ("gn", False), ("bn", True)])
-def test_ddp_broadcasts_buffers_only_when_training_changes_them(norm: str, broadcast: bool) -> None:
-    cfg = ModelConfig(backbone="mobilenet_v2", norm=norm, head_norm="gn", fpn_channels=16, head_convs=1)
-    model = build_model(cfg)
-    assert updates_running_stats(model) is broadcast
-    # Averaging gradients after backward (no DDP, no buffer broadcast) leaves plain BN's statistics
-    # per rank; SyncBatchNorm's are the global batch's on every rank.
-    assert keeps_running_stats_per_rank(model) is broadcast
-    assert not keeps_running_stats_per_rank(torch.nn.SyncBatchNorm.convert_sync_batchnorm(model))
-
-
-def test_gradients_averaged_after_backward_refuse_per_rank_batchnorm_statistics() -> None:
-    """Refused before any collective: each rank's plain BN statistics would drift apart without DDP's
-    buffer broadcast (the equality with DDP itself: tests/engine/test_distributed.py)."""
-    cfg = ModelConfig(backbone="mobilenet_v2", norm="bn", head_norm="gn", fpn_channels=16, head_convs=1)
-    two_ranks = DistInfo(rank=0, world_size=2, local_rank=0, local_world_size=2, device=torch.device("cpu"))
-    train_cfg = Config().train
-    train_cfg.grad_sync = "after_backward"
-    with pytest.raises(ConfigError, match=r"model\.norm=sync_bn or frozen_bn, or train\.grad_sync=ddp"):
-        _keep_ranks_in_step(build_model(cfg), train_cfg, two_ranks)
-
-
-@pytest.mark.parametrize(
-    ("norm", "grad_sync", "ranks_per_node", "expected"),
-    [
-        ("frozen_bn", "auto", 4, ("after_backward", "train.grad_sync=auto: one node")),
-        ("gn", "auto", 2, ("ddp", "train.grad_sync=auto: 2 nodes")),  # DDP overlaps the slower all-reduce
-        ("bn", "auto", 4, ("ddp", "train.grad_sync=auto: BatchNorm statistics kept in step by DDP")),
-        ("sync_bn", "auto", 4, ("after_backward", "train.grad_sync=auto: one node")),
-        ("frozen_bn", "ddp", 4, ("ddp", "train.grad_sync=ddp")),
-        ("gn", "after_backward", 1, ("after_backward", "train.grad_sync=after_backward")),
-    ],
-)
-def test_grad_sync_auto_averages_after_backward_on_one_node_without_per_rank_batchnorm(
-    norm: str, grad_sync: str, ranks_per_node: int, expected: tuple[str, str]
-) -> None:
-    cfg = ModelConfig(backbone="mobilenet_v2", norm="bn" if norm == "sync_bn" else norm, head_norm="gn")
-    cfg.fpn_channels, cfg.head_convs = 16, 1
-    model = build_model(cfg)
-    if norm == "sync_bn":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    cpu = torch.device("cpu")
-    four = DistInfo(rank=0, world_size=4, local_rank=0, local_world_size=ranks_per_node, device=cpu)
-    train_cfg = Config().train
-    assert train_cfg.grad_sync == "auto"
-    train_cfg.grad_sync = grad_sync
-    assert grad_sync_of(model, train_cfg, four) == expected

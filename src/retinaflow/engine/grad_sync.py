@@ -1,0 +1,109 @@
+"""How the ranks' copies of the model stay equal (``train.grad_sync``), and how such a model is compiled.
+
+One process needs nothing. On several ranks the gradients are averaged either by DistributedDataParallel
+(its all-reduces overlap the backward; it also broadcasts plain BatchNorm's running statistics) or after
+backward in flat all-reduces (:class:`~retinaflow.engine.distributed.GradientAverage`: no DDP hooks, one
+compiled graph). :func:`grad_sync_of` picks one for ``train.grad_sync=auto`` and says why;
+:func:`keep_ranks_in_step` builds it; :func:`compiled` wraps the result in ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from retinaflow.config import TrainConfig
+from retinaflow.engine import distributed as D
+from retinaflow.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# torch._dynamo.config.optimize_ddp when a DDP model is compiled. True: dynamo's DDPOptimizer
+# splits the graph at DDP's buckets so that their all-reduces can start during the backward. With DDP's
+# 25 MB buckets (~20 subgraphs) one unsplit graph scaled better on 2 H100s (1.65x against 1.48x); with
+# COMPILED_DDP_BUCKET_MB buckets the split beats it: 1.744x against 1.549x, bf16 gradients 1.634x
+# (bench_ddp.py, same call; docs/PERFORMANCE.md). bench_ddp.py's --ddp-variant NAME=optimize_ddp=...,
+# bucket_cap_mb=... compares the modes.
+COMPILED_DDP_SPLIT: Any = True  # a bool or one of dynamo's mode names
+COMPILED_DDP_BUCKET_MB = 100
+
+
+def _tracked_batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers whose running statistics training updates (``model.norm`` bn or sync_bn)."""
+    return [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+
+
+def updates_running_stats(model: nn.Module) -> bool:
+    """Whether training changes any buffer of ``model``: BatchNorm's running statistics. Only then must
+    DDP broadcast rank 0's buffers before every forward; frozen BN's statistics and GroupNorm have
+    nothing to keep in step, and the broadcast would be one collective per step."""
+    return bool(_tracked_batchnorms(model))
+
+
+def grad_sync_of(model: nn.Module, train: TrainConfig, info: D.DistInfo) -> tuple[str, str]:
+    """``train.grad_sync`` made concrete for this job ("ddp" or "after_backward") and why, as the startup
+    line says it. "auto" averages after backward on one node (an all-reduce of R50-FPN's gradients over
+    NVLink: 0.6 ms) unless plain BatchNorm keeps statistics per rank (only DDP's buffer broadcast keeps
+    those in step); between nodes DDP overlaps the slower all-reduce with backward."""
+    if train.grad_sync != "auto":
+        return train.grad_sync, f"train.grad_sync={train.grad_sync}"
+    if keeps_running_stats_per_rank(model):
+        return "ddp", "train.grad_sync=auto: BatchNorm statistics kept in step by DDP"
+    if info.nodes > 1:
+        return "ddp", f"train.grad_sync=auto: {info.nodes} nodes"
+    return "after_backward", "train.grad_sync=auto: one node"
+
+
+def keep_ranks_in_step(
+    model: nn.Module, train: TrainConfig, info: D.DistInfo
+) -> tuple[nn.Module, D.GradientAverage | None]:
+    """How the ranks' copies of ``model`` stay equal (:func:`grad_sync_of`): the module to call and the
+    gradient average to run after backward. One process: (model, None). "ddp": (DDP around the model,
+    None). "after_backward": (model, GradientAverage), refused when BatchNorm statistics would drift."""
+    if not info.distributed:
+        return model, None
+    if grad_sync_of(model, train, info)[0] == "after_backward":
+        if keeps_running_stats_per_rank(model):
+            raise ConfigError(
+                "train.grad_sync=after_backward keeps no BatchNorm running statistics in step across "
+                "ranks (model.norm=bn): use model.norm=sync_bn or frozen_bn, or train.grad_sync=ddp"
+            )
+        return model, D.GradientAverage(model, info)
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    # static_graph: every step uses every parameter in the same order, so DDP can fix its buckets and
+    # skip its per-step graph bookkeeping: 1.77-1.80x instead of 1.69x on 2 H200s (bench_ddp.py). Left
+    # off under torch.compile, whose DDPOptimizer splits the graph itself. Compiled: fewer, larger
+    # buckets, so that dynamo's split (one subgraph per bucket) is short.
+    ddp = nn.parallel.DistributedDataParallel(
+        model,
+        device_ids=ids,
+        broadcast_buffers=updates_running_stats(model),
+        static_graph=not train.compile,
+        bucket_cap_mb=COMPILED_DDP_BUCKET_MB if train.compile else None,
+    )
+    return ddp, None
+
+
+def keeps_running_stats_per_rank(model: nn.Module) -> bool:
+    """Whether ``model`` has BatchNorm layers whose running statistics each rank updates from its own
+    batch (plain ``bn``; SyncBatchNorm updates them from the global batch, the same on every rank)."""
+    return any(not isinstance(m, nn.SyncBatchNorm) for m in _tracked_batchnorms(model))
+
+
+def compiled(forward_net: nn.Module, backend: str, info: D.DistInfo) -> nn.Module:
+    """``torch.compile(forward_net, backend=...)``; a DDP model is split at its buckets (or not) as
+    :data:`COMPILED_DDP_SPLIT` says. Logs which graph layout the ranks get."""
+    if isinstance(forward_net, nn.parallel.DistributedDataParallel):
+        torch._dynamo.config.optimize_ddp = COMPILED_DDP_SPLIT
+        if COMPILED_DDP_SPLIT is True:
+            log.info("compile: the DDP model's graph split at its %d MB buckets", COMPILED_DDP_BUCKET_MB)
+        elif not COMPILED_DDP_SPLIT:
+            log.info("compile: one graph for the DDP model (dynamo's bucket split off)")
+    elif info.distributed:
+        log.info("compile: one graph; gradients averaged after backward (train.grad_sync)")
+    return torch.compile(forward_net, backend=backend)  # type: ignore[return-value]
