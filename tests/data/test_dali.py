@@ -20,6 +20,7 @@ from retinaflow.data import select
 from retinaflow.data.loader import build_eval_loader, build_train_loader
 from retinaflow.errors import MissingDependency
 
+from .conftest import truncate
 from .test_shapes import _cfg, _mixed_coco
 
 pytest.importorskip("nvidia.dali")
@@ -101,6 +102,39 @@ def test_dali_resume_is_exact(tmp_path) -> None:
     resumed, _ = build_dali_train_loader(cfg, 4, 5, 0, 1, 6, CPU)
     for a, b in zip(expected, itertools.islice(resumed, 3), strict=True):
         assert a.image_ids.tolist() == b.image_ids.tolist() and torch.equal(a.images, b.images)
+
+
+def _corrupt_two(images: Path) -> None:
+    """Image 3 truncated (found by the source's structural check), image 6 a JPEG with both markers but
+    nothing decodable between them (passes the check; DALI's decoder fails on it: a restart)."""
+    truncate(images / "000003.jpg")
+    (images / "000006.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg \xff\xd9")
+
+
+def test_corrupt_images_are_skipped_and_counted_as_in_the_torch_loader_cpu(tmp_path) -> None:
+    images, annotations = _mixed_coco(tmp_path, n=9)
+    _corrupt_two(images)
+    cfg = _cfg(images, annotations, color_jitter=0.1)
+    ref, ref_data = build_train_loader(cfg, 2, seed=1, pin_memory=False)
+    dali, dali_data = build_dali_train_loader(cfg, 2, 1, 0, 1, 0, CPU)
+    for a, b in zip(itertools.islice(ref, 9), itertools.islice(dali, 9), strict=True):  # two epochs
+        assert a.image_ids.tolist() == b.image_ids.tolist() and a.skipped == b.skipped
+        assert torch.equal(a.boxes, b.boxes) and a.images.shape == b.images.shape
+    assert ref.skipped_ids == dali.skipped_ids == {3, 6}
+    assert ref_data.report()["corrupt_images"] == dali_data.report()["corrupt_images"] == 2
+    dali.close()
+
+
+def test_eval_leaves_corrupt_images_out_as_the_torch_loader_cpu(tmp_path) -> None:
+    images, annotations = _mixed_coco(tmp_path, n=9)
+    _corrupt_two(images)
+    cfg = _cfg(images, annotations)
+    ref, _ = build_eval_loader(images, annotations, cfg, 1, pin_memory=False)
+    dali, data = build_dali_eval_loader(images, annotations, cfg, 1, 0, 1, CPU)
+    expected = [b.image_ids.tolist() for b in ref]
+    assert [b.image_ids.tolist() for b in dali] == expected and len(expected) == 7  # no empty batch
+    assert dali.skipped_ids == ref.skipped_ids == {3, 6} and data.report()["corrupt_images"] == 2
+    assert [b.image_ids.tolist() for b in dali] == expected  # a second pass: known, skipped at once
 
 
 def test_loader_choice(monkeypatch) -> None:

@@ -1,6 +1,7 @@
 """The DALI loader's host source (``dali.BatchSource``): its producer thread keeps the plans' order, raises
-a failure from the call that would have returned that batch, ends cleanly and stops on ``close``. No DALI
-needed: the source is plain Python."""
+a failure from the call that would have returned that batch, ends cleanly and stops on ``close``; it passes
+over corrupt files as ``CocoDataset`` does, and after a decoder failure ``_restarted`` prepares the batches
+in flight again. No DALI needed: the source is plain Python."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import time
 import pytest
 
 from retinaflow.data.coco import CocoDataset
-from retinaflow.data.dali import BatchSource, Plan
+from retinaflow.data.dali import BatchSource, DaliDecodeError, Plan, _dali_reason, _restarted
 from retinaflow.data.shapes import ShapePolicy
 
+from .conftest import truncate
 from .test_shapes import _mixed_coco
 
 
@@ -70,3 +72,70 @@ def test_close_stops_a_producer_waiting_for_room(dataset) -> None:
     source.close()
     assert not source._thread.is_alive()
     assert time.perf_counter() - started < 2.0
+
+
+@pytest.mark.parametrize("replace", [True, False], ids=["train", "eval"])
+def test_corrupt_files_are_passed_over_and_counted(dataset, replace) -> None:
+    """Training takes the next image in a corrupt one's place (its flip kept); evaluation leaves it out
+    and sends no batch at all when nothing is left. Either way the ids go to ``skipped``."""
+    truncate(dataset.file_path(1))
+    dataset.file_path(4).write_bytes(b"")
+    skipped: set[int] = set()
+    plans = iter(_plans([[0, 1], [4], [5, 3]]))
+    source = BatchSource(dataset, plans, ShapePolicy((), 32), 96, False, replace, skipped)
+    try:
+        batches = []
+        with pytest.raises(StopIteration):
+            while True:
+                flips = [int(f) for f in source()[3]]
+                batch, _ = source.pop()
+                batches.append((batch.image_ids.tolist(), batch.skipped, flips))
+    finally:
+        source.close()
+    ids = dataset.image_ids  # index i holds image id i + 1
+    if replace:  # index 1 -> 2 (flip of plan 1), index 4 -> 5
+        expected = [([ids[0], ids[2]], (2,), [0, 1]), ([ids[5]], (5,), [0]), ([ids[5], ids[3]], (), [1, 1])]
+        assert batches == expected
+    else:
+        assert batches == [([ids[0]], (2,), [0]), ([ids[5], ids[3]], (), [1, 1])]
+    assert skipped == {2, 5} and dataset.report()["corrupt_images"] == 2
+
+
+def test_a_restart_prepares_the_batches_in_flight_again_without_the_file_that_failed(dataset) -> None:
+    """A file that passes the structural check but does not decode: found by a CPU decode, recorded, and
+    the batches not yet popped come again from the new source, in order, followed by the rest."""
+    dataset.file_path(2).write_bytes(b"\xff\xd8\xff\xe0 not a jpeg \xff\xd9")
+    plans = iter(_plans([[0, 1], [2, 3], [4, 5], [1, 0]]))
+    source = BatchSource(dataset, plans, ShapePolicy((), 32), 96, False)
+    source()
+    source.pop()  # batch 1 delivered; DALI then fails on batch 2
+    source()
+    restarted = _restarted(source, DaliDecodeError("decoder failed"))
+    try:
+        assert dataset.is_corrupt(3) and not source._thread.is_alive()
+        got = []
+        for _ in range(3):
+            restarted()
+            got.append(restarted.pop()[0].image_ids.tolist())
+        assert got == [[4, 4], [5, 6], [2, 1]]  # index 2 replaced by index 3 (id 4)
+    finally:
+        restarted.close()
+
+
+def test_a_restart_that_finds_no_corrupt_file_raises_the_decoder_error(dataset) -> None:
+    source = BatchSource(dataset, iter(_plans([[0, 1], [2, 3]])), ShapePolicy((), 32), 96, False)
+    source()
+    with pytest.raises(DaliDecodeError, match="decoder failed"):
+        _restarted(source, DaliDecodeError("decoder failed"))
+
+
+def test_the_reason_of_a_dali_error_names_the_operator_and_what_it_met() -> None:
+    text = (
+        "Critical error in pipeline:\nCritical error in pipeline:\nError in CPU operator "
+        "`nvidia.dali.fn.decoders.image`,\nwhich was used in the pipeline definition with the following "
+        'traceback:\n\n  File "dali.py", line 248, in pipeline\n\nencountered:\n\nnvImageCodec failure: '
+        "'#3'\nCurrent pipeline object is no longer valid."
+    )
+    operator = "Error in CPU operator `nvidia.dali.fn.decoders.image`"
+    assert _dali_reason(text) == f"{operator}: nvImageCodec failure: '#3'"
+    assert _dali_reason("something else\nmore") == "something else"

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from retinaflow.data.coco import CocoDataset
-from retinaflow.data.images import decode_file, to_uint8
+from retinaflow.data.images import decode_file, encoded_problem, to_uint8
 from retinaflow.data.validate import validate_dataset
 
 from .conftest import ann
@@ -169,3 +169,32 @@ def test_validate_counts_sizes_that_are_the_transpose(make_coco, tmp_path: Path)
     _exif_jpeg(images / "000001.jpg", RGB8, 6)
     report = validate_dataset(images, annotations, tmp_path / "out.json")
     assert report["size_mismatch"] == 1 and report["size_transposed"] == 1
+
+
+# -- the DALI source's structural check of each file ---------------------------------------------
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "BMP", "TIFF", "WEBP", "PPM"])
+def test_complete_files_of_the_formats_dali_decodes_pass_the_check(fmt: str) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(RGB8).save(buffer, fmt)
+    assert encoded_problem(buffer.getvalue()) is None
+    assert encoded_problem(buffer.getvalue() + b"\0" * 100) is None  # trailing padding is common
+
+
+@pytest.mark.parametrize(
+    ("fmt", "problem"),
+    [("JPEG", "truncated JPEG (no end-of-image marker)"), ("PNG", "truncated PNG (no IEND chunk)")],
+)
+def test_truncated_jpeg_and_png_are_found_without_decoding(fmt: str, problem: str) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(RGB8).save(buffer, fmt)
+    data = buffer.getvalue()
+    assert encoded_problem(data[: len(data) // 2]) == problem
+
+
+def test_empty_files_text_and_gif_are_refused_with_a_reason() -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(RGB8).save(buffer, "GIF")
+    assert encoded_problem(b"") == "empty file"
+    html = "not an image format DALI decodes (first bytes 3c68746d6c3e3430)"
+    assert encoded_problem(b"<html>404</html>") == html
+    assert encoded_problem(buffer.getvalue()) == "GIF, which DALI does not decode"

@@ -207,6 +207,10 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
             hint,
         )
 
+    def is_corrupt(self, image_id: int) -> bool:
+        """Whether image ``image_id`` was found corrupt (by a loader of this process or its workers)."""
+        return image_id in self._corrupt
+
     def record_corrupt(self, image_ids: tuple[int, ...] | list[int]) -> list[int]:
         """Note corrupt images found (possibly in a worker); returns the ids not known before."""
         new = [int(i) for i in image_ids if int(i) not in self._corrupt]

@@ -22,14 +22,20 @@ accelerates.
 
 Images reach the trainer as (B, 3, H, W) channels_last tensors on the GPU holding 0..255 (uint8 by
 default: the network normalises its input itself, and uint8 moves a quarter of the bytes of float32).
-Corrupt images abort with DataError (run ``retinaflow data validate`` first, or use ``--loader torch``,
-which skips them).
+Corrupt images are skipped and counted as in the torch path (training takes the next image in their
+place, evaluation leaves them out; ``Batch.skipped``, ``dataset.report()["corrupt_images"]``). The source
+checks each file's structure as it reads it (:func:`~retinaflow.data.images.encoded_problem`: empty,
+truncated, not an image); a file that passes but still fails in DALI's decoder stops the pipeline, and the
+loader then decodes the batches in flight on the CPU, records the files that fail, and starts a new
+pipeline at the same batch (:func:`_restarted`). A failure no CPU decode explains raises DataError.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
+import itertools
 import logging
 import os
 import queue
@@ -45,6 +51,7 @@ import torch
 from retinaflow.config import DataConfig
 from retinaflow.data.batch import Batch
 from retinaflow.data.coco import CocoDataset
+from retinaflow.data.images import decode_file, encoded_problem
 from retinaflow.data.loader import TrainBatchSampler, check_loader_args, eval_batches, train_batches
 from retinaflow.data.select import DALI_HINT
 from retinaflow.data.shapes import ShapePolicy
@@ -110,6 +117,13 @@ class BatchSource:
     series with everything else. A producer thread prepares the next ``ahead`` batches' inputs instead
     (file reads and torch ops release the GIL), in the plans' order; a failure there is raised from the
     call that would have returned its batch. :meth:`close` stops it.
+
+    Corrupt files (known to the dataset, or failing :func:`encoded_problem` when read) are passed over:
+    with ``replace_corrupt`` the next image of the dataset takes the sample's place (its augmentation
+    kept), as ``CocoDataset.__getitem__`` does; without, the sample is left out, and a batch left empty
+    is not sent at all. Their ids go to the batch's ``skipped`` and to ``skipped_ids``. ``unconsumed``
+    holds the plans of every batch prepared but not yet popped, oldest first: what a new source must
+    prepare again after the pipeline failed (:func:`_restarted`).
     """
 
     def __init__(
@@ -119,13 +133,17 @@ class BatchSource:
         policy: ShapePolicy,
         max_size: int,
         colour: bool,
+        replace_corrupt: bool = True,
+        skipped_ids: set[int] | None = None,
         ahead: int = 3,
     ) -> None:
         self.dataset, self.plans, self.policy, self.max_size = dataset, plans, policy, max_size
-        self.colour = colour
+        self.colour, self.replace_corrupt = colour, replace_corrupt
+        self.skipped_ids = skipped_ids if skipped_ids is not None else set()
         self.sizes, self.ids = dataset.image_sizes(), dataset.image_ids
         self._paths: dict[int, str] = {}
         self.pending: collections.deque[tuple[Batch, torch.Tensor | None]] = collections.deque()
+        self.unconsumed: collections.deque[list[Plan]] = collections.deque()
         self._ready: queue.Queue[Any] = queue.Queue(maxsize=ahead)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, name="dali-batch-source", daemon=True)
@@ -153,7 +171,11 @@ class BatchSource:
     def _produce(self) -> None:
         try:
             for plans in self.plans:
-                if not self._put(self._inputs(plans)):
+                inputs = self._inputs(plans)
+                if inputs is None:  # every sample corrupt (evaluation): no batch
+                    continue
+                self.unconsumed.append(plans)
+                if not self._put(inputs):
                     return
             self._put(_END)
         except BaseException as exc:  # handed to the pipeline's thread, raised there
@@ -166,12 +188,24 @@ class BatchSource:
                 return True
         return False
 
-    def _inputs(self, plans: list[Plan]) -> tuple[tuple[Any, ...], tuple[Batch, torch.Tensor | None]]:
+    def _inputs(self, plans: list[Plan]) -> tuple[tuple[Any, ...], tuple[Batch, torch.Tensor | None]] | None:
         """The pipeline's inputs: the encoded files (a list: their lengths differ), then the resized
         widths, heights, flips and pad shapes each as one array of the batch (DALI converts an array in
-        one call, a list element by element, on the thread that runs the pipeline)."""
-        files = [np.frombuffer(self._read(p.index), dtype=np.uint8) for p in plans]
+        one call, a list element by element, on the thread that runs the pipeline). None when no sample
+        is left (every one corrupt, none replaced)."""
+        files, kept, passed = [], [], []
+        for plan in plans:
+            found, data, over = self._readable(plan)
+            passed += over
+            if data is not None:
+                kept.append(found)
+                files.append(np.frombuffer(data, dtype=np.uint8))
+        self.skipped_ids.update(passed)
+        if not kept:
+            return None
+        plans = kept
         batch, resized = self._targets(plans)
+        batch.skipped = tuple(passed)
         sizes = np.asarray(resized, dtype=np.int32).reshape(-1, 2)
         rx, ry = sizes[:, 1].astype(np.float32), sizes[:, 0].astype(np.float32)
         flips = np.asarray([p.flip for p in plans], dtype=np.int32)
@@ -180,6 +214,27 @@ class BatchSource:
         shapes = np.tile(np.asarray(self.policy.pad_shape(height, width), dtype=np.int32), (len(plans), 1))
         factors = torch.tensor([p.colour for p in plans], dtype=torch.float32) if self.colour else None
         return (files, rx, ry, flips, shapes), (batch, factors)
+
+    def _readable(self, plan: Plan) -> tuple[Plan, bytes | None, list[int]]:
+        """``plan`` (or, replacing a corrupt image, the plan moved to the next readable one), its file
+        (None: corrupt, not replaced) and the ids of the corrupt images passed over."""
+        count, passed = len(self.ids), list[int]()
+        for attempt in range(count):
+            index = (plan.index + attempt) % count
+            image_id = int(self.ids[index])
+            if not self.dataset.is_corrupt(image_id):
+                try:
+                    data = self._read(index)
+                    problem = encoded_problem(data)
+                except OSError as exc:
+                    problem = exc.strerror or type(exc).__name__
+                if problem is None:
+                    return dataclasses.replace(plan, index=index), data, passed
+                _record_corrupt(self.dataset, index, problem)
+            passed.append(image_id)
+            if not self.replace_corrupt:
+                return plan, None, passed
+        raise DataError(f"none of the {count} images in {self.dataset.images_dir} could be decoded")
 
     def _read(self, index: int) -> bytes:
         """Image ``index``'s file, whole (paths as strings, kept once made: pathlib per read cost ~20 %
@@ -233,7 +288,44 @@ class BatchSource:
         return batch, resized
 
     def pop(self) -> tuple[Batch, torch.Tensor | None]:
+        self.unconsumed.popleft()
         return self.pending.popleft()
+
+
+def _record_corrupt(dataset: CocoDataset, index: int, reason: str) -> None:
+    """Note image ``index`` as corrupt on ``dataset``; a warning the first time."""
+    image_id = int(dataset.image_ids[index])
+    if dataset.record_corrupt([image_id]):
+        log.warning("skipping corrupt image %s (id %d): %s", dataset.file_path(index), image_id, reason)
+
+
+class DaliDecodeError(DataError):
+    """DALI failed on a batch (raised by :func:`run_batch`); :func:`_restarted` looks for the culprits."""
+
+
+def _restarted(source: BatchSource, error: DaliDecodeError) -> BatchSource:
+    """After DALI failed on a batch: a new source that prepares the batches in flight again, then the
+    rest, with the files that fail a CPU decode now passed over as corrupt (``source`` is closed).
+
+    Raises ``error`` when every image in flight decodes on the CPU: nothing to skip, so a new pipeline
+    would fail again."""
+    source.close()
+    replay = list(source.unconsumed)
+    found = False
+    for index in dict.fromkeys(p.index for plans in replay for p in plans):
+        if source.dataset.is_corrupt(int(source.ids[index])):
+            continue
+        try:
+            decode_file(source.dataset.file_path(index))
+        except Exception as exc:  # as CocoDataset.decode: whatever the decoders raise means unreadable
+            _record_corrupt(source.dataset, index, (str(exc).splitlines() or [type(exc).__name__])[0])
+            found = True
+    if not found:
+        raise error
+    return BatchSource(
+        source.dataset, itertools.chain(replay, source.plans), source.policy, source.max_size,
+        source.colour, source.replace_corrupt, source.skipped_ids,
+    )  # fmt: skip
 
 
 def build_pipeline(source: Callable[[], Any], opts: PipelineOptions) -> Any:
@@ -275,10 +367,9 @@ def run_batch(pipe: Any, source: BatchSource, device: torch.device) -> Batch:
     try:
         (out,) = pipe.run()
     except RuntimeError as exc:
-        reason = (str(exc).splitlines() or ["decode failed"])[0]
-        raise DataError(
-            f"DALI could not load a batch ({reason}); check the images with `retinaflow data validate` "
-            "or use --loader torch, which skips corrupt images"
+        raise DaliDecodeError(
+            f"DALI could not load a batch ({_dali_reason(str(exc))}) and every image in flight decodes "
+            "on the CPU; check the images with `retinaflow data validate`, or use --loader torch"
         ) from exc
     batch, factors = source.pop()
     dense = out.as_tensor()
@@ -289,6 +380,16 @@ def run_batch(pipe: Any, source: BatchSource, device: torch.device) -> Batch:
     if factors is not None:
         batch.images = colour_jitter_batch(batch.images, batch.sizes, factors)
     return batch
+
+
+def _dali_reason(text: str) -> str:
+    """The informative part of a DALI pipeline error: the failing operator and what it encountered
+    (its first line is only "Critical error in pipeline:")."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    where = next((line.rstrip(",") for line in lines if line.startswith("Error in ")), None)
+    after = lines.index("encountered:") + 1 if "encountered:" in lines else None
+    what = lines[after] if after is not None and after < len(lines) else None
+    return ": ".join(part for part in (where, what) if part) or (lines[0] if lines else "decode failed")
 
 
 def _device_id(device: torch.device) -> int | None:
@@ -325,9 +426,11 @@ class DaliTrainLoader:
         self.skipped_ids: set[int] = set()
         transform = TrainTransform(data)
         colour = data.color_jitter > 0
-        self.source = BatchSource(dataset, train_plans(sampler, transform), policy, data.max_size, colour)
-        opts = PipelineOptions(sampler.batch, _device_id(device), seed=seed)
-        self.pipe = build_pipeline(self.source, opts)
+        self.source = BatchSource(
+            dataset, train_plans(sampler, transform), policy, data.max_size, colour, True, self.skipped_ids
+        )
+        self.opts = PipelineOptions(sampler.batch, _device_id(device), seed=seed)
+        self.pipe = build_pipeline(self.source, self.opts)
 
     @property
     def epoch(self) -> int:
@@ -337,7 +440,13 @@ class DaliTrainLoader:
         return self
 
     def __next__(self) -> Batch:
-        batch = run_batch(self.pipe, self.source, self.device)
+        while True:
+            try:
+                batch = run_batch(self.pipe, self.source, self.device)
+                break
+            except DaliDecodeError as exc:  # a corrupt file got past the source's check: skip it, go on
+                self.source = _restarted(self.source, exc)
+                self.pipe = build_pipeline(self.source, self.opts)
         self.iteration += 1
         return batch
 
@@ -373,13 +482,22 @@ class DaliEvalLoader:
         if not self.batches:
             return
         plans = ([Plan(i, self.data.resize, False, (1.0, 1.0, 1.0)) for i in b] for b in self.batches)
-        source = BatchSource(self.dataset, plans, self.policy, self.data.max_size, colour=False)
-        largest = max(len(b) for b in self.batches)
-        opts = PipelineOptions(largest, _device_id(self.device))
+        source = BatchSource(
+            self.dataset, plans, self.policy, self.data.max_size, False, False, self.skipped_ids
+        )
+        opts = PipelineOptions(max(len(b) for b in self.batches), _device_id(self.device))
         try:
             pipe = build_pipeline(source, opts)
-            for _ in self.batches:
-                yield run_batch(pipe, source, self.device)
+            while True:  # until the plans run out (a batch whose images are all corrupt never comes)
+                try:
+                    batch = run_batch(pipe, source, self.device)
+                except StopIteration:
+                    return
+                except DaliDecodeError as exc:
+                    source = _restarted(source, exc)
+                    pipe = build_pipeline(source, opts)
+                    continue
+                yield batch
         finally:
             source.close()
 

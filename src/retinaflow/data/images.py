@@ -64,3 +64,41 @@ def displayed_size(path: str | Path) -> tuple[int, int]:
         w, h = im.size
         orientation = im.getexif().get(0x0112, 1)
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+# The formats DALI's image decoder reads, by their first bytes (WebP and PNM are checked apart).
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"),
+    (b"\xffO\xffQ", "JPEG 2000"),
+)
+_TAIL = 65536  # where a complete file's end marker must be: trailing bytes after it are common, not this many
+
+
+def encoded_problem(data: bytes) -> str | None:
+    """Why ``data``, a whole image file, is not a complete image in a format DALI decodes; None if it
+    looks fine. Structure only, no decoding (microseconds an image): an empty file, a format DALI does not
+    read (GIF: use ``--loader torch``), a JPEG without its end-of-image marker or a PNG without its IEND
+    chunk in the last 64 KiB (a truncated file: cut-off downloads and copies are the usual corruption).
+    What passes may still fail to decode; the DALI loaders find those by decoding on the CPU."""
+    if not data:
+        return "empty file"
+    kind = next((name for sig, name in _SIGNATURES if data.startswith(sig)), None)
+    if kind is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        kind = "WebP"
+    if kind is None and len(data) > 2 and data[:1] == b"P" and data[1:2] in b"123456":
+        kind = "PNM"
+    if kind is None:
+        if data[:4] == b"GIF8":
+            return "GIF, which DALI does not decode"
+        return f"not an image format DALI decodes (first bytes {data[:8].hex()})"
+    start = max(0, len(data) - _TAIL)
+    if kind == "JPEG" and data.rfind(b"\xff\xd9", start) < 0:
+        return "truncated JPEG (no end-of-image marker)"
+    if kind == "PNG" and data.rfind(b"IEND", start) < 0:
+        return "truncated PNG (no IEND chunk)"
+    return None
