@@ -229,7 +229,8 @@ class BatchSource:
                 except OSError as exc:
                     problem = exc.strerror or type(exc).__name__
                 if problem is None:
-                    return dataclasses.replace(plan, index=index), data, passed
+                    moved = plan if attempt == 0 else dataclasses.replace(plan, index=index)
+                    return moved, data, passed
                 _record_corrupt(self.dataset, index, problem)
             passed.append(image_id)
             if not self.replace_corrupt:
