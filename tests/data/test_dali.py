@@ -111,15 +111,26 @@ def _corrupt_two(images: Path) -> None:
     (images / "000006.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg \xff\xd9")
 
 
-def test_corrupt_images_are_skipped_and_counted_as_in_the_torch_loader_cpu(tmp_path) -> None:
+@pytest.mark.parametrize(
+    "device",
+    [
+        CPU,
+        pytest.param(
+            torch.device("cuda"),
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+        ),
+    ],
+    ids=["cpu", "gpu_mixed_decoder"],
+)
+def test_corrupt_images_are_skipped_and_counted_as_in_the_torch_loader(tmp_path, device) -> None:
     images, annotations = _mixed_coco(tmp_path, n=9)
     _corrupt_two(images)
     cfg = _cfg(images, annotations, color_jitter=0.1)
     ref, ref_data = build_train_loader(cfg, 2, seed=1, pin_memory=False)
-    dali, dali_data = build_dali_train_loader(cfg, 2, 1, 0, 1, 0, CPU)
+    dali, dali_data = build_dali_train_loader(cfg, 2, 1, 0, 1, 0, device)
     for a, b in zip(itertools.islice(ref, 9), itertools.islice(dali, 9), strict=True):  # two epochs
         assert a.image_ids.tolist() == b.image_ids.tolist() and a.skipped == b.skipped
-        assert torch.equal(a.boxes, b.boxes) and a.images.shape == b.images.shape
+        assert torch.equal(a.boxes, b.boxes.cpu()) and a.images.shape == b.images.shape
     assert ref.skipped_ids == dali.skipped_ids == {3, 6}
     assert ref_data.report()["corrupt_images"] == dali_data.report()["corrupt_images"] == 2
     dali.close()
