@@ -111,16 +111,11 @@ def _corrupt_two(images: Path) -> None:
     (images / "000006.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg \xff\xd9")
 
 
+NEEDS_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
 @pytest.mark.parametrize(
-    "device",
-    [
-        CPU,
-        pytest.param(
-            torch.device("cuda"),
-            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
-        ),
-    ],
-    ids=["cpu", "gpu_mixed_decoder"],
+    "device", [CPU, pytest.param(torch.device("cuda"), marks=NEEDS_GPU)], ids=["cpu", "gpu_mixed_decoder"]
 )
 def test_corrupt_images_are_skipped_and_counted_as_in_the_torch_loader(tmp_path, device) -> None:
     images, annotations = _mixed_coco(tmp_path, n=9)
