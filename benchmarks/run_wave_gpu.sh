@@ -12,6 +12,9 @@
 #                                             --numa-binding=node, after the host's topology (~5 min)
 #   bash benchmarks/run_wave_gpu.sh realdata2 issue 13 on 1 and 2 GPUs: img/s over iterations 1-1000 (start-up
 #                                             included), real-shaped JPEGs then one fixed shape (~8 min)
+#   bash benchmarks/run_wave_gpu.sh profile2  why a 2-GPU eager step is longer than a 1-GPU one: rank 0's GPU
+#                                             busy time and launches per step at 1 and 2 GPUs, default and
+#                                             DDP; then the DALI corrupt-image GPU test (~4 min)
 #   bash benchmarks/run_wave_gpu.sh engines   every `gpu` test (kernels, engines, C++ runner, NCCL faults), probe_pt2, bench_engine
 #   bash benchmarks/run_wave_gpu.sh accuracy  bench_accuracy (retinaflow recipes vs torchvision) + INT8 on a result
 #   bash benchmarks/run_wave_gpu.sh scratch   R50-FPN from random init at the issue's scale: default norms vs ODTK's
@@ -58,6 +61,10 @@ case "${1:-tests}" in
       python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --skip-equivalence --ddp-variant ddp=grad_sync=ddp \
         $bind --out-dir "$OUT/numa${bind:+_node}" 2>&1 | grep -E '"(img_s|scaling|efficiency|error|1gpu|2gpu)'
     done ;;
+  profile2)
+    python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --skip-equivalence --profile \
+      --ddp-variant ddp=grad_sync=ddp --out-dir "$OUT/profile2" 2>&1 | tail -60
+    python -m pytest -q -p no:cacheprovider -m gpu tests/data/test_dali.py -k corrupt 2>&1 | tail -3 ;;
   realdata2)  # the mean over the first 1,000 iterations, real data against the fixed-shape peer, eager
     for sizes in coco fixed; do
       python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --sizes $sizes --images 1200 --tp-iters 1000 \
