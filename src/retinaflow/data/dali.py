@@ -203,16 +203,15 @@ class BatchSource:
         self.skipped_ids.update(passed)
         if not kept:
             return None
-        plans = kept
-        batch, resized = self._targets(plans)
+        batch, resized = self._targets(kept)
         batch.skipped = tuple(passed)
         sizes = np.asarray(resized, dtype=np.int32).reshape(-1, 2)
         rx, ry = sizes[:, 1].astype(np.float32), sizes[:, 0].astype(np.float32)
-        flips = np.asarray([p.flip for p in plans], dtype=np.int32)
-        height = max([h for h, _ in resized] + [p.pad_at_least[0] for p in plans])
-        width = max([w for _, w in resized] + [p.pad_at_least[1] for p in plans])
-        shapes = np.tile(np.asarray(self.policy.pad_shape(height, width), dtype=np.int32), (len(plans), 1))
-        factors = torch.tensor([p.colour for p in plans], dtype=torch.float32) if self.colour else None
+        flips = np.asarray([p.flip for p in kept], dtype=np.int32)
+        height = max([h for h, _ in resized] + [p.pad_at_least[0] for p in kept])
+        width = max([w for _, w in resized] + [p.pad_at_least[1] for p in kept])
+        shapes = np.tile(np.asarray(self.policy.pad_shape(height, width), dtype=np.int32), (len(kept), 1))
+        factors = torch.tensor([p.colour for p in kept], dtype=torch.float32) if self.colour else None
         return (files, rx, ry, flips, shapes), (batch, factors)
 
     def _readable(self, plan: Plan) -> tuple[Plan, bytes | None, list[int]]:
