@@ -13,6 +13,7 @@ import pytest
 from retinaflow.data.coco import CocoDataset
 from retinaflow.data.dali import BatchSource, DaliDecodeError, Plan, _dali_reason, _restarted
 from retinaflow.data.shapes import ShapePolicy
+from retinaflow.errors import DataError
 
 from .conftest import truncate
 from .test_shapes import _mixed_coco
@@ -139,3 +140,14 @@ def test_the_reason_of_a_dali_error_names_the_operator_and_what_it_met() -> None
     operator = "Error in CPU operator `nvidia.dali.fn.decoders.image`"
     assert _dali_reason(text) == f"{operator}: nvImageCodec failure: '#3'"
     assert _dali_reason("something else\nmore") == "something else"
+
+
+def test_a_dataset_without_one_readable_image_is_refused_with_what_to_do(dataset) -> None:
+    for index in range(len(dataset)):
+        dataset.file_path(index).write_bytes(b"GIF89a")
+    source = BatchSource(dataset, iter(_plans([[0, 1]])), ShapePolicy((), 32), 96, False)
+    try:
+        with pytest.raises(DataError, match=r"none of the 6 images .* --loader torch"):
+            source()
+    finally:
+        source.close()

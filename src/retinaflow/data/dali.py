@@ -234,7 +234,11 @@ class BatchSource:
             passed.append(image_id)
             if not self.replace_corrupt:
                 return plan, None, passed
-        raise DataError(f"none of the {count} images in {self.dataset.images_dir} could be decoded")
+        raise DataError(
+            f"none of the {count} images in {self.dataset.images_dir} can be read by the DALI loader (the "
+            "warnings say why); check them with `retinaflow data validate`, or use --loader torch, which "
+            "also reads formats DALI does not (GIF)"
+        )
 
     def _read(self, index: int) -> bytes:
         """Image ``index``'s file, whole (paths as strings, kept once made: pathlib per read cost ~20 %
