@@ -25,7 +25,7 @@ from .test_shapes import _cfg, _mixed_coco
 
 pytest.importorskip("nvidia.dali")
 
-from retinaflow.data.dali import build_dali_eval_loader, build_dali_train_loader
+from retinaflow.data.dali import _dali_reason, build_dali_eval_loader, build_dali_train_loader
 
 CPU = torch.device("cpu")
 
@@ -141,6 +141,18 @@ def test_eval_leaves_corrupt_images_out_as_the_torch_loader_cpu(tmp_path) -> Non
     assert [b.image_ids.tolist() for b in dali] == expected and len(expected) == 7  # no empty batch
     assert dali.skipped_ids == ref.skipped_ids == {3, 6} and data.report()["corrupt_images"] == 2
     assert [b.image_ids.tolist() for b in dali] == expected  # a second pass: known, skipped at once
+
+
+def test_the_reason_of_a_dali_error_names_the_operator_and_what_it_met() -> None:
+    text = (
+        "Critical error in pipeline:\nCritical error in pipeline:\nError in CPU operator "
+        "`nvidia.dali.fn.decoders.image`,\nwhich was used in the pipeline definition with the following "
+        'traceback:\n\n  File "dali.py", line 248, in pipeline\n\nencountered:\n\nnvImageCodec failure: '
+        "'#3'\nCurrent pipeline object is no longer valid."
+    )
+    operator = "Error in CPU operator `nvidia.dali.fn.decoders.image`"
+    assert _dali_reason(text) == f"{operator}: nvImageCodec failure: '#3'"
+    assert _dali_reason("something else\nmore") == "something else"
 
 
 def test_loader_choice(monkeypatch) -> None:

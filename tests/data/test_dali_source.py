@@ -1,6 +1,6 @@
 """The DALI loader's host source (``dali.BatchSource``): its producer thread keeps the plans' order, raises
 a failure from the call that would have returned that batch, ends cleanly and stops on ``close``; it passes
-over corrupt files as ``CocoDataset`` does, and after a decoder failure ``_restarted`` prepares the batches
+over corrupt files as ``CocoDataset`` does, and after a decoder failure ``restarted`` prepares the batches
 in flight again. No DALI needed: the source is plain Python."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 import pytest
 
 from retinaflow.data.coco import CocoDataset
-from retinaflow.data.dali import BatchSource, DaliDecodeError, Plan, _dali_reason, _restarted
+from retinaflow.data.dali_source import BatchSource, DaliDecodeError, Plan, restarted
 from retinaflow.data.shapes import ShapePolicy
 from retinaflow.errors import DataError
 
@@ -111,35 +111,23 @@ def test_a_restart_prepares_the_batches_in_flight_again_without_the_file_that_fa
     source()
     source.pop()  # batch 1 delivered; DALI then fails on batch 2
     source()
-    restarted = _restarted(source, DaliDecodeError("decoder failed"))
+    again = restarted(source, DaliDecodeError("decoder failed"))
     try:
         assert dataset.is_corrupt(3) and not source._thread.is_alive()
         got = []
         for _ in range(3):
-            restarted()
-            got.append(restarted.pop()[0].image_ids.tolist())
+            again()
+            got.append(again.pop()[0].image_ids.tolist())
         assert got == [[4, 4], [5, 6], [2, 1]]  # index 2 replaced by index 3 (id 4)
     finally:
-        restarted.close()
+        again.close()
 
 
 def test_a_restart_that_finds_no_corrupt_file_raises_the_decoder_error(dataset) -> None:
     source = BatchSource(dataset, iter(_plans([[0, 1], [2, 3]])), ShapePolicy((), 32), 96, False)
     source()
     with pytest.raises(DaliDecodeError, match="decoder failed"):
-        _restarted(source, DaliDecodeError("decoder failed"))
-
-
-def test_the_reason_of_a_dali_error_names_the_operator_and_what_it_met() -> None:
-    text = (
-        "Critical error in pipeline:\nCritical error in pipeline:\nError in CPU operator "
-        "`nvidia.dali.fn.decoders.image`,\nwhich was used in the pipeline definition with the following "
-        'traceback:\n\n  File "dali.py", line 248, in pipeline\n\nencountered:\n\nnvImageCodec failure: '
-        "'#3'\nCurrent pipeline object is no longer valid."
-    )
-    operator = "Error in CPU operator `nvidia.dali.fn.decoders.image`"
-    assert _dali_reason(text) == f"{operator}: nvImageCodec failure: '#3'"
-    assert _dali_reason("something else\nmore") == "something else"
+        restarted(source, DaliDecodeError("decoder failed"))
 
 
 def test_a_dataset_without_one_readable_image_is_refused_with_what_to_do(dataset) -> None:
