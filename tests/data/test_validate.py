@@ -145,3 +145,18 @@ def test_fingerprint_missing_inputs(tmp_path: Path) -> None:
         fingerprint(tmp_path / "nope", tmp_path / "a.json")
     with pytest.raises(DataError, match="annotation file not found"):
         fingerprint(tmp_path, tmp_path / "a.json")
+
+
+def test_validate_counts_images_the_dali_loader_would_skip(make_coco, tmp_path: Path, caplog) -> None:
+    """A GIF decodes in the torch path (kept, not corrupt) but not in DALI: counted, with a warning."""
+    from PIL import Image
+
+    images, annotations = make_coco(3)
+    Image.open(images / "000002.jpg").save(images / "000002.jpg", "GIF")  # the name keeps its suffix
+    with caplog.at_level("WARNING", logger="retinaflow.data.validate"):
+        report = validate_dataset(images, annotations, tmp_path / "out.json")
+    assert report["dali_unreadable"] == 1 and report["corrupt_images"] == 0 and report["images"] == 3
+    assert "1 image(s) decode here but the DALI loader would skip them (000002.jpg: GIF" in caplog.text
+    assert "--loader torch" in caplog.text
+    clean = validate_dataset(*make_coco(2), tmp_path / "out2.json")
+    assert clean["dali_unreadable"] == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +20,10 @@ import numpy as np
 
 from retinaflow.data.annotations import load_annotations
 from retinaflow.data.coco import CocoDataset
+from retinaflow.data.images import encoded_problem
 from retinaflow.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 
 def validate_dataset(
@@ -34,19 +38,33 @@ def validate_dataset(
     Returns the counts of :meth:`CocoDataset.report` (``images``/``annotations`` = what was written),
     plus ``size_mismatch`` (decoded size, EXIF orientation applied, differs from the JSON), of which
     ``size_transposed`` (the JSON has height and width swapped: a tool that ignored the EXIF
-    orientation, whose boxes are likely misplaced), ``dropped_corrupt_image``,
+    orientation, whose boxes are likely misplaced), ``dropped_corrupt_image``, ``dali_unreadable``
+    (images that decode here but that the DALI loader would skip: GIF),
     ``class_names``, ``fingerprint`` (of the input) and ``out_annotations``.
     """
     dataset = CocoDataset(images, annotations, transform=None, replace_corrupt=False, keep_json=True)
     doc = dataset.cleaned_json()
     declared = {e["id"]: (e["height"], e["width"]) for e in doc["images"]}
 
-    def shape(index: int) -> tuple[int, int] | None:
+    def check(index: int) -> tuple[tuple[int, int] | None, str | None]:
+        """The decoded (h, w) (None: corrupt), and why the DALI loader would pass the file over."""
         image = dataset.decode(index)
-        return None if image is None else (int(image.shape[-2]), int(image.shape[-1]))
+        if image is None:
+            return None, None
+        problem = encoded_problem(dataset.file_path(index).read_bytes())
+        return (int(image.shape[-2]), int(image.shape[-1])), problem
 
     with ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1)) as pool:
-        shapes = list(pool.map(shape, range(len(dataset))))
+        checked = list(pool.map(check, range(len(dataset))))
+    shapes = [s for s, _ in checked]
+    dali_unreadable = [(dataset.file_path(i).name, p) for i, (_, p) in enumerate(checked) if p is not None]
+    if dali_unreadable:
+        name, problem = dali_unreadable[0]
+        log.warning(
+            "%d image(s) decode here but the DALI loader would skip them (%s: %s); train on this dataset "
+            "with --loader torch",
+            len(dali_unreadable), name, problem,
+        )  # fmt: skip
     ids = dataset.image_ids
     corrupt = {i for i, s in zip(ids, shapes, strict=True) if s is None}
     wrong = [(s, declared[i]) for i, s in zip(ids, shapes, strict=True) if s is not None and s != declared[i]]
@@ -67,6 +85,7 @@ def validate_dataset(
         dropped_corrupt_image=len(doc["annotations"]) - len(cleaned["annotations"]),
         size_mismatch=len(wrong),
         size_transposed=transposed,
+        dali_unreadable=len(dali_unreadable),
         class_names=dataset.class_names,
         fingerprint=fingerprint(images, annotations),
         out_annotations=str(out_annotations),
