@@ -160,6 +160,8 @@ def test_two_nodes_train_checkpoint_once_and_resume_on_one_process(
     # global rank 0 logs (on whichever node c10d made it); validation gathered from both nodes, once
     said = logs[0] + logs[1]
     assert sorted(logged_losses(said)) == [1, 2, 3], said[-3000:]
+    # train.grad_sync=auto: between nodes DDP, whose all-reduces overlap the backward
+    assert "gradients averaged by DDP (train.grad_sync=auto: 2 nodes)" in said, said[-3000:]
     assert said.count("iteration 3: validation mAP") == 1, said[-3000:]
 
     if rendezvous == "c10d":
