@@ -4,6 +4,7 @@ itself when it starts from the first one's artifact file."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -38,6 +39,10 @@ def test_a_fresh_process_reuses_the_compile_artifacts(synth_small, tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "artifacts loaded from" in second.stderr, second.stderr[-3000:]
     assert "written to" not in second.stderr, second.stderr[-3000:]  # nothing compiled anew
+    # the whole training graph came from the file: no AOTAutograd trace, no inductor compile
+    cached = r"compile: first step [\d.]+ s; AOTAutograd cache (\d+) hit / 0 miss / 0 bypass"
+    found = re.search(cached, second.stderr)
+    assert found and int(found.group(1)) >= 1, second.stderr[-3000:]
 
 
 def test_an_unreadable_cache_file_costs_a_compile_not_the_run(tmp_path, caplog):

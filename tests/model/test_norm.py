@@ -264,3 +264,38 @@ def test_group_norm_keeps_half_activations_under_autocast_and_matches_nn_group_n
     torch.testing.assert_close(y.float(), ref(x), atol=0.05, rtol=0.02)  # bf16 rounding
     y.float().square().sum().backward()
     assert ours.weight.grad is not None and torch.isfinite(ours.weight.grad).all()
+
+
+def test_compiled_group_norm_keeps_no_autocast_context_in_the_graph_and_computes_the_same() -> None:
+    """Under autocast the GroupNorm runs in the activation's dtype. Compiled, it must do so without an
+    autocast context in the dynamo graph (AOTAutograd's cache refuses such graphs in some torch
+    versions, so a warm start traced the training graph again), with the same forward and backward as
+    eager (aot_eager runs the traced aten ops)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    called: list[str] = []
+
+    def keep(gm, example_inputs):  # the AOT forward / backward graphs, run as traced
+        return make_boxed_func(gm.forward)
+
+    aot = aot_autograd(fw_compiler=keep, bw_compiler=keep)
+
+    def backend(gm, example_inputs):
+        nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+        called.extend(getattr(n.target, "__name__", str(n.target)) for n in nodes)
+        return aot(gm, example_inputs)
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), group_norm(16), nn.ReLU())
+    x = torch.randn(2, 8, 12, 10)
+    compiled = torch.compile(copy_module.deepcopy(net), backend=backend, fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager_out, compiled_out = net(x), compiled(x)
+    assert eager_out.dtype == compiled_out.dtype == torch.bfloat16
+    assert not [name for name in called if "autocast" in name] and "native_group_norm" in " ".join(called)
+    assert torch.equal(eager_out, compiled_out)
+    eager_out.float().square().sum().backward()
+    compiled_out.float().square().sum().backward()
+    for a, b in zip(net.parameters(), compiled.parameters(), strict=True):
+        assert a.grad is not None and torch.equal(a.grad, b.grad)

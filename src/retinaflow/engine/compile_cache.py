@@ -26,6 +26,17 @@ def compiled_graphs() -> int:
     return int(counters["inductor"]["fxgraph_cache_miss"] + counters["aot_autograd"]["autograd_cache_miss"])
 
 
+def outcome() -> str:
+    """What the compile caches did in this process so far, for the log after the first step: a graph
+    AOTAutograd's cache bypasses is traced again by every process, even one started from the file."""
+    aot, fx = counters["aot_autograd"], counters["inductor"]
+    return (
+        f"AOTAutograd cache {aot['autograd_cache_hit']} hit / {aot['autograd_cache_miss']} miss / "
+        f"{aot['autograd_cache_bypass']} bypass, inductor cache {fx['fxgraph_cache_hit']} hit / "
+        f"{fx['fxgraph_cache_miss']} miss / {fx['fxgraph_cache_bypass']} bypass"
+    )
+
+
 def load(path: str | Path) -> int:
     """Fill the in-process compile caches from ``path``; returns how many artifacts it held (0: no file, or
     one that cannot be read: then a warning, and the run compiles as without it)."""

@@ -327,6 +327,9 @@ class _Trainer:
             batch = next(batches)
             losses = self.step(batch)
             if first:  # compiled now: keep the artifacts even if this run stops before a checkpoint
+                if t.compile and self.info.is_main:
+                    elapsed = time.perf_counter() - window_start
+                    log.info("compile: first step %.1f s; %s", elapsed, compile_cache.outcome())
                 self._save_compile_cache()
                 first = False
             bad_here = torch.where(torch.isfinite(losses["loss"].detach()), _NONE, self.iteration + 1)
