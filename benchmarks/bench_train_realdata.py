@@ -41,6 +41,7 @@ from common import emit
 from retinaflow.config import Config
 from retinaflow.data.select import dali_installed
 from retinaflow.data.synthetic import COCO_SIZES, SynthConfig, generate
+from retinaflow.engine import compile_cache
 from retinaflow.engine import distributed as D
 from retinaflow.engine.callbacks import CallbackList
 from retinaflow.engine.train import _Trainer
@@ -97,6 +98,7 @@ def run_peer(config: Config, peer: str, first: int, second: int, out_dir: Path) 
         trainer.loader.close()
     meter, windows = CpuMeter(), []
     first_step_s = first_images = 0.0
+    caches = ""
     for count in (first, second):
         torch.cuda.synchronize()
         t0, c0, images = time.perf_counter(), meter.seconds(), 0
@@ -109,6 +111,7 @@ def run_peer(config: Config, peer: str, first: int, second: int, out_dir: Path) 
                 trainer._save_compile_cache()  # as the training loop does after its first step
                 torch.cuda.synchronize()
                 first_step_s, first_images = time.perf_counter() - t0, len(batch)
+                caches = compile_cache.outcome() if cfg.train.compile else ""  # so far in this process
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
         windows.append((images / elapsed, (meter.seconds() - c0) / elapsed, images, elapsed))
@@ -123,6 +126,7 @@ def run_peer(config: Config, peer: str, first: int, second: int, out_dir: Path) 
         "img_s_all": round((windows[0][2] + windows[1][2]) / (windows[0][3] + windows[1][3]), 1),
         # the same without iteration 1 (the first compile; bench_train.py's warm-up leaves it out too)
         "first_step_s": round(first_step_s, 1),
+        "compile_caches": caches,
         "img_s_all_after_first_step": round(
             (windows[0][2] + windows[1][2] - first_images) / (windows[0][3] + windows[1][3] - first_step_s),
             1,

@@ -12,6 +12,9 @@
 #                                             --numa-binding=node, after the host's topology (~5 min)
 #   bash benchmarks/run_wave_gpu.sh realdata2 issue 13 on 1 and 2 GPUs: img/s over iterations 1-1000 (start-up
 #                                             included), real-shaped JPEGs then one fixed shape (~8 min)
+#   bash benchmarks/run_wave_gpu.sh warmstart a cold compile writing --compile-cache, then a fresh process started
+#                                             from the file: first step and the compile caches' hits / bypasses
+#                                             (13.6 s before the GroupNorm change; ~7 min)
 #   bash benchmarks/run_wave_gpu.sh profile2  why a 2-GPU eager step is longer than a 1-GPU one: rank 0's GPU
 #                                             busy time and launches per step at 1 and 2 GPUs, default and
 #                                             DDP; then the DALI corrupt-image GPU test (~4 min)
@@ -60,6 +63,13 @@ case "${1:-tests}" in
     for bind in "" "--torchrun-arg=--numa-binding=node"; do
       python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --skip-equivalence --ddp-variant ddp=grad_sync=ddp \
         $bind --out-dir "$OUT/numa${bind:+_node}" 2>&1 | grep -E '"(img_s|scaling|efficiency|error|1gpu|2gpu)'
+    done ;;
+  warmstart)
+    rm -f /tmp/warm.bin
+    for run in cold warm; do
+      TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_$run python benchmarks/bench_train_realdata.py --batch 8 --first 20 \
+        --second 40 --peers preloaded --cudnn off --compile --compile-cache /tmp/warm.bin 2>&1 \
+        | tee "$OUT/warmstart_$run.log" | grep -E "compiled|first_step|compile_caches" | tail -6
     done ;;
   profile2)
     python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --skip-equivalence --profile \
