@@ -144,6 +144,32 @@ def _device_id(device: torch.device) -> int | None:
     return None
 
 
+class _Feed:
+    """A BatchSource and the DALI pipeline it feeds. When DALI fails on a file the source's check let
+    through, both start again at the same batch without it (``dali_source.restarted``)."""
+
+    def __init__(self, source: BatchSource, opts: PipelineOptions, device: torch.device) -> None:
+        self.source, self.opts, self.device = source, opts, device
+        try:
+            self.pipe = build_pipeline(source, opts)
+        except BaseException:
+            source.close()  # its producer thread would wait for a pipeline that never comes
+            raise
+
+    def next(self) -> Batch:
+        """The next batch; StopIteration once the source's plans ran out."""
+        while True:
+            try:
+                return run_batch(self.pipe, self.source, self.device)
+            except DaliDecodeError as exc:
+                self.source = restarted(self.source, exc)
+                self.pipe = build_pipeline(self.source, self.opts)
+
+    def close(self) -> None:
+        self.source.close()
+        self.pipe = None
+
+
 class DaliTrainLoader:
     """Endless training batches from DALI (same interface as ``loader.TrainLoader``)."""
 
@@ -161,11 +187,10 @@ class DaliTrainLoader:
         self.skipped_ids: set[int] = set()
         transform = TrainTransform(data)
         colour = data.color_jitter > 0
-        self.source = BatchSource(
+        source = BatchSource(
             dataset, train_plans(sampler, transform), policy, data.max_size, colour, True, self.skipped_ids
         )
-        self.opts = PipelineOptions(sampler.batch, _device_id(device), seed=seed)
-        self.pipe = build_pipeline(self.source, self.opts)
+        self.feed = _Feed(source, PipelineOptions(sampler.batch, _device_id(device), seed=seed), device)
 
     @property
     def epoch(self) -> int:
@@ -175,19 +200,12 @@ class DaliTrainLoader:
         return self
 
     def __next__(self) -> Batch:
-        while True:
-            try:
-                batch = run_batch(self.pipe, self.source, self.device)
-                break
-            except DaliDecodeError as exc:  # a corrupt file got past the source's check: skip it, go on
-                self.source = restarted(self.source, exc)
-                self.pipe = build_pipeline(self.source, self.opts)
+        batch = self.feed.next()
         self.iteration += 1
         return batch
 
     def close(self) -> None:
-        self.source.close()
-        self.pipe = None
+        self.feed.close()
 
 
 class DaliEvalLoader:
@@ -221,20 +239,16 @@ class DaliEvalLoader:
             self.dataset, plans, self.policy, self.data.max_size, False, False, self.skipped_ids
         )
         opts = PipelineOptions(max(len(b) for b in self.batches), _device_id(self.device))
+        feed = _Feed(source, opts, self.device)
         try:
-            pipe = build_pipeline(source, opts)
             while True:  # until the plans run out (a batch whose images are all corrupt never comes)
                 try:
-                    batch = run_batch(pipe, source, self.device)
+                    batch = feed.next()
                 except StopIteration:
                     return
-                except DaliDecodeError as exc:
-                    source = restarted(source, exc)
-                    pipe = build_pipeline(source, opts)
-                    continue
                 yield batch
         finally:
-            source.close()
+            feed.close()
 
 
 def build_dali_train_loader(

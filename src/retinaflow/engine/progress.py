@@ -18,7 +18,6 @@ class Progress:
     iteration."""
 
     def __init__(self, total: int, start: int, enabled: bool = True) -> None:
-        self.enabled = enabled
         self.skipped = 0
         self.bar = (
             tqdm(
