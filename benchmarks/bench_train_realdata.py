@@ -179,9 +179,9 @@ def loader_only(args: argparse.Namespace, images: str, annotations: str) -> dict
     data = dataclasses.replace(config.data, images=images, annotations=annotations, workers=args.workers)
     out: dict[str, Any] = {}
     if dali_installed():
-        # DALI first: the torch loader's worker processes go on decoding their prefetched batches after
-        # its timing, on the cores a DALI run measured after it would need. The default recipe (colour
-        # jitter 0.1, the retinaflow kernel on the padded batch), then without it (the literal
+        # DALI first, so that no torch worker process still decodes on the cores it times (that did not
+        # explain the low colour-jitter figure: 2,332 img/s timed first on 2 x H200). The default recipe
+        # (colour jitter 0.1, the retinaflow kernel on the padded batch), then without it (the literal
         # target: resize, flip, pad, normalise), the Python source alone, the decoder alone, and the
         # default recipe again. The default recipe has always been the process's first DALI figure and
         # its lowest (2,332 img/s on 2 x H200 against 5,222 without colour jitter, whose GPU work is
