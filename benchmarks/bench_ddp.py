@@ -196,10 +196,9 @@ def _config(args: argparse.Namespace, world: int) -> Config:
         # The network bench_train.py measures (frozen BN backbone, default head). Left at "auto", random
         # init resolves to a GroupNorm backbone (model.norm), which trains R50 ~3.4x slower.
         cfg.model.norm = "frozen_bn"
-        cfg.data.resize, cfg.data.max_size, cfg.data.jitter = 800, 1333, (800, 800)
-        # What users run: autotuning on (shape buckets bound the shapes); the warm-up iterations left out
-        # of the window pay for it. Off, cuDNN's default plans ran R50 ~3.6x slower on the H200.
-        t.cudnn_benchmark = "auto"
+        lo, hi = (int(v) for v in args.jitter.split(","))
+        cfg.data.resize, cfg.data.max_size, cfg.data.jitter = 800, 1333, (lo, hi)
+        t.cudnn_benchmark = args.cudnn
     else:  # small and quick to converge: the equivalence / evaluation model
         cfg.model.backbone, cfg.model.fpn_channels, cfg.model.head_convs = "mobilenet_v2", 128, 2
         cfg.data.resize, cfg.data.max_size, cfg.data.jitter = 512, 512, (448, 512)
@@ -241,6 +240,10 @@ def worker(args: argparse.Namespace) -> None:
         cfg.train.grad_sync = "ddp"  # auto would average after backward: one node
     if args.ddp_options:
         _use_ddp_options(args.ddp_options, cfg)
+    if args.cudagraphs:  # what torch.compile(mode="reduce-overhead") sets: the host launches one graph
+        import torch._inductor.config as inductor_config
+
+        inductor_config.triton.cudagraphs = True
     log = _StepLog()
     callbacks: list[Callback] = [log]
     # Profiled: iterations iters-20 .. iters-10, after the img/s window (the profiler slows what it sees).
@@ -440,11 +443,19 @@ def driver(args: argparse.Namespace) -> None:
         "env": environment(),
         "gpus": args.gpus,
         "dataset_s": round(time.perf_counter() - t0),
+        "jitter": args.jitter,
+        "cudnn_benchmark": args.cudnn,
+        "cudagraphs": args.cudagraphs,
     }
     counts = sorted({int(g) for g in str(args.gpus).split(",")} | {1})
     n = counts[-1]
     common = {"iters": args.tp_iters, "warmup": args.tp_warmup, "batch_per_gpu": 8, "workers": args.workers}
-    common["profile"] = args.profile
+    common |= {
+        "profile": args.profile,
+        "jitter": args.jitter,
+        "cudnn": args.cudnn,
+        "cudagraphs": args.cudagraphs,
+    }
     modes = (
         []
         if args.skip_throughput
@@ -567,12 +578,29 @@ def main() -> None:
         "compiles once; use another --data-dir than the coco data)",
     )
     d.add_argument("--workers", type=int, default=8, help="DataLoader workers per rank")
+    d.add_argument(
+        "--jitter",
+        default="800,800",
+        help="throughput runs' shorter-side jitter LO,HI (800,800: the issues' 800x1333; 640,1024: default)",
+    )
+    d.add_argument(
+        "--cudnn",
+        default="off",
+        choices=["off", "on", "auto"],
+        help="throughput runs' train.cudnn_benchmark (off: the default; autotuning costs ~9 s per shape)",
+    )
     d.add_argument("--tp-iters", type=int, default=120)
     d.add_argument("--tp-warmup", type=int, default=50, help="iterations left out of the img/s window")
     d.add_argument("--eq-iters", type=int, default=300)
     d.add_argument("--eq-batch", type=int, default=8, help="per-GPU batch of the N-GPU equivalence run")
     d.add_argument("--compile", action="store_true", help="also measure throughput under torch.compile")
     d.add_argument("--compile-only", action="store_true", help="throughput under torch.compile only")
+    d.add_argument(
+        "--cudagraphs",
+        action="store_true",
+        help="compiled runs replay the network's forward and backward from CUDA graphs (inductor's "
+        "triton.cudagraphs, as mode=reduce-overhead): is the compiled step still host-bound?",
+    )
     d.add_argument("--loaders", default="torch", help="comma-separated loaders to measure throughput with")
     d.add_argument("--skip-equivalence", action="store_true")
     d.add_argument("--skip-throughput", action="store_true")
@@ -617,8 +645,11 @@ def main() -> None:
     w.add_argument("--workers", type=int, default=8)
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--compile", action="store_true")
+    w.add_argument("--cudagraphs", action="store_true")
     w.add_argument("--loader", default="torch", choices=["torch", "dali"])
     w.add_argument("--profile", action="store_true")
+    w.add_argument("--jitter", default="800,800")
+    w.add_argument("--cudnn", default="off")
     w.add_argument("--ddp-options", default="", help="KEY=0|1,... passed to DistributedDataParallel")
     args = ap.parse_args(
         sys.argv[1:] if len(sys.argv) > 1 and sys.argv[1] in ("run", "worker") else ["run", *sys.argv[1:]]

@@ -11,13 +11,16 @@
 #   bash benchmarks/run_wave_gpu.sh numa      eager 1/2 GPUs (default and DDP) with and without torchrun's
 #                                             --numa-binding=node, after the host's topology (~5 min)
 #   bash benchmarks/run_wave_gpu.sh realdata2 issue 13 on 1 and 2 GPUs: img/s over iterations 1-1000 (start-up
-#                                             included), real-shaped JPEGs then one fixed shape (~8 min)
+#                                             included), real-shaped JPEGs at the default jitter, then one
+#                                             fixed shape (~10 min; `realdata2 coco|fixed`: one of them)
 #   bash benchmarks/run_wave_gpu.sh warmstart a cold compile writing --compile-cache, then a fresh process started
 #                                             from the file: first step and the compile caches' hits / bypasses
 #                                             then 1,000 iterations (13.6 s before the GroupNorm change; ~8 min)
 #   bash benchmarks/run_wave_gpu.sh profile2  why a 2-GPU eager step is longer than a 1-GPU one: rank 0's GPU
 #                                             busy time and launches per step at 1 and 2 GPUs, default and
 #                                             DDP; then the DALI corrupt-image GPU test (~4 min)
+#   bash benchmarks/run_wave_gpu.sh cudagraphs compiled 1/2 GPUs with the network's forward and backward replayed
+#                                             from CUDA graphs, one shape then COCO's sizes (~9 min)
 #   bash benchmarks/run_wave_gpu.sh engines   every `gpu` test (kernels, engines, C++ runner, NCCL faults), probe_pt2, bench_engine
 #   bash benchmarks/run_wave_gpu.sh accuracy  bench_accuracy (retinaflow recipes vs torchvision) + INT8 on a result
 #   bash benchmarks/run_wave_gpu.sh scratch   R50-FPN from random init at the issue's scale: default norms vs ODTK's
@@ -77,10 +80,20 @@ case "${1:-tests}" in
     python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --skip-equivalence --profile \
       --ddp-variant ddp=grad_sync=ddp --out-dir "$OUT/profile2" 2>&1 | tail -60
     python -m pytest -q -p no:cacheprovider -m gpu tests/data/test_dali.py -k corrupt 2>&1 | tail -3 ;;
-  realdata2)  # the mean over the first 1,000 iterations, real data against the fixed-shape peer, eager
-    for sizes in coco fixed; do
-      python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --sizes $sizes --images 1200 --tp-iters 1000 \
-        --tp-warmup 0 --skip-equivalence --data-dir /tmp/ddp_$sizes --out-dir "$OUT/$sizes" 2>&1 | tail -30
+  realdata2)  # the mean over the first 1,000 iterations: real data, default jitter, against one fixed shape
+    runs=("coco 640,1024" "fixed 800,800")  # ~5 min each: "realdata2 coco" or "realdata2 fixed" runs one
+    case "${2:-}" in coco) runs=("${runs[0]}") ;; fixed) runs=("${runs[1]}") ;; esac
+    for run in "${runs[@]}"; do
+      set -- $run
+      python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --sizes $1 --jitter $2 --images 1200 \
+        --tp-iters 1000 --tp-warmup 0 --skip-equivalence --data-dir /tmp/ddp_$1 --out-dir "$OUT/$1" 2>&1 | tail -30
+    done ;;
+  cudagraphs)  # the compiled step replayed from CUDA graphs: host launches gone, is 2-GPU scaling >= 1.9x?
+    for run in "fixed 800,800 400" "coco 640,1024 1200"; do
+      set -- $run
+      timeout 280 python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --compile-only --cudagraphs --sizes $1 \
+        --jitter $2 --images $3 --skip-equivalence --data-dir /tmp/ddp_$1 --out-dir "$OUT/cudagraphs_$1" 2>&1 \
+        | grep -E '"(img_s|scaling_2|efficiency_2|error)"|rror' | head -20
     done ;;
   engines)
     python -m pytest -q -p no:cacheprovider -m gpu -rs --durations=15 tests/ops tests/model tests/engine tests/data \

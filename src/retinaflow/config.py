@@ -100,11 +100,13 @@ class DataConfig:
     pad_stride: int = 32
     workers: int = 4  # DataLoader worker processes of the torch loader (DALI always runs four threads)
     # Shape policy (data/shapes.py): "buckets" pads each batch to the smallest of a few canonical shapes
-    # (aspect_groups x bucket_levels, batches drawn from one aspect-ratio group); "stride" pads to a
-    # multiple of pad_stride (any number of shapes).
+    # (aspect_groups x bucket_levels; a training batch holds one aspect-ratio group at one level of drawn
+    # jitter); "stride" pads to a multiple of pad_stride (any number of shapes). COCO's sizes, default
+    # jitter: 1.10 padded Mpx per image at 3 x 4 against 1.19 at 2 x 3 (1.35 grouping by aspect alone;
+    # the images themselves: 0.91), docs/PERFORMANCE.md.
     shapes: str = "buckets"
-    aspect_groups: int = 2
-    bucket_levels: int = 3
+    aspect_groups: int = 3
+    bucket_levels: int = 4
     # "dali" (GPU decode + augment, needs retinaflow[dali]), "torch" (DataLoader workers), or "auto":
     # dali on a GPU when DALI is installed, torch otherwise. Training, its validation and infer.
     loader: str = "auto"

@@ -1,9 +1,10 @@
 """DALI loader vs the torch loader: same batches, same boxes exactly, pixels within a measured tolerance.
 
-Tolerance (measured on random-noise JPEGs, the worst case for resampling; CPU: DALI's and torchvision's
-libjpeg-turbo decoders): upscaling differs by at most 1 level (4 with colour jitter), downscaling by a mean
-of ~0.2 levels with a few pixels (< 0.1 %) up to 14 apart. Asserted: mean |diff| <= 0.5, < 1 % of values
-more than 4 apart. The GPU decoder (nvJPEG) may add IDCT differences: mean <= 1.0, < 2 % beyond 4.
+Tolerance, over the images' own pixels (the padding is zero in both), measured on random-noise JPEGs, the
+worst case for resampling (CPU: DALI's and torchvision's libjpeg-turbo decoders), colour jitter on:
+upscaling differs by a mean of 0.19 levels with none more than 4 apart, downscaling by a mean of 0.40-0.43
+with 1.2-1.5 % of values more than 4 (up to 14) apart. Asserted: mean |diff| <= 0.5, <= 2 % beyond 4.
+The GPU decoder (nvJPEG) may add IDCT differences: mean <= 1.0, <= 2 % beyond 4, on smooth images.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from PIL import Image
 
 from retinaflow.data import select
+from retinaflow.data.batch import Batch
 from retinaflow.data.loader import build_eval_loader, build_train_loader
 from retinaflow.errors import MissingDependency
 
@@ -30,9 +32,15 @@ from retinaflow.data.dali import _dali_reason, build_dali_eval_loader, build_dal
 CPU = torch.device("cpu")
 
 
-def _assert_close_pixels(a: torch.Tensor, b: torch.Tensor, mean: float, share: float) -> None:
-    assert a.shape == b.shape and a.dtype == b.dtype == torch.uint8
-    diff = (a.int() - b.int()).abs().float()
+def _assert_close_pixels(a: Batch, b: Batch, mean: float, share: float) -> None:
+    """Same padded shape and padding; the images' own pixels within the tolerance."""
+    assert a.images.shape == b.images.shape and a.images.dtype == b.images.dtype == torch.uint8
+    content = torch.zeros(a.images.shape, dtype=torch.bool)
+    for i, (h, w) in enumerate(a.sizes.tolist()):
+        content[i, :, :h, :w] = True
+    x, y = a.images.int(), b.images.cpu().int()
+    assert torch.equal(x[~content], y[~content])
+    diff = (x[content] - y[content]).abs().float()
     assert float(diff.mean()) <= mean, float(diff.mean())
     assert float((diff > 4).float().mean()) <= share, float((diff > 4).float().mean())
 
@@ -62,12 +70,12 @@ def _compare_train(
         assert torch.equal(a.boxes, b.boxes.cpu()) and torch.equal(a.labels, b.labels.cpu())
         assert torch.equal(a.sizes, b.sizes) and torch.equal(a.scales, b.scales)
         assert b.images.is_contiguous(memory_format=torch.channels_last)
-        _assert_close_pixels(a.images, b.images.cpu(), *tol)
+        _assert_close_pixels(a, b, *tol)
 
 
 @pytest.mark.parametrize(("jitter", "max_size"), [((48, 96), 160), ((20, 32), 60)], ids=["up", "down"])
 def test_train_batches_match_the_torch_loader_cpu(tmp_path, jitter, max_size) -> None:
-    _compare_train(tmp_path, CPU, jitter, max_size, (0.5, 0.01))
+    _compare_train(tmp_path, CPU, jitter, max_size, (0.5, 0.02))
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -79,7 +87,7 @@ def test_ddp_rank_batches_match_the_torch_loader_cpu(tmp_path, rank) -> None:
     dali, _ = build_dali_train_loader(cfg, 3, 1, rank, 2, 0, CPU)
     for a, b in zip(itertools.islice(ref, 6), itertools.islice(dali, 6), strict=True):
         assert a.image_ids.tolist() == b.image_ids.tolist() and torch.equal(a.boxes, b.boxes)
-        _assert_close_pixels(a.images, b.images, 0.5, 0.01)  # same padded shape too
+        _assert_close_pixels(a, b, 0.5, 0.02)  # same padded shape too
 
 
 def test_eval_batches_match_the_torch_loader_cpu(tmp_path) -> None:
@@ -91,7 +99,7 @@ def test_eval_batches_match_the_torch_loader_cpu(tmp_path) -> None:
         assert len(ref) == len(dali)
         for a, b in zip(ref, dali, strict=True):
             assert a.image_ids.tolist() == b.image_ids.tolist() and torch.equal(a.sizes, b.sizes)
-            _assert_close_pixels(a.images, b.images, 0.5, 0.01)
+            _assert_close_pixels(a, b, 0.5, 0.02)
 
 
 def test_dali_resume_is_exact(tmp_path) -> None:

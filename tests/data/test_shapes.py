@@ -104,6 +104,30 @@ def test_train_batches_are_one_group_and_take_bucket_shapes(tmp_path) -> None:
     assert shapes <= set(loader.policy.buckets) and len(loader.policy.buckets) <= 6
 
 
+def test_train_batches_hold_one_jitter_level_so_they_pad_to_its_bucket(tmp_path) -> None:
+    """Images whose drawn shorter sides fall in one level share a batch: none is padded to the largest
+    jitter another image of its aspect group drew."""
+    import bisect
+
+    from retinaflow.data.loader import train_batches
+    from retinaflow.data.transforms import TrainTransform
+
+    images, annotations = _mixed_coco(tmp_path)
+    cfg = _cfg(images, annotations, aspect_groups=2, bucket_levels=3)
+    _, dataset = build_train_loader(cfg, 3, seed=0, pin_memory=False)
+    groups = aspect_groups(dataset.image_sizes(), 2)
+    levels = shorter_levels(*cfg.jitter, 3)
+    transform = TrainTransform(cfg)
+    sampler, _ = train_batches(dataset, cfg, 3, 0, 0, 1, 0)
+    seen = set()
+    for items in itertools.islice(sampler, 30):
+        drawn = [(i, transform.draw(torch.Generator().manual_seed(seed)).shorter) for i, seed in items]
+        keys = {(int(groups[i]), bisect.bisect_left(levels, s)) for i, s in drawn}
+        assert len(keys) == 1
+        seen |= keys
+    assert len({level for _, level in seen}) == 3  # every level trained
+
+
 @pytest.mark.parametrize("start", [1, 7, 13])
 def test_grouped_resume_sees_the_data_an_uninterrupted_run_would(tmp_path, start) -> None:
     images, annotations = _mixed_coco(tmp_path)
@@ -120,7 +144,7 @@ def test_grouped_resume_sees_the_data_an_uninterrupted_run_would(tmp_path, start
 
 def test_grouped_ranks_stay_disjoint_within_an_epoch(tmp_path) -> None:
     images, annotations = _mixed_coco(tmp_path, n=24)
-    cfg = _cfg(images, annotations)
+    cfg = _cfg(images, annotations, aspect_groups=2, bucket_levels=1)  # few groups: 4 steps stay in epoch 0
     seen = []
     for rank in range(2):
         loader, _ = build_train_loader(cfg, 2, seed=0, rank=rank, world_size=2, pin_memory=False)
@@ -190,6 +214,10 @@ def test_ddp_ranks_pad_to_the_global_batch_bucket_as_one_gpu_does(tmp_path) -> N
     for alone, *parts in itertools.islice(zip(one, *ranks, strict=False), 10):
         assert all(p.images.shape[-2:] == alone.images.shape[-2:] for p in parts)
         assert sorted(i for p in parts for i in p.image_ids.tolist()) == sorted(alone.image_ids.tolist())
-        together = torch.cat([p.images for p in parts])
-        order = torch.cat([p.image_ids for p in parts]).argsort()
-        assert torch.equal(together[order], alone.images[alone.image_ids.argsort()])
+
+        # (id, scale) orders them: a group's buffer may hold one image of two epochs, drawn differently
+        def ordered(images, ids, scales):
+            return images[(ids.double() + scales.double() / 1000).argsort()]
+
+        together = [torch.cat([getattr(p, k) for p in parts]) for k in ("images", "image_ids", "scales")]
+        assert torch.equal(ordered(*together), ordered(alone.images, alone.image_ids, alone.scales))

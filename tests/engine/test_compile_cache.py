@@ -43,6 +43,7 @@ def test_a_fresh_process_reuses_the_compile_artifacts(synth_small, tmp_path):
     cached = r"compile: first step [\d.]+ s; AOTAutograd cache (\d+) hit / 0 miss / 0 bypass"
     found = re.search(cached, second.stderr)
     assert found and int(found.group(1)) >= 1, second.stderr[-3000:]
+    assert "loading compiled code" in second.stderr, second.stderr[-3000:]  # what the warm start cost
 
 
 def test_an_unreadable_cache_file_costs_a_compile_not_the_run(tmp_path, caplog):
@@ -54,3 +55,16 @@ def test_an_unreadable_cache_file_costs_a_compile_not_the_run(tmp_path, caplog):
         assert compile_cache.load(bad) == 0
     assert f"cannot read {bad}" in caplog.text and "compiling without it" in caplog.text
     assert compile_cache.load(tmp_path / "absent.bin") == 0
+
+
+def test_the_first_step_log_names_the_time_of_each_compile_phase(monkeypatch):
+    from torch._dynamo import utils
+
+    from retinaflow.engine import compile_cache
+
+    metrics = {"bytecode_tracing": [1.0, 0.5], "PyCodeCache.load_by_key_path": [3.0], "gc": [9.0]}
+    monkeypatch.setattr(utils, "compilation_time_metrics", metrics)
+    assert compile_cache.phase_seconds() == {"bytecode_tracing": 1.5, "PyCodeCache.load_by_key_path": 3.0}
+    assert compile_cache.outcome().endswith("bypass; dynamo tracing 1.5 s, loading compiled code 3.0 s")
+    monkeypatch.setattr(utils, "compilation_time_metrics", {})
+    assert compile_cache.outcome().endswith("bypass")

@@ -9,8 +9,10 @@ Buckets come from the dataset itself (image sizes listed in the COCO file), so n
 images are split into ``aspect_groups`` aspect-ratio groups (log-spaced between 1:2 and 2:1; 2 groups =
 portrait / landscape) and, per group, one bucket per *level* of the shorter side (``bucket_levels``
 evenly spaced up to the jitter maximum when training, the eval ``resize`` otherwise): the bucket is the
-largest resized image of the group at that level, rounded up to ``pad_stride``. Batches drawn from one
-group (see ``loader.TrainBatchSampler``) therefore take at most ``aspect_groups * bucket_levels`` shapes.
+largest resized image of the group at that level, rounded up to ``pad_stride``. A training batch is drawn
+from one group and one level (its images' drawn shorter sides fall in the same level; see
+``loader.train_batches``), so it takes its level's bucket, not the one of the largest jitter any of its
+images drew; batches take at most ``aspect_groups * bucket_levels`` shapes.
 """
 
 from __future__ import annotations

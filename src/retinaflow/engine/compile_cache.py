@@ -26,15 +26,38 @@ def compiled_graphs() -> int:
     return int(counters["inductor"]["fxgraph_cache_miss"] + counters["aot_autograd"]["autograd_cache_miss"])
 
 
+# Compile phases PyTorch times (``torch._dynamo.utils.compilation_time_metrics``), by what they cost a user:
+# tracing the Python code, tracing forward + backward, generating and compiling kernels, loading the
+# compiled modules (kernels compiled or loaded included: on a warm start the whole compile that is left).
+PHASES = {
+    "bytecode_tracing": "dynamo tracing",
+    "aot_trace_joint_graph": "AOTAutograd tracing",
+    "fx_codegen_and_compile": "inductor codegen",
+    "PyCodeCache.load_by_key_path": "loading compiled code",
+}
+
+
 def outcome() -> str:
-    """What the compile caches did in this process so far, for the log after the first step: a graph
-    AOTAutograd's cache bypasses is traced again by every process, even one started from the file."""
+    """What the compile caches did in this process so far, and the time of each phase, for the log after
+    the first step: a graph AOTAutograd's cache bypasses is traced again by every process, even one
+    started from the file."""
     aot, fx = counters["aot_autograd"], counters["inductor"]
-    return (
+    caches = (
         f"AOTAutograd cache {aot['autograd_cache_hit']} hit / {aot['autograd_cache_miss']} miss / "
         f"{aot['autograd_cache_bypass']} bypass, inductor cache {fx['fxgraph_cache_hit']} hit / "
         f"{fx['fxgraph_cache_miss']} miss / {fx['fxgraph_cache_bypass']} bypass"
     )
+    phases = phase_seconds()
+    if not phases:
+        return caches
+    return caches + "; " + ", ".join(f"{PHASES[k]} {v:.1f} s" for k, v in phases.items())
+
+
+def phase_seconds() -> dict[str, float]:
+    """Seconds this process spent so far in each of :data:`PHASES` (those it went through)."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return {k: sum(compilation_time_metrics[k]) for k in PHASES if compilation_time_metrics.get(k)}
 
 
 def load(path: str | Path) -> int:
