@@ -19,7 +19,6 @@ import random
 import tempfile
 from pathlib import Path
 
-import torch
 from common import emit
 
 from retinaflow.config import DataConfig
@@ -57,7 +56,7 @@ def measure(data: DataConfig, batches: int, batch: int) -> dict[str, float]:
         resized = []
         for index, seed, *_ in items:
             h, w = (int(v) for v in sizes[index])
-            shorter = transform.draw(torch.Generator().manual_seed(seed)).shorter
+            shorter = transform.draw(seed).shorter
             resized.append(resized_size(h, w, resize_scale(h, w, shorter, data.max_size)))
         height, width = policy.pad_shape(max(r[0] for r in resized), max(r[1] for r in resized))
         shapes.add((height, width))

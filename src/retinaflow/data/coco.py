@@ -36,11 +36,9 @@ from retinaflow.errors import DataError
 
 log = logging.getLogger(__name__)
 
-# transform(image (3, H, W) uint8, boxes (N, 4) float32 x1y1x2y2, generator or None)
+# transform(image (3, H, W) uint8, boxes (N, 4) float32 x1y1x2y2, the sample's seed or None)
 #   -> (image (3, H', W') uint8, boxes (N, 4) float32 in the new pixels, scale new/old)
-Transform = Callable[
-    [torch.Tensor, torch.Tensor, "torch.Generator | None"], tuple[torch.Tensor, torch.Tensor, float]
-]
+Transform = Callable[[torch.Tensor, torch.Tensor, "int | None"], tuple[torch.Tensor, torch.Tensor, float]]
 
 _COUNTS = (
     "images_listed",
@@ -259,8 +257,7 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
         boxes = clip_boxes(torch.from_numpy(np_boxes), int(h), int(w))  # in case a JSON width/height is off
         scale = 1.0
         if self.transform is not None:
-            generator = torch.Generator().manual_seed(seed) if seed is not None else None
-            image, boxes, scale = self.transform(image, boxes, generator)
+            image, boxes, scale = self.transform(image, boxes, seed)
         labels = torch.from_numpy(np_labels.astype(np.int64))
         return Sample(image, boxes, labels, int(self._ids[index]), scale, tuple(skipped), pad_at_least)
 

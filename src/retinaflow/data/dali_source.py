@@ -286,7 +286,7 @@ def train_plans(sampler: TrainBatchSampler, transform: TrainTransform) -> Iterat
     for items in sampler:
         plans = []
         for index, seed, *pad in items:  # (index, seed) or (index, seed, H, W)
-            d = transform.draw(torch.Generator().manual_seed(seed))
+            d = transform.draw(seed)
             at_least = (pad[0], pad[1]) if pad else (0, 0)
             plans.append(Plan(index, d.shorter, d.flip, d.colour or (1.0, 1.0, 1.0), at_least))
         yield plans

@@ -1,7 +1,7 @@
 """Image + box transforms on uint8 CHW tensors (torchvision.transforms.v2 functional ops).
 
-Every random choice is drawn from an explicit ``torch.Generator`` that the loader seeds per sample, so
-augmentation depends only on (seed, epoch, sample) — not on worker count or on where a run resumed.
+Every random choice is a function of the sample's seed, which the loader derives from (seed, epoch,
+sample), so augmentation depends on nothing else — not on worker count or on where a run resumed.
 
 Boxes are (N, 4) float32 x1y1x2y2 in pixels of the image they travel with; a resize multiplies them by
 the one scale factor it also returns (Batch.scales), so dividing by it restores original pixels exactly.
@@ -10,7 +10,9 @@ the one scale factor it also returns (Batch.scales), so dividing by it restores 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as F
 
@@ -82,6 +84,15 @@ def _uniform(generator: torch.Generator | None, low: float, high: float) -> floa
     return low + (high - low) * float(torch.rand((), generator=generator))
 
 
+def jitter_shorter(seed: int | np.ndarray, jitter: tuple[int, int]) -> Any:
+    """Shorter side in [lo, hi] of the sample(s) of these seeds (63-bit, well mixed: uniform up to a
+    bias below 2^-50); int for an int, an int64 array for a uint64 array."""
+    lo, hi = jitter
+    if isinstance(seed, np.ndarray):
+        return lo + (seed % np.uint64(hi - lo + 1)).astype(np.int64)
+    return lo + seed % (hi - lo + 1)
+
+
 @dataclass(frozen=True)
 class TrainDraw:
     """One sample's augmentation: shorter side, flip, and (brightness, contrast, saturation) factors."""
@@ -108,10 +119,15 @@ class TrainTransform:
         self.jitter, self.max_size = (lo, hi), cfg.max_size
         self.flip, self.color_jitter = cfg.flip, cfg.color_jitter
 
-    def draw(self, generator: torch.Generator | None = None) -> TrainDraw:
-        """The random choices for one sample, in a fixed order (the DALI loader draws them here too)."""
+    def draw(self, seed: int | None = None) -> TrainDraw:
+        """The random choices for the sample of this seed (None: unseeded); the DALI loader draws here too.
+
+        The shorter side is :func:`jitter_shorter` of the seed (arithmetic: the sampler groups a whole
+        run's samples by it, loader.train_batches); flip and colour come from a generator seeded with it.
+        """
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
         lo, hi = self.jitter
-        shorter = int(torch.randint(lo, hi + 1, (), generator=generator))
+        shorter = int(torch.randint(lo, hi + 1, ())) if seed is None else jitter_shorter(seed, self.jitter)
         flip = float(torch.rand((), generator=generator)) < self.flip
         colour = None
         if self.color_jitter > 0:
@@ -124,11 +140,11 @@ class TrainTransform:
         return TrainDraw(shorter, flip, colour)
 
     def __call__(
-        self, image: torch.Tensor, boxes: torch.Tensor, generator: torch.Generator | None = None
+        self, image: torch.Tensor, boxes: torch.Tensor, seed: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """image (3, H, W) uint8, boxes (N, 4) float32 x1y1x2y2 → transformed image, boxes, scale."""
         h, w = image.shape[-2:]
-        d = self.draw(generator)
+        d = self.draw(seed)
         scale = resize_scale(h, w, d.shorter, self.max_size)
         image, boxes = resize(image, boxes, scale)
         if d.flip:
@@ -150,7 +166,7 @@ class EvalTransform:
         self.resize, self.max_size = resize, max_size
 
     def __call__(
-        self, image: torch.Tensor, boxes: torch.Tensor, generator: torch.Generator | None = None
+        self, image: torch.Tensor, boxes: torch.Tensor, seed: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """image (3, H, W) uint8, boxes (N, 4) float32 x1y1x2y2 → resized image, boxes, scale."""
         h, w = image.shape[-2:]
