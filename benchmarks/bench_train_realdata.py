@@ -98,7 +98,7 @@ def run_peer(config: Config, peer: str, first: int, second: int, out_dir: Path) 
         trainer.loader.close()
     meter, windows = CpuMeter(), []
     first_step_s = first_images = 0.0
-    caches = ""
+    caches, phases = "", {}
     for count in (first, second):
         torch.cuda.synchronize()
         t0, c0, images = time.perf_counter(), meter.seconds(), 0
@@ -112,6 +112,7 @@ def run_peer(config: Config, peer: str, first: int, second: int, out_dir: Path) 
                 torch.cuda.synchronize()
                 first_step_s, first_images = time.perf_counter() - t0, len(batch)
                 caches = compile_cache.outcome() if cfg.train.compile else ""  # so far in this process
+                phases = _compile_phases() if cfg.train.compile else {}
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
         windows.append((images / elapsed, (meter.seconds() - c0) / elapsed, images, elapsed))
@@ -127,6 +128,7 @@ def run_peer(config: Config, peer: str, first: int, second: int, out_dir: Path) 
         # the same without iteration 1 (the first compile; bench_train.py's warm-up leaves it out too)
         "first_step_s": round(first_step_s, 1),
         "compile_caches": caches,
+        "compile_phases_s": phases,
         "img_s_all_after_first_step": round(
             (windows[0][2] + windows[1][2] - first_images) / (windows[0][3] + windows[1][3] - first_step_s),
             1,
@@ -134,6 +136,15 @@ def run_peer(config: Config, peer: str, first: int, second: int, out_dir: Path) 
         "host_cpu_cores_second": round(windows[1][1], 2),
         "gpu_mem_gib": round(used / 2**30, 2),
     }
+
+
+def _compile_phases(least_s: float = 0.3) -> dict[str, float]:
+    """Every compile phase PyTorch timed in this process so far (seconds, nested phases included) that
+    took ``least_s`` or more: where a first compiled step's time went."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    totals = {name: sum(values) for name, values in compilation_time_metrics.items()}
+    return {name: round(t, 2) for name, t in sorted(totals.items(), key=lambda kv: -kv[1]) if t >= least_s}
 
 
 def train_benchmark(args: argparse.Namespace, images: str, annotations: str) -> dict[str, Any]:
