@@ -23,7 +23,7 @@ from common import emit
 
 from retinaflow.config import DataConfig
 from retinaflow.data.coco import CocoDataset
-from retinaflow.data.loader import train_batches
+from retinaflow.data.sampler import train_batches
 from retinaflow.data.synthetic import COCO_SIZES
 from retinaflow.data.transforms import TrainTransform, resize_scale, resized_size
 

@@ -218,7 +218,7 @@ def loader_only(args: argparse.Namespace, images: str, annotations: str) -> dict
 def _dali_source(data: Any, batch: int) -> Any:
     from retinaflow.data.coco import CocoDataset
     from retinaflow.data.dali_source import BatchSource, train_plans
-    from retinaflow.data.loader import train_batches
+    from retinaflow.data.sampler import train_batches
     from retinaflow.data.transforms import TrainTransform
 
     dataset = CocoDataset(data.images, data.annotations, None)

@@ -109,7 +109,7 @@ def test_train_batches_hold_one_jitter_level_so_they_pad_to_its_bucket(tmp_path)
     jitter another image of its aspect group drew."""
     import bisect
 
-    from retinaflow.data.loader import train_batches
+    from retinaflow.data.sampler import train_batches
     from retinaflow.data.transforms import TrainTransform
 
     images, annotations = _mixed_coco(tmp_path)
@@ -185,7 +185,7 @@ def test_sharded_eval_runs_each_image_in_its_one_rank_batch(tmp_path) -> None:
 
 def test_grouped_ranks_share_each_step_group_and_together_draw_the_one_gpu_batch(tmp_path) -> None:
     """2 ranks x batch 3 at step k = the batch of 6 one rank draws at step k, and one aspect group."""
-    from retinaflow.data.loader import train_batches
+    from retinaflow.data.sampler import train_batches
 
     images, annotations = _mixed_coco(tmp_path)
     cfg = _cfg(images, annotations)

@@ -43,7 +43,8 @@ from retinaflow.config import DataConfig
 from retinaflow.data.batch import Batch
 from retinaflow.data.coco import CocoDataset
 from retinaflow.data.dali_source import BatchSource, DaliDecodeError, Plan, restarted, train_plans
-from retinaflow.data.loader import TrainBatchSampler, check_loader_args, eval_batches, train_batches
+from retinaflow.data.loader import check_loader_args
+from retinaflow.data.sampler import TrainBatchSampler, eval_batches, train_batches
 from retinaflow.data.select import DALI_HINT
 from retinaflow.data.shapes import ShapePolicy
 from retinaflow.data.transforms import TrainTransform, colour_jitter_batch

@@ -27,7 +27,7 @@ import torch
 from retinaflow.data.batch import Batch
 from retinaflow.data.coco import CocoDataset
 from retinaflow.data.images import decode_file, encoded_problem
-from retinaflow.data.loader import TrainBatchSampler
+from retinaflow.data.sampler import TrainBatchSampler
 from retinaflow.data.shapes import ShapePolicy
 from retinaflow.data.transforms import (
     TrainTransform,
