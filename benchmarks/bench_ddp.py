@@ -31,6 +31,7 @@ Prints one JSON object (and writes it to ``--out-dir/ddp.json``).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -382,7 +383,10 @@ def _worker_evaluate(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------------
 # driver side
 # ---------------------------------------------------------------------------------------------------
-def _launch(args: argparse.Namespace, gpus: int, task: str, name: str, **extra: Any) -> dict[str, Any]:
+def _launch(
+    args: argparse.Namespace, gpus: int, task: str, name: str, *, visible: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    """One torchrun launch of ``gpus`` workers (on the GPUs ``visible`` lists, default all); its result."""
     result = Path(args.work) / f"{name}.json"
     ckpt = Path(args.work) / f"{name}.pth"
     ckpt.unlink(missing_ok=True)
@@ -397,6 +401,8 @@ def _launch(args: argparse.Namespace, gpus: int, task: str, name: str, **extra: 
         elif value is not None and value is not False:  # 0 is a value (--tp-warmup 0), not "off"
             cmd += [f"--{key.replace('_', '-')}", str(value)]
     env = dict(os.environ, NCCL_NVLS_ENABLE="0", OMP_NUM_THREADS="1")
+    if visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     (Path(args.work) / f"{name}.log").write_text(proc.stdout + proc.stderr)
@@ -406,6 +412,28 @@ def _launch(args: argparse.Namespace, gpus: int, task: str, name: str, **extra: 
         return {"error": f"exit {proc.returncode}", "causes": _exception_lines(text), "tail": tail}
     out = json.loads(result.read_text())
     out["wall_s"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def _concurrent_singles(
+    args: argparse.Namespace, gpus: int, tag: str, one: dict[str, Any], **extra: Any
+) -> dict[str, Any]:
+    """``gpus`` independent 1-GPU runs at once, one per GPU: each one's img/s against the 1-GPU run alone.
+    Near 1: ranks do not slow each other's host (a slower N-GPU step is waiting at the all-reduce for the
+    slower rank); below 1: they do (shared cores, memory bandwidth, clocks)."""
+    with concurrent.futures.ThreadPoolExecutor(gpus) as pool:
+        names = [f"tp_{tag}_{gpus}x1gpu_{g}" for g in range(gpus)]
+        futures = [
+            pool.submit(_launch, args, 1, "throughput", n, visible=str(g), **extra)
+            for g, n in enumerate(names)
+        ]
+        runs = [f.result() for f in futures]
+    rates = [r.get("img_s") for r in runs]
+    out: dict[str, Any] = {f"{gpus}x1gpu_concurrent_img_s": rates}
+    if "img_s" in one and all(rates):
+        out[f"{gpus}x1gpu_concurrent_vs_alone"] = round(sum(rates) / len(rates) / one["img_s"], 3)
+    else:
+        out[f"{gpus}x1gpu_concurrent_errors"] = [r for r in runs if "img_s" not in r]
     return out
 
 
@@ -502,6 +530,8 @@ def driver(args: argparse.Namespace) -> None:
                     entry["1gpu_ddp"] = ddp
                     if "img_s" in one and "img_s" in ddp:
                         entry["ddp_cost_1"] = round(ddp["img_s"] / one["img_s"], 3)
+                if gpus > 1 and args.concurrent_singles and not variant:
+                    entry |= _concurrent_singles(args, gpus, tag, one, compile=comp, loader=loader, **common)
                 suffix = f"{gpus}" + (f"_{variant}" if variant else "")
                 if gpus > 1 and "img_s" in one and "img_s" in run:
                     entry[f"scaling_{suffix}"] = round(run["img_s"] / one["img_s"], 3)
@@ -627,6 +657,11 @@ def main() -> None:
         default=[],
         metavar="ARG",
         help="passed to every torchrun launch (repeatable), e.g. --torchrun-arg=--numa-binding=node",
+    )
+    d.add_argument(
+        "--concurrent-singles",
+        action="store_true",
+        help="also run N independent 1-GPU trainings at once (one per GPU): do ranks slow each other's host?",
     )
     d.add_argument(
         "--one-rank-ddp",

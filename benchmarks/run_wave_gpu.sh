@@ -19,6 +19,7 @@
 #   bash benchmarks/run_wave_gpu.sh profile2  why a 2-GPU eager step is longer than a 1-GPU one: rank 0's GPU
 #                                             busy time and launches per step at 1 and 2 GPUs, default and
 #                                             DDP; then the DALI corrupt-image GPU test (~4 min)
+#   bash benchmarks/run_wave_gpu.sh contention eager 1 GPU, 2 GPUs, and two 1-GPU runs at once (~4 min)
 #   bash benchmarks/run_wave_gpu.sh cudagraphs compiled 1/2 GPUs with the network's forward and backward replayed
 #                                             from CUDA graphs, one shape then COCO's sizes (~9 min)
 #   bash benchmarks/run_wave_gpu.sh engines   every `gpu` test (kernels, engines, C++ runner, NCCL faults), probe_pt2, bench_engine
@@ -88,6 +89,9 @@ case "${1:-tests}" in
       python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --sizes $1 --jitter $2 --images 1200 \
         --tp-iters 1000 --tp-warmup 0 --skip-equivalence --data-dir /tmp/ddp_$1 --out-dir "$OUT/$1" 2>&1 | tail -30
     done ;;
+  contention)  # is a 2-GPU eager step longer because ranks slow each other's host, or because they wait?
+    python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --skip-equivalence --concurrent-singles \
+      --out-dir "$OUT/contention" 2>&1 | grep -E '"(img_s|scaling_2|2x1gpu_concurrent.*)"' | head -20 ;;
   cudagraphs)  # the compiled step replayed from CUDA graphs: host launches gone, is 2-GPU scaling >= 1.9x?
     for run in "fixed 800,800 400" "coco 640,1024 1200"; do
       set -- $run
