@@ -428,10 +428,10 @@ def _concurrent_singles(
             for g, n in enumerate(names)
         ]
         runs = [f.result() for f in futures]
-    rates = [r.get("img_s") for r in runs]
+    rates = [float(r["img_s"]) for r in runs if "img_s" in r]
     out: dict[str, Any] = {f"{gpus}x1gpu_concurrent_img_s": rates}
-    if "img_s" in one and all(rates):
-        out[f"{gpus}x1gpu_concurrent_vs_alone"] = round(sum(rates) / len(rates) / one["img_s"], 3)
+    if "img_s" in one and len(rates) == gpus:
+        out[f"{gpus}x1gpu_concurrent_vs_alone"] = round(sum(rates) / gpus / one["img_s"], 3)
     else:
         out[f"{gpus}x1gpu_concurrent_errors"] = [r for r in runs if "img_s" not in r]
     return out

@@ -47,6 +47,7 @@ def _dataset(root: Path, images: int) -> tuple[str, str]:
 
 
 def measure(data: DataConfig, batches: int, batch: int) -> dict[str, float]:
+    assert data.images and data.annotations
     dataset = CocoDataset(data.images, data.annotations, None)
     sizes, transform = dataset.image_sizes(), TrainTransform(data)
     sampler, policy = train_batches(dataset, data, batch, 0, 0, 1, 0)
