@@ -70,12 +70,14 @@ case "${1:-tests}" in
     done ;;
   warmstart)
     rm -f /tmp/warm.bin
-    # cold: a short run that writes the file; warm: the 1,000 iterations from it (eager alongside)
-    for run in "cold 20 40" "warm 500 500"; do
+    # cold: a short run that writes the file; warm: the 1,000 iterations from it (eager alongside);
+    # warm1: a short warm start without inductor's compile-worker pool (does starting it cost the seconds?)
+    for run in "cold 20 40 0" "warm 500 500 0" "warm1 20 40 1"; do
       set -- $run
-      TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_$1 python benchmarks/bench_train_realdata.py --batch 8 --first $2 \
-        --second $3 --peers preloaded --cudnn off --compile --compile-cache /tmp/warm.bin 2>&1 \
-        | tee "$OUT/warmstart_$1.log" | grep -E "compiled|first_step|compile_caches" | tail -6
+      threads=(); [ "$4" = 1 ] && threads=(TORCHINDUCTOR_COMPILE_THREADS=1)
+      env "${threads[@]}" TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_$1 python benchmarks/bench_train_realdata.py \
+        --batch 8 --first $2 --second $3 --peers preloaded --cudnn off --compile --compile-cache /tmp/warm.bin \
+        2>&1 | tee "$OUT/warmstart_$1.log" | grep -E "compiled|first_step|compile_caches" | tail -6
     done ;;
   profile2)
     python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --skip-equivalence --profile \
