@@ -234,7 +234,7 @@ class CocoDataset(torch.utils.data.Dataset[Sample]):
 
     def __getitem__(self, key: int | tuple[int, ...]) -> Sample:
         """``key``: an index, (index, augmentation seed), or (index, seed, H, W) with the size the sample's
-        batch must be padded to at least (``loader.TrainBatchSampler``'s DDP hint)."""
+        batch must be padded to at least (``sampler.TrainBatchSampler``'s DDP hint)."""
         index, seed = (key[0], key[1]) if isinstance(key, tuple) else (key, None)
         pad_at_least = (key[2], key[3]) if isinstance(key, tuple) and len(key) == 4 else (0, 0)
         skipped: list[int] = []

@@ -1,7 +1,7 @@
 """Which data loader a run uses (``data.loader`` / ``infer.loader``) and building it.
 
 "auto" means DALI when the run is on a CUDA device and DALI is installed, the torch DataLoader otherwise;
-the choice is logged once per process. Both loaders take the same batches (``loader.train_batches`` /
+the choice is logged once per process. Both loaders take the same batches (``sampler.train_batches`` /
 ``loader.eval_batches``) and yield :class:`~retinaflow.data.batch.Batch`.
 """
 

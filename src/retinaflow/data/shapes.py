@@ -11,7 +11,7 @@ portrait / landscape) and, per group, one bucket per *level* of the shorter side
 evenly spaced up to the jitter maximum when training, the eval ``resize`` otherwise): the bucket is the
 largest resized image of the group at that level, rounded up to ``pad_stride``. A training batch is drawn
 from one group and one level (its images' drawn shorter sides fall in the same level; see
-``loader.train_batches``), so it takes its level's bucket, not the one of the largest jitter any of its
+``sampler.train_batches``), so it takes its level's bucket, not the one of the largest jitter any of its
 images drew; batches take at most ``aspect_groups * bucket_levels`` shapes.
 """
 

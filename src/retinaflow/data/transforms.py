@@ -10,7 +10,7 @@ the one scale factor it also returns (Batch.scales), so dividing by it restores 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import overload
 
 import numpy as np
 import torch
@@ -84,7 +84,11 @@ def _uniform(generator: torch.Generator | None, low: float, high: float) -> floa
     return low + (high - low) * float(torch.rand((), generator=generator))
 
 
-def jitter_shorter(seed: int | np.ndarray, jitter: tuple[int, int]) -> Any:
+@overload
+def jitter_shorter(seed: int, jitter: tuple[int, int]) -> int: ...
+@overload
+def jitter_shorter(seed: np.ndarray, jitter: tuple[int, int]) -> np.ndarray: ...
+def jitter_shorter(seed: int | np.ndarray, jitter: tuple[int, int]) -> int | np.ndarray:
     """Shorter side in [lo, hi] of the sample(s) of these seeds (63-bit, well mixed: uniform up to a
     bias below 2^-50); int for an int, an int64 array for a uint64 array."""
     lo, hi = jitter
@@ -123,7 +127,7 @@ class TrainTransform:
         """The random choices for the sample of this seed (None: unseeded); the DALI loader draws here too.
 
         The shorter side is :func:`jitter_shorter` of the seed (arithmetic: the sampler groups a whole
-        run's samples by it, loader.train_batches); flip and colour come from a generator seeded with it.
+        run's samples by it, sampler.train_batches); flip and colour come from a generator seeded with it.
         """
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         lo, hi = self.jitter
