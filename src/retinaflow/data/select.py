@@ -2,7 +2,7 @@
 
 "auto" means DALI when the run is on a CUDA device and DALI is installed, the torch DataLoader otherwise;
 the choice is logged once per process. Both loaders take the same batches (``sampler.train_batches`` /
-``loader.eval_batches``) and yield :class:`~retinaflow.data.batch.Batch`.
+``sampler.eval_batches``) and yield :class:`~retinaflow.data.batch.Batch`.
 """
 
 from __future__ import annotations
