@@ -20,6 +20,7 @@
 #                                             busy time and launches per step at 1 and 2 GPUs, default and
 #                                             DDP; then the DALI corrupt-image GPU test (~4 min)
 #   bash benchmarks/run_wave_gpu.sh contention eager 1 GPU, 2 GPUs, and two 1-GPU runs at once (~4 min)
+#   bash benchmarks/run_wave_gpu.sh exclusive  eager 1/2 GPUs, each rank on its own cores (--numa-binding=exclusive, ~3 min)
 #   bash benchmarks/run_wave_gpu.sh cudagraphs compiled 1/2 GPUs with the network's forward and backward replayed
 #                                             from CUDA graphs, one shape then COCO's sizes (~9 min)
 #   bash benchmarks/run_wave_gpu.sh engines   every `gpu` test (kernels, engines, C++ runner, NCCL faults), probe_pt2, bench_engine
@@ -94,6 +95,10 @@ case "${1:-tests}" in
   contention)  # is a 2-GPU eager step longer because ranks slow each other's host, or because they wait?
     python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --skip-equivalence --concurrent-singles \
       --out-dir "$OUT/contention" 2>&1 | grep -E '"(img_s|scaling_2|2x1gpu_concurrent.*)"' | head -20 ;;
+  exclusive)  # the same eager 1/2-GPU runs with each rank bound to its own half of the cores (torchrun)
+    python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --skip-equivalence \
+      --torchrun-arg=--numa-binding=exclusive --out-dir "$OUT/exclusive" 2>&1 \
+      | grep -E '"(img_s|scaling_2|error)"|rror' | head -20 ;;
   cudagraphs)  # the compiled step replayed from CUDA graphs: host launches gone, is 2-GPU scaling >= 1.9x?
     for run in "fixed 800,800 400" "coco 640,1024 1200"; do
       set -- $run
