@@ -432,8 +432,8 @@ def _concurrent_singles(
     out: dict[str, Any] = {f"{gpus}x1gpu_concurrent_img_s": rates}
     if "img_s" in one and len(rates) == gpus:
         out[f"{gpus}x1gpu_concurrent_vs_alone"] = round(sum(rates) / gpus / one["img_s"], 3)
-    else:
-        out[f"{gpus}x1gpu_concurrent_errors"] = [r for r in runs if "img_s" not in r]
+    else:  # a run failed, or its window was too short for an img/s
+        out[f"{gpus}x1gpu_concurrent_without_img_s"] = [r for r in runs if "img_s" not in r]
     return out
 
 
