@@ -141,8 +141,9 @@ def train_batches(
     world_size: int,
     start_iteration: int,
 ) -> tuple[TrainBatchSampler, ShapePolicy]:
-    """The batch sampler (this rank's share, grouped by aspect ratio under the bucket policy) and the
-    shape policy of a training set: shared by the torch and DALI loaders, so both see the same batches."""
+    """The batch sampler (this rank's share; under the bucket policy grouped by aspect ratio and jitter
+    level) and the shape policy of a training set: shared by the torch and DALI loaders, so both see the
+    same batches."""
     sampler: DistributedSampler[int] = DistributedSampler(
         dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed
     )
