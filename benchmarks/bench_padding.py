@@ -1,10 +1,11 @@
 """Padded pixels per training image under each shape policy: the work a GPU does on padding (CPU only).
 
-The training sampler (``data.loader.train_batches``, the one both loaders use) draws batches from COCO's
+The training sampler (``data.sampler.train_batches``, the one both loaders use) draws batches from COCO's
 spread of image sizes (``data.synthetic.COCO_SIZES``) with the default jitter and ``max_size``; each
-batch is padded as ``collate`` pads it. Reported per setting (aspect groups x jitter levels, or stride
-padding): mean padded megapixels per image, the images' own megapixels, and how many distinct padded
-shapes occurred. The fixed-shape benchmark's 800x1344 is 1.075 Mpx.
+batch is padded as ``collate`` pads it (``data.sampler.padding``, which training also logs at its
+start). Reported per setting (aspect groups x jitter levels, or stride padding): mean padded megapixels
+per image, the images' own megapixels, and how many distinct padded shapes occurred. The fixed-shape
+benchmark's 800x1344 is 1.075 Mpx.
 
     python benchmarks/bench_padding.py [--images 3000] [--batches 1500] [--batch 8]
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import random
 import tempfile
@@ -23,9 +23,8 @@ from common import emit
 
 from retinaflow.config import DataConfig
 from retinaflow.data.coco import CocoDataset
-from retinaflow.data.sampler import train_batches
+from retinaflow.data.sampler import padding, train_batches
 from retinaflow.data.synthetic import COCO_SIZES
-from retinaflow.data.transforms import TrainTransform, resize_scale, resized_size
 
 SETTINGS = ("buckets:2x1", "buckets:2x3", "buckets:3x4", "buckets:3x6", "buckets:4x8", "stride")
 
@@ -49,25 +48,12 @@ def _dataset(root: Path, images: int) -> tuple[str, str]:
 def measure(data: DataConfig, batches: int, batch: int) -> dict[str, float]:
     assert data.images and data.annotations
     dataset = CocoDataset(data.images, data.annotations, None)
-    sizes, transform = dataset.image_sizes(), TrainTransform(data)
     sampler, policy = train_batches(dataset, data, batch, 0, 0, 1, 0)
-    padded = own = count = 0
-    shapes = set()
-    for items in itertools.islice(sampler, batches):
-        resized = []
-        for index, seed, *_ in items:
-            h, w = (int(v) for v in sizes[index])
-            shorter = transform.draw(seed).shorter
-            resized.append(resized_size(h, w, resize_scale(h, w, shorter, data.max_size)))
-        height, width = policy.pad_shape(max(r[0] for r in resized), max(r[1] for r in resized))
-        shapes.add((height, width))
-        padded += height * width * len(resized)
-        own += sum(h * w for h, w in resized)
-        count += len(resized)
+    pad = padding(sampler, policy, dataset.image_sizes(), data, count=batches)
     return {
-        "padded_mpx_per_image": round(padded / count / 1e6, 3),
-        "image_mpx_per_image": round(own / count / 1e6, 3),
-        "padded_shapes": len(shapes),
+        "padded_mpx_per_image": round(pad.padded_mpx, 3),
+        "image_mpx_per_image": round(pad.image_mpx, 3),
+        "padded_shapes": pad.shapes,
     }
 
 

@@ -17,7 +17,9 @@ Evaluation: each image exactly once across ranks, in the batches of a one-rank e
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 from torch.utils.data import DistributedSampler, Sampler
@@ -26,6 +28,8 @@ from retinaflow.config import DataConfig
 from retinaflow.data.coco import CocoDataset
 from retinaflow.data.shapes import ShapePolicy, aspect_groups, build_policy, shorter_levels
 from retinaflow.data.transforms import jitter_shorter, resize_scale, resized_size
+
+log = logging.getLogger(__name__)
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -170,7 +174,50 @@ def train_batches(
 
     grouped = data.shapes == "buckets" and (len(np.unique(groups)) > 1 or len(levels) > 1)
     batches = TrainBatchSampler(sampler, batch, seed, start_iteration, group_of if grouped else None, largest)
+    pad = padding(batches, policy, sizes, data) if rank == 0 else None
+    if pad is not None and pad.padded_mpx > 0:
+        log.info(
+            "padding: %.0f %% of a training batch's pixels (%.2f padded Mpx per image of %.2f Mpx)",
+            100 * (1 - pad.image_mpx / pad.padded_mpx),
+            pad.padded_mpx,
+            pad.image_mpx,
+        )
     return batches, policy
+
+
+@dataclass(frozen=True)
+class Padding:
+    """Mean padded and own megapixels per image of some training batches, and their distinct shapes."""
+
+    padded_mpx: float
+    image_mpx: float
+    shapes: int
+
+
+def padding(
+    batches: TrainBatchSampler, policy: ShapePolicy, sizes: np.ndarray, data: DataConfig, count: int = 200
+) -> Padding:
+    """What the first ``count`` batches of ``batches`` carry (from its start iteration; the sampler's
+    own iteration is not disturbed): images resized as their seeds draw, padded as ``loader.collate``
+    pads them. sizes: (N, 2) (height, width) of the dataset's originals."""
+    padded = own = images = 0
+    shapes = set()
+    for items in itertools.islice(batches, count):
+        resized = []
+        for index, seed, *_ in items:
+            h, w = (int(v) for v in sizes[index])
+            shorter = jitter_shorter(seed, data.jitter)
+            resized.append(resized_size(h, w, resize_scale(h, w, shorter, data.max_size)))
+        at_least = items[0][2:] if len(items[0]) == 4 else (0, 0)  # the global batch's, under DDP
+        height = max([r[0] for r in resized] + [int(at_least[0])])
+        width = max([r[1] for r in resized] + [int(at_least[1])])
+        shape = policy.pad_shape(height, width)
+        shapes.add(shape)
+        padded += shape[0] * shape[1] * len(resized)
+        own += sum(h * w for h, w in resized)
+        images += len(resized)
+    images = max(images, 1)
+    return Padding(padded / images / 1e6, own / images / 1e6, len(shapes))
 
 
 def eval_batches(
