@@ -19,7 +19,7 @@
 #   bash benchmarks/run_wave_gpu.sh profile2  why a 2-GPU eager step is longer than a 1-GPU one: rank 0's GPU
 #                                             busy time and launches per step at 1 and 2 GPUs, default and
 #                                             DDP; then the DALI corrupt-image GPU test (~4 min)
-#   bash benchmarks/run_wave_gpu.sh contention eager 1 GPU, 2 GPUs, and two 1-GPU runs at once (~4 min)
+#   bash benchmarks/run_wave_gpu.sh contention eager 1 GPU, 2 GPUs, and two 1-GPU runs at once; the DALI GPU tests (~5 min)
 #   bash benchmarks/run_wave_gpu.sh exclusive  eager 1/2 GPUs, each rank on its own cores (--numa-binding=exclusive, ~3 min)
 #   bash benchmarks/run_wave_gpu.sh cudagraphs compiled 1/2 GPUs with the network's forward and backward replayed
 #                                             from CUDA graphs, one shape then COCO's sizes (~9 min)
@@ -94,7 +94,9 @@ case "${1:-tests}" in
     done ;;
   contention)  # is a 2-GPU eager step longer because ranks slow each other's host, or because they wait?
     python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --skip-equivalence --concurrent-singles \
-      --out-dir "$OUT/contention" 2>&1 | grep -E '"(img_s|scaling_2|2x1gpu_concurrent.*)"' | head -20 ;;
+      --out-dir "$OUT/contention" 2>&1 | grep -E '"(img_s|scaling_2|2x1gpu_concurrent.*)"' | head -20
+    # the DALI GPU tests: parity with the torch loader is now asserted over the images' own pixels
+    python -m pytest -q -p no:cacheprovider -m gpu tests/data/test_dali.py 2>&1 | tail -3 ;;
   exclusive)  # the same eager 1/2-GPU runs with each rank bound to its own half of the cores (torchrun)
     python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --skip-equivalence \
       --torchrun-arg=--numa-binding=exclusive --out-dir "$OUT/exclusive" 2>&1 \
