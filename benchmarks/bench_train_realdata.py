@@ -141,10 +141,8 @@ def run_peer(config: Config, peer: str, first: int, second: int, out_dir: Path) 
 def _compile_phases(least_s: float = 0.3) -> dict[str, float]:
     """Every compile phase PyTorch timed in this process so far (seconds, nested phases included) that
     took ``least_s`` or more: where a first compiled step's time went."""
-    from torch._dynamo.utils import compilation_time_metrics
-
-    totals = {name: sum(values) for name, values in compilation_time_metrics.items()}
-    return {name: round(t, 2) for name, t in sorted(totals.items(), key=lambda kv: -kv[1]) if t >= least_s}
+    totals = sorted(compile_cache.phase_seconds(None).items(), key=lambda kv: -kv[1])
+    return {name: round(t, 2) for name, t in totals if t >= least_s}
 
 
 def train_benchmark(args: argparse.Namespace, images: str, annotations: str) -> dict[str, Any]:

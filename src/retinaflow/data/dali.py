@@ -1,10 +1,10 @@
 """NVIDIA DALI loaders (``data.loader: dali``): JPEG decode, resize, flip, colour jitter, padding on GPU.
 
 What each batch holds is decided exactly as in the torch loader: the same batch sampler
-(``sampler.train_batches`` / ``sampler.eval_batches``: DDP shard by rank, aspect-ratio groups, exact resume),
-the same per-sample draws (``TrainTransform.draw``: shorter side capped by ``max_size``, flip, colour
-factors) and the same box arithmetic (``transforms.resize_boxes`` / ``hflip_boxes``, given a whole
-batch's boxes at once with per-box sizes), so boxes are identical to the torch loader's. A Python source
+(``sampler.train_batches`` / ``sampler.eval_batches``: DDP shard by rank, aspect and jitter-level groups,
+exact resume), the same per-sample draws (``TrainTransform.draw``: shorter side capped by ``max_size``,
+flip, colour factors) and the same box arithmetic (``transforms.resize_boxes`` / ``hflip_boxes``, given a
+whole batch's boxes at once with per-box sizes), so boxes are identical to the torch loader's. A Python source
 (``dali_source.BatchSource``) feeds the encoded files, sizes and factors to a ``@pipeline_def`` pipeline
 through ``fn.external_source``; DALI decodes (``decoders.image``, device "mixed": nvJPEG / the hardware JPEG
 decoder), resizes (antialiased linear, to the exact integer size), flips and pads every image to the

@@ -120,13 +120,12 @@ class TrainBatchSampler(Sampler[list[tuple[int, ...]]]):
     def __iter__(self) -> Iterator[list[tuple[int, ...]]]:
         if self.group_of is None:
             epoch, offset = divmod(self.start_iteration * self.batch, self.per_epoch)
-            stream = (
+            stream: Iterator[tuple[int, ...]] = (
                 (index, seed)
                 for indices, seeds in self._epochs(self.sampler, epoch, offset)
                 for index, seed in zip(indices.tolist(), seeds.tolist(), strict=True)
             )
-            for items in iter(lambda: list(itertools.islice(stream, self.batch)), []):
-                yield list(items)
+            yield from iter(lambda: list(itertools.islice(stream, self.batch)), [])
             return
         for mine, everyone in itertools.islice(self._grouped(), self.start_iteration, None):
             if self.pad_hint is None or self.sampler.num_replicas == 1:
@@ -165,11 +164,7 @@ def train_batches(
 
     def largest(items: list[tuple[int, int]]) -> tuple[int, int]:
         """Resized (height, width) of the largest image of a batch, each side separately."""
-        resized = []
-        for index, seed in items:
-            h, w = (int(v) for v in sizes[index])
-            shorter = jitter_shorter(seed, data.jitter)
-            resized.append(resized_size(h, w, resize_scale(h, w, shorter, data.max_size)))
+        resized = [_resized(sizes, data, index, seed) for index, seed in items]
         return max(r[0] for r in resized), max(r[1] for r in resized)
 
     grouped = data.shapes == "buckets" and (len(np.unique(groups)) > 1 or len(levels) > 1)
@@ -203,11 +198,7 @@ def padding(
     padded = own = images = 0
     shapes = set()
     for items in itertools.islice(batches, count):
-        resized = []
-        for index, seed, *_ in items:
-            h, w = (int(v) for v in sizes[index])
-            shorter = jitter_shorter(seed, data.jitter)
-            resized.append(resized_size(h, w, resize_scale(h, w, shorter, data.max_size)))
+        resized = [_resized(sizes, data, index, seed) for index, seed, *_ in items]
         at_least = items[0][2:] if len(items[0]) == 4 else (0, 0)  # the global batch's, under DDP
         height = max([r[0] for r in resized] + [int(at_least[0])])
         width = max([r[1] for r in resized] + [int(at_least[1])])
@@ -218,6 +209,12 @@ def padding(
         images += len(resized)
     images = max(images, 1)
     return Padding(padded / images / 1e6, own / images / 1e6, len(shapes))
+
+
+def _resized(sizes: np.ndarray, data: DataConfig, index: int, seed: int) -> tuple[int, int]:
+    """(height, width) of image ``index`` (sizes: (N, 2) of the originals) resized as its seed draws."""
+    h, w = (int(v) for v in sizes[index])
+    return resized_size(h, w, resize_scale(h, w, jitter_shorter(seed, data.jitter), data.max_size))
 
 
 def eval_batches(

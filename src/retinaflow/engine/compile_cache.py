@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -53,11 +54,13 @@ def outcome() -> str:
     return caches + "; " + ", ".join(f"{PHASES[k]} {v:.1f} s" for k, v in phases.items())
 
 
-def phase_seconds() -> dict[str, float]:
-    """Seconds this process spent so far in each of :data:`PHASES` (those it went through)."""
+def phase_seconds(names: Iterable[str] | None = tuple(PHASES)) -> dict[str, float]:
+    """Seconds this process spent so far in each phase of ``names`` it went through (None: every phase
+    PyTorch timed, nested ones included)."""
     from torch._dynamo.utils import compilation_time_metrics
 
-    return {k: sum(compilation_time_metrics[k]) for k in PHASES if compilation_time_metrics.get(k)}
+    metrics = compilation_time_metrics
+    return {k: sum(metrics[k]) for k in (metrics if names is None else names) if metrics.get(k)}
 
 
 def load(path: str | Path) -> int:
