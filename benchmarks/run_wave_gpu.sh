@@ -23,6 +23,11 @@
 #   bash benchmarks/run_wave_gpu.sh exclusive  eager 1/2 GPUs, each rank on its own cores (--numa-binding=exclusive, ~3 min)
 #   bash benchmarks/run_wave_gpu.sh cudagraphs compiled 1/2 GPUs with the network's forward and backward replayed
 #                                             from CUDA graphs, one shape then COCO's sizes (~9 min)
+#   bash benchmarks/run_wave_gpu.sh x4tests   4 GPUs: two "nodes" x 2 GPUs (c10d rendezvous, NCCL), the pipeline's train
+#                                             step on all 4 GPUs, the DALI GPU tests (~4 min)
+#   bash benchmarks/run_wave_gpu.sh scaling4  eager 1, 2, 4 GPUs, and 2 and 4 independent 1-GPU runs at once (~5 min)
+#   bash benchmarks/run_wave_gpu.sh equiv4    4 GPUs x 8 vs 1 GPU x 32 (and a second seed), sharded evaluation on 4 (~4 min)
+#   bash benchmarks/run_wave_gpu.sh cudagraphs4  compiled 1, 2, 4 GPUs replayed from CUDA graphs, one shape (~7 min)
 #   bash benchmarks/run_wave_gpu.sh engines   every `gpu` test (kernels, engines, C++ runner, NCCL faults), probe_pt2, bench_engine
 #   bash benchmarks/run_wave_gpu.sh accuracy  bench_accuracy (retinaflow recipes vs torchvision) + INT8 on a result
 #   bash benchmarks/run_wave_gpu.sh scratch   R50-FPN from random init at the issue's scale: default norms vs ODTK's
@@ -108,6 +113,19 @@ case "${1:-tests}" in
         --jitter $2 --images $3 --skip-equivalence --data-dir /tmp/ddp_$1 --out-dir "$OUT/cudagraphs_$1" 2>&1 \
         | grep -E '"(img_s|scaling_2|efficiency_2|error)"|rror' | head -20
     done ;;
+  x4tests)  # issue 17: what needs 4 GPUs (the multi-node rehearsal with 2 processes per node), then DALI on a GPU
+    python -m pytest -q -p no:cacheprovider -m gpu -rA --durations=5 tests/kubeflow/test_trainjob_multinode.py \
+      tests/kubeflow/steps/test_training_ddp.py 2>&1 | tee "$OUT/x4_tests.log" | tail -12
+    python -m pytest -q -p no:cacheprovider -m gpu tests/data/test_dali.py 2>&1 | tee "$OUT/dali_tests.log" | tail -3 ;;
+  scaling4)  # issue 17 (and 14): scaling at 1, 2, 4 GPUs; do ranks slow each other's host (concurrent singles)?
+    timeout 570 python benchmarks/bench_ddp.py --gpus 1,2,4 --loaders dali --skip-equivalence --concurrent-singles \
+      --out-dir "$OUT/scaling4" 2>&1 | grep -E '"(img_s|window|loader_img_s_rank|scaling_.|efficiency_.|.x1gpu_.*)"|rror' ;;
+  equiv4)  # issue 17: N x b vs 1 x N*b at N = 4 (same seed; a second seed for the noise), sharded evaluation on 4
+    timeout 570 python benchmarks/bench_ddp.py --gpus 4 --skip-throughput --out-dir "$OUT/equiv4" 2>&1 | tail -40 ;;
+  cudagraphs4)  # issues 14/17: compiled, replayed from CUDA graphs, one shape, 1/2/4 GPUs
+    timeout 570 python benchmarks/bench_ddp.py --gpus 1,2,4 --loaders dali --compile-only --cudagraphs --sizes fixed \
+      --images 400 --skip-equivalence --data-dir /tmp/ddp_fixed --out-dir "$OUT/cudagraphs4" 2>&1 \
+      | grep -E '"(img_s|window|scaling_.|efficiency_.|wall_s)"|rror' ;;
   engines)
     python -m pytest -q -p no:cacheprovider -m gpu -rs --durations=15 tests/ops tests/model tests/engine tests/data \
       tests/export tests/deploy tests/kernels tests/kubeflow/steps 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
