@@ -10,8 +10,9 @@ The driver writes a JPEG dataset (the synthetic generator) with COCO's sizes and
    the real training loop (``retinaflow.engine.train.train``) with each of ``--loaders``, on 1 and N GPUs.
    img/s is *global* (images of all ranks per second) over the same steady-state window of iterations
    (after ``--warmup``), from rank 0's wall times at the log steps (every 10 iterations, as a real run
-   logs; each log step syncs the host, so wall time is GPU time + loader waits). The loader alone (same
-   workers, this rank's share) is timed too, to tell a loader-bound run from a GPU-bound one.
+   logs; each log step syncs the host, so wall time is GPU time + loader waits); ``img_s_log_steps``: the
+   min / median / max of the img/s between consecutive log steps, how steady the window was. The loader
+   alone (same workers, this rank's share) is timed too, to tell a loader-bound run from a GPU-bound one.
 2. **equivalence**: MobileNetV2-FPN, 512 px: N GPUs x batch b vs 1 GPU x batch N*b from the same seed (same
    initial weights): loss curves compared as means over windows, and validation mAP after training; a
    second 1-GPU run with another seed gives the noise both differences are judged against.
@@ -192,6 +193,7 @@ def _config(args: argparse.Namespace, world: int) -> Config:
     # compares the loss of every step.
     t.log_every = 10 if args.task == "throughput" else 1
     t.compile = "inductor" if args.compile else ""
+    t.cuda_graph = args.compile and args.cudagraphs  # train.cuda_graph: the compiled step from CUDA graphs
     if args.task == "throughput":
         cfg.model.num_classes = 6
         # The network bench_train.py measures (frozen BN backbone, default head). Left at "auto", random
@@ -241,10 +243,6 @@ def worker(args: argparse.Namespace) -> None:
         cfg.train.grad_sync = "ddp"  # auto would average after backward: one node
     if args.ddp_options:
         _use_ddp_options(args.ddp_options, cfg)
-    if args.cudagraphs:  # what torch.compile(mode="reduce-overhead") sets: the host launches one graph
-        import torch._inductor.config as inductor_config
-
-        inductor_config.triton.cudagraphs = True
     log = _StepLog()
     callbacks: list[Callback] = [log]
     # Profiled: iterations iters-20 .. iters-10, after the img/s window (the profiler slows what it sees).
@@ -262,6 +260,7 @@ def worker(args: argparse.Namespace) -> None:
             steps = log.iterations[end] - log.iterations[first]
             result["img_s"] = round(steps * cfg.train.batch / (log.times[end] - log.times[first]), 1)
             result["window"] = [log.iterations[first] + 1, log.iterations[end]]
+            result["img_s_log_steps"] = _spread(log, first, end, cfg.train.batch)
         result["losses"] = log.losses
         result["val_map"] = log.val_map
         if profiler is not None:
@@ -270,6 +269,16 @@ def worker(args: argparse.Namespace) -> None:
         result["loader_img_s_rank"] = round(_loader_rate(_config(args, world), rank, world, 30), 1)
     if rank == 0:
         Path(args.result).write_text(json.dumps(result))
+
+
+def _spread(log: _StepLog, first: int, end: int, batch: int) -> list[float]:
+    """Min, median and max of the img/s between consecutive log steps of the window: how steady it was
+    (a window's mean hides a slow stretch; two runs' means differ by about this spread)."""
+    rates = sorted(
+        (log.iterations[i + 1] - log.iterations[i]) * batch / (log.times[i + 1] - log.times[i])
+        for i in range(first, end)
+    )
+    return [round(rates[0], 1), round(rates[len(rates) // 2], 1), round(rates[-1], 1)]
 
 
 def _force_ddp() -> None:
@@ -619,7 +628,12 @@ def main() -> None:
         choices=["off", "on", "auto"],
         help="throughput runs' train.cudnn_benchmark (off: the default; autotuning costs ~9 s per shape)",
     )
-    d.add_argument("--tp-iters", type=int, default=120)
+    d.add_argument(
+        "--tp-iters",
+        type=int,
+        default=220,
+        help="throughput runs' iterations (220: a 170-iteration window; 70 left runs ~10 %% apart)",
+    )
     d.add_argument("--tp-warmup", type=int, default=50, help="iterations left out of the img/s window")
     d.add_argument("--eq-iters", type=int, default=300)
     d.add_argument("--eq-batch", type=int, default=8, help="per-GPU batch of the N-GPU equivalence run")
@@ -628,8 +642,7 @@ def main() -> None:
     d.add_argument(
         "--cudagraphs",
         action="store_true",
-        help="compiled runs replay the network's forward and backward from CUDA graphs (inductor's "
-        "triton.cudagraphs, as mode=reduce-overhead): is the compiled step still host-bound?",
+        help="compiled runs replay the network's forward and backward from CUDA graphs (train.cuda_graph)",
     )
     d.add_argument("--loaders", default="torch", help="comma-separated loaders to measure throughput with")
     d.add_argument("--skip-equivalence", action="store_true")

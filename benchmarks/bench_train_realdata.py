@@ -166,7 +166,10 @@ def train_benchmark(args: argparse.Namespace, images: str, annotations: str) -> 
             [False, True] if args.compile else [False], args.cudnn.split(","), peers
         ):
             run = dataclasses.replace(
-                config.train, compile="inductor" if compiled else "", cudnn_benchmark=cudnn
+                config.train,
+                compile="inductor" if compiled else "",
+                cuda_graph=compiled and args.cuda_graph,
+                cudnn_benchmark=cudnn,
             )
             cfg = dataclasses.replace(config, train=run)
             name = f"{peer}_{'compiled' if compiled else 'eager'}_cudnn_{cudnn}"
@@ -305,6 +308,7 @@ def main() -> None:
     ap.add_argument("--peers", default="preloaded,torch,dali")
     ap.add_argument("--cudnn", default="off,on", help="cuDNN autotuning: auto,on,off (off: default)")
     ap.add_argument("--compile", action="store_true", help="also run every peer under torch.compile")
+    ap.add_argument("--cuda-graph", action="store_true", help="compiled runs from CUDA graphs")
     ap.add_argument(
         "--compile-cache",
         default="",

@@ -28,6 +28,8 @@
 #   bash benchmarks/run_wave_gpu.sh scaling4  eager 1, 2, 4 GPUs, and 2 and 4 independent 1-GPU runs at once (~5 min)
 #   bash benchmarks/run_wave_gpu.sh equiv4    4 GPUs x 8 vs 1 GPU x 32 (and a second seed), sharded evaluation on 4 (~4 min)
 #   bash benchmarks/run_wave_gpu.sh cudagraphs4  compiled 1, 2, 4 GPUs replayed from CUDA graphs, one shape (~7 min)
+#   bash benchmarks/run_wave_gpu.sh cg_compare   after cudagraphs4 on one machine: compiled 1/2 GPUs without CUDA graphs
+#                                             (one shape), then CUDA graphs on COCO's sizes at the default jitter, 1 GPU
 #   bash benchmarks/run_wave_gpu.sh engines   every `gpu` test (kernels, engines, C++ runner, NCCL faults), probe_pt2, bench_engine
 #   bash benchmarks/run_wave_gpu.sh accuracy  bench_accuracy (retinaflow recipes vs torchvision) + INT8 on a result
 #   bash benchmarks/run_wave_gpu.sh scratch   R50-FPN from random init at the issue's scale: default norms vs ODTK's
@@ -119,13 +121,20 @@ case "${1:-tests}" in
     python -m pytest -q -p no:cacheprovider -m gpu tests/data/test_dali.py 2>&1 | tee "$OUT/dali_tests.log" | tail -3 ;;
   scaling4)  # issue 17 (and 14): scaling at 1, 2, 4 GPUs; do ranks slow each other's host (concurrent singles)?
     timeout 570 python benchmarks/bench_ddp.py --gpus 1,2,4 --loaders dali --skip-equivalence --concurrent-singles \
-      --out-dir "$OUT/scaling4" 2>&1 | grep -E '"(img_s|window|loader_img_s_rank|scaling_.|efficiency_.|.x1gpu_.*)"|rror' ;;
+      --out-dir "$OUT/scaling4" 2>&1 | grep -E '"(img_s|img_s_log_steps|window|loader_img_s_rank|scaling_.|efficiency_.|.x1gpu_.*)"|rror' ;;
   equiv4)  # issue 17: N x b vs 1 x N*b at N = 4 (same seed; a second seed for the noise), sharded evaluation on 4
     timeout 570 python benchmarks/bench_ddp.py --gpus 4 --skip-throughput --out-dir "$OUT/equiv4" 2>&1 | tail -40 ;;
   cudagraphs4)  # issues 14/17: compiled, replayed from CUDA graphs, one shape, 1/2/4 GPUs
     timeout 570 python benchmarks/bench_ddp.py --gpus 1,2,4 --loaders dali --compile-only --cudagraphs --sizes fixed \
       --images 400 --skip-equivalence --data-dir /tmp/ddp_fixed --out-dir "$OUT/cudagraphs4" 2>&1 \
       | grep -E '"(img_s|window|scaling_.|efficiency_.|wall_s)"|rror' ;;
+  cg_compare)
+    timeout 250 python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --compile-only --sizes fixed --images 400 \
+      --skip-equivalence --data-dir /tmp/ddp_fixed --out-dir "$OUT/compiled_fixed" 2>&1 \
+      | grep -E '"(img_s|window|scaling_.|wall_s)"|rror'
+    timeout 280 python benchmarks/bench_ddp.py --gpus 1 --loaders dali --compile-only --cudagraphs --sizes coco \
+      --jitter 640,1024 --tp-iters 300 --tp-warmup 100 --skip-equivalence --data-dir /tmp/bench_ddp_data \
+      --out-dir "$OUT/cudagraphs_coco" 2>&1 | grep -E '"(img_s|window|wall_s)"|rror' ;;
   engines)
     python -m pytest -q -p no:cacheprovider -m gpu -rs --durations=15 tests/ops tests/model tests/engine tests/data \
       tests/export tests/deploy tests/kernels tests/kubeflow/steps 2>&1 | tee "$OUT/gpu_tests.log" | tail -40

@@ -164,6 +164,12 @@ def test_bad_training_configs(synth_small, tmp_path):
     cfg.data.val_images = str(synth_small.val_images)
     with pytest.raises(ConfigError, match="both"):
         train(cfg, tmp_path / "m.pth")
+    for backend in ("", "eager"):  # CUDA graphs replay inductor's code: nothing else to replay
+        cfg = tiny_config(synth_small)
+        cfg.train.compile, cfg.train.cuda_graph = backend, True
+        with pytest.raises(ConfigError, match="--compile"):
+            train(cfg, tmp_path / "m.pth")
+    assert not (tmp_path / "m.pth").exists()
 
 
 def test_validation_every_n_iterations_reports_coco_stats(synth_small, tmp_path):

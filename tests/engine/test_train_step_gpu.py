@@ -11,10 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 from tests.conftest import tiny_config
+from torch._inductor import cudagraph_trees
 
 from retinaflow.engine import distributed as D
-from retinaflow.engine.callbacks import CallbackList
-from retinaflow.engine.train import _Trainer
+from retinaflow.engine.callbacks import Callback, CallbackList, TrainState
+from retinaflow.engine.checkpoint import load_checkpoint
+from retinaflow.engine.train import _Trainer, train
 
 pytestmark = [
     pytest.mark.gpu,
@@ -43,3 +45,35 @@ def test_a_training_step_makes_no_host_sync(synth_small, tmp_path, recipe: str) 
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(losses["loss"]).item()
+
+
+class _Recorded(Callback):
+    """Whether, during training, this GPU's CUDA graph tree holds recorded functions."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def on_step(self, state: TrainState, metrics: dict[str, float]) -> None:
+        manager = cudagraph_trees.get_manager(create_if_none_exists=False)
+        self.seen |= manager is not None and bool(manager.ids_to_funcs)
+
+
+def test_cuda_graphs_train_like_the_compiled_network_without_them(synth_small, tmp_path) -> None:
+    """``train.cuda_graph``: the same weights as compiled without graphs, and the graphs really replayed."""
+    counters = torch._dynamo.utils.counters
+    weights, recorded = {}, {}
+    for graphs in (False, True):
+        cfg = tiny_config(synth_small, iters=6)
+        cfg.data.loader, cfg.train.precision, cfg.train.log_every = "torch", "fp32", 1
+        cfg.data.resize, cfg.data.max_size, cfg.data.jitter = 128, 128, (128, 128)  # one shape
+        cfg.train.compile, cfg.train.cuda_graph = "inductor", graphs
+        counters.clear()
+        recorded[graphs] = _Recorded()
+        path = train(cfg, tmp_path / f"graphs_{graphs}.pth", [recorded[graphs]])
+        weights[graphs] = load_checkpoint(path)["model"]
+        if graphs:
+            assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    assert (recorded[False].seen, recorded[True].seen) == (False, True)
+    for key, value in weights[False].items():
+        if value.is_floating_point():  # TF32 and kernel choice may differ between the two compiles
+            torch.testing.assert_close(weights[True][key], value, rtol=1e-3, atol=1e-4, msg=key)

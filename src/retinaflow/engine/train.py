@@ -74,6 +74,10 @@ def _check_config(config: Config) -> None:
         raise ConfigError("training needs --images and --annotations")
     if bool(d.val_images) != bool(d.val_annotations):
         raise ConfigError("give both --val-images and --val-annotations, or neither")
+    if config.train.cuda_graph and config.train.compile != "inductor":
+        raise ConfigError(
+            "train.cuda_graph replays inductor's compiled code: add --compile (inductor) or drop --cuda-graph"
+        )
 
 
 class _Trainer:
@@ -153,7 +157,7 @@ class _Trainer:
         # what step() calls (the model, DDP-wrapped and/or compiled) and, without DDP, the gradient average
         self.forward_net, self.grad_average = keep_ranks_in_step(model, cfg.train, info)
         if cfg.train.compile:
-            self.forward_net = compiled(self.forward_net, cfg.train.compile, info)
+            self.forward_net = compiled(self.forward_net, cfg.train.compile, info, cfg.train.cuda_graph)
             if cfg.train.compile_cache:
                 compile_cache.load(cfg.train.compile_cache)
         self.cached_graphs = compile_cache.compiled_graphs()  # what the cache file already holds
