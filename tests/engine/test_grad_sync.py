@@ -10,6 +10,7 @@ import torch
 from retinaflow.config import Config, ModelConfig
 from retinaflow.engine.distributed import DistInfo
 from retinaflow.engine.grad_sync import (
+    compiled,
     grad_sync_of,
     keep_ranks_in_step,
     keeps_running_stats_per_rank,
@@ -66,3 +67,28 @@ def test_grad_sync_auto_averages_after_backward_on_one_node_without_per_rank_bat
     assert train_cfg.grad_sync == "auto"
     train_cfg.grad_sync = grad_sync
     assert grad_sync_of(model, train_cfg, four) == expected
+
+
+@pytest.mark.parametrize(
+    ("device", "graphs", "shapes", "options"),
+    [
+        ("cuda", False, 12, None),
+        ("cuda", True, None, {"triton.cudagraphs": True}),
+        ("cuda", True, 3, {"triton.cudagraphs": True, "triton.cudagraph_dynamic_shape_warn_limit": 8}),
+        ("cuda", True, 12, {"triton.cudagraphs": True, "triton.cudagraph_dynamic_shape_warn_limit": 12}),
+        ("cpu", True, 12, None),  # nothing to replay on a CPU: compiled without graphs, with a warning
+    ],
+)
+def test_cuda_graphs_are_asked_of_inductor_for_cuda_devices_only(
+    monkeypatch, caplog, device, graphs, shapes, options
+):
+    """``train.cuda_graph`` reaches ``torch.compile`` as inductor's option (the GPU test checks that the
+    graphs are recorded and train as without them); bucketed shapes raise inductor's many-shapes warning
+    limit to the bucket count."""
+    asked: dict = {}
+    monkeypatch.setattr(torch, "compile", lambda net, **kw: asked.update(kw) or net)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device(device))
+    net = torch.nn.Linear(2, 2)
+    assert compiled(net, "inductor", info, graphs, shapes) is net
+    assert asked == {"backend": "inductor", "options": options}
+    assert ("no CUDA device" in caplog.text) is (device == "cpu")

@@ -95,13 +95,21 @@ def keeps_running_stats_per_rank(model: nn.Module) -> bool:
     return any(not isinstance(m, nn.SyncBatchNorm) for m in _tracked_batchnorms(model))
 
 
-def compiled(forward_net: nn.Module, backend: str, info: D.DistInfo, cuda_graph: bool = False) -> nn.Module:
+def compiled(
+    forward_net: nn.Module,
+    backend: str,
+    info: D.DistInfo,
+    cuda_graph: bool = False,
+    shapes: int | None = None,
+) -> nn.Module:
     """``torch.compile(forward_net, backend=...)``; a DDP model is split at its buckets (or not) as
     :data:`COMPILED_DDP_SPLIT` says. Logs which graph layout the ranks get.
 
     ``cuda_graph`` (inductor only): the compiled forward and backward are replayed from CUDA graphs
     (inductor's ``triton.cudagraphs``, what ``mode="reduce-overhead"`` sets), one recording per input
-    shape; on a CPU device inductor runs the compiled code without graphs (a warning says so)."""
+    shape; on a CPU device inductor runs the compiled code without graphs (a warning says so). ``shapes``:
+    how many padded shapes the batches have (their buckets; None: unbounded), recorded without inductor's
+    warning about many shapes where the buckets bound them."""
     if isinstance(forward_net, nn.parallel.DistributedDataParallel):
         torch._dynamo.config.optimize_ddp = COMPILED_DDP_SPLIT
         if COMPILED_DDP_SPLIT is True:
@@ -110,9 +118,12 @@ def compiled(forward_net: nn.Module, backend: str, info: D.DistInfo, cuda_graph:
             log.info("compile: one graph for the DDP model (dynamo's bucket split off)")
     elif info.distributed:
         log.info("compile: one graph; gradients averaged after backward (train.grad_sync)")
+    options: dict[str, Any] | None = None
     if cuda_graph and info.device.type != "cuda":
         log.warning("train.cuda_graph: no CUDA device, the compiled network runs without CUDA graphs")
     elif cuda_graph:
         log.info("compile: forward and backward replayed from CUDA graphs (train.cuda_graph)")
-    options: dict[str, Any] | None = {"triton.cudagraphs": True} if cuda_graph else None
+        options = {"triton.cudagraphs": True}
+        if shapes is not None:  # inductor warns from 8 recorded shapes on (the default limit)
+            options["triton.cudagraph_dynamic_shape_warn_limit"] = max(8, shapes)
     return torch.compile(forward_net, backend=backend, options=options)  # type: ignore[return-value]

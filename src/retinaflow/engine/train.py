@@ -156,15 +156,17 @@ class _Trainer:
         self.model = model
         # what step() calls (the model, DDP-wrapped and/or compiled) and, without DDP, the gradient average
         self.forward_net, self.grad_average = keep_ranks_in_step(model, cfg.train, info)
-        if cfg.train.compile:
-            self.forward_net = compiled(self.forward_net, cfg.train.compile, info, cfg.train.cuda_graph)
-            if cfg.train.compile_cache:
-                compile_cache.load(cfg.train.compile_cache)
-        self.cached_graphs = compile_cache.compiled_graphs()  # what the cache file already holds
         # Batches of several padded shapes (buckets, or stride padding): compile once with symbolic
         # height and width instead of once for the first shape and again, dynamic, for the second.
         policy = self.loader.policy
         self.dynamic_hw = bool(cfg.train.compile) and (policy is None or len(policy.buckets) != 1)
+        if cfg.train.compile:
+            shapes = len(policy.buckets) if policy is not None and policy.buckets else None
+            t = cfg.train
+            self.forward_net = compiled(self.forward_net, t.compile, info, t.cuda_graph, shapes)
+            if cfg.train.compile_cache:
+                compile_cache.load(cfg.train.compile_cache)
+        self.cached_graphs = compile_cache.compiled_graphs()  # what the cache file already holds
 
     def _check_resumable(self, model: RetinaNet) -> None:
         """The checkpoint being resumed holds this architecture, trained on these classes with this optimizer
