@@ -65,6 +65,9 @@ def test_cuda_graphs_train_like_the_compiled_network_without_them(synth_small, t
     for graphs in (False, True):
         cfg = tiny_config(synth_small, iters=6)
         cfg.data.loader, cfg.train.precision, cfg.train.log_every = "torch", "fp32", 1
+        # SGD: the update is linear in the gradient (AdamW's per-element normalisation would magnify the
+        # rounding differences of near-zero gradients that non-deterministic kernels leave)
+        cfg.train.optimizer, cfg.train.lr = "sgd", 0.01
         cfg.data.resize, cfg.data.max_size, cfg.data.jitter = 128, 128, (128, 128)  # one shape
         cfg.train.compile, cfg.train.cuda_graph = "inductor", graphs
         counters.clear()
