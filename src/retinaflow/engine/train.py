@@ -160,12 +160,12 @@ class _Trainer:
         # height and width instead of once for the first shape and again, dynamic, for the second.
         policy = self.loader.policy
         self.dynamic_hw = bool(cfg.train.compile) and (policy is None or len(policy.buckets) != 1)
-        if cfg.train.compile:
+        t = cfg.train
+        if t.compile:
             shapes = len(policy.buckets) if policy is not None and policy.buckets else None
-            t = cfg.train
             self.forward_net = compiled(self.forward_net, t.compile, info, t.cuda_graph, shapes)
-            if cfg.train.compile_cache:
-                compile_cache.load(cfg.train.compile_cache)
+            if t.compile_cache:
+                compile_cache.load(t.compile_cache)
         self.cached_graphs = compile_cache.compiled_graphs()  # what the cache file already holds
 
     def _check_resumable(self, model: RetinaNet) -> None:
