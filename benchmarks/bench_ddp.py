@@ -413,10 +413,11 @@ def _launch(
     if visible is not None:
         env["CUDA_VISIBLE_DEVICES"] = visible
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    (Path(args.work) / f"{name}.log").write_text(proc.stdout + proc.stderr)
+    log = Path(args.work) / f"{name}.log"  # written as the run goes: a run cut short keeps its log
+    with log.open("w") as sink:
+        proc = subprocess.run(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
-        text = proc.stdout + proc.stderr
+        text = log.read_text(errors="replace")
         tail = [line[-300:] for line in text.strip().splitlines()[-6:]]
         return {"error": f"exit {proc.returncode}", "causes": _exception_lines(text), "tail": tail}
     out = json.loads(result.read_text())

@@ -30,8 +30,9 @@
 #   bash benchmarks/run_wave_gpu.sh cudagraphs4  compiled 1, 2, 4 GPUs replayed from CUDA graphs, one shape (~7 min)
 #   bash benchmarks/run_wave_gpu.sh cg_compare   after cudagraphs4 on one machine: compiled 1/2 GPUs without CUDA graphs
 #                                             (one shape), then CUDA graphs on COCO's sizes at the default jitter, 1 GPU
-#   bash benchmarks/run_wave_gpu.sh cgcoco    train.cuda_graph: its GPU test, then compiled from CUDA graphs on COCO's sizes at the
-#                                             default jitter (12 padded shapes), 1 and 2 GPUs (~9 min)
+#   bash benchmarks/run_wave_gpu.sh cgtest    train.cuda_graph's GPU test and the training step's host-sync tests (~3 min)
+#   bash benchmarks/run_wave_gpu.sh cgcoco    compiled from CUDA graphs on COCO's sizes at the default jitter (12 padded
+#                                             shapes), 1 and 2 GPUs (~9 min; the 1-GPU run's log kept)
 #   bash benchmarks/run_wave_gpu.sh engines   every `gpu` test (kernels, engines, C++ runner, NCCL faults), probe_pt2, bench_engine
 #   bash benchmarks/run_wave_gpu.sh accuracy  bench_accuracy (retinaflow recipes vs torchvision) + INT8 on a result
 #   bash benchmarks/run_wave_gpu.sh scratch   R50-FPN from random init at the scale: default norms vs ODTK's
@@ -137,9 +138,11 @@ case "${1:-tests}" in
     timeout 280 python benchmarks/bench_ddp.py --gpus 1 --loaders dali --compile-only --cudagraphs --sizes coco \
       --jitter 640,1024 --tp-iters 300 --tp-warmup 100 --skip-equivalence --data-dir /tmp/bench_ddp_data \
       --out-dir "$OUT/cudagraphs_coco" 2>&1 | grep -E '"(img_s|window|wall_s)"|rror' ;;
+  cgtest)
+    python -m pytest -q -p no:cacheprovider -m gpu -rA tests/engine/test_train_step_gpu.py 2>&1 \
+      | tee "$OUT/cgtest.log" | tail -6 ;;
   cgcoco)
-    python -m pytest -q -p no:cacheprovider -m gpu -rA tests/engine/test_train_step_gpu.py 2>&1 | tail -4
-    timeout 480 python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --compile-only --cudagraphs --sizes coco \
+    timeout 560 python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --compile-only --cudagraphs --sizes coco \
       --jitter 640,1024 --skip-equivalence --out-dir "$OUT/cgcoco" 2>&1 \
       | grep -E '"(img_s|img_s_log_steps|window|scaling_.|wall_s|error)"|rror'
     cp /tmp/bench_ddp_work/tp_dali_compiled_1gpu.log "$OUT/cgcoco/" 2>/dev/null ;;
