@@ -33,6 +33,8 @@
 #   bash benchmarks/run_wave_gpu.sh cgtest    train.cuda_graph's GPU test and the training step's host-sync tests (~3 min)
 #   bash benchmarks/run_wave_gpu.sh cgcoco    compiled from CUDA graphs on COCO's sizes at the default jitter (12 padded
 #                                             shapes), 1 and 2 GPUs (~9 min; the 1-GPU run's log kept)
+#   bash benchmarks/run_wave_gpu.sh scaling2  issue 14 over 170-iteration windows: eager 1/2 GPUs twice (real-shaped JPEGs),
+#                                             then compiled and replayed from CUDA graphs (one shape), 1/2 GPUs (~8 min)
 #   bash benchmarks/run_wave_gpu.sh engines   every `gpu` test (kernels, engines, C++ runner, NCCL faults), probe_pt2, bench_engine
 #   bash benchmarks/run_wave_gpu.sh accuracy  bench_accuracy (retinaflow recipes vs torchvision) + INT8 on a result
 #   bash benchmarks/run_wave_gpu.sh scratch   R50-FPN from random init at the issue's scale: default norms vs ODTK's
@@ -138,6 +140,14 @@ case "${1:-tests}" in
     timeout 280 python benchmarks/bench_ddp.py --gpus 1 --loaders dali --compile-only --cudagraphs --sizes coco \
       --jitter 640,1024 --tp-iters 300 --tp-warmup 100 --skip-equivalence --data-dir /tmp/bench_ddp_data \
       --out-dir "$OUT/cudagraphs_coco" 2>&1 | grep -E '"(img_s|window|wall_s)"|rror' ;;
+  scaling2)  # issue 14: is 2-GPU scaling >= 1.9x over 170-iteration windows? Eager twice (its spread), then graphs
+    for run in 1 2; do
+      timeout 200 python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --skip-equivalence \
+        --out-dir "$OUT/eager2_$run" 2>&1 | grep -E '"(img_s|img_s_log_steps|window|scaling_2|wall_s)"|rror'
+    done
+    timeout 300 python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --compile-only --cudagraphs --sizes fixed \
+      --images 400 --skip-equivalence --data-dir /tmp/ddp_fixed --out-dir "$OUT/cg2" 2>&1 \
+      | grep -E '"(img_s|img_s_log_steps|window|scaling_2|wall_s)"|rror' ;;
   cgtest)
     python -m pytest -q -p no:cacheprovider -m gpu -rA tests/engine/test_train_step_gpu.py 2>&1 \
       | tee "$OUT/cgtest.log" | tail -6 ;;
