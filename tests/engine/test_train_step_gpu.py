@@ -54,7 +54,7 @@ class _Recorded(Callback):
         self.seen = False
 
     def on_step(self, state: TrainState, metrics: dict[str, float]) -> None:
-        manager = cudagraph_trees.get_manager(create_if_none_exists=False)
+        manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
         self.seen |= manager is not None and bool(manager.ids_to_funcs)
 
 
