@@ -35,6 +35,10 @@
 #                                             shapes), 1 and 2 GPUs (~9 min; the 1-GPU run's log kept)
 #   bash benchmarks/run_wave_gpu.sh scaling2  issue 14 over 170-iteration windows: eager 1/2 GPUs twice (real-shaped JPEGs),
 #                                             then compiled and replayed from CUDA graphs (one shape), 1/2 GPUs (~8 min)
+#   bash benchmarks/run_wave_gpu.sh compile1000 fixed|coco [graphs]   issue 13's --compile figure in the eager one's
+#                                             form: iterations 1-1,000 on 1 and 2 GPUs, launched twice (the
+#                                             first fills inductor's caches, the second starts warm, as a pod
+#                                             with --compile-cache); `graphs` adds --cuda-graph (~5-9 min each)
 #   bash benchmarks/run_wave_gpu.sh engines   every `gpu` test (kernels, engines, C++ runner, NCCL faults), probe_pt2, bench_engine
 #   bash benchmarks/run_wave_gpu.sh accuracy  bench_accuracy (retinaflow recipes vs torchvision) + INT8 on a result
 #   bash benchmarks/run_wave_gpu.sh scratch   R50-FPN from random init at the issue's scale: default norms vs ODTK's
@@ -148,6 +152,18 @@ case "${1:-tests}" in
     timeout 300 python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --compile-only --cudagraphs --sizes fixed \
       --images 400 --skip-equivalence --data-dir /tmp/ddp_fixed --out-dir "$OUT/cg2" 2>&1 \
       | grep -E '"(img_s|img_s_log_steps|window|scaling_2|wall_s)"|rror' ;;
+  compile1000)  # real-shaped (coco) or one shape (fixed), --compile, iterations 1-1,000, cold then warm
+    case "${2:-fixed}" in
+      fixed) sizes=(fixed 800,800 400 /tmp/ddp_fixed) ;;
+      coco) sizes=(coco 640,1024 1200 /tmp/bench_ddp_data) ;;
+    esac
+    graphs=(); [ "${3:-}" = graphs ] && graphs=(--cudagraphs)
+    for pass in cold warm; do
+      timeout 280 python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --compile-only "${graphs[@]}" \
+        --sizes "${sizes[0]}" --jitter "${sizes[1]}" --images "${sizes[2]}" --data-dir "${sizes[3]}" \
+        --tp-iters 1000 --tp-warmup 0 --skip-equivalence --out-dir "$OUT/c1000_${sizes[0]}_$pass" 2>&1 \
+        | grep -E '"(img_s|img_s_log_steps|scaling_2|wall_s)"|rror'
+    done ;;
   cgtest)
     python -m pytest -q -p no:cacheprovider -m gpu -rA tests/engine/test_train_step_gpu.py 2>&1 \
       | tee "$OUT/cgtest.log" | tail -6 ;;
