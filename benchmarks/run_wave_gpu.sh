@@ -39,6 +39,9 @@
 #                                             form: iterations 1-1,000 on 1 and 2 GPUs, launched twice (the
 #                                             first fills inductor's caches, the second starts warm, as a pod
 #                                             with --compile-cache); `graphs` adds --cuda-graph (~5-9 min each)
+#   bash benchmarks/run_wave_gpu.sh combo     issue 15: the .pt2 engine with inductor's combo kernels (the head's
+#                                             per-level GroupNorm kernels launched together) against the default
+#                                             export, two fresh processes each, batch 1 profiled (~6 min)
 #   bash benchmarks/run_wave_gpu.sh engines   every `gpu` test (kernels, engines, C++ runner, NCCL faults), probe_pt2, bench_engine
 #   bash benchmarks/run_wave_gpu.sh accuracy  bench_accuracy (retinaflow recipes vs torchvision) + INT8 on a result
 #   bash benchmarks/run_wave_gpu.sh scratch   R50-FPN from random init at the issue's scale: default norms vs ODTK's
@@ -164,6 +167,10 @@ case "${1:-tests}" in
         --tp-iters 1000 --tp-warmup 0 --skip-equivalence --out-dir "$OUT/c1000_${sizes[0]}_$pass" 2>&1 \
         | grep -E '"(img_s|img_s_log_steps|scaling_2|wall_s)"|rror'
     done ;;
+  combo)  # issue 15's batch 1 (2.65-2.82 ms against 2.3): fewer, fuller GroupNorm launches?
+    timeout 570 python benchmarks/tune_engine.py --variants base,combo_kernels,combo_kernels_benchmarked \
+      --profile base,combo_kernels --repeat 2 --no-peer --out /tmp/tune_combo 2>&1 | tee "$OUT/combo.jsonl" \
+      | cut -c1-1500 ;;
   cgtest)
     python -m pytest -q -p no:cacheprovider -m gpu -rA tests/engine/test_train_step_gpu.py 2>&1 \
       | tee "$OUT/cgtest.log" | tail -6 ;;

@@ -48,6 +48,10 @@ VARIANTS: dict[str, tuple[dict[str, Any], tuple[int, int], dict[str, Any]]] = {
     "freezing": ({}, (1, 32), {"freezing": True}),
     "coordinate_descent": ({}, (1, 32), {"coordinate_descent_tuning": True}),
     "max_autotune": ({}, (1, 32), {"max_autotune": True, "max_autotune_conv_backends": "ATEN,TRITON"}),
+    # inductor's combo kernels: data-independent kernels launched as one (the head's GroupNorm kernels of
+    # the five levels are independent; at batch 1 each is a short, latency-bound launch)
+    "combo_kernels": ({}, (1, 32), {"combo_kernels": True}),
+    "combo_kernels_benchmarked": ({}, (1, 32), {"combo_kernels": True, "benchmark_combo_kernel": True}),
     "no_gn_head": ({"head_norm": "none"}, (1, 32), {}),  # the ODTK head
     "no_gn_head_unfused": ({"head_norm": "none"}, (1, 32), {"args": ["--no-fuse-epilogues"]}),
     "no_gn_head_split": ({"head_norm": "none"}, (1, 32), {"split_head": True}),
