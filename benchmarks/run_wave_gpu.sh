@@ -56,6 +56,10 @@ fi
 python -c "import nvidia.dali as d; print('dali', d.__version__)" 2>&1 | tail -1
 python -m retinaflow.ops.build 2>&1 | tail -1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+# tp LIMIT ARGS...: a bench_ddp.py throughput run with the DALI loader (what issues 13, 14 and 17 measure),
+# killed after LIMIT seconds (0: no limit); figures: the lines of its JSON worth reading in the call's output
+tp() { local limit=$1; shift; timeout "$limit" python benchmarks/bench_ddp.py --loaders dali --skip-equivalence "$@"; }
+figures() { grep -E '"(img_s|img_s_log_steps|window|loader_img_s_rank|scaling_.|efficiency_.|wall_s|error|.x1gpu_.*)"|rror'; }
 case "${1:-tests}" in
   tests)
     python -m pytest -q -p no:cacheprovider -m gpu tests/ops tests/model tests/engine/test_infer.py tests/data \
@@ -75,18 +79,16 @@ case "${1:-tests}" in
     python -m pytest -q -p no:cacheprovider -m gpu -rA tests/engine/test_distributed.py \
       -k "after_backward or lagged or compiled" 2>&1 | tee "$OUT/gradsync_tests.log" | tail -8
     gpus=$(nvidia-smi -L | wc -l); counts=1,2; [ "$gpus" -ge 4 ] && counts=1,2,4
-    python benchmarks/bench_ddp.py --gpus "$counts" --loaders dali --compile-only --sizes fixed --images 400 \
-      --data-dir /tmp/ddp_fixed --skip-equivalence --ddp-variant ddp=grad_sync=ddp \
-      --out-dir "$OUT" 2>&1 | tail -40 ;;
+    tp 0 --gpus "$counts" --compile-only --sizes fixed --images 400 --data-dir /tmp/ddp_fixed \
+      --ddp-variant ddp=grad_sync=ddp --out-dir "$OUT" 2>&1 | tail -40 ;;
   gradsync_eager)
     gpus=$(nvidia-smi -L | wc -l); counts=1,2; [ "$gpus" -ge 4 ] && counts=1,2,4
-    python benchmarks/bench_ddp.py --gpus "$counts" --loaders dali --skip-equivalence \
-      --ddp-variant ddp=grad_sync=ddp --out-dir "$OUT" 2>&1 | tail -40 ;;
+    tp 0 --gpus "$counts" --ddp-variant ddp=grad_sync=ddp --out-dir "$OUT" 2>&1 | tail -40 ;;
   numa)  # is a rank's host work slowed by running far from its GPU? (eager DDP: 1.64x on one 2 x H100 host)
     nvidia-smi topo -m | tee "$OUT/topology.txt"; lscpu | grep -iE "numa|socket|model name" | tee -a "$OUT/topology.txt"
     for bind in "" "--torchrun-arg=--numa-binding=node"; do
-      python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --skip-equivalence --ddp-variant ddp=grad_sync=ddp \
-        $bind --out-dir "$OUT/numa${bind:+_node}" 2>&1 | grep -E '"(img_s|scaling|efficiency|error|1gpu|2gpu)'
+      tp 0 --gpus 1,2 --ddp-variant ddp=grad_sync=ddp $bind --out-dir "$OUT/numa${bind:+_node}" 2>&1 \
+        | grep -E '"(img_s|scaling|efficiency|error|1gpu|2gpu)'
     done ;;
   warmstart)
     rm -f /tmp/warm.bin
@@ -100,61 +102,50 @@ case "${1:-tests}" in
         2>&1 | tee "$OUT/warmstart_$1.log" | grep -E "compiled|first_step|compile_caches" | tail -6
     done ;;
   profile2)
-    python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --skip-equivalence --profile \
-      --ddp-variant ddp=grad_sync=ddp --out-dir "$OUT/profile2" 2>&1 | tail -60
+    tp 0 --gpus 1,2 --profile --ddp-variant ddp=grad_sync=ddp --out-dir "$OUT/profile2" 2>&1 | tail -60
     python -m pytest -q -p no:cacheprovider -m gpu tests/data/test_dali.py -k corrupt 2>&1 | tail -3 ;;
   realdata2)  # the mean over the first 1,000 iterations: real data, default jitter, against one fixed shape
     runs=("coco 640,1024" "fixed 800,800")  # ~5 min each: "realdata2 coco" or "realdata2 fixed" runs one
     case "${2:-}" in coco) runs=("${runs[0]}") ;; fixed) runs=("${runs[1]}") ;; esac
     for run in "${runs[@]}"; do
       set -- $run
-      python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --sizes $1 --jitter $2 --images 1200 \
-        --tp-iters 1000 --tp-warmup 0 --skip-equivalence --data-dir /tmp/ddp_$1 --out-dir "$OUT/$1" 2>&1 | tail -30
+      tp 0 --gpus 1,2 --sizes $1 --jitter $2 --images 1200 --tp-iters 1000 --tp-warmup 0 --data-dir /tmp/ddp_$1 \
+        --out-dir "$OUT/$1" 2>&1 | tail -30
     done ;;
   contention)  # is a 2-GPU eager step longer because ranks slow each other's host, or because they wait?
-    python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --skip-equivalence --concurrent-singles \
-      --out-dir "$OUT/contention" 2>&1 | grep -E '"(img_s|scaling_2|2x1gpu_concurrent.*)"' | head -20
+    tp 0 --gpus 1,2 --concurrent-singles --out-dir "$OUT/contention" 2>&1 | figures | head -20
     # the DALI GPU tests: parity with the torch loader is now asserted over the images' own pixels
     python -m pytest -q -p no:cacheprovider -m gpu tests/data/test_dali.py 2>&1 | tail -3 ;;
   exclusive)  # the same eager 1/2-GPU runs with each rank bound to its own half of the cores (torchrun)
-    python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --skip-equivalence \
-      --torchrun-arg=--numa-binding=exclusive --out-dir "$OUT/exclusive" 2>&1 \
-      | grep -E '"(img_s|scaling_2|error)"|rror' | head -20 ;;
+    tp 0 --gpus 1,2 --torchrun-arg=--numa-binding=exclusive --out-dir "$OUT/exclusive" 2>&1 | figures | head -20 ;;
   cudagraphs)  # the compiled step replayed from CUDA graphs: host launches gone, is 2-GPU scaling >= 1.9x?
     for run in "fixed 800,800 400" "coco 640,1024 1200"; do
       set -- $run
-      timeout 280 python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --compile-only --cudagraphs --sizes $1 \
-        --jitter $2 --images $3 --skip-equivalence --data-dir /tmp/ddp_$1 --out-dir "$OUT/cudagraphs_$1" 2>&1 \
-        | grep -E '"(img_s|scaling_2|efficiency_2|error)"|rror' | head -20
+      tp 280 --gpus 1,2 --compile-only --cudagraphs --sizes $1 --jitter $2 --images $3 --data-dir /tmp/ddp_$1 \
+        --out-dir "$OUT/cudagraphs_$1" 2>&1 | figures | head -20
     done ;;
   x4tests)  # issue 17: what needs 4 GPUs (the multi-node rehearsal with 2 processes per node), then DALI on a GPU
     python -m pytest -q -p no:cacheprovider -m gpu -rA --durations=5 tests/kubeflow/test_trainjob_multinode.py \
       tests/kubeflow/steps/test_training_ddp.py 2>&1 | tee "$OUT/x4_tests.log" | tail -12
     python -m pytest -q -p no:cacheprovider -m gpu tests/data/test_dali.py 2>&1 | tee "$OUT/dali_tests.log" | tail -3 ;;
   scaling4)  # issue 17 (and 14): scaling at 1, 2, 4 GPUs; do ranks slow each other's host (concurrent singles)?
-    timeout 570 python benchmarks/bench_ddp.py --gpus 1,2,4 --loaders dali --skip-equivalence --concurrent-singles \
-      --out-dir "$OUT/scaling4" 2>&1 | grep -E '"(img_s|img_s_log_steps|window|loader_img_s_rank|scaling_.|efficiency_.|.x1gpu_.*)"|rror' ;;
+    tp 570 --gpus 1,2,4 --concurrent-singles --out-dir "$OUT/scaling4" 2>&1 | figures ;;
   equiv4)  # issue 17: N x b vs 1 x N*b at N = 4 (same seed; a second seed for the noise), sharded evaluation on 4
     timeout 570 python benchmarks/bench_ddp.py --gpus 4 --skip-throughput --out-dir "$OUT/equiv4" 2>&1 | tail -40 ;;
   cudagraphs4)  # issues 14/17: compiled, replayed from CUDA graphs, one shape, 1/2/4 GPUs
-    timeout 570 python benchmarks/bench_ddp.py --gpus 1,2,4 --loaders dali --compile-only --cudagraphs --sizes fixed \
-      --images 400 --skip-equivalence --data-dir /tmp/ddp_fixed --out-dir "$OUT/cudagraphs4" 2>&1 \
-      | grep -E '"(img_s|window|scaling_.|efficiency_.|wall_s)"|rror' ;;
+    tp 570 --gpus 1,2,4 --compile-only --cudagraphs --sizes fixed --images 400 --data-dir /tmp/ddp_fixed \
+      --out-dir "$OUT/cudagraphs4" 2>&1 | figures ;;
   cg_compare)
-    timeout 250 python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --compile-only --sizes fixed --images 400 \
-      --skip-equivalence --data-dir /tmp/ddp_fixed --out-dir "$OUT/compiled_fixed" 2>&1 \
-      | grep -E '"(img_s|window|scaling_.|wall_s)"|rror'
-    timeout 280 python benchmarks/bench_ddp.py --gpus 1 --loaders dali --compile-only --cudagraphs --sizes coco \
-      --jitter 640,1024 --tp-iters 300 --tp-warmup 100 --skip-equivalence --data-dir /tmp/bench_ddp_data \
-      --out-dir "$OUT/cudagraphs_coco" 2>&1 | grep -E '"(img_s|window|wall_s)"|rror' ;;
+    tp 250 --gpus 1,2 --compile-only --sizes fixed --images 400 --data-dir /tmp/ddp_fixed \
+      --out-dir "$OUT/compiled_fixed" 2>&1 | figures
+    tp 280 --gpus 1 --compile-only --cudagraphs --sizes coco --jitter 640,1024 --tp-iters 300 --tp-warmup 100 \
+      --data-dir /tmp/bench_ddp_data --out-dir "$OUT/cudagraphs_coco" 2>&1 | figures ;;
   scaling2)  # issue 14: is 2-GPU scaling >= 1.9x over 170-iteration windows? Eager twice (its spread), then graphs
     for run in 1 2; do
-      timeout 200 python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --skip-equivalence \
-        --out-dir "$OUT/eager2_$run" 2>&1 | grep -E '"(img_s|img_s_log_steps|window|scaling_2|wall_s)"|rror'
+      tp 200 --gpus 1,2 --out-dir "$OUT/eager2_$run" 2>&1 | figures
     done
-    timeout 300 python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --compile-only --cudagraphs --sizes fixed \
-      --images 400 --skip-equivalence --data-dir /tmp/ddp_fixed --out-dir "$OUT/cg2" 2>&1 \
-      | grep -E '"(img_s|img_s_log_steps|window|scaling_2|wall_s)"|rror' ;;
+    tp 300 --gpus 1,2 --compile-only --cudagraphs --sizes fixed --images 400 --data-dir /tmp/ddp_fixed \
+      --out-dir "$OUT/cg2" 2>&1 | figures ;;
   compile1000)  # real-shaped (coco) or one shape (fixed), --compile, iterations 1-1,000, cold then warm
     case "${2:-fixed}" in
       fixed) sizes=(fixed 800,800 400 /tmp/ddp_fixed) ;;
@@ -162,10 +153,9 @@ case "${1:-tests}" in
     esac
     graphs=(); [ "${3:-}" = graphs ] && graphs=(--cudagraphs)
     for pass in cold warm; do
-      timeout 280 python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --compile-only "${graphs[@]}" \
-        --sizes "${sizes[0]}" --jitter "${sizes[1]}" --images "${sizes[2]}" --data-dir "${sizes[3]}" \
-        --tp-iters 1000 --tp-warmup 0 --skip-equivalence --out-dir "$OUT/c1000_${sizes[0]}_$pass" 2>&1 \
-        | grep -E '"(img_s|img_s_log_steps|scaling_2|wall_s)"|rror'
+      tp 280 --gpus 1,2 --compile-only "${graphs[@]}" --sizes "${sizes[0]}" --jitter "${sizes[1]}" \
+        --images "${sizes[2]}" --data-dir "${sizes[3]}" --tp-iters 1000 --tp-warmup 0 \
+        --out-dir "$OUT/c1000_${sizes[0]}_$pass" 2>&1 | figures
     done ;;
   combo)  # issue 15's batch 1 (2.65-2.82 ms against 2.3): fewer, fuller GroupNorm launches?
     timeout 570 python benchmarks/tune_engine.py --variants base,combo_kernels,combo_kernels_benchmarked \
@@ -175,9 +165,8 @@ case "${1:-tests}" in
     python -m pytest -q -p no:cacheprovider -m gpu -rA tests/engine/test_train_step_gpu.py 2>&1 \
       | tee "$OUT/cgtest.log" | tail -6 ;;
   cgcoco)
-    timeout 560 python benchmarks/bench_ddp.py --gpus 1,2 --loaders dali --compile-only --cudagraphs --sizes coco \
-      --jitter 640,1024 --skip-equivalence --out-dir "$OUT/cgcoco" 2>&1 \
-      | grep -E '"(img_s|img_s_log_steps|window|scaling_.|wall_s|error)"|rror'
+    tp 560 --gpus 1,2 --compile-only --cudagraphs --sizes coco --jitter 640,1024 --out-dir "$OUT/cgcoco" 2>&1 \
+      | figures
     cp /tmp/bench_ddp_work/tp_dali_compiled_1gpu.log "$OUT/cgcoco/" 2>/dev/null ;;
   engines)
     python -m pytest -q -p no:cacheprovider -m gpu -rs --durations=15 tests/ops tests/model tests/engine tests/data \
