@@ -38,7 +38,8 @@
 #   bash benchmarks/run_wave_gpu.sh compile1000 fixed|coco [graphs]   issue 13's --compile figure in the eager one's
 #                                             form: iterations 1-1,000 on 1 and 2 GPUs, launched twice (the
 #                                             first fills inductor's caches, the second starts warm, as a pod
-#                                             with --compile-cache); `graphs` adds --cuda-graph (~5-9 min each)
+#                                             with --compile-cache; the first runs 30 iterations); `graphs` adds
+#                                             --cuda-graph (~5-7 min each)
 #   bash benchmarks/run_wave_gpu.sh combo     issue 15: the .pt2 engine with inductor's combo kernels (the head's
 #                                             per-level GroupNorm kernels launched together) against the default
 #                                             export, two fresh processes each, batch 1 profiled (~6 min)
@@ -152,10 +153,11 @@ case "${1:-tests}" in
       coco) sizes=(coco 640,1024 1200 /tmp/bench_ddp_data) ;;
     esac
     graphs=(); [ "${3:-}" = graphs ] && graphs=(--cudagraphs)
-    for pass in cold warm; do
+    # the cold pass only fills the caches (30 iterations); the warm pass is the figure
+    for pass in cold:30 warm:1000; do
       tp 280 --gpus 1,2 --compile-only "${graphs[@]}" --sizes "${sizes[0]}" --jitter "${sizes[1]}" \
-        --images "${sizes[2]}" --data-dir "${sizes[3]}" --tp-iters 1000 --tp-warmup 0 \
-        --out-dir "$OUT/c1000_${sizes[0]}_$pass" 2>&1 | figures
+        --images "${sizes[2]}" --data-dir "${sizes[3]}" --tp-iters "${pass#*:}" --tp-warmup 0 \
+        --out-dir "$OUT/c1000_${sizes[0]}_${pass%:*}" 2>&1 | figures
     done ;;
   combo)  # issue 15's batch 1 (2.65-2.82 ms against 2.3): fewer, fuller GroupNorm launches?
     timeout 570 python benchmarks/tune_engine.py --variants base,combo_kernels,combo_kernels_benchmarked \
