@@ -324,6 +324,8 @@ def make_jobs(args: argparse.Namespace, data: Path, out: Path, weights: str | No
 
 def run_jobs(jobs: list[dict[str, Any]], gpus: list[str], per_gpu: int, out: Path) -> list[dict[str, Any]]:
     """Run every job as a subprocess, ``per_gpu`` at a time on each GPU; returns the finished results."""
+    from common import spawn
+
     pending, running, done = list(jobs), [], []
     slots = [g for _ in range(per_gpu) for g in gpus]
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
@@ -332,9 +334,7 @@ def run_jobs(jobs: list[dict[str, Any]], gpus: list[str], per_gpu: int, out: Pat
             job, gpu = pending.pop(0), slots.pop(0)
             log = open(job["log"], "w")  # noqa: SIM115 - closed when the process ends
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
-            proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env={**env, "CUDA_VISIBLE_DEVICES": gpu}
-            )
+            proc = spawn(cmd, stdout=log, stderr=subprocess.STDOUT, env={**env, "CUDA_VISIBLE_DEVICES": gpu})
             running.append((proc, job, gpu, log, time.perf_counter()))
         time.sleep(1.0)
         for entry in [r for r in running if r[0].poll() is not None]:
@@ -383,7 +383,9 @@ def main() -> None:
         worker(args.worker)
         return
     sys.path.insert(0, str(HERE))
-    from common import emit
+    from common import emit, stop_children_on_signal
+
+    stop_children_on_signal()
 
     from retinaflow.data.real import RealConfig, generate
 

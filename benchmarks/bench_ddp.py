@@ -396,6 +396,8 @@ def _launch(
     args: argparse.Namespace, gpus: int, task: str, name: str, *, visible: str | None = None, **extra: Any
 ) -> dict[str, Any]:
     """One torchrun launch of ``gpus`` workers (on the GPUs ``visible`` lists, default all); its result."""
+    from common import spawn
+
     result = Path(args.work) / f"{name}.json"
     ckpt = Path(args.work) / f"{name}.pth"
     ckpt.unlink(missing_ok=True)
@@ -415,7 +417,8 @@ def _launch(
     t0 = time.perf_counter()
     log = Path(args.work) / f"{name}.log"  # written as the run goes: a run cut short keeps its log
     with log.open("w") as sink:
-        proc = subprocess.run(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        proc = spawn(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        proc.wait()
     if proc.returncode != 0:
         text = log.read_text(errors="replace")
         tail = [line[-300:] for line in text.strip().splitlines()[-6:]]
@@ -467,7 +470,9 @@ def _compare_losses(a: list[float], b: list[float], size: int) -> float:
 
 def driver(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(HERE.parent))
-    from common import environment
+    from common import environment, stop_children_on_signal
+
+    stop_children_on_signal()
 
     from retinaflow.data.synthetic import COCO_SIZES, SynthConfig, generate
 

@@ -57,6 +57,9 @@ fi
 python -c "import nvidia.dali as d; print('dali', d.__version__)" 2>&1 | tail -1
 python -m retinaflow.ops.build 2>&1 | tail -1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+# every phase starts on idle GPUs: processes an earlier call left (its command cut off) are named and killed
+left=$(nvidia-smi --query-compute-apps=pid --format=csv,noheader | tr -d ' ' | paste -sd' ')
+if [ -n "$left" ]; then echo "killing processes left on the GPUs: $left"; kill -9 $left; sleep 2; fi
 # tp LIMIT ARGS...: a bench_ddp.py throughput run with the DALI loader (what issues 13, 14 and 17 measure),
 # killed after LIMIT seconds (0: no limit); figures: the lines of its JSON worth reading in the call's output
 tp() { local limit=$1; shift; timeout "$limit" python benchmarks/bench_ddp.py --loaders dali --skip-equivalence "$@"; }
