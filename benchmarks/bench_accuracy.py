@@ -285,7 +285,7 @@ def worker(spec: str) -> None:
 
 def make_jobs(args: argparse.Namespace, data: Path, out: Path, weights: str | None) -> list[dict[str, Any]]:
     recipes = [r.split("=", 1) for r in (args.recipe or ["default="])]
-    variants = []
+    variants: list[tuple[str, str, list[str]]] = []
     for lib in args.libs.split(","):
         if lib == "torchvision":
             variants.append((lib, "torchvision", []))
@@ -326,7 +326,8 @@ def run_jobs(jobs: list[dict[str, Any]], gpus: list[str], per_gpu: int, out: Pat
     """Run every job as a subprocess, ``per_gpu`` at a time on each GPU; returns the finished results."""
     from common import spawn
 
-    pending, running, done = list(jobs), [], []
+    pending, done = list(jobs), []
+    running: list[tuple[Any, dict[str, Any], str, Any, float]] = []
     slots = [g for _ in range(per_gpu) for g in gpus]
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
     while pending or running:
