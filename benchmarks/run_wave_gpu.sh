@@ -35,11 +35,12 @@
 #                                             shapes), 1 and 2 GPUs (~9 min; the 1-GPU run's log kept)
 #   bash benchmarks/run_wave_gpu.sh scaling2  issue 14 over 170-iteration windows: eager 1/2 GPUs twice (real-shaped JPEGs),
 #                                             then compiled and replayed from CUDA graphs (one shape), 1/2 GPUs (~8 min)
-#   bash benchmarks/run_wave_gpu.sh compile1000 fixed|coco [graphs]   issue 13's --compile figure in the eager one's
-#                                             form: iterations 1-1,000 on 1 and 2 GPUs, launched twice (the
-#                                             first fills inductor's caches, the second starts warm, as a pod
-#                                             with --compile-cache; the first runs 30 iterations); `graphs` adds
-#                                             --cuda-graph (~5-7 min each)
+#   bash benchmarks/run_wave_gpu.sh compile1000 cold|warm [graphs]   issue 13's --compile figure in the eager
+#                                             one's form, one shape (fixed) and COCO's sizes (coco), 1 and 2 GPUs.
+#                                             `cold` fills inductor's caches (30 iterations, both data sets at once,
+#                                             ~7 min); `warm`, on the same machine next, starts from them as a pod
+#                                             with --compile-cache does and times iterations 1-1,000 (~6 min);
+#                                             `graphs` adds --cuda-graph (its own caches: cold again)
 #   bash benchmarks/run_wave_gpu.sh combo     issue 15: the .pt2 engine with inductor's combo kernels (the head's
 #                                             per-level GroupNorm kernels launched together) against the default
 #                                             export, two fresh processes each, batch 1 profiled (~6 min)
@@ -64,6 +65,16 @@ if [ -n "$left" ]; then echo "killing processes left on the GPUs: $left"; kill -
 # killed after LIMIT seconds (0: no limit); figures: the lines of its JSON worth reading in the call's output
 tp() { local limit=$1; shift; timeout "$limit" python benchmarks/bench_ddp.py --loaders dali --skip-equivalence "$@"; }
 figures() { grep -E '"(img_s|img_s_log_steps|window|loader_img_s_rank|scaling_.|efficiency_.|wall_s|error|.x1gpu_.*)"|rror'; }
+# c1000 fixed|coco cold|warm [--cudagraphs]: one compile1000 launch, 1 and 2 GPUs, its own work directory (the
+# cold ones run at once); cold runs 30 iterations (only the caches matter), warm 1,000 from iteration 1
+c1000() {
+  local data=(fixed 800,800 400 /tmp/ddp_fixed) iters=1000 limit=400
+  [ "$1" = coco ] && data=(coco 640,1024 1200 /tmp/bench_ddp_data)
+  [ "$2" = cold ] && iters=30 limit=560
+  tp "$limit" --gpus 1,2 --compile-only "${@:3}" --sizes "${data[0]}" --jitter "${data[1]}" --images "${data[2]}" \
+    --data-dir "${data[3]}" --work "/tmp/c1000_$1" --tp-iters "$iters" --tp-warmup 0 \
+    --out-dir "$OUT/c1000_$1_$2${3:+_graphs}" 2>&1 | figures | sed "s/^/[$1 $2] /"
+}
 case "${1:-tests}" in
   tests)
     python -m pytest -q -p no:cacheprovider -m gpu tests/ops tests/model tests/engine/test_infer.py tests/data \
@@ -150,18 +161,13 @@ case "${1:-tests}" in
     done
     tp 300 --gpus 1,2 --compile-only --cudagraphs --sizes fixed --images 400 --data-dir /tmp/ddp_fixed \
       --out-dir "$OUT/cg2" 2>&1 | figures ;;
-  compile1000)  # real-shaped (coco) or one shape (fixed), --compile, iterations 1-1,000, cold then warm
-    case "${2:-fixed}" in
-      fixed) sizes=(fixed 800,800 400 /tmp/ddp_fixed) ;;
-      coco) sizes=(coco 640,1024 1200 /tmp/bench_ddp_data) ;;
-    esac
-    graphs=(); [ "${3:-}" = graphs ] && graphs=(--cudagraphs)
-    # the cold pass only fills the caches (30 iterations); the warm pass is the figure
-    for pass in cold:30 warm:1000; do
-      tp 280 --gpus 1,2 --compile-only "${graphs[@]}" --sizes "${sizes[0]}" --jitter "${sizes[1]}" \
-        --images "${sizes[2]}" --data-dir "${sizes[3]}" --tp-iters "${pass#*:}" --tp-warmup 0 \
-        --out-dir "$OUT/c1000_${sizes[0]}_${pass%:*}" 2>&1 | figures
-    done ;;
+  compile1000)  # cold: fill the compile caches (fixed and coco at once); warm: iterations 1-1,000 from them
+    pass=${2:?cold or warm}; graphs=(); [ "${3:-}" = graphs ] && graphs=(--cudagraphs)
+    if [ "$pass" = cold ]; then
+      c1000 fixed cold "${graphs[@]}" & c1000 coco cold "${graphs[@]}"; wait
+    else
+      c1000 fixed warm "${graphs[@]}"; c1000 coco warm "${graphs[@]}"
+    fi ;;
   combo)  # issue 15's batch 1 (2.65-2.82 ms against 2.3): fewer, fuller GroupNorm launches?
     timeout 570 python benchmarks/tune_engine.py --variants base,combo_kernels,combo_kernels_benchmarked \
       --profile base,combo_kernels --repeat 2 --no-peer --out /tmp/tune_combo 2>&1 | tee "$OUT/combo.jsonl" \
