@@ -41,6 +41,10 @@
 #                                             ~7 min); `warm`, on the same machine next, starts from them as a pod
 #                                             with --compile-cache does and times iterations 1-1,000 (~6 min);
 #                                             `graphs` adds --cuda-graph (its own caches: cold again)
+#   bash benchmarks/run_wave_gpu.sh compileprof  after `compile1000 cold`: why the compiled step with symbolic shapes
+#                                             (COCO's sizes) is slower than on one static shape (160 against 214
+#                                             img/s): 1 GPU, 200 iterations each, 10 profiled (GPU busy ms and
+#                                             launches per step; host-bound or slower kernels?) (~3 min)
 #   bash benchmarks/run_wave_gpu.sh combo     issue 15: the .pt2 engine with inductor's combo kernels (the head's
 #                                             per-level GroupNorm kernels launched together) against the default
 #                                             export, two fresh processes each, batch 1 profiled (~6 min)
@@ -168,6 +172,14 @@ case "${1:-tests}" in
     else
       c1000 fixed warm "${graphs[@]}"; c1000 coco warm "${graphs[@]}"
     fi ;;
+  compileprof)  # compiled, 1 GPU, one shape then COCO's sizes, profiled: GPU busy against wall per step
+    for d in fixed coco; do
+      data=(800,800 400 /tmp/ddp_fixed); [ "$d" = coco ] && data=(640,1024 1200 /tmp/bench_ddp_data)
+      tp 300 --gpus 1 --compile-only --profile --sizes "$d" --jitter "${data[0]}" --images "${data[1]}" \
+        --data-dir "${data[2]}" --work "/tmp/c1000_$d" --tp-iters 200 --tp-warmup 50 --out-dir "$OUT/cprof_$d" 2>&1 \
+        | grep -E '"(img_s|wall_ms_per_step|gpu_busy_ms_per_step|gpu_busy_fraction|kernel_launches_per_step)"|rror' \
+        | sed "s/^/[$d] /"
+    done ;;
   combo)  # issue 15's batch 1 (2.65-2.82 ms against 2.3): fewer, fuller GroupNorm launches?
     timeout 570 python benchmarks/tune_engine.py --variants base,combo_kernels,combo_kernels_benchmarked \
       --profile base,combo_kernels --repeat 2 --no-peer --out /tmp/tune_combo 2>&1 | tee "$OUT/combo.jsonl" \
