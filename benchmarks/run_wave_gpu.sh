@@ -40,7 +40,8 @@
 #                                             `cold` fills inductor's caches (30 iterations, both data sets at once,
 #                                             ~7 min); `warm`, on the same machine next, starts from them as a pod
 #                                             with --compile-cache does and times iterations 1-1,000 (~6 min);
-#                                             `graphs` adds --cuda-graph (its own caches: cold again)
+#                                             `graphs` adds --cuda-graph (its own caches: cold again); a
+#                                             fourth argument, fixed or coco, runs that data set alone
 #   bash benchmarks/run_wave_gpu.sh compileprof  after `compile1000 cold`: why the compiled step with symbolic shapes
 #                                             (COCO's sizes) is slower than on one static shape (160 against 214
 #                                             img/s): 1 GPU, 200 iterations each, 10 profiled (GPU busy ms and
@@ -167,11 +168,11 @@ case "${1:-tests}" in
       --out-dir "$OUT/cg2" 2>&1 | figures ;;
   compile1000)  # cold: fill the compile caches (fixed and coco at once); warm: iterations 1-1,000 from them
     pass=${2:?cold or warm}; graphs=(); [ "${3:-}" = graphs ] && graphs=(--cudagraphs)
-    if [ "$pass" = cold ]; then
-      c1000 fixed cold "${graphs[@]}" & c1000 coco cold "${graphs[@]}"; wait
-    else
-      c1000 fixed warm "${graphs[@]}"; c1000 coco warm "${graphs[@]}"
-    fi ;;
+    sets=(fixed coco); [ -n "${4:-}" ] && sets=("$4")  # `compile1000 warm graphs coco`: one data set
+    for d in "${sets[@]}"; do
+      if [ "$pass" = cold ]; then c1000 "$d" cold "${graphs[@]}" & else c1000 "$d" warm "${graphs[@]}"; fi
+    done
+    wait ;;
   compileprof)  # compiled, 1 GPU, one shape then COCO's sizes, profiled: GPU busy against wall per step
     for d in fixed coco; do
       data=(800,800 400 /tmp/ddp_fixed); [ "$d" = coco ] && data=(640,1024 1200 /tmp/bench_ddp_data)
