@@ -69,16 +69,24 @@ if [ -n "$left" ]; then echo "killing processes left on the GPUs: $left"; kill -
 # tp LIMIT ARGS...: a bench_ddp.py throughput run with the DALI loader (what issues 13, 14 and 17 measure),
 # killed after LIMIT seconds (0: no limit); figures: the lines of its JSON worth reading in the call's output
 tp() { local limit=$1; shift; timeout "$limit" python benchmarks/bench_ddp.py --loaders dali --skip-equivalence "$@"; }
-figures() { grep -E '"(img_s|img_s_log_steps|window|loader_img_s_rank|scaling_.|efficiency_.|wall_s|error|.x1gpu_.*)"|rror'; }
+figures() {
+  grep -E -e '"(img_s|img_s_log_steps|window|loader_img_s_rank|scaling_.|efficiency_.|wall_s|error|.x1gpu_.*)"|rror' \
+    -e '"(wall_ms_per_step|gpu_busy_ms_per_step|gpu_busy_fraction|kernel_launches_per_step)"'  # with --profile
+}
+# data fixed|coco: bench_ddp's arguments for 1333x800 JPEGs (one shape) or COCO's sizes at the default jitter
+data() {
+  case $1 in
+    fixed) echo --sizes fixed --jitter 800,800 --images 400 --data-dir /tmp/ddp_fixed ;;
+    coco) echo --sizes coco --jitter 640,1024 --images 1200 --data-dir /tmp/bench_ddp_data ;;
+  esac
+}
 # c1000 fixed|coco cold|warm [--cudagraphs]: one compile1000 launch, 1 and 2 GPUs, its own work directory (the
 # cold ones run at once); cold runs 30 iterations (only the caches matter), warm 1,000 from iteration 1
 c1000() {
-  local data=(fixed 800,800 400 /tmp/ddp_fixed) iters=1000 limit=400
-  [ "$1" = coco ] && data=(coco 640,1024 1200 /tmp/bench_ddp_data)
+  local iters=1000 limit=400
   [ "$2" = cold ] && iters=30 limit=560
-  tp "$limit" --gpus 1,2 --compile-only "${@:3}" --sizes "${data[0]}" --jitter "${data[1]}" --images "${data[2]}" \
-    --data-dir "${data[3]}" --work "/tmp/c1000_$1" --tp-iters "$iters" --tp-warmup 0 \
-    --out-dir "$OUT/c1000_$1_$2${3:+_graphs}" 2>&1 | figures | sed "s/^/[$1 $2] /"
+  tp "$limit" --gpus 1,2 --compile-only "${@:3}" $(data "$1") --work "/tmp/c1000_$1" --tp-iters "$iters" \
+    --tp-warmup 0 --out-dir "$OUT/c1000_$1_$2${3:+_graphs}" 2>&1 | figures | sed "s/^/[$1 $2] /"
 }
 case "${1:-tests}" in
   tests)
@@ -175,11 +183,8 @@ case "${1:-tests}" in
     wait ;;
   compileprof)  # compiled, 1 GPU, one shape then COCO's sizes, profiled: GPU busy against wall per step
     for d in fixed coco; do
-      data=(800,800 400 /tmp/ddp_fixed); [ "$d" = coco ] && data=(640,1024 1200 /tmp/bench_ddp_data)
-      tp 300 --gpus 1 --compile-only --profile --sizes "$d" --jitter "${data[0]}" --images "${data[1]}" \
-        --data-dir "${data[2]}" --work "/tmp/c1000_$d" --tp-iters 200 --tp-warmup 50 --out-dir "$OUT/cprof_$d" 2>&1 \
-        | grep -E '"(img_s|wall_ms_per_step|gpu_busy_ms_per_step|gpu_busy_fraction|kernel_launches_per_step)"|rror' \
-        | sed "s/^/[$d] /"
+      tp 300 --gpus 1 --compile-only --profile $(data "$d") --work "/tmp/c1000_$d" --tp-iters 200 --tp-warmup 50 \
+        --out-dir "$OUT/cprof_$d" 2>&1 | figures | sed "s/^/[$d] /"
     done ;;
   combo)  # issue 15's batch 1 (2.65-2.82 ms against 2.3): fewer, fuller GroupNorm launches?
     timeout 570 python benchmarks/tune_engine.py --variants base,combo_kernels,combo_kernels_benchmarked \
