@@ -5,7 +5,10 @@ included, each library's own: torchvision's reference SGD; retinaflow's recipe a
 it (default: fused AdamW with gradient clipping; ODTK's preset: SGD, no clipping). Prints JSON with both
 img/s and the ratio. Issue 2 target: ratio >= 1.5.
 
-    python benchmarks/bench_train.py [--batch 8] [--iters 30] [--precision bf16]
+    python benchmarks/bench_train.py [--batch 8] [--iters 30] [--precision bf16] [--compile] [--head-norms bn]
+
+``--head-norms`` also times the default recipe with other ``model.head_norm`` values (eager, and compiled
+with ``--compile``): what a head norm costs in training.
 """
 
 from __future__ import annotations
@@ -59,10 +62,13 @@ def bench_torchvision(images_u8, boxes, labels, dtype, warmup, iters):
     return ms
 
 
-def bench_retinaflow(images_u8, boxes, labels, dtype, warmup, iters, compile_model, pad=None, odtk=False):
+def bench_retinaflow(
+    images_u8, boxes, labels, dtype, warmup, iters, compile_model, pad=None, odtk=False, head_norm=None
+):
     cfg = Config.load(ODTK_RECIPE) if odtk else Config()
     pad = pad or cfg.data.pad_stride  # the recipe's padding unless given
     cfg.model.num_classes = NUM_CLASSES
+    cfg.model.head_norm = head_norm or cfg.model.head_norm
     model = build_model(cfg.model).cuda().to(memory_format=torch.channels_last)
     model.train()
     opt = build_optimizer(model.parameters(), cfg.train)  # what the trainer builds
@@ -102,6 +108,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp16"])
     ap.add_argument("--compile", action="store_true", help="also time retinaflow under torch.compile")
+    ap.add_argument("--head-norms", default="", help="comma-separated model.head_norm values to time too")
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = True
     dtype = autocast_dtype(args.precision, torch.device("cuda"))
@@ -132,6 +139,14 @@ def main() -> None:
         comp = bench_retinaflow(images, boxes, labels, dtype, args.warmup, args.iters, True)
         out["retinaflow_compiled_img_s"] = round(args.batch * 1000 / comp, 1)
         out["ratio_compiled"] = round(tv / comp, 3)
+    for norm in filter(None, args.head_norms.split(",")):
+        for compiled in (False, True) if args.compile else (False,):
+            ms = bench_retinaflow(
+                images, boxes, labels, dtype, args.warmup, args.iters, compiled, head_norm=norm
+            )
+            out[f"retinaflow_{norm}_head{'_compiled' if compiled else ''}_img_s"] = round(
+                args.batch * 1000 / ms, 1
+            )
     emit("train_throughput", out)
 
 

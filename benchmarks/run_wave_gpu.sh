@@ -49,6 +49,9 @@
 #   bash benchmarks/run_wave_gpu.sh combo     issue 15: the .pt2 engine with inductor's combo kernels (the head's
 #                                             per-level GroupNorm kernels launched together) against the default
 #                                             export, two fresh processes each, batch 1 profiled (~6 min)
+#   bash benchmarks/run_wave_gpu.sh bnhead    issues 15/13: the per-level BatchNorm head (model.head_norm=bn): .pt2 engines
+#                                             (default GroupNorm head vs bn, batch 1 profiled), then fixed-shape
+#                                             training eager and compiled, GroupNorm vs bn (~9 min)
 #   bash benchmarks/run_wave_gpu.sh engines   every `gpu` test (kernels, engines, C++ runner, NCCL faults), probe_pt2, bench_engine
 #   bash benchmarks/run_wave_gpu.sh accuracy  bench_accuracy (retinaflow recipes vs torchvision) + INT8 on a result
 #   bash benchmarks/run_wave_gpu.sh scratch   R50-FPN from random init at the issue's scale: default norms vs ODTK's
@@ -197,6 +200,11 @@ case "${1:-tests}" in
     tp 560 --gpus 1,2 --compile-only --cudagraphs --sizes coco --jitter 640,1024 --out-dir "$OUT/cgcoco" 2>&1 \
       | figures
     cp /tmp/bench_ddp_work/tp_dali_compiled_1gpu.log "$OUT/cgcoco/" 2>/dev/null ;;
+  bnhead)
+    timeout 280 python benchmarks/tune_engine.py --variants base,bn_head --profile base,bn_head --repeat 1 \
+      --no-peer --out /tmp/tune_bn 2>&1 | tee "$OUT/bnhead_engines.jsonl" | cut -c1-1500
+    timeout 300 python benchmarks/bench_train.py --batch 8 --iters 20 --warmup 5 --compile --head-norms bn 2>&1 \
+      | tee "$OUT/bnhead_train.log" | tail -3 ;;
   engines)
     python -m pytest -q -p no:cacheprovider -m gpu -rs --durations=15 tests/ops tests/model tests/engine tests/data \
       tests/export tests/deploy tests/kernels tests/kubeflow/steps 2>&1 | tee "$OUT/gpu_tests.log" | tail -40

@@ -51,8 +51,10 @@ class ModelConfig:
     # (train.backbone_weights or train.fine_tune), gn from random init. Resolved once, saved resolved.
     norm: str = "auto"
     # Normalisation in the head's subnets: "gn" (GroupNorm, as torchvision v2; the default: with the
-    # matcher's low-quality matches and the GIoU box loss it measured best, docs/PERFORMANCE.md), "none"
-    # (paper, ODTK), or "auto": none when training starts from weights, gn from random init.
+    # matcher's low-quality matches and the GIoU box loss it measured best, docs/PERFORMANCE.md), "bn"
+    # (a BatchNorm per pyramid level, as detectron2's; folded into the convolutions at inference, so the
+    # engines run the head at the cost of "none"), "none" (paper, ODTK), or "auto": none when training
+    # starts from weights, gn from random init.
     head_norm: str = "gn"
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
 
@@ -160,9 +162,10 @@ class TrainConfig:
     # Gradient averaging over ranks (several GPUs): "ddp" (DistributedDataParallel: bucketed all-reduces
     # overlapped with backward), "after_backward" (engine.distributed.GradientAverage: flat all-reduces
     # after backward; no DDP hooks, one compiled graph) or "auto" (engine.grad_sync.grad_sync_of):
-    # after_backward when every rank is on one node and no rank keeps its own BatchNorm statistics, else
-    # ddp. R50-FPN batch 8 per GPU: after_backward 11-24 % faster than DDP on two H100s (eager and
-    # compiled), 8 % on two H200s (eager) (docs/PERFORMANCE.md, 11th and 12th sessions).
+    # after_backward when every rank is on one node (plain BatchNorm's running statistics are averaged
+    # with the gradients), else ddp. R50-FPN batch 8 per GPU: after_backward 11-24 % faster than DDP on
+    # two H100s (eager and compiled), 8 % on two H200s (eager) (docs/PERFORMANCE.md, 11th and 12th
+    # sessions).
     grad_sync: str = "auto"
     # cuDNN autotuning: "off", "on", or "auto" (on when data.shapes bounds the shapes); see data/shapes.py.
     # Measured in fresh processes (H200, R50 batch 8, bench_cudnn.py): autotuning costs ~9 s per padded

@@ -12,11 +12,8 @@ from retinaflow.engine.distributed import DistInfo
 from retinaflow.engine.grad_sync import (
     compiled,
     grad_sync_of,
-    keep_ranks_in_step,
-    keeps_running_stats_per_rank,
     updates_running_stats,
 )
-from retinaflow.errors import ConfigError
 from retinaflow.model.retinanet import build_model
 
 
@@ -25,21 +22,6 @@ def test_ddp_broadcasts_buffers_only_when_training_changes_them(norm: str, broad
     cfg = ModelConfig(backbone="mobilenet_v2", norm=norm, head_norm="gn", fpn_channels=16, head_convs=1)
     model = build_model(cfg)
     assert updates_running_stats(model) is broadcast
-    # Averaging gradients after backward (no DDP, no buffer broadcast) leaves plain BN's statistics
-    # per rank; SyncBatchNorm's are the global batch's on every rank.
-    assert keeps_running_stats_per_rank(model) is broadcast
-    assert not keeps_running_stats_per_rank(torch.nn.SyncBatchNorm.convert_sync_batchnorm(model))
-
-
-def test_gradients_averaged_after_backward_refuse_per_rank_batchnorm_statistics() -> None:
-    """Refused before any collective: each rank's plain BN statistics would drift apart without DDP's
-    buffer broadcast (the equality with DDP itself: tests/engine/test_distributed.py)."""
-    cfg = ModelConfig(backbone="mobilenet_v2", norm="bn", head_norm="gn", fpn_channels=16, head_convs=1)
-    two_ranks = DistInfo(rank=0, world_size=2, local_rank=0, local_world_size=2, device=torch.device("cpu"))
-    train_cfg = Config().train
-    train_cfg.grad_sync = "after_backward"
-    with pytest.raises(ConfigError, match=r"model\.norm=sync_bn or frozen_bn, or train\.grad_sync=ddp"):
-        keep_ranks_in_step(build_model(cfg), train_cfg, two_ranks)
 
 
 @pytest.mark.parametrize(
@@ -47,7 +29,8 @@ def test_gradients_averaged_after_backward_refuse_per_rank_batchnorm_statistics(
     [
         ("frozen_bn", "auto", 4, ("after_backward", "train.grad_sync=auto: one node")),
         ("gn", "auto", 2, ("ddp", "train.grad_sync=auto: 2 nodes")),  # DDP overlaps the slower all-reduce
-        ("bn", "auto", 4, ("ddp", "train.grad_sync=auto: BatchNorm statistics kept in step by DDP")),
+        # plain BN's statistics are averaged with the gradients (tests/engine/test_gradient_average.py)
+        ("bn", "auto", 4, ("after_backward", "train.grad_sync=auto: one node")),
         ("sync_bn", "auto", 4, ("after_backward", "train.grad_sync=auto: one node")),
         ("frozen_bn", "ddp", 4, ("ddp", "train.grad_sync=ddp")),
         ("gn", "after_backward", 1, ("after_backward", "train.grad_sync=after_backward")),

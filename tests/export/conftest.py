@@ -27,10 +27,11 @@ def tiny_detector_config() -> Config:
     return cfg
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    """(path, model): the checkpoint and the RetinaNet it holds (non-trivial frozen BN statistics)."""
+def write_tiny_checkpoint(path, head_norm: str = "gn"):
+    """(path, model): a tiny checkpoint at ``path`` and the RetinaNet it holds (eval mode), with non-trivial
+    frozen BN statistics, and with ``head_norm="bn"`` per-level head statistics of their own."""
     cfg = tiny_detector_config()
+    cfg.model.head_norm = head_norm
     torch.manual_seed(0)
     model = build_model(cfg.model)
     for m in model.modules():  # non-trivial frozen statistics, so folding them into the convs shows
@@ -39,7 +40,11 @@ def tiny_checkpoint(tmp_path_factory):
             m.bias.normal_(0, 0.1)
             m.running_mean.normal_(0, 0.1)
             m.running_var.uniform_(0.5, 1.5)
-    path = tmp_path_factory.mktemp("ckpt") / "m.pth"
+    if head_norm == "bn":  # each level's statistics, as training gives them
+        model.train()
+        with torch.no_grad():
+            for _ in range(3):
+                model(torch.rand(2, 3, 128, 128) * 255)
     save_checkpoint(
         path,
         {
@@ -51,4 +56,16 @@ def tiny_checkpoint(tmp_path_factory):
             "iteration": 0,
         },
     )
-    return path, model
+    return path, model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """(path, model): the checkpoint and the RetinaNet it holds (non-trivial frozen BN statistics)."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "m.pth")
+
+
+@pytest.fixture(scope="session")
+def tiny_bn_head_checkpoint(tmp_path_factory):
+    """(path, model): as ``tiny_checkpoint`` with ``model.head_norm=bn`` (per-level head statistics)."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "bn.pth", head_norm="bn")

@@ -43,6 +43,22 @@ def test_network_only_export_is_valid_and_matches_pytorch_at_several_batch_sizes
             np.testing.assert_allclose(actual, expected.numpy(), rtol=RTOL, atol=ATOL)
 
 
+def test_per_level_batchnorm_head_exports_as_plain_convolutions(tiny_bn_head_checkpoint, tmp_path):
+    """``model.head_norm=bn``: each level's norms folded into its own copy of the head's convolutions, so
+    the graph holds no normalisation at all (the one Mul is the input's), and matches PyTorch."""
+    path, model = tiny_bn_head_checkpoint
+    out = export_onnx(path, tmp_path / "bn.onnx", ExportConfig(height=128, width=256, postprocess=False))
+    ops = [node.op_type for node in onnx.load(str(out)).graph.node]
+    assert "BatchNormalization" not in ops and ops.count("Mul") == 1
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    images = torch.rand(2, 3, 128, 256) * 255
+    with torch.no_grad():
+        cls, box = model(images)
+    got = session.run(None, {"images": images.numpy()})
+    for expected, actual in zip([*cls, *box], got, strict=True):
+        np.testing.assert_allclose(actual, expected.numpy(), rtol=RTOL, atol=ATOL)
+
+
 def test_export_errors(checkpoint, tmp_path):
     path, _ = checkpoint
     with pytest.raises(ConfigError, match="multiples of 32"):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from retinaflow.errors import ConfigError
-from retinaflow.model.head import MergedHead, RetinaNetHead
+from retinaflow.model.head import LevelBatchNorm, MergedHead, RetinaNetHead, UnsharedHead, unshare_level_norms
 
 
 def test_output_shapes() -> None:
@@ -53,10 +53,68 @@ def test_merged_head_gives_the_same_outputs(norm, convs):
         for p in head.parameters():  # not the init's zero biases / unit affine: every copied tensor matters
             p.normal_(std=0.1)
     merged = MergedHead(head).eval()
-    convs_in_tower = sum(isinstance(m, torch.nn.Conv2d) for m in merged.tower)
+    assert len(merged.towers) == 1  # shared by the levels
+    convs_in_tower = sum(isinstance(m, torch.nn.Conv2d) for m in merged.towers[0])
     assert convs_in_tower == convs  # one merged convolution per layer of the two subnets
     features = [torch.randn(2, 64, s, s + 3) for s in (16, 8, 1)]
     with torch.no_grad():
         want, got = head(features), merged(features)
     for w, g in zip(want[0] + want[1], got[0] + got[1], strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def _bn_head_with_statistics(convs: int = 2) -> tuple[RetinaNetHead, list[torch.Tensor]]:
+    """A ``norm="bn"`` head whose levels have learnt other statistics (levels of other scales), in eval
+    mode, with non-trivial weights everywhere; and features at three levels."""
+    torch.manual_seed(0)
+    head = RetinaNetHead(32, 9, 5, convs, norm="bn", num_levels=3)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(std=0.1)
+    features = [torch.randn(2, 32, s, s + 3) * scale for s, scale in ((16, 1.0), (8, 4.0), (2, 0.25))]
+    head.train()
+    for _ in range(20):  # momentum 0.1: the running statistics approach each level's own
+        head(features)
+    return head.eval(), features
+
+
+def test_bn_head_normalises_each_level_with_its_own_statistics():
+    head, features = _bn_head_with_statistics()
+    norms = [m for m in head.cls_subnet if isinstance(m, LevelBatchNorm)]
+    assert len(norms) == 2 and all(len(n.levels) == 3 for n in norms)
+    first = norms[0].levels
+    var = [first[level].running_var.mean().item() for level in range(3)]
+    assert var[1] > 4 * var[0] > 16 * var[2]  # the levels' scales (1, 4, 0.25) squared, as learnt
+    # training mode: every level's output is normalised by its own batch statistics
+    head.train()
+    x = head.cls_subnet[0](features[1])
+    y = head.cls_subnet[1](x, 1)
+    torch.testing.assert_close(y.mean(dim=(0, 2, 3)), first[1].bias, atol=1e-4, rtol=0)
+
+
+def test_unshared_head_folds_each_levels_batchnorm_into_its_convolutions():
+    head, features = _bn_head_with_statistics()
+    with torch.no_grad():
+        want = head(features)
+        unshared = unshare_level_norms(head)
+        got = unshared(features)
+    assert isinstance(unshared, UnsharedHead)
+    assert not any(isinstance(m, (LevelBatchNorm, torch.nn.BatchNorm2d)) for m in unshared.modules())
+    assert len(unshared.cls_towers) == 3 and len(unshared.cls_towers[0]) == 4  # (conv, relu) x 2
+    for w, g in zip(want[0] + want[1], got[0] + got[1], strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    merged = MergedHead(unshared).eval()  # the CUDA engines' form: one merged tower per level
+    assert len(merged.towers) == 3
+    with torch.no_grad():
+        got = merged(features)
+    for w, g in zip(want[0] + want[1], got[0] + got[1], strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_heads_without_level_norms_stay_shared():
+    head = RetinaNetHead(16, 9, 5, 1, norm="gn")
+    assert unshare_level_norms(head) is head
+    with pytest.raises(ValueError, match="UnsharedHead"):
+        UnsharedHead(head)
+    with pytest.raises(ValueError, match="unshare_level_norms"):
+        MergedHead(RetinaNetHead(16, 9, 5, 1, norm="bn"))

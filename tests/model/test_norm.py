@@ -169,7 +169,7 @@ def test_auto_norms_are_odtk_with_weights_and_groupnorm_from_scratch() -> None:
     with pytest.raises(ConfigError, match=r"model\.norm"):
         resolve_norms(ModelConfig(norm="layernorm"), pretrained=True)
     with pytest.raises(ConfigError, match=r"model\.head_norm"):
-        resolve_norms(ModelConfig(head_norm="bn"), pretrained=True)
+        resolve_norms(ModelConfig(head_norm="sync_bn"), pretrained=True)
 
 
 @pytest.mark.parametrize(("channels", "groups"), [(256, 32), (128, 32), (24, 12), (144, 24), (16, 8)])

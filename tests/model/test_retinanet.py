@@ -12,7 +12,8 @@ import torch
 from retinaflow.config import AnchorConfig, ModelConfig
 from retinaflow.errors import ConfigError, DataError
 from retinaflow.model.anchors import generate_anchors
-from retinaflow.model.retinanet import RetinaNet, build_model, flatten_outputs
+from retinaflow.model.head import UnsharedHead
+from retinaflow.model.retinanet import RetinaNet, build_model, flatten_outputs, fold_for_inference
 
 TINY = ModelConfig(backbone="resnet18", num_classes=3, fpn_channels=16, head_convs=1)
 STRIDES = (8, 16, 32, 64, 128)
@@ -63,6 +64,22 @@ def test_properties_and_arch(model: RetinaNet) -> None:
         gn = build_model(dataclasses.replace(TINY, norm="gn"))
     assert "norm" not in odtk.arch and "head_norm" not in odtk.arch  # as before model.norm existed
     assert gn.arch == {**arch, "norm": "gn"}
+
+
+@pytest.mark.parametrize("head_norm", ["gn", "bn", "none"])
+def test_fold_for_inference_keeps_the_outputs(head_norm: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(TINY, norm="bn", head_norm=head_norm, head_convs=2))
+    images = torch.rand(2, 3, 96, 160) * 255
+    with torch.no_grad():
+        for _ in range(3):  # trained statistics in the backbone and, for "bn", in each level of the head
+            model(images * torch.rand(1))
+        want = model.eval()(images)
+        got = fold_for_inference(model)(images)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert isinstance(model.head, UnsharedHead) is (head_norm == "bn")
+    for w, g in zip(want[0] + want[1], got[0] + got[1], strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
 
 def test_flatten_order_matches_anchor_layout() -> None:

@@ -154,6 +154,10 @@ class GradientAverage:
     averages every gradient over the ranks in flat all-reduces of up to ``bucket_mb`` MB each: each bucket
     is copied into one buffer (in memory order), divided by the world size, summed and copied back --
     DDP's arithmetic (it divides before the sum too), so the same values up to the order of the sum.
+    The running statistics of plain BatchNorm layers (``model.norm=bn``, ``model.head_norm=bn``), which
+    each rank updates from its own batch, are averaged in the same call (one more all-reduce of a few
+    hundred KB), so that every rank evaluates and saves the same model; DDP instead broadcasts rank 0's
+    before every forward.
 
     Nothing overlaps the backward: the network runs as on one GPU (under ``torch.compile`` one graph,
     which DDP makes dynamo split at its buckets), no per-parameter hooks run, and the all-reduce is paid
@@ -166,6 +170,7 @@ class GradientAverage:
         self.world = info.world_size
         self.bucket_bytes = bucket_mb * 2**20
         self.buckets = self._buckets([p for p in model.parameters() if p.requires_grad])
+        self.statistics = per_rank_statistics(model)
         with torch.no_grad():
             for bucket in self._buckets([*model.parameters(), *model.buffers()]):
                 views = [_in_memory_order(t) for t in bucket]
@@ -183,6 +188,11 @@ class GradientAverage:
             flat.div_(self.world)
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             torch._foreach_copy_(views, flat.split([v.numel() for v in views]))
+        if self.statistics:
+            flat = torch.cat(self.statistics)
+            flat.div_(self.world)
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            torch._foreach_copy_(self.statistics, flat.split([v.numel() for v in self.statistics]))
 
     def _buckets(self, tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         """``tensors`` in order, grouped by dtype and device, cut once a group holds ``bucket_bytes``."""
@@ -197,6 +207,21 @@ class GradientAverage:
             bucket.append(t)
             open_[key] = (bucket, size + t.numel() * t.element_size())
         return done + [bucket for bucket, _ in open_.values()]
+
+
+def per_rank_statistics(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The running means and variances (float32, 1-D) of ``model``'s BatchNorm layers that each rank
+    updates from its own batch: plain ``BatchNorm*d`` tracking statistics, not SyncBatchNorm (whose
+    statistics are the global batch's on every rank)."""
+    return [
+        stat
+        for m in model.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        and not isinstance(m, torch.nn.SyncBatchNorm)
+        and m.track_running_stats
+        for stat in (m.running_mean, m.running_var)
+        if stat is not None
+    ]
 
 
 def _in_memory_order(t: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,9 @@
 One process needs nothing. On several ranks the gradients are averaged either by DistributedDataParallel
 (its all-reduces overlap the backward; it also broadcasts plain BatchNorm's running statistics) or after
 backward in flat all-reduces (:class:`~retinaflow.engine.distributed.GradientAverage`: no DDP hooks, one
-compiled graph). :func:`grad_sync_of` picks one for ``train.grad_sync=auto`` and says why;
-:func:`keep_ranks_in_step` builds it; :func:`compiled` wraps the result in ``torch.compile``.
+compiled graph; it averages plain BatchNorm's running statistics too). :func:`grad_sync_of` picks one
+for ``train.grad_sync=auto`` and says why; :func:`keep_ranks_in_step` builds it; :func:`compiled` wraps
+the result in ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from torch import nn
 
 from retinaflow.config import TrainConfig
 from retinaflow.engine import distributed as D
-from retinaflow.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,9 @@ def updates_running_stats(model: nn.Module) -> bool:
 def grad_sync_of(model: nn.Module, train: TrainConfig, info: D.DistInfo) -> tuple[str, str]:
     """``train.grad_sync`` made concrete for this job ("ddp" or "after_backward") and why, as the startup
     line says it. "auto" averages after backward on one node (an all-reduce of R50-FPN's gradients over
-    NVLink: 0.6 ms) unless plain BatchNorm keeps statistics per rank (only DDP's buffer broadcast keeps
-    those in step); between nodes DDP overlaps the slower all-reduce with backward."""
+    NVLink: 0.6 ms); between nodes DDP overlaps the slower all-reduce with backward."""
     if train.grad_sync != "auto":
         return train.grad_sync, f"train.grad_sync={train.grad_sync}"
-    if keeps_running_stats_per_rank(model):
-        return "ddp", "train.grad_sync=auto: BatchNorm statistics kept in step by DDP"
     if info.nodes > 1:
         return "ddp", f"train.grad_sync=auto: {info.nodes} nodes"
     return "after_backward", "train.grad_sync=auto: one node"
@@ -64,15 +61,10 @@ def keep_ranks_in_step(
 ) -> tuple[nn.Module, D.GradientAverage | None]:
     """How the ranks' copies of ``model`` stay equal (:func:`grad_sync_of`): the module to call and the
     gradient average to run after backward. One process: (model, None). "ddp": (DDP around the model,
-    None). "after_backward": (model, GradientAverage), refused when BatchNorm statistics would drift."""
+    None). "after_backward": (model, GradientAverage)."""
     if not info.distributed:
         return model, None
     if grad_sync_of(model, train, info)[0] == "after_backward":
-        if keeps_running_stats_per_rank(model):
-            raise ConfigError(
-                "train.grad_sync=after_backward keeps no BatchNorm running statistics in step across "
-                "ranks (model.norm=bn): use model.norm=sync_bn or frozen_bn, or train.grad_sync=ddp"
-            )
         return model, D.GradientAverage(model, info)
     ids = [info.device.index] if info.device.type == "cuda" else None
     # static_graph: every step uses every parameter in the same order, so DDP can fix its buckets and
@@ -87,12 +79,6 @@ def keep_ranks_in_step(
         bucket_cap_mb=COMPILED_DDP_BUCKET_MB if train.compile else None,
     )
     return ddp, None
-
-
-def keeps_running_stats_per_rank(model: nn.Module) -> bool:
-    """Whether ``model`` has BatchNorm layers whose running statistics each rank updates from its own
-    batch (plain ``bn``; SyncBatchNorm updates them from the global batch, the same on every rank)."""
-    return any(not isinstance(m, nn.SyncBatchNorm) for m in _tracked_batchnorms(model))
 
 
 def compiled(

@@ -20,8 +20,7 @@ from retinaflow.engine.ema import inference_weights
 from retinaflow.engine.schedule import autocast_dtype
 from retinaflow.errors import DataError
 from retinaflow.model.anchors import generate_anchors
-from retinaflow.model.norm import fold_batchnorm
-from retinaflow.model.retinanet import RetinaNet, build_model
+from retinaflow.model.retinanet import RetinaNet, build_model, fold_for_inference
 from retinaflow.ops.boxes import Detections, postprocess
 
 log = logging.getLogger(__name__)
@@ -51,11 +50,11 @@ Detector = Callable[[torch.Tensor, torch.Tensor], Detections]
 
 
 def prepare_for_inference(model: RetinaNet, dtype: torch.dtype | None) -> RetinaNet:
-    """In place, for a model that will never train again: frozen batch norms folded into the
-    convolutions, weights converted to ``dtype`` (None keeps them). Returns ``model``, in eval mode (so
-    that trained BatchNorm2d layers, ``model.norm=bn``, fold too; GroupNorm layers stay as they are)."""
-    model.eval()
-    fold_batchnorm(model)
+    """In place, for a model that will never train again: batch norms folded into the convolutions
+    (:func:`~retinaflow.model.retinanet.fold_for_inference`: trained ones too, ``model.norm=bn`` and the
+    per-level head norms of ``model.head_norm=bn``), weights converted to ``dtype`` (None keeps them).
+    Returns ``model``, in eval mode."""
+    fold_for_inference(model)
     if dtype is not None:
         model.to(dtype)
     return model

@@ -30,7 +30,7 @@ from retinaflow.export.metadata import INPUTS, OUTPUTS, engine_metadata, parse
 from retinaflow.export.parity import ExportMismatch, ParityReport, compare_detections
 from retinaflow.export.precision import FlatHeads, Lowered, check_network, lower, precision_metadata
 from retinaflow.export.spec import EngineSpec, resolve
-from retinaflow.model.norm import fold_batchnorm
+from retinaflow.model.retinanet import fold_for_inference
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def export_onnx(checkpoint: str | Path, output: str | Path, cfg: ExportConfig | 
     spec = resolve(output, cfg, config, "onnx")
     model = model.float().to(memory_format=torch.contiguous_format)
     reference = FlatHeads(copy.deepcopy(model)).eval()  # the checkpoint as trained: fp32 parity's reference
-    fold_batchnorm(model)  # the graph carries plain biased convolutions, no per-BN Mul/Add pairs
+    fold_for_inference(model)  # the graph carries plain biased convolutions, no per-BN Mul/Add pairs
     lowered = lower(model, config, cfg)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,12 @@
-"""RetinaNet's classification and box subnets, shared over all pyramid levels."""
+"""RetinaNet's classification and box subnets, shared over all pyramid levels, and their inference forms.
+
+``norm="bn"`` gives each pyramid level its own BatchNorm after the shared convolutions (detectron2's
+"domain-specific" head norm, ``CycleBatchNormList``): the levels' activations differ in scale, and one set
+of statistics for all of them would fit none. In eval mode each level's norm is a fixed per-channel affine,
+so :class:`UnsharedHead` folds it into a per-level copy of the convolutions: at inference the head costs
+what the paper's unnormalised head costs (conv + bias + ReLU), where GroupNorm computes its statistics in
+every call.
+"""
 
 from __future__ import annotations
 
@@ -11,18 +19,44 @@ from retinaflow.errors import ConfigError
 from retinaflow.model.norm import HEAD_NORMS, group_norm
 
 
-def _subnet(channels: int, num_convs: int, norm: str) -> nn.Sequential:
+class LevelBatchNorm(nn.Module):
+    """One ``BatchNorm2d`` per pyramid level, after a convolution that all levels share.
+
+    forward(x: (B, C, H, W), level: int) -> (B, C, H, W): ``x`` normalised by level ``level``'s norm
+    (batch statistics in training, running statistics in eval mode).
+    """
+
+    def __init__(self, channels: int, num_levels: int) -> None:
+        super().__init__()
+        self.levels = nn.ModuleList(nn.BatchNorm2d(channels) for _ in range(num_levels))
+
+    def forward(self, x: torch.Tensor, level: int) -> torch.Tensor:
+        return self.levels[level](x)
+
+
+def _subnet(channels: int, num_convs: int, norm: str, num_levels: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     for _ in range(num_convs):
         layers.append(nn.Conv2d(channels, channels, 3, padding=1))
         if norm == "gn":
             layers.append(group_norm(channels))
+        elif norm == "bn":
+            layers.append(LevelBatchNorm(channels, num_levels))
         layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
 
 
+def _tower(subnet: nn.Sequential, x: torch.Tensor, level: int) -> torch.Tensor:
+    """``subnet(x)`` for pyramid level ``level`` (its own norm where the subnet has one per level)."""
+    for layer in subnet:
+        x = layer(x, level) if isinstance(layer, LevelBatchNorm) else layer(x)
+    return x
+
+
 class RetinaNetHead(nn.Module):
-    """Two subnets of ``num_convs`` x (conv3x3 [+ GroupNorm if ``norm="gn"``] + ReLU), then an output conv3x3.
+    """Two subnets of ``num_convs`` x (conv3x3 [+ norm] + ReLU), then an output conv3x3; the convolutions
+    are shared by all ``num_levels`` pyramid levels. ``norm``: "none" (paper, ODTK), "gn" (GroupNorm,
+    torchvision v2), "bn" (a BatchNorm per level: :class:`LevelBatchNorm`).
 
     forward(features: list of (B, channels, H_l, W_l)) ->
         cls: list of (B, A*C, H_l, W_l) raw logits,
@@ -41,6 +75,7 @@ class RetinaNetHead(nn.Module):
         num_convs: int = 4,
         prior: float = 0.01,
         norm: str = "none",
+        num_levels: int = 5,
     ) -> None:
         super().__init__()
         if not 0.0 < prior < 1.0:
@@ -54,9 +89,10 @@ class RetinaNetHead(nn.Module):
             raise ConfigError(f"model.head_norm must be one of {', '.join(HEAD_NORMS)}, got {norm!r}")
         self.num_classes = num_classes
         self.num_anchors = num_anchors
-        self.cls_subnet = _subnet(channels, num_convs, norm)
+        self.norm = norm
+        self.cls_subnet = _subnet(channels, num_convs, norm, num_levels)
         self.cls_logits = nn.Conv2d(channels, num_anchors * num_classes, 3, padding=1)
-        self.box_subnet = _subnet(channels, num_convs, norm)
+        self.box_subnet = _subnet(channels, num_convs, norm, num_levels)
         self.box_pred = nn.Conv2d(channels, num_anchors * 4, 3, padding=1)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -67,13 +103,74 @@ class RetinaNetHead(nn.Module):
             nn.init.constant_(self.cls_logits.bias, -math.log((1.0 - prior) / prior))
 
     def forward(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        cls = [self.cls_logits(self.cls_subnet(f)) for f in features]
-        box = [self.box_pred(self.box_subnet(f)) for f in features]
+        cls = [self.cls_logits(_tower(self.cls_subnet, f, level)) for level, f in enumerate(features)]
+        box = [self.box_pred(_tower(self.box_subnet, f, level)) for level, f in enumerate(features)]
         return cls, box
 
 
+class UnsharedHead(nn.Module):
+    """Inference form of a ``norm="bn"`` :class:`RetinaNetHead` (eval mode): each level's BatchNorms folded
+    into that level's own copy of the subnets' convolutions, ``bn(conv(x)) == conv'(x)``.
+
+    ``cls_towers[l]`` / ``box_towers[l]``: level ``l``'s subnets, (conv3x3 + bias + ReLU) x num_convs;
+    the output convolutions stay shared. Same forward and outputs as the head it was built from (whose
+    weights it copies); the subnets' weights take ``num_levels`` times the memory (R50-FPN: 5 x 4.7 M).
+    """
+
+    def __init__(self, head: RetinaNetHead) -> None:
+        super().__init__()
+        if head.norm != "bn":
+            raise ValueError(f"UnsharedHead folds per-level BatchNorms; this head's norm is {head.norm!r}")
+        self.num_classes, self.num_anchors = head.num_classes, head.num_anchors
+        levels = len(next(m for m in head.cls_subnet if isinstance(m, LevelBatchNorm)).levels)
+        self.cls_towers = nn.ModuleList(_folded_subnet(head.cls_subnet, level) for level in range(levels))
+        self.box_towers = nn.ModuleList(_folded_subnet(head.box_subnet, level) for level in range(levels))
+        self.cls_logits, self.box_pred = head.cls_logits, head.box_pred
+
+    def forward(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        cls = [self.cls_logits(t(f)) for t, f in zip(self.cls_towers, features, strict=False)]
+        box = [self.box_pred(t(f)) for t, f in zip(self.box_towers, features, strict=False)]
+        return cls, box
+
+
+@torch.no_grad()
+def _folded_subnet(subnet: nn.Sequential, level: int) -> nn.Sequential:
+    """``subnet`` for pyramid level ``level`` with its BatchNorms folded into copies of its convolutions."""
+    layers: list[nn.Module] = []
+    for layer in subnet:
+        if isinstance(layer, LevelBatchNorm):
+            conv = layers[-1]
+            assert isinstance(conv, nn.Conv2d)
+            bn = layer.levels[level]
+            assert (
+                isinstance(bn, nn.BatchNorm2d) and bn.running_var is not None and bn.running_mean is not None
+            )
+            scale = bn.weight.double() * (bn.running_var.double() + bn.eps).rsqrt()
+            shift = bn.bias.double() - bn.running_mean.double() * scale
+            bias = shift if conv.bias is None else conv.bias.double() * scale + shift
+            folded = nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1).to(conv.weight)
+            assert folded.bias is not None
+            folded.weight.copy_(conv.weight.double() * scale.view(-1, 1, 1, 1))
+            folded.bias.copy_(bias)
+            layers[-1] = folded
+        elif isinstance(layer, nn.Conv2d):
+            layers.append(layer)
+        else:
+            layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+def unshare_level_norms(head: RetinaNetHead | UnsharedHead) -> RetinaNetHead | UnsharedHead:
+    """The inference form of ``head``: an :class:`UnsharedHead` for a ``norm="bn"`` head (its running
+    statistics folded; the head is put in eval mode), ``head`` itself otherwise."""
+    if isinstance(head, RetinaNetHead) and head.norm == "bn":
+        return UnsharedHead(head.eval())
+    return head
+
+
 class MergedHead(nn.Module):
-    """Inference form of a :class:`RetinaNetHead`: both subnets as one tower of twice the channels.
+    """Inference form of a :class:`RetinaNetHead` or :class:`UnsharedHead`: both subnets as one tower of
+    twice the channels (one tower per level for an UnsharedHead, whose levels have their own weights).
 
     The first conv reads the shared input with both subnets' filters (C -> 2C), the later ones are
     grouped convs (groups=2: each half reads its own subnet's channels), and a GroupNorm of 2G groups over
@@ -85,33 +182,46 @@ class MergedHead(nn.Module):
     was (docs/PERFORMANCE.md, ninth session).
     """
 
-    def __init__(self, head: RetinaNetHead) -> None:
+    def __init__(self, head: RetinaNetHead | UnsharedHead) -> None:
         super().__init__()
+        if isinstance(head, RetinaNetHead) and head.norm == "bn":
+            raise ValueError("merge the UnsharedHead of a per-level BatchNorm head (unshare_level_norms)")
         self.num_classes, self.num_anchors = head.num_classes, head.num_anchors
-        layers: list[nn.Module] = []
-        first = True
-        for cls_layer, box_layer in zip(head.cls_subnet, head.box_subnet, strict=True):
-            if isinstance(cls_layer, nn.Conv2d):
-                assert isinstance(box_layer, nn.Conv2d)
-                layers.append(_merged_conv(cls_layer, box_layer, groups=1 if first else 2))
-                first = False
-            elif isinstance(cls_layer, nn.GroupNorm):
-                assert isinstance(box_layer, nn.GroupNorm)
-                layers.append(_merged_norm(cls_layer, box_layer))
-            else:
-                layers.append(nn.ReLU(inplace=True))
-        self.tower = nn.Sequential(*layers)
-        self.split = 0 if first else head.cls_logits.in_channels
+        pairs = (
+            zip(head.cls_towers, head.box_towers, strict=True)
+            if isinstance(head, UnsharedHead)
+            else [(head.cls_subnet, head.box_subnet)]
+        )
+        self.towers = nn.ModuleList(_merged_tower(cls, box) for cls, box in pairs)
+        merges_convs = any(isinstance(m, nn.Conv2d) for m in self.towers[0].modules())
+        self.split = head.cls_logits.in_channels if merges_convs else 0
         self.cls_logits, self.box_pred = head.cls_logits, head.box_pred
 
     def forward(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         cls, box = [], []
-        for f in features:
-            t = self.tower(f)
+        for level, f in enumerate(features):
+            t = self.towers[level if len(self.towers) > 1 else 0](f)
             c, b = (t[:, : self.split], t[:, self.split :]) if self.split else (t, t)
             cls.append(self.cls_logits(c))
             box.append(self.box_pred(b))
         return cls, box
+
+
+def _merged_tower(cls_subnet: nn.Module, box_subnet: nn.Module) -> nn.Sequential:
+    """The two subnets' layers side by side as one Sequential (see :class:`MergedHead`)."""
+    layers: list[nn.Module] = []
+    first = True
+    for cls_layer, box_layer in zip(cls_subnet.children(), box_subnet.children(), strict=True):
+        if isinstance(cls_layer, nn.Conv2d):
+            assert isinstance(box_layer, nn.Conv2d)
+            layers.append(_merged_conv(cls_layer, box_layer, groups=1 if first else 2))
+            first = False
+        elif isinstance(cls_layer, nn.GroupNorm):
+            assert isinstance(box_layer, nn.GroupNorm)
+            layers.append(_merged_norm(cls_layer, box_layer))
+        else:
+            layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ from retinaflow.ops.norm import group_norm as channels_last_group_norm
 from retinaflow.ops.norm import kernel_serves
 
 NORMS = ("frozen_bn", "bn", "sync_bn", "gn")
-HEAD_NORMS = ("none", "gn")
+HEAD_NORMS = ("none", "gn", "bn")
 NormLayer = Callable[[int], nn.Module]
 
 

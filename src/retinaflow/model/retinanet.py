@@ -18,8 +18,8 @@ from retinaflow.config import AnchorConfig, ModelConfig
 from retinaflow.errors import ConfigError, DataError
 from retinaflow.model.backbones import build_backbone
 from retinaflow.model.fpn import FPN
-from retinaflow.model.head import MergedHead, RetinaNetHead
-from retinaflow.model.norm import resolve_norms
+from retinaflow.model.head import MergedHead, RetinaNetHead, UnsharedHead, unshare_level_norms
+from retinaflow.model.norm import fold_batchnorm, resolve_norms
 from retinaflow.ops._reference import flatten_level
 
 # ImageNet statistics in 0..255 RGB.
@@ -65,7 +65,8 @@ class RetinaNet(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.fpn = fpn
-        self.head: RetinaNetHead | MergedHead = head  # MergedHead: the inference form (export.aoti)
+        # UnsharedHead, MergedHead: inference forms (fold_for_inference; export.aoti)
+        self.head: RetinaNetHead | UnsharedHead | MergedHead = head
         self.anchor_config = anchors
         self.arch: dict[str, Any] = arch if arch is not None else {}
         # (x - mean) / std folded into x * scale + shift; not saved in state dicts.
@@ -96,6 +97,18 @@ class RetinaNet(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         features = self.fpn(self.backbone(self.normalize(images)))
         return self.head(features)
+
+
+def fold_for_inference(model: RetinaNet) -> RetinaNet:
+    """In place, for a model that will never train again: eval mode, every fixed BatchNorm folded into the
+    convolution before it (:func:`~retinaflow.model.norm.fold_batchnorm`) and a per-level BatchNorm head
+    (``model.head_norm=bn``) replaced by its folded :class:`~retinaflow.model.head.UnsharedHead`; GroupNorm
+    layers stay as they are. The state dict no longer loads checkpoints. Returns ``model``."""
+    model.eval()
+    fold_batchnorm(model)
+    if not isinstance(model.head, MergedHead):
+        model.head = unshare_level_norms(model.head)
+    return model
 
 
 def model_arch(cfg: ModelConfig) -> dict[str, Any]:
