@@ -118,3 +118,11 @@ def test_heads_without_level_norms_stay_shared():
         UnsharedHead(head)
     with pytest.raises(ValueError, match="unshare_level_norms"):
         MergedHead(RetinaNetHead(16, 9, 5, 1, norm="bn"))
+
+
+def test_bn_head_trains_on_one_image_whose_smallest_level_is_one_pixel():
+    head = RetinaNetHead(16, 9, 5, 1, norm="bn", num_levels=2).train()
+    cls, _ = head([torch.randn(1, 16, 4, 4), torch.randn(1, 16, 1, 1)])
+    assert cls[1].shape == (1, 45, 1, 1) and torch.isfinite(cls[1]).all()
+    p7 = next(m for m in head.cls_subnet if isinstance(m, LevelBatchNorm)).levels[1]
+    assert p7.num_batches_tracked.item() == 0  # the running statistics normalised it, unchanged

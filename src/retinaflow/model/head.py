@@ -23,7 +23,9 @@ class LevelBatchNorm(nn.Module):
     """One ``BatchNorm2d`` per pyramid level, after a convolution that all levels share.
 
     forward(x: (B, C, H, W), level: int) -> (B, C, H, W): ``x`` normalised by level ``level``'s norm
-    (batch statistics in training, running statistics in eval mode).
+    (batch statistics in training, running statistics in eval mode). A training batch with one value per
+    channel (one image whose level is 1x1: P7 of a 128-px image) has no batch statistics; it is normalised
+    with the running ones, which it leaves as they are.
     """
 
     def __init__(self, channels: int, num_levels: int) -> None:
@@ -31,7 +33,12 @@ class LevelBatchNorm(nn.Module):
         self.levels = nn.ModuleList(nn.BatchNorm2d(channels) for _ in range(num_levels))
 
     def forward(self, x: torch.Tensor, level: int) -> torch.Tensor:
-        return self.levels[level](x)
+        bn = self.levels[level]
+        assert isinstance(bn, nn.BatchNorm2d)
+        if self.training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+            mean, var = bn.running_mean, bn.running_var
+            return nn.functional.batch_norm(x, mean, var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        return bn(x)
 
 
 def _subnet(channels: int, num_convs: int, norm: str, num_levels: int) -> nn.Sequential:
