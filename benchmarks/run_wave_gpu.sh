@@ -201,6 +201,7 @@ case "${1:-tests}" in
       | figures
     cp /tmp/bench_ddp_work/tp_dali_compiled_1gpu.log "$OUT/cgcoco/" 2>/dev/null ;;
   bnhead)
+    python -m pytest -q -p no:cacheprovider -m gpu tests/export/test_aoti.py -k cuda_fp16 2>&1 | tail -2
     timeout 280 python benchmarks/tune_engine.py --variants base,bn_head --profile base,bn_head --repeat 1 \
       --no-peer --out /tmp/tune_bn 2>&1 | tee "$OUT/bnhead_engines.jsonl" | cut -c1-1500
     timeout 300 python benchmarks/bench_train.py --batch 8 --iters 20 --warmup 5 --compile --head-norms bn 2>&1 \

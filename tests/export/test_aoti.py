@@ -136,9 +136,13 @@ def test_a_pt2_of_another_gpu_architecture_is_refused_before_loading(pt2, tmp_pa
 
 
 @pytest.mark.gpu
-def test_pt2_on_cuda_fp16_matches_eager(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("head", ["tiny_checkpoint", "tiny_bn_head_checkpoint"])
+def test_pt2_on_cuda_fp16_matches_eager(head, request, tmp_path):
     """The CUDA engine (fp16 network, retinaflow CUDA kernels for decode + NMS) against the same module
-    run eagerly: same detections within fp16-sized tolerances."""
+    run eagerly: same detections within fp16-sized tolerances. The engine merges the head's two subnets
+    (:class:`~retinaflow.model.head.MergedHead`): one tower shared by the levels for the GroupNorm head,
+    one per level, its BatchNorms folded, for ``model.head_norm=bn``."""
+    tiny_checkpoint = request.getfixturevalue(head)
     from retinaflow.engine.infer import load_model, prepare_for_inference
     from retinaflow.export.detector import end_to_end_reference
     from retinaflow.export.onnx import _example_inputs
