@@ -50,8 +50,8 @@
 #                                             per-level GroupNorm kernels launched together) against the default
 #                                             export, two fresh processes each, batch 1 profiled (~6 min)
 #   bash benchmarks/run_wave_gpu.sh bnhead    issues 15/13: the per-level BatchNorm head (model.head_norm=bn): .pt2 engines
-#                                             (default GroupNorm head vs bn, batch 1 profiled), then fixed-shape
-#                                             training eager and compiled, GroupNorm vs bn (~9 min)
+#                                             (default GroupNorm head vs bn, batch 1 profiled), the CUDA .pt2 test,
+#                                             then fixed-shape training eager and compiled, GroupNorm vs bn (~11 min)
 #   bash benchmarks/run_wave_gpu.sh engines   every `gpu` test (kernels, engines, C++ runner, NCCL faults), probe_pt2, bench_engine
 #   bash benchmarks/run_wave_gpu.sh accuracy  bench_accuracy (retinaflow recipes vs torchvision) + INT8 on a result
 #   bash benchmarks/run_wave_gpu.sh scratch   R50-FPN from random init at the issue's scale: default norms vs ODTK's
@@ -200,10 +200,11 @@ case "${1:-tests}" in
     tp 560 --gpus 1,2 --compile-only --cudagraphs --sizes coco --jitter 640,1024 --out-dir "$OUT/cgcoco" 2>&1 \
       | figures
     cp /tmp/bench_ddp_work/tp_dali_compiled_1gpu.log "$OUT/cgcoco/" 2>/dev/null ;;
-  bnhead)
-    python -m pytest -q -p no:cacheprovider -m gpu tests/export/test_aoti.py -k cuda_fp16 2>&1 | tail -2
-    timeout 280 python benchmarks/tune_engine.py --variants base,bn_head --profile base,bn_head --repeat 1 \
+  bnhead)  # `bnhead engines`: the engines alone (~5 min)
+    timeout 330 python benchmarks/tune_engine.py --variants base,bn_head --profile base,bn_head --repeat 1 \
       --no-peer --out /tmp/tune_bn 2>&1 | tee "$OUT/bnhead_engines.jsonl" | cut -c1-1500
+    [ "${2:-}" = engines ] && exit 0
+    python -m pytest -q -p no:cacheprovider -m gpu tests/export/test_aoti.py -k cuda_fp16 2>&1 | tail -2
     timeout 300 python benchmarks/bench_train.py --batch 8 --iters 20 --warmup 5 --compile --head-norms bn 2>&1 \
       | tee "$OUT/bnhead_train.log" | tail -3 ;;
   engines)
