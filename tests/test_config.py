@@ -71,7 +71,7 @@ def test_checkpoints_from_before_model_norm_still_load() -> None:
     frozen = Config.from_dict({**old, "model": {**old["model"], "frozen_bn": True}}).model
     assert (frozen.norm, frozen.head_norm) == ("frozen_bn", "none")  # the network they were trained as
     assert Config.from_dict({**old, "model": {**old["model"], "frozen_bn": False}}).model.norm == "bn"
-    assert Config().model.norm == "auto" and Config().model.head_norm == "gn"
+    assert Config().model.norm == "auto" and Config().model.head_norm == "bn"
 
 
 def test_one_range_check_per_value_wherever_it_is_set(tmp_path):

@@ -57,7 +57,7 @@ def test_int8_onnx_runs_in_onnx_runtime_close_to_fp32(tiny_checkpoint, synth_sma
     assert meta["precision"] == "int8"
     assert meta["int8_calibration"]["images"] == 8 and not meta["int8_calibration"]["keep_head"]
     # Measured (8 calibration images; random weights with 10x class logits, which magnify the int8 error):
-    # with the default GroupNorm head 264 of the 296 detections scoring >= 0.4 found (same class,
+    # with the fixture's GroupNorm head 264 of the 296 detections scoring >= 0.4 found (same class,
     # IoU >= 0.9), scores within 0.090 (without head norm: 144 of 158, 0.048).
     total, hits, score_diff, _ = compare_onnx(fp32, int8, synth_small.val_images, synth_small.val_annotations)
     assert total >= 50 and hits >= 0.85 * total

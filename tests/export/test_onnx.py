@@ -28,7 +28,7 @@ def test_network_only_export_is_valid_and_matches_pytorch_at_several_batch_sizes
     assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     ops = [node.op_type for node in graph.graph.node]
     # Every frozen BN is folded into its conv: the Muls left are the input normalisation and one per
-    # GroupNorm of the head (the default head norm; shared weights, run on each of the 5 levels).
+    # GroupNorm of the head (this checkpoint's head norm; shared weights, run on each of the 5 levels).
     head_norms = sum(isinstance(m, torch.nn.GroupNorm) for m in model.head.modules()) * 5
     assert "BatchNormalization" not in ops and ops.count("Mul") == 1 + head_norms
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])

@@ -28,7 +28,7 @@ def test_fp16_onnx_runs_in_onnx_runtime_close_to_fp32(tiny_checkpoint, synth_sma
     assert weights and all(w.data_type == TensorProto.FLOAT16 for w in weights)
     assert [i.type.tensor_type.elem_type for i in graph.input] == [TensorProto.UINT8, TensorProto.INT64]
     assert read_metadata(fp16)["precision"] == "fp16"
-    # Measured with the default GroupNorm head: 289 of the 296 detections scoring >= 0.4 found (the rest
+    # Measured with the fixture's GroupNorm head: 289 of the 296 detections scoring >= 0.4 found (the rest
     # near the cut), scores within 1.7e-3, IoU >= 0.9926 (without head norm: all 158, 8.1e-4, 0.9988).
     total, hits, score_diff, iou = compare_onnx(
         fp32, fp16, synth_small.val_images, synth_small.val_annotations

@@ -162,8 +162,8 @@ def test_auto_norms_are_odtk_with_weights_and_groupnorm_from_scratch() -> None:
     pre, scratch = resolve_norms(auto, pretrained=True), resolve_norms(auto, pretrained=False)
     assert (pre.norm, pre.head_norm) == ("frozen_bn", "none")
     assert (scratch.norm, scratch.head_norm) == ("gn", "gn")
-    default = resolve_norms(ModelConfig(), pretrained=True)  # the GroupNorm head measured best
-    assert (default.norm, default.head_norm) == ("frozen_bn", "gn")
+    default = resolve_norms(ModelConfig(), pretrained=True)  # the per-level BatchNorm head measured best
+    assert (default.norm, default.head_norm) == ("frozen_bn", "bn")
     explicit = resolve_norms(ModelConfig(norm="sync_bn", head_norm="none"), pretrained=False)
     assert (explicit.norm, explicit.head_norm) == ("sync_bn", "none")
     with pytest.raises(ConfigError, match=r"model\.norm"):

@@ -58,7 +58,7 @@ def test_properties_and_arch(model: RetinaNet) -> None:
         same = build_model(dataclasses.replace(TINY, norm="frozen_bn", prior=0.05))
         other = build_model(dataclasses.replace(TINY, num_classes=4))
     assert same.arch == arch and other.arch != arch
-    assert "norm" not in arch and arch["head_norm"] == "gn"  # the default: frozen BN, GroupNorm head
+    assert "norm" not in arch and arch["head_norm"] == "bn"  # the default: frozen BN, per-level BN head
     with torch.device("meta"):
         odtk = build_model(dataclasses.replace(TINY, head_norm="none"))
         gn = build_model(dataclasses.replace(TINY, norm="gn"))
