@@ -49,9 +49,9 @@
 #   bash benchmarks/run_wave_gpu.sh combo     issue 15: the .pt2 engine with inductor's combo kernels (the head's
 #                                             per-level GroupNorm kernels launched together) against the default
 #                                             export, two fresh processes each, batch 1 profiled (~6 min)
-#   bash benchmarks/run_wave_gpu.sh bnhead    issues 15/13: the per-level BatchNorm head (model.head_norm=bn): .pt2 engines
-#                                             (default GroupNorm head vs bn, batch 1 profiled), the CUDA .pt2 test,
-#                                             then fixed-shape training eager and compiled, GroupNorm vs bn (~11 min)
+#   bash benchmarks/run_wave_gpu.sh bnhead    issues 15/13: the default per-level BatchNorm head against the GroupNorm head:
+#                                             .pt2 engines (batch 1 profiled), the CUDA .pt2 test, then fixed-shape
+#                                             training eager and compiled (~11 min)
 #   bash benchmarks/run_wave_gpu.sh engines   every `gpu` test (kernels, engines, C++ runner, NCCL faults), probe_pt2, bench_engine
 #   bash benchmarks/run_wave_gpu.sh accuracy  bench_accuracy (retinaflow recipes vs torchvision) + INT8 on a result
 #   bash benchmarks/run_wave_gpu.sh scratch   R50-FPN from random init at the issue's scale: default norms vs ODTK's
@@ -201,11 +201,11 @@ case "${1:-tests}" in
       | figures
     cp /tmp/bench_ddp_work/tp_dali_compiled_1gpu.log "$OUT/cgcoco/" 2>/dev/null ;;
   bnhead)  # `bnhead engines`: the engines alone (~5 min)
-    timeout 330 python benchmarks/tune_engine.py --variants base,bn_head --profile base,bn_head --repeat 1 \
+    timeout 330 python benchmarks/tune_engine.py --variants base,gn_head --profile base,gn_head --repeat 1 \
       --no-peer --out /tmp/tune_bn 2>&1 | tee "$OUT/bnhead_engines.jsonl" | cut -c1-1500
     [ "${2:-}" = engines ] && exit 0
     python -m pytest -q -p no:cacheprovider -m gpu tests/export/test_aoti.py -k cuda_fp16 2>&1 | tail -2
-    timeout 300 python benchmarks/bench_train.py --batch 8 --iters 20 --warmup 5 --compile --head-norms bn 2>&1 \
+    timeout 300 python benchmarks/bench_train.py --batch 8 --iters 20 --warmup 5 --compile --head-norms gn 2>&1 \
       | tee "$OUT/bnhead_train.log" | tail -3 ;;
   engines)
     python -m pytest -q -p no:cacheprovider -m gpu -rs --durations=15 tests/ops tests/model tests/engine tests/data \
@@ -216,10 +216,10 @@ case "${1:-tests}" in
       benchmarks/bench_engine.py --engine /tmp/probe/r50/r50.pt2 --keep /tmp/bench_engine 2>&1 | tee "$OUT/engine.json" | tail -40 ;;
   accuracy)
     gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader | paste -sd,)
-    # Default recipe vs ODTK's and the two ablations that say which part of the default carries its gain.
+    # Default recipe vs ODTK's and the ablations that say which part of the default carries its gain.
     odtk="model.head_norm=none,matcher.allow_low_quality=false,loss.box_loss=smooth_l1,loss.box_weight=1.0"
-    recipes="--recipe default= --recipe odtk=$odtk --recipe no_gn_head=model.head_norm=none"
-    recipes="$recipes --recipe smooth_l1=loss.box_loss=smooth_l1,loss.box_weight=1.0"
+    recipes="--recipe default= --recipe odtk=$odtk --recipe no_head_norm=model.head_norm=none"
+    recipes="$recipes --recipe smooth_l1=loss.box_loss=smooth_l1,loss.box_weight=1.0 --recipe gn_head=model.head_norm=gn"
     python benchmarks/bench_accuracy.py --out /tmp/acc --data /tmp/real_data --gpus "$gpus" --keep \
       --iters 500 --jobs-per-gpu 12 --workers 1 ${ACC_ARGS:-$recipes} \
       2>&1 | tee "$OUT/accuracy.log" | tail -60

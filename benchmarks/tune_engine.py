@@ -53,8 +53,9 @@ VARIANTS: dict[str, tuple[dict[str, Any], tuple[int, int], dict[str, Any]]] = {
     "combo_kernels": ({}, (1, 32), {"combo_kernels": True}),
     "combo_kernels_benchmarked": ({}, (1, 32), {"combo_kernels": True, "benchmark_combo_kernel": True}),
     "no_gn_head": ({"head_norm": "none"}, (1, 32), {}),  # the ODTK head
-    # a BatchNorm per level, folded into per-level copies of the head's convolutions (model.head_norm=bn)
-    "bn_head": ({"head_norm": "bn"}, (1, 32), {}),
+    # the GroupNorm head (the default until the seventeenth session; the default now: a BatchNorm per
+    # level, folded into per-level copies of the head's convolutions)
+    "gn_head": ({"head_norm": "gn"}, (1, 32), {}),
     "no_gn_head_unfused": ({"head_norm": "none"}, (1, 32), {"args": ["--no-fuse-epilogues"]}),
     "no_gn_head_split": ({"head_norm": "none"}, (1, 32), {"split_head": True}),
 }
