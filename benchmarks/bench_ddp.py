@@ -157,7 +157,9 @@ class SyncCounter:
 
 
 def profile_summary(prof: Any, wall_s: float, steps: int) -> dict[str, Any]:
-    """Per step: wall ms, GPU busy ms (kernels and copies), kernel launches; the top host ops by self time."""
+    """Per step: wall ms, GPU busy ms (kernels and copies), kernel launches; the top host ops by self time;
+    the GPU time per kernel class and of the top kernels."""
+    from common import gpu_kernels
     from torch.autograd import DeviceType
 
     rows = prof.key_averages()
@@ -178,6 +180,8 @@ def profile_summary(prof: Any, wall_s: float, steps: int) -> dict[str, Any]:
         "gpu_busy_fraction": round(busy_us / 1e6 / wall_s, 3) if wall_s > 0 else None,
         "kernel_launches_per_step": round(launches / steps, 1),
         "top_host_ops_ms_per_step": {r.key[:60]: round(r.self_cpu_time_total / 1e3 / steps, 2) for r in top},
+        # which kernels take the GPU's time (per step): compiled for symbolic or static shapes, which lose?
+        "gpu_kernels_per_step": gpu_kernels(prof, steps, top=15),
     }
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import emit, time_ms
+from common import emit, gpu_kernels, time_ms
 
 from retinaflow.config import Config
 from retinaflow.engine.checkpoint import save_checkpoint
@@ -75,13 +75,6 @@ def measure(run, iters: int) -> dict[str, float]:
     return measure_batches(run, [1, 32], iters)
 
 
-KERNEL_CLASSES = (  # (class, substrings of kernel names), first match wins
-    ("triton", ("triton",)),  # inductor's fused kernels (bias, ReLU, adds, group norm, pre-processing)
-    ("retinaflow ops", ("retinaflow", "decode", "nms", "score", "topk", "select")),
-    ("convolutions", ("conv", "xmma", "cudnn", "implicit", "gemm", "sm90", "cutlass", "nhwc", "nchw")),
-)
-
-
 def kernel_classes(run, batch: int, calls: int = 3) -> dict[str, Any]:
     """GPU milliseconds per call of ``run`` at ``batch``, per kernel class and for the top 20 kernels."""
     from torch.profiler import ProfilerActivity, profile
@@ -92,21 +85,7 @@ def kernel_classes(run, batch: int, calls: int = 3) -> dict[str, Any]:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             run(images, sizes).counts.cpu()
-    per_kernel: dict[str, float] = {}
-    for event in prof.key_averages():
-        if event.device_time_total > 0 and event.device_type.name == "CUDA":
-            per_kernel[event.key] = per_kernel.get(event.key, 0.0) + event.device_time_total / 1e3 / calls
-    classes: dict[str, float] = {}
-    for name, ms in per_kernel.items():
-        low = name.lower()
-        cls = next((c for c, keys in KERNEL_CLASSES if any(k in low for k in keys)), "other")
-        classes[cls] = round(classes.get(cls, 0.0) + ms, 3)
-    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:20]
-    return {
-        "gpu_ms_per_call": round(sum(per_kernel.values()), 3),
-        "classes_ms": classes,
-        "top_ms": {k[:90]: round(v, 3) for k, v in top},
-    }
+    return gpu_kernels(prof, calls)
 
 
 def main() -> None:

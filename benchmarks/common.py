@@ -57,6 +57,34 @@ def time_ms(fn: Callable[[], Any], warmup: int, iters: int) -> float:
     return statistics.median(samples)
 
 
+KERNEL_CLASSES = (  # (class, substrings of kernel names), first match wins
+    ("triton", ("triton",)),  # inductor's fused kernels (bias, ReLU, adds, norms, pre-processing)
+    ("nccl", ("nccl",)),
+    ("retinaflow ops", ("retinaflow", "decode", "nms", "score", "topk", "select", "rf::")),
+    ("convolutions", ("conv", "xmma", "cudnn", "implicit", "gemm", "sm90", "cutlass", "nhwc", "nchw")),
+)
+
+
+def gpu_kernels(prof: Any, calls: int, top: int = 20) -> dict[str, Any]:
+    """GPU milliseconds per call (or step) of a ``torch.profiler`` run over ``calls`` calls: in all, per
+    kernel class (:data:`KERNEL_CLASSES`, else "other") and for the ``top`` kernels."""
+    per_kernel: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.device_time_total > 0 and event.device_type.name == "CUDA":
+            per_kernel[event.key] = per_kernel.get(event.key, 0.0) + event.device_time_total / 1e3 / calls
+    classes: dict[str, float] = {}
+    for name, ms in per_kernel.items():
+        low = name.lower()
+        cls = next((c for c, keys in KERNEL_CLASSES if any(k in low for k in keys)), "other")
+        classes[cls] = round(classes.get(cls, 0.0) + ms, 3)
+    ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "gpu_ms_per_call": round(sum(per_kernel.values()), 3),
+        "classes_ms": classes,
+        "top_ms": {k[:90]: round(v, 3) for k, v in ranked},
+    }
+
+
 def emit(name: str, results: dict[str, Any]) -> None:
     print(json.dumps({"benchmark": name, **environment(), **results}, indent=2))
 
