@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from retinaflow.errors import ConfigError
-from retinaflow.model.norm import HEAD_NORMS, group_norm
+from retinaflow.model.norm import HEAD_NORMS, batchnorm_affine, group_norm
 
 
 class LevelBatchNorm(nn.Module):
@@ -149,11 +149,8 @@ def _folded_subnet(subnet: nn.Sequential, level: int) -> nn.Sequential:
             conv = layers[-1]
             assert isinstance(conv, nn.Conv2d)
             bn = layer.levels[level]
-            assert (
-                isinstance(bn, nn.BatchNorm2d) and bn.running_var is not None and bn.running_mean is not None
-            )
-            scale = bn.weight.double() * (bn.running_var.double() + bn.eps).rsqrt()
-            shift = bn.bias.double() - bn.running_mean.double() * scale
+            assert isinstance(bn, nn.BatchNorm2d)
+            scale, shift = batchnorm_affine(bn)
             bias = shift if conv.bias is None else conv.bias.double() * scale + shift
             folded = nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1).to(conv.weight)
             assert folded.bias is not None
