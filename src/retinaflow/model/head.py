@@ -10,13 +10,14 @@ every call.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 from torch import nn
 
 from retinaflow.errors import ConfigError
-from retinaflow.model.norm import HEAD_NORMS, batchnorm_affine, group_norm
+from retinaflow.model.norm import HEAD_NORMS, fold_batchnorm, group_norm
 
 
 class LevelBatchNorm(nn.Module):
@@ -140,28 +141,14 @@ class UnsharedHead(nn.Module):
         return cls, box
 
 
-@torch.no_grad()
 def _folded_subnet(subnet: nn.Sequential, level: int) -> nn.Sequential:
-    """``subnet`` for pyramid level ``level`` with its BatchNorms folded into copies of its convolutions."""
-    layers: list[nn.Module] = []
-    for layer in subnet:
-        if isinstance(layer, LevelBatchNorm):
-            conv = layers[-1]
-            assert isinstance(conv, nn.Conv2d)
-            bn = layer.levels[level]
-            assert isinstance(bn, nn.BatchNorm2d)
-            scale, shift = batchnorm_affine(bn)
-            bias = shift if conv.bias is None else conv.bias.double() * scale + shift
-            folded = nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1).to(conv.weight)
-            assert folded.bias is not None
-            folded.weight.copy_(conv.weight.double() * scale.view(-1, 1, 1, 1))
-            folded.bias.copy_(bias)
-            layers[-1] = folded
-        elif isinstance(layer, nn.Conv2d):
-            layers.append(layer)
-        else:
-            layers.append(nn.ReLU(inplace=True))
-    return nn.Sequential(*layers)
+    """A copy of ``subnet`` for pyramid level ``level``, its BatchNorms folded into its convolutions
+    (:func:`~retinaflow.model.norm.fold_batchnorm`)."""
+    tower = nn.Sequential(
+        *(copy.deepcopy(m.levels[level] if isinstance(m, LevelBatchNorm) else m) for m in subnet)
+    ).eval()
+    fold_batchnorm(tower)
+    return nn.Sequential(*(m for m in tower if not isinstance(m, nn.Identity)))
 
 
 def unshare_level_norms(head: RetinaNetHead | UnsharedHead) -> RetinaNetHead | UnsharedHead:

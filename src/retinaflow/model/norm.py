@@ -165,7 +165,7 @@ class FrozenBatchNorm2d(misc.FrozenBatchNorm2d):
         return scale.to(dtype).view(1, -1, 1, 1), shift.to(dtype).view(1, -1, 1, 1)
 
 
-def batchnorm_affine(bn: misc.FrozenBatchNorm2d | nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+def _scale_shift(bn: misc.FrozenBatchNorm2d | nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 (scale, shift) of a frozen or eval-mode BatchNorm2d: ``bn(x) = x * scale + shift``."""
     mean, var = bn.running_mean, bn.running_var
     assert isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor)
@@ -201,7 +201,7 @@ def fold_batchnorm(module: nn.Module) -> int:
                 continue
             assert isinstance(conv, nn.Conv2d)
             assert isinstance(bn, (misc.FrozenBatchNorm2d, nn.BatchNorm2d))
-            scale, shift = batchnorm_affine(bn)
+            scale, shift = _scale_shift(bn)
             weight = conv.weight.double() * scale.view(-1, 1, 1, 1)
             bias = shift if conv.bias is None else conv.bias.double() * scale + shift
             conv.weight.copy_(weight.to(conv.weight.dtype))
