@@ -42,6 +42,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], tuple[int, int], dict[str, Any]]] = {
     "unfused": ({}, (1, 32), {"args": ["--no-fuse-epilogues"]}),  # the default until the eighth session
     "example_batch2": ({}, (1, 32), {"example_batch": 2}),  # what export used until the sixth session
     "split_head": ({}, (1, 32), {"split_head": True}),  # subnets apart (the default until the ninth session)
+    "merge_first": ({}, (1, 32), {"merge_first": True}),  # first conv merged, later ones per subnet
     "static32": ({}, (32, 32), {}),
     "static1": ({}, (1, 1), {}),
     "channels_last_input": ({}, (1, 32), {"channels_last_input": True}),
@@ -68,9 +69,16 @@ if extra.pop("channels_last_input", False):
     normalize = RetinaNet.normalize
     RetinaNet.normalize = lambda self, x: normalize(self, x.contiguous(memory_format=torch.channels_last))
 extra.pop("args", None)  # CLI flags, passed by the driver
-if extra.pop("split_head", False):
+if extra.pop("split_head", False):  # (classes, not lambdas: export_pt2 checks isinstance(head, MergedHead))
     from retinaflow.export import aoti
-    aoti.MergedHead = lambda head: head
+    class Split(aoti.MergedHead):
+        def __new__(cls, head): return head
+    aoti.MergedHead = Split
+if extra.pop("merge_first", False):
+    from retinaflow.export import aoti
+    class MergeFirst(aoti.MergedHead):
+        def __init__(self, head): super().__init__(head, grouped=False)
+    aoti.MergedHead = MergeFirst
 example_batch = extra.pop("example_batch", None)
 if example_batch:
     from retinaflow.export import aoti
