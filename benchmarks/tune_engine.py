@@ -41,8 +41,9 @@ VARIANTS: dict[str, tuple[dict[str, Any], tuple[int, int], dict[str, Any]]] = {
     "base": ({}, (1, 32), {}),  # bench_engine's engine: the default export (epilogues in cuDNN)
     "unfused": ({}, (1, 32), {"args": ["--no-fuse-epilogues"]}),  # the default until the eighth session
     "example_batch2": ({}, (1, 32), {"example_batch": 2}),  # what export used until the sixth session
-    "split_head": ({}, (1, 32), {"split_head": True}),  # subnets apart (the default until the ninth session)
-    "merge_first": ({}, (1, 32), {"merge_first": True}),  # first conv merged, later ones per subnet
+    # subnets apart: the default until the ninth session, and again for heads without GroupNorm
+    "split_head": ({}, (1, 32), {"split_head": True}),
+    "stem3": ({}, (1, 32), {"stem3": True}),  # the export until the eighteenth session (3-channel stem)
     "static32": ({}, (32, 32), {}),
     "static1": ({}, (1, 1), {}),
     "channels_last_input": ({}, (1, 32), {"channels_last_input": True}),
@@ -74,11 +75,9 @@ if extra.pop("split_head", False):  # (classes, not lambdas: export_pt2 checks i
     class Split(aoti.MergedHead):
         def __new__(cls, head): return head
     aoti.MergedHead = Split
-if extra.pop("merge_first", False):
+if extra.pop("stem3", False):  # the stem reads the image's 3 channels (cuDNN pads them to 4 itself)
     from retinaflow.export import aoti
-    class MergeFirst(aoti.MergedHead):
-        def __init__(self, head): super().__init__(head, grouped=False)
-    aoti.MergedHead = MergeFirst
+    aoti.STEM_CHANNELS = 3
 example_batch = extra.pop("example_batch", None)
 if example_batch:
     from retinaflow.export import aoti

@@ -45,19 +45,17 @@ def test_bad_settings() -> None:
         RetinaNetHead(8, 9, 0)
 
 
-@pytest.mark.parametrize("grouped", [True, False])
 @pytest.mark.parametrize(("norm", "convs"), [("gn", 4), ("none", 4), ("gn", 1), ("none", 0)])
-def test_merged_head_gives_the_same_outputs(norm, convs, grouped):
+def test_merged_head_gives_the_same_outputs(norm, convs):
     torch.manual_seed(0)
     head = RetinaNetHead(64, 9, 5, convs, norm=norm).eval()
     with torch.no_grad():
         for p in head.parameters():  # not the init's zero biases / unit affine: every copied tensor matters
             p.normal_(std=0.1)
-    merged = MergedHead(head, grouped=grouped).eval()
+    merged = MergedHead(head).eval()
     assert len(merged.towers) == 1  # shared by the levels
-    convs_in_tower = sum(isinstance(m, torch.nn.Conv2d) for m in merged.towers[0].modules())
-    # one merged convolution per layer of the two subnets (grouped), or the first merged and the rest apart
-    assert convs_in_tower == (convs if grouped else max(0, 2 * convs - 1))
+    convs_in_tower = sum(isinstance(m, torch.nn.Conv2d) for m in merged.towers[0])
+    assert convs_in_tower == convs  # one merged convolution per layer of the two subnets
     features = [torch.randn(2, 64, s, s + 3) for s in (16, 8, 1)]
     with torch.no_grad():
         want, got = head(features), merged(features)
@@ -105,13 +103,12 @@ def test_unshared_head_folds_each_levels_batchnorm_into_its_convolutions():
     assert len(unshared.cls_towers) == 3 and len(unshared.cls_towers[0]) == 4  # (conv, relu) x 2
     for w, g in zip(want[0] + want[1], got[0] + got[1], strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
-    for grouped in (True, False):  # the CUDA engines' form: one merged tower per level
-        merged = MergedHead(unshared, grouped=grouped).eval()
-        assert len(merged.towers) == 3
-        with torch.no_grad():
-            got = merged(features)
-        for w, g in zip(want[0] + want[1], got[0] + got[1], strict=True):
-            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    merged = MergedHead(unshared).eval()  # the CUDA engines' form: one merged tower per level
+    assert len(merged.towers) == 3
+    with torch.no_grad():
+        got = merged(features)
+    for w, g in zip(want[0] + want[1], got[0] + got[1], strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
 def test_heads_without_level_norms_stay_shared():

@@ -13,7 +13,13 @@ from retinaflow.config import AnchorConfig, ModelConfig
 from retinaflow.errors import ConfigError, DataError
 from retinaflow.model.anchors import generate_anchors
 from retinaflow.model.head import UnsharedHead
-from retinaflow.model.retinanet import RetinaNet, build_model, flatten_outputs, fold_for_inference
+from retinaflow.model.retinanet import (
+    RetinaNet,
+    build_model,
+    flatten_outputs,
+    fold_for_inference,
+    pad_stem_input,
+)
 
 TINY = ModelConfig(backbone="resnet18", num_classes=3, fpn_channels=16, head_convs=1)
 STRIDES = (8, 16, 32, 64, 128)
@@ -80,6 +86,24 @@ def test_fold_for_inference_keeps_the_outputs(head_norm: str) -> None:
     assert isinstance(model.head, UnsharedHead) is (head_norm == "bn")
     for w, g in zip(want[0] + want[1], got[0] + got[1], strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v2"])
+def test_pad_stem_input_keeps_the_outputs(backbone: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(TINY, backbone=backbone)).eval()
+    images = _images(2, 128, 192)
+    with torch.no_grad():
+        want = model(images)
+        assert pad_stem_input(model, 3) is model and model.pad_channels == 0  # 3: left as it is
+        got = pad_stem_input(model, 4)(images)
+        assert model.normalize(images).shape[1] == 4 and not model.normalize(images)[:, 3].any()
+    stems = [m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels == 4]
+    assert len(stems) == 1 and not stems[0].weight[:, 3].any()
+    for w, g in zip(want[0] + want[1], got[0] + got[1], strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="one 3-channel convolution"):
+        pad_stem_input(model, 4)  # already padded
 
 
 def test_flatten_order_matches_anchor_layout() -> None:

@@ -2,8 +2,9 @@
 
 The package holds :class:`~retinaflow.export.detector.EndToEnd` (uint8 images + sizes in, fixed-size
 detections out) with batch norms folded and weights in the requested precision, compiled for one device
-(CPU: C++ via the host compiler; CUDA: Triton kernels, the head's two subnets as one grouped tower
-(:class:`~retinaflow.model.head.MergedHead`), and with ``fuse_epilogues`` channels_last weights and the
+(CPU: C++ via the host compiler; CUDA: Triton kernels, a GroupNorm head's two subnets as one grouped tower
+(:class:`~retinaflow.model.head.MergedHead`), the stem reading 4 channels (the fourth zero,
+:func:`~retinaflow.model.retinanet.pad_stem_input`), and with ``fuse_epilogues`` channels_last weights and the
 convolutions' bias + ReLU (+ residual) epilogues in cuDNN where that is faster on this GPU, :mod:`.fuse`)
 with ``torch._inductor.aoti_compile_and_package``.
 Decode and NMS stay calls of ``torch.ops.retinaflow.*``: whoever loads the package registers them first
@@ -27,9 +28,12 @@ from retinaflow.export.fuse import faster_on, fuse_conv_activations
 from retinaflow.export.metadata import engine_metadata, gpu_identity, sidecar
 from retinaflow.export.spec import EngineSpec, resolve
 from retinaflow.model.head import MergedHead
+from retinaflow.model.retinanet import pad_stem_input
 
 log = logging.getLogger(__name__)
 
+# input channels of a CUDA engine's stem convolution (model.retinanet.pad_stem_input)
+STEM_CHANNELS = 4
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -47,9 +51,13 @@ def export_pt2(
     model, config, state = load_model(checkpoint, dev)
     spec = resolve(output, cfg, config, "pt2")
     prepare_for_inference(model, DTYPES[spec.precision] if spec.precision != "fp32" else None)
-    if dev.type == "cuda":  # half the head's kernels: -0.1 ms at batch 1 on an H100, the same at batch 32
+    if dev.type == "cuda":
         assert not isinstance(model.head, MergedHead)  # a loaded model's head, folded
-        model.head = MergedHead(model.head)
+        if any(isinstance(m, torch.nn.GroupNorm) for m in model.head.modules()):
+            # half the GroupNorm kernels: -0.1 ms at batch 1 on an H100, the same at batch 32. Without
+            # norms (folded BatchNorms, ODTK's head) the grouped convs cost more than they save.
+            model.head = MergedHead(model.head)
+        pad_stem_input(model, STEM_CHANNELS)
     module = end_to_end_reference(model, config, spec)
     meta = {**engine_metadata(checkpoint, state, spec), "device": dev.type}
     if dev.type == "cuda":  # its kernels run on this architecture only (checked when it is loaded)

@@ -163,18 +163,17 @@ class MergedHead(nn.Module):
     """Inference form of a :class:`RetinaNetHead` or :class:`UnsharedHead`: both subnets as one tower of
     twice the channels (one tower per level for an UnsharedHead, whose levels have their own weights).
 
-    The first conv reads the shared input with both subnets' filters (C -> 2C). With ``grouped`` the later
-    ones are grouped convs (groups=2: each half reads its own subnet's channels), and a GroupNorm of 2G
-    groups over 2C channels is exactly the two subnets' G-group norms side by side; without it each subnet
-    runs its later layers on its half of the first conv's output. Fewer launches per pyramid level, same
-    outputs as the head it was built from (weights copied, not shared). Same forward.
+    The first conv reads the shared input with both subnets' filters (C -> 2C), the later ones are
+    grouped convs (groups=2: each half reads its own subnet's channels), and a GroupNorm of 2G groups over
+    2C channels is exactly the two subnets' G-group norms side by side. Half the launches per pyramid
+    level, same outputs as the head it was built from (weights copied, not shared). Same forward.
 
     CUDA ``.pt2`` engines use it (``export.aoti``): on an H100 (``benchmarks/tune_engine.py``, R50-FPN,
-    GroupNorm head, fp16) the grouped form took 0.1-0.15 ms of GPU time off a batch-1 call and left batch
-    32 as it was (docs/PERFORMANCE.md, ninth session).
+    GroupNorm head, fp16) it takes 0.1-0.15 ms of GPU time off a batch-1 call and leaves batch 32 as it
+    was (docs/PERFORMANCE.md, ninth session).
     """
 
-    def __init__(self, head: RetinaNetHead | UnsharedHead, grouped: bool = True) -> None:
+    def __init__(self, head: RetinaNetHead | UnsharedHead) -> None:
         super().__init__()
         if isinstance(head, RetinaNetHead) and head.norm == "bn":
             raise ValueError("merge the UnsharedHead of a per-level BatchNorm head (unshare_level_norms)")
@@ -184,51 +183,36 @@ class MergedHead(nn.Module):
             if isinstance(head, UnsharedHead)
             else [(head.cls_subnet, head.box_subnet)]
         )
-        self.towers = nn.ModuleList(_MergedTower(cls, box, grouped) for cls, box in pairs)
+        self.towers = nn.ModuleList(_merged_tower(cls, box) for cls, box in pairs)
+        merges_convs = any(isinstance(m, nn.Conv2d) for m in self.towers[0].modules())
+        self.split = head.cls_logits.in_channels if merges_convs else 0
         self.cls_logits, self.box_pred = head.cls_logits, head.box_pred
 
     def forward(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         cls, box = [], []
         for level, f in enumerate(features):
-            c, b = self.towers[level if len(self.towers) > 1 else 0](f)
+            t = self.towers[level if len(self.towers) > 1 else 0](f)
+            c, b = (t[:, : self.split], t[:, self.split :]) if self.split else (t, t)
             cls.append(self.cls_logits(c))
             box.append(self.box_pred(b))
         return cls, box
 
 
-class _MergedTower(nn.Module):
-    """The two subnets' towers of one :class:`MergedHead`: ``(N, C, H, W)`` -> the cls and box subnets'
-    features, each ``(N, C, H, W)``. ``first``: the first layer of both (conv C -> 2C, its norm and ReLU);
-    ``rest``: the later layers, grouped (``grouped``) or one Sequential per subnet (``cls_rest``,
-    ``box_rest``)."""
-
-    def __init__(self, cls_subnet: nn.Module, box_subnet: nn.Module, grouped: bool) -> None:
-        super().__init__()
-        pairs = list(zip(cls_subnet.children(), box_subnet.children(), strict=True))
-        convs = [i for i, (layer, _) in enumerate(pairs) if isinstance(layer, nn.Conv2d)]
-        second = convs[1] if len(convs) > 1 else len(pairs)
-        self.split = cls_subnet[convs[0]].out_channels if convs else 0
-        self.first = nn.Sequential(*(_merged_layer(a, b, groups=1) for a, b in pairs[:second]))
-        self.rest = nn.Sequential(*(_merged_layer(a, b, groups=2) for a, b in pairs[second:] if grouped))
-        self.cls_rest = nn.Sequential(*(copy.deepcopy(a) for a, _ in pairs[second:] if not grouped))
-        self.box_rest = nn.Sequential(*(copy.deepcopy(b) for _, b in pairs[second:] if not grouped))
-
-    def forward(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.split:  # no convolutions: both subnets are the identity (or ReLUs)
-            return self.cls_rest(f), self.box_rest(f)
-        t = self.rest(self.first(f))
-        return self.cls_rest(t[:, : self.split]), self.box_rest(t[:, self.split :])
-
-
-def _merged_layer(a: nn.Module, b: nn.Module, groups: int) -> nn.Module:
-    """Layer ``a`` of the cls subnet and the same layer ``b`` of the box subnet as one layer."""
-    if isinstance(a, nn.Conv2d):
-        assert isinstance(b, nn.Conv2d)
-        return _merged_conv(a, b, groups)
-    if isinstance(a, nn.GroupNorm):
-        assert isinstance(b, nn.GroupNorm)
-        return _merged_norm(a, b)
-    return nn.ReLU(inplace=True)
+def _merged_tower(cls_subnet: nn.Module, box_subnet: nn.Module) -> nn.Sequential:
+    """The two subnets' layers side by side as one Sequential (see :class:`MergedHead`)."""
+    layers: list[nn.Module] = []
+    first = True
+    for cls_layer, box_layer in zip(cls_subnet.children(), box_subnet.children(), strict=True):
+        if isinstance(cls_layer, nn.Conv2d):
+            assert isinstance(box_layer, nn.Conv2d)
+            layers.append(_merged_conv(cls_layer, box_layer, groups=1 if first else 2))
+            first = False
+        elif isinstance(cls_layer, nn.GroupNorm):
+            assert isinstance(box_layer, nn.GroupNorm)
+            layers.append(_merged_norm(cls_layer, box_layer))
+        else:
+            layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
 
 
 @torch.no_grad()

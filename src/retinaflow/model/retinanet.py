@@ -74,6 +74,7 @@ class RetinaNet(nn.Module):
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         self.register_buffer("pixel_scale", 1.0 / std, persistent=False)
         self.register_buffer("pixel_shift", -mean / std, persistent=False)
+        self.pad_channels = 0  # zero channels normalize appends (pad_stem_input)
 
     @property
     def num_classes(self) -> int:
@@ -88,11 +89,13 @@ class RetinaNet(nn.Module):
         return tuple(self.anchor_config.strides)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) uint8/float 0..255 RGB -> float ImageNet-normalised, memory format preserved."""
+        """(B, 3, H, W) uint8/float 0..255 RGB -> float ImageNet-normalised (B, 3 + pad_channels, H, W),
+        the padding channels zero; memory format preserved."""
         if not torch.jit.is_tracing() and (images.dim() != 4 or images.shape[1] != 3):
             raise DataError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
         x = images.to(self.pixel_scale.dtype) if not images.is_floating_point() else images
-        return x * self.pixel_scale + self.pixel_shift
+        x = x * self.pixel_scale + self.pixel_shift
+        return nn.functional.pad(x, (0, 0, 0, 0, 0, self.pad_channels)) if self.pad_channels else x
 
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         features = self.fpn(self.backbone(self.normalize(images)))
@@ -108,6 +111,26 @@ def fold_for_inference(model: RetinaNet) -> RetinaNet:
     fold_batchnorm(model)
     if not isinstance(model.head, MergedHead):
         model.head = unshare_level_norms(model.head)
+    return model
+
+
+@torch.no_grad()
+def pad_stem_input(model: RetinaNet, channels: int) -> RetinaNet:
+    """In place, for inference: the backbone's first convolution (the one that reads the image) takes
+    ``channels`` input channels, the image's 3 then zeros that ``normalize`` appends, its weights for them
+    zero: the same outputs. cuDNN's fast NHWC fp16 kernels for a 7x7 stem read 4 channels and pad a
+    3-channel input in a kernel of its own (``nhwcAddPaddingKernel``); padded in ``normalize``, the zeros
+    are written by the pre-processing kernel. ``channels`` 3 leaves the model as it is. Returns ``model``."""
+    if channels == 3:
+        return model
+    stems = [m for m in model.backbone.modules() if isinstance(m, nn.Conv2d) and m.in_channels == 3]
+    if len(stems) != 1 or channels < 3 or model.pad_channels:
+        raise ValueError(f"pad_stem_input needs one 3-channel convolution in the backbone, has {len(stems)}")
+    stem = stems[0]
+    w = stem.weight
+    zeros = w.new_zeros(w.shape[0], channels - 3, *w.shape[2:])
+    stem.weight = nn.Parameter(torch.cat([w, zeros], 1), requires_grad=False)
+    stem.in_channels, model.pad_channels = channels, channels - 3
     return model
 
 
