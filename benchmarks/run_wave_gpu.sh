@@ -41,7 +41,8 @@
 #                                             ~7 min); `warm`, on the same machine next, starts from them as a pod
 #                                             with --compile-cache does and times iterations 1-1,000 (~6 min);
 #                                             `graphs` adds --cuda-graph (its own caches: cold again); a
-#                                             fourth argument, fixed or coco, runs that data set alone
+#                                             fourth argument, fixed or coco, runs that data set alone;
+#                                             C1000_GPUS=1 on a one-GPU machine
 #   bash benchmarks/run_wave_gpu.sh compileprof  after `compile1000 cold`: why the compiled step with symbolic shapes
 #                                             (COCO's sizes) is slower than on one static shape (160 against 214
 #                                             img/s): 1 GPU, 200 iterations each, 10 profiled (GPU busy ms and
@@ -88,7 +89,7 @@ data() {
 c1000() {
   local iters=1000 limit=400
   [ "$2" = cold ] && iters=30 limit=560
-  tp "$limit" --gpus 1,2 --compile-only "${@:3}" $(data "$1") --work "/tmp/c1000_$1" --tp-iters "$iters" \
+  tp "$limit" --gpus "${C1000_GPUS:-1,2}" --compile-only "${@:3}" $(data "$1") --work "/tmp/c1000_$1" --tp-iters "$iters" \
     --tp-warmup 0 --out-dir "$OUT/c1000_$1_$2${3:+_graphs}" 2>&1 | figures | sed "s/^/[$1 $2] /"
 }
 case "${1:-tests}" in
