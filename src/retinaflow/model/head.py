@@ -168,9 +168,11 @@ class MergedHead(nn.Module):
     2C channels is exactly the two subnets' G-group norms side by side. Half the launches per pyramid
     level, same outputs as the head it was built from (weights copied, not shared). Same forward.
 
-    CUDA ``.pt2`` engines use it (``export.aoti``): on an H100 (``benchmarks/tune_engine.py``, R50-FPN,
-    GroupNorm head, fp16) it takes 0.1-0.15 ms of GPU time off a batch-1 call and leaves batch 32 as it
-    was (docs/PERFORMANCE.md, ninth session).
+    CUDA ``.pt2`` engines of GroupNorm heads use it (``export.aoti``): on an H100
+    (``benchmarks/tune_engine.py``, R50-FPN, fp16) it takes 0.1-0.15 ms of GPU time off a batch-1 call (half
+    the GroupNorm kernels) and leaves batch 32 as it was (docs/PERFORMANCE.md, ninth session). Without
+    norms (a folded per-level BatchNorm head) the grouped convs cost more than the launches they save:
+    2.262 against 2.115 GPU ms per batch-1 call with the subnets apart (eighteenth session).
     """
 
     def __init__(self, head: RetinaNetHead | UnsharedHead) -> None:
