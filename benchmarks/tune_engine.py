@@ -99,8 +99,11 @@ import json, os, sys, torch
 from bench_engine import measure_batches
 from retinaflow.export.engines import open_engine
 path, lo, hi, iters, profile = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-torch.backends.cudnn.benchmark = True
-# cuDNN's autotuner tries the heuristics' first N algorithms per shape (torch's default 10; 0: all of them)
+# CUDNN_BENCHMARK=0: cuDNN's heuristics pick each convolution's algorithm (the same in every process) instead
+# of the autotuner, which times each once per process: batch-1 readings of one engine fall in two groups
+# ~0.1 ms apart across processes (docs/PERFORMANCE.md, eighteenth session)
+torch.backends.cudnn.benchmark = os.environ.get("CUDNN_BENCHMARK", "1") == "1"
+# the autotuner tries the heuristics' first N algorithms per shape (torch's default 10; 0: all of them)
 torch.backends.cudnn.benchmark_limit = int(os.environ.get("CUDNN_BENCHMARK_LIMIT", "10"))
 batches = [b for b in (1, 32) if lo <= b <= hi]
 out = {"pt2": measure_batches(open_engine(path, "cuda"), batches, iters)}
