@@ -53,6 +53,8 @@
 #   bash benchmarks/run_wave_gpu.sh bnhead    issues 15/13: the default per-level BatchNorm head against the GroupNorm head:
 #                                             .pt2 engines (batch 1 profiled), the CUDA .pt2 test, then fixed-shape
 #                                             training eager and compiled (~11 min)
+#   bash benchmarks/run_wave_gpu.sh b1spread  issue 15: the batch-1 engine's spread over fresh processes, cuDNN autotuned
+#                                             against its heuristics (CUDNN_BENCHMARK=0), one export (~5 min)
 #   bash benchmarks/run_wave_gpu.sh engines   every `gpu` test (kernels, engines, C++ runner, NCCL faults), probe_pt2, bench_engine
 #   bash benchmarks/run_wave_gpu.sh accuracy  bench_accuracy (retinaflow recipes vs torchvision) + INT8 on a result
 #   bash benchmarks/run_wave_gpu.sh scratch   R50-FPN from random init at the issue's scale: default norms vs ODTK's
@@ -208,6 +210,14 @@ case "${1:-tests}" in
     python -m pytest -q -p no:cacheprovider -m gpu tests/export/test_aoti.py -k cuda_fp16 2>&1 | tail -2
     timeout 300 python benchmarks/bench_train.py --batch 8 --iters 20 --warmup 5 --compile --head-norms gn 2>&1 \
       | tee "$OUT/bnhead_train.log" | tail -3 ;;
+  b1spread)  # issue 15: one export, batch 1 in 4 fresh processes autotuning cuDNN, then 4 on its heuristics
+    timeout 300 python benchmarks/tune_engine.py --variants base --profile none --repeat 4 --no-peer \
+      --out /tmp/b1spread 2>&1 | tee "$OUT/b1spread_autotuned.jsonl" | cut -c1-400
+    for k in 0 1 2 3; do
+      (cd benchmarks && CUDNN_BENCHMARK=0 timeout 100 python -c "import json; from pathlib import Path
+from tune_engine import measure
+print(json.dumps({'cudnn_benchmark': 0, 'run': $k, **measure('base', Path('/tmp/b1spread'), 50, False, 10 + $k)}))")
+    done 2>&1 | tee "$OUT/b1spread_heuristics.jsonl" | cut -c1-400 ;;
   engines)
     python -m pytest -q -p no:cacheprovider -m gpu -rs --durations=15 tests/ops tests/model tests/engine tests/data \
       tests/export tests/deploy tests/kernels tests/kubeflow/steps 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
