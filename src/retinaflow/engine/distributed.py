@@ -184,15 +184,16 @@ class GradientAverage:
             views = [_in_memory_order(p.grad) for p in params if p.grad is not None]
             if not views:
                 continue
-            flat = torch.cat(views)
-            flat.div_(self.world)
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            torch._foreach_copy_(views, flat.split([v.numel() for v in views]))
+            self._average(views)
         if self.statistics:
-            flat = torch.cat(self.statistics)
-            flat.div_(self.world)
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            torch._foreach_copy_(self.statistics, flat.split([v.numel() for v in self.statistics]))
+            self._average(self.statistics)
+
+    def _average(self, views: list[torch.Tensor]) -> None:
+        """In place, ``views`` (1-D, one dtype and device) averaged over the ranks in one all-reduce."""
+        flat = torch.cat(views)
+        flat.div_(self.world)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        torch._foreach_copy_(views, flat.split([v.numel() for v in views]))
 
     def _buckets(self, tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         """``tensors`` in order, grouped by dtype and device, cut once a group holds ``bucket_bytes``."""
@@ -209,16 +210,24 @@ class GradientAverage:
         return done + [bucket for bucket, _ in open_.values()]
 
 
+def tracked_batchnorms(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers whose running statistics training updates (``model.norm`` bn or sync_bn,
+    ``model.head_norm=bn``)."""
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+
+
 def per_rank_statistics(model: torch.nn.Module) -> list[torch.Tensor]:
     """The running means and variances (float32, 1-D) of ``model``'s BatchNorm layers that each rank
     updates from its own batch: plain ``BatchNorm*d`` tracking statistics, not SyncBatchNorm (whose
     statistics are the global batch's on every rank)."""
     return [
         stat
-        for m in model.modules()
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-        and not isinstance(m, torch.nn.SyncBatchNorm)
-        and m.track_running_stats
+        for m in tracked_batchnorms(model)
+        if not isinstance(m, torch.nn.SyncBatchNorm)
         for stat in (m.running_mean, m.running_var)
         if stat is not None
     ]

@@ -31,18 +31,11 @@ COMPILED_DDP_SPLIT: Any = True  # a bool or one of dynamo's mode names
 COMPILED_DDP_BUCKET_MB = 100
 
 
-def _tracked_batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    """The BatchNorm layers whose running statistics training updates (``model.norm`` bn or sync_bn)."""
-    return [
-        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    ]
-
-
 def updates_running_stats(model: nn.Module) -> bool:
     """Whether training changes any buffer of ``model``: BatchNorm's running statistics. Only then must
     DDP broadcast rank 0's buffers before every forward; frozen BN's statistics and GroupNorm have
     nothing to keep in step, and the broadcast would be one collective per step."""
-    return bool(_tracked_batchnorms(model))
+    return bool(D.tracked_batchnorms(model))
 
 
 def grad_sync_of(model: nn.Module, train: TrainConfig, info: D.DistInfo) -> tuple[str, str]:

@@ -123,8 +123,10 @@ def pad_stem_input(model: RetinaNet, channels: int) -> RetinaNet:
     are written by the pre-processing kernel. ``channels`` 3 leaves the model as it is. Returns ``model``."""
     if channels == 3:
         return model
+    if channels < 3:
+        raise ValueError(f"pad_stem_input pads the stem's 3 input channels to more, not to {channels}")
     stems = [m for m in model.backbone.modules() if isinstance(m, nn.Conv2d) and m.in_channels == 3]
-    if len(stems) != 1 or channels < 3 or model.pad_channels:
+    if len(stems) != 1 or model.pad_channels:
         raise ValueError(f"pad_stem_input needs one 3-channel convolution in the backbone, has {len(stems)}")
     stem = stems[0]
     w = stem.weight
