@@ -35,13 +35,13 @@
 #                                             shapes), 1 and 2 GPUs (~9 min; the 1-GPU run's log kept)
 #   bash benchmarks/run_wave_gpu.sh scaling2  issue 14 over 170-iteration windows: eager 1/2 GPUs twice (real-shaped JPEGs),
 #                                             then compiled and replayed from CUDA graphs (one shape), 1/2 GPUs (~8 min)
-#   bash benchmarks/run_wave_gpu.sh compile1000 cold|warm [graphs]   issue 13's --compile figure in the eager
+#   bash benchmarks/run_wave_gpu.sh compile1000 cold|warm [graphs] [fixed|coco]   issue 13's --compile figure in the eager
 #                                             one's form, one shape (fixed) and COCO's sizes (coco), 1 and 2 GPUs.
 #                                             `cold` fills inductor's caches (30 iterations, both data sets at once,
 #                                             ~7 min); `warm`, on the same machine next, starts from them as a pod
 #                                             with --compile-cache does and times iterations 1-1,000 (~6 min);
-#                                             `graphs` adds --cuda-graph (its own caches: cold again); a
-#                                             fourth argument, fixed or coco, runs that data set alone;
+#                                             `graphs` adds --cuda-graph (its own caches: cold again);
+#                                             fixed or coco runs that data set alone;
 #                                             C1000_GPUS=1 on a one-GPU machine
 #   bash benchmarks/run_wave_gpu.sh compileprof  after `compile1000 cold`: why the compiled step with symbolic shapes
 #                                             (COCO's sizes) is slower than on one static shape (160 against 214
@@ -181,8 +181,10 @@ case "${1:-tests}" in
     tp 300 --gpus 1,2 --compile-only --cudagraphs --sizes fixed --images 400 --data-dir /tmp/ddp_fixed \
       --out-dir "$OUT/cg2" 2>&1 | figures ;;
   compile1000)  # cold: fill the compile caches (fixed and coco at once); warm: iterations 1-1,000 from them
-    pass=${2:?cold or warm}; graphs=(); [ "${3:-}" = graphs ] && graphs=(--cudagraphs)
-    sets=(fixed coco); [ -n "${4:-}" ] && sets=("$4")  # `compile1000 warm graphs coco`: one data set
+    pass=${2:?cold or warm}; graphs=(); sets=(fixed coco)
+    for opt in "${@:3}"; do  # `compile1000 warm coco`, `compile1000 warm graphs coco`: one data set
+      case $opt in graphs) graphs=(--cudagraphs) ;; fixed|coco) sets=("$opt") ;; *) echo "unknown: $opt"; exit 2 ;; esac
+    done
     for d in "${sets[@]}"; do
       if [ "$pass" = cold ]; then c1000 "$d" cold "${graphs[@]}" & else c1000 "$d" warm "${graphs[@]}"; fi
     done
