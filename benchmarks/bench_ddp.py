@@ -265,6 +265,7 @@ def worker(args: argparse.Namespace) -> None:
             result["img_s"] = round(steps * cfg.train.batch / (log.times[end] - log.times[first]), 1)
             result["window"] = [log.iterations[first] + 1, log.iterations[end]]
             result["img_s_log_steps"] = _spread(log, first, end, cfg.train.batch)
+            result["slowest_log_steps"] = _slowest(log, first, end)
         result["losses"] = log.losses
         result["val_map"] = log.val_map
         if profiler is not None:
@@ -283,6 +284,13 @@ def _spread(log: _StepLog, first: int, end: int, batch: int) -> list[float]:
         for i in range(first, end)
     )
     return [round(rates[0], 1), round(rates[len(rates) // 2], 1), round(rates[-1], 1)]
+
+
+def _slowest(log: _StepLog, first: int, end: int, count: int = 5) -> list[list[float]]:
+    """The ``count`` longest stretches between log steps of the window, as [last iteration, seconds]:
+    where a run lost its time (a recompile, a new shape's first step, a loader stall)."""
+    spans = [[log.iterations[i + 1], round(log.times[i + 1] - log.times[i], 2)] for i in range(first, end)]
+    return sorted(spans, key=lambda span: -span[1])[:count]
 
 
 def _force_ddp() -> None:

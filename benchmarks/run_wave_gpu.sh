@@ -76,7 +76,7 @@ if [ -n "$left" ]; then echo "killing processes left on the GPUs: $left"; kill -
 # killed after LIMIT seconds (0: no limit); figures: the lines of its JSON worth reading in the call's output
 tp() { local limit=$1; shift; timeout "$limit" python benchmarks/bench_ddp.py --loaders dali --skip-equivalence "$@"; }
 figures() {
-  grep -E -e '"(img_s|img_s_log_steps|window|loader_img_s_rank|scaling_.|efficiency_.|wall_s|error|.x1gpu_.*)"|rror' \
+  grep -E -e '"(img_s|img_s_log_steps|slowest_log_steps|window|loader_img_s_rank|scaling_.|efficiency_.|wall_s|error|.x1gpu_.*)"|rror' \
     -e '"(wall_ms_per_step|gpu_busy_ms_per_step|gpu_busy_fraction|kernel_launches_per_step)"'  # with --profile
 }
 # data fixed|coco: bench_ddp's arguments for 1333x800 JPEGs (one shape) or COCO's sizes at the default jitter
@@ -93,6 +93,7 @@ c1000() {
   [ "$2" = cold ] && iters=30 limit=560
   tp "$limit" --gpus "${C1000_GPUS:-1,2}" --compile-only "${@:3}" $(data "$1") --work "/tmp/c1000_$1" --tp-iters "$iters" \
     --tp-warmup 0 --out-dir "$OUT/c1000_$1_$2${3:+_graphs}" 2>&1 | figures | sed "s/^/[$1 $2] /"
+  cp /tmp/c1000_"$1"/tp_*.log "$OUT/c1000_$1_$2${3:+_graphs}/" 2>/dev/null  # the launches' logs (recompiles)
 }
 case "${1:-tests}" in
   tests)
