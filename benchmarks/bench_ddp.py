@@ -198,6 +198,7 @@ def _config(args: argparse.Namespace, world: int) -> Config:
     t.log_every = 10 if args.task == "throughput" else 1
     t.compile = "inductor" if args.compile else ""
     t.cuda_graph = args.compile and args.cudagraphs  # train.cuda_graph: the compiled step from CUDA graphs
+    t.compile_shapes = args.compile_shapes  # one symbolic graph, or one static graph per bucket
     if args.task == "throughput":
         cfg.model.num_classes = 6
         # The network bench_train.py measures (frozen BN backbone, default head). Left at "auto", random
@@ -501,6 +502,7 @@ def driver(args: argparse.Namespace) -> None:
         "jitter": args.jitter,
         "cudnn_benchmark": args.cudnn,
         "cudagraphs": args.cudagraphs,
+        "compile_shapes": args.compile_shapes,
     }
     counts = sorted({int(g) for g in str(args.gpus).split(",")} | {1})
     n = counts[-1]
@@ -510,6 +512,7 @@ def driver(args: argparse.Namespace) -> None:
         "jitter": args.jitter,
         "cudnn": args.cudnn,
         "cudagraphs": args.cudagraphs,
+        "compile_shapes": args.compile_shapes,
     }
     modes = (
         []
@@ -664,6 +667,12 @@ def main() -> None:
         action="store_true",
         help="compiled runs replay the network's forward and backward from CUDA graphs (train.cuda_graph)",
     )
+    d.add_argument(
+        "--compile-shapes",
+        choices=["dynamic", "static"],
+        default="dynamic",
+        help="compiled, several padded shapes: one symbolic graph or one per bucket (train.compile_shapes)",
+    )
     d.add_argument("--loaders", default="torch", help="comma-separated loaders to measure throughput with")
     d.add_argument("--skip-equivalence", action="store_true")
     d.add_argument("--skip-throughput", action="store_true")
@@ -714,6 +723,7 @@ def main() -> None:
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--compile", action="store_true")
     w.add_argument("--cudagraphs", action="store_true")
+    w.add_argument("--compile-shapes", default="dynamic")
     w.add_argument("--loader", default="torch", choices=["torch", "dali"])
     w.add_argument("--profile", action="store_true")
     w.add_argument("--jitter", default="800,800")

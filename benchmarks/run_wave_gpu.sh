@@ -35,12 +35,14 @@
 #                                             shapes), 1 and 2 GPUs (~9 min; the 1-GPU run's log kept)
 #   bash benchmarks/run_wave_gpu.sh scaling2  issue 14 over 170-iteration windows: eager 1/2 GPUs twice (real-shaped JPEGs),
 #                                             then compiled and replayed from CUDA graphs (one shape), 1/2 GPUs (~8 min)
-#   bash benchmarks/run_wave_gpu.sh compile1000 cold|warm [graphs] [fixed|coco]   issue 13's --compile figure in the eager
+#   bash benchmarks/run_wave_gpu.sh compile1000 cold|warm [graphs] [static] [fixed|coco]   issue 13's --compile figure in the eager
 #                                             one's form, one shape (fixed) and COCO's sizes (coco), 1 and 2 GPUs.
 #                                             `cold` fills inductor's caches (30 iterations, both data sets at once,
 #                                             ~7 min); `warm`, on the same machine next, starts from them as a pod
 #                                             with --compile-cache does and times iterations 1-1,000 (~6 min);
 #                                             `graphs` adds --cuda-graph (its own caches: cold again);
+#                                             `static` compiles each bucket (train.compile_shapes=static; its cold
+#                                             pass runs 120 iterations, ~12 compiles: run it twice if cut off);
 #                                             fixed or coco runs that data set alone;
 #                                             C1000_GPUS=1 on a one-GPU machine
 #   bash benchmarks/run_wave_gpu.sh compileprof  after `compile1000 cold`: why the compiled step with symbolic shapes
@@ -86,14 +88,19 @@ data() {
     coco) echo --sizes coco --jitter 640,1024 --images 1200 --data-dir /tmp/bench_ddp_data ;;
   esac
 }
-# c1000 fixed|coco cold|warm [--cudagraphs]: one compile1000 launch, 1 and 2 GPUs, its own work directory (the
-# cold ones run at once); cold runs 30 iterations (only the caches matter), warm 1,000 from iteration 1
+# c1000 fixed|coco cold|warm [--cudagraphs] [--compile-shapes static]: one compile1000 launch, 1 and 2 GPUs,
+# its own work directory (the cold ones run at once); cold runs 30 iterations (only the caches matter; 120
+# with static shapes, to meet every bucket), warm 1,000 from iteration 1
 c1000() {
-  local iters=1000 limit=400
-  [ "$2" = cold ] && iters=30 limit=560
+  local iters=1000 limit=400 tag
+  tag=$(echo "${@:3}" | sed -e 's/--cudagraphs/graphs/' -e 's/--compile-shapes //' -e 's/ /_/g')
+  if [ "$2" = cold ]; then
+    iters=30 limit=560
+    case " ${*:3} " in *" static "*) iters=120 ;; esac
+  fi
   tp "$limit" --gpus "${C1000_GPUS:-1,2}" --compile-only "${@:3}" $(data "$1") --work "/tmp/c1000_$1" --tp-iters "$iters" \
-    --tp-warmup 0 --out-dir "$OUT/c1000_$1_$2${3:+_graphs}" 2>&1 | figures | sed "s/^/[$1 $2] /"
-  cp /tmp/c1000_"$1"/tp_*.log "$OUT/c1000_$1_$2${3:+_graphs}/" 2>/dev/null  # the launches' logs (recompiles)
+    --tp-warmup 0 --out-dir "$OUT/c1000_$1_$2${tag:+_$tag}" 2>&1 | figures | sed "s/^/[$1 $2${tag:+ $tag}] /"
+  cp /tmp/c1000_"$1"/tp_*.log "$OUT/c1000_$1_$2${tag:+_$tag}/" 2>/dev/null  # the launches' logs (recompiles)
 }
 case "${1:-tests}" in
   tests)
@@ -182,12 +189,17 @@ case "${1:-tests}" in
     tp 300 --gpus 1,2 --compile-only --cudagraphs --sizes fixed --images 400 --data-dir /tmp/ddp_fixed \
       --out-dir "$OUT/cg2" 2>&1 | figures ;;
   compile1000)  # cold: fill the compile caches (fixed and coco at once); warm: iterations 1-1,000 from them
-    pass=${2:?cold or warm}; graphs=(); sets=(fixed coco)
-    for opt in "${@:3}"; do  # `compile1000 warm coco`, `compile1000 warm graphs coco`: one data set
-      case $opt in graphs) graphs=(--cudagraphs) ;; fixed|coco) sets=("$opt") ;; *) echo "unknown: $opt"; exit 2 ;; esac
+    pass=${2:?cold or warm}; opts=(); sets=(fixed coco)
+    for opt in "${@:3}"; do  # `compile1000 warm coco`, `compile1000 warm graphs static coco`: options, one set
+      case $opt in
+        graphs) opts+=(--cudagraphs) ;;
+        static) opts+=(--compile-shapes static) ;;  # one graph per bucket (train.compile_shapes)
+        fixed|coco) sets=("$opt") ;;
+        *) echo "unknown: $opt"; exit 2 ;;
+      esac
     done
     for d in "${sets[@]}"; do
-      if [ "$pass" = cold ]; then c1000 "$d" cold "${graphs[@]}" & else c1000 "$d" warm "${graphs[@]}"; fi
+      if [ "$pass" = cold ]; then c1000 "$d" cold "${opts[@]}" & else c1000 "$d" warm "${opts[@]}"; fi
     done
     wait ;;
   compileprof)  # compiled, 1 GPU, one shape then COCO's sizes, profiled: GPU busy against wall per step

@@ -123,7 +123,8 @@ class TrainConfig:
     """Optimisation. ``schedule`` scales iterations, warmup and milestones (ODTK's habit).
 
     ``compile``: "" (off) or a ``torch.compile`` backend for the network: "inductor" on GPUs; "eager" or
-    "aot_eager" to debug graph capture. Multi-scale training recompiles once per new padded size.
+    "aot_eager" to debug graph capture. With several padded shapes (buckets, multi-scale jitter) it
+    compiles one graph of symbolic height and width, or one per bucket (``compile_shapes``).
     ``compile_cache``: a file of the compiler's artifacts (``retinaflow.engine.compile_cache``): read at
     start, rewritten at checkpoints after a new compile; "" for none.
 
@@ -160,6 +161,11 @@ class TrainConfig:
     # 225 img/s on one GPU against 132 compiled without graphs and 153 eager; 1.89x on 2 GPUs, 3.73x on 4
     # (docs/PERFORMANCE.md, fourteenth session). Off by default: not yet measured on many-shape data.
     cuda_graph: bool = False
+    # With compile and shape buckets: "dynamic" compiles one graph with symbolic height and width, "static"
+    # one graph per bucket. On one H200 (R50-FPN, batch 8, bf16, COCO's sizes, 12 buckets) the symbolic
+    # graph's steps ran at 71 % of one static shape's median (87 % with cuda_graph) but it traces once on a
+    # warm start; static traces and compiles each bucket (docs/PERFORMANCE.md, twentieth session).
+    compile_shapes: str = "dynamic"
     # Gradient averaging over ranks (several GPUs): "ddp" (DistributedDataParallel: bucketed all-reduces
     # overlapped with backward), "after_backward" (engine.distributed.GradientAverage: flat all-reduces
     # after backward; no DDP hooks, one compiled graph) or "auto" (engine.grad_sync.grad_sync_of):
@@ -187,6 +193,7 @@ class TrainConfig:
             **positive,
             checkpoint_every=self.checkpoint_every >= 0,
             grad_sync=self.grad_sync in GRAD_SYNCS,
+            compile_shapes=self.compile_shapes in COMPILE_SHAPES,
         )
 
     def scaled(self, value: int) -> int:
@@ -331,8 +338,10 @@ class Config:
 
 
 GRAD_SYNCS = ("auto", "ddp", "after_backward")
+COMPILE_SHAPES = ("dynamic", "static")
 _RULES = {
     "grad_sync": f"be one of {', '.join(GRAD_SYNCS)}",
+    "compile_shapes": f"be one of {', '.join(COMPILE_SHAPES)}",
     "nms_iou": "be in [0, 1]",
     "max_det": "be >= 1",
     "checkpoint_every": "be >= 0 (0: off)",

@@ -74,6 +74,18 @@ def test_cuda_graphs_are_asked_of_inductor_for_cuda_devices_only(
     info = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device(device))
     net = torch.nn.Linear(2, 2)
     assert compiled(net, "inductor", info, graphs, shapes) is net
-    assert asked == {"backend": "inductor", "options": options}
+    assert asked == {"backend": "inductor", "options": options, "dynamic": None}
     assert ("no CUDA device" in caplog.text) is (device == "cpu")
     real_compile(net, **asked)  # inductor checks its option names here (it compiles at the first call)
+
+
+def test_static_shapes_compile_each_bucket_within_the_recompile_limit(monkeypatch):
+    """``train.compile_shapes=static``: never symbolic sizes, and room for a graph per bucket."""
+    asked: dict = {}
+    monkeypatch.setattr(torch, "compile", lambda net, **kw: asked.update(kw) or net)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cuda"))
+    compiled(torch.nn.Linear(2, 2), "inductor", info, shapes=12, static=True)
+    assert asked["dynamic"] is False and torch._dynamo.config.recompile_limit == 13
+    compiled(torch.nn.Linear(2, 2), "inductor", info, shapes=4, static=True)
+    assert torch._dynamo.config.recompile_limit == 13  # never lowered

@@ -230,6 +230,56 @@ def test_compiled_training_on_several_bucket_shapes_compiles_one_graph(synth_sma
     assert counters["stats"]["calls_captured"] > 0 and counters["stats"]["unique_graphs"] == 1
 
 
+_SHAPES_BACKEND = "retinaflow_test_input_sizes"
+_graph_sizes: list[tuple[object, ...]] = []  # the image input's sizes of each graph compiled
+
+
+def _record_input_sizes(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):
+    """A ``torch.compile`` backend that runs the graph as captured, noting its image input's sizes
+    (``torch.SymInt`` where dynamo made them symbolic)."""
+    tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
+    images = next(x for x in tensors if x.dim() == 4 and not x.requires_grad)  # not a weight
+    _graph_sizes.append(tuple(images.shape))
+    return gm.forward
+
+
+if _SHAPES_BACKEND not in torch._dynamo.list_backends(exclude_tags=()):
+    torch._dynamo.register_backend(_record_input_sizes, name=_SHAPES_BACKEND)
+
+
+def test_static_compile_shapes_compile_one_graph_per_bucket(synth_small, tmp_path, monkeypatch):
+    import retinaflow.engine.train as train_module
+
+    seen: set[tuple[int, int]] = set()
+    step = train_module._Trainer.step
+
+    def recording_step(self, batch):
+        seen.add(tuple(batch.images.shape[-2:]))
+        return step(self, batch)
+
+    monkeypatch.setattr(train_module._Trainer, "step", recording_step)
+    # below the bucket count: the trainer must raise it, or dynamo would run later shapes eagerly
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    cfg = tiny_config(synth_small, iters=8)
+    cfg.train.compile, cfg.train.compile_shapes = _SHAPES_BACKEND, "static"
+    cfg.data.resize, cfg.data.max_size, cfg.data.jitter = 96, 192, (64, 128)  # four bucket shapes
+    _graph_sizes.clear()
+    train(cfg, tmp_path / "m.pth")
+    assert len(seen) >= 2  # the case under test: several shapes
+    assert {sizes[-2:] for sizes in _graph_sizes} == seen  # one graph per shape, every size an int
+    assert len(_graph_sizes) == len(seen)
+
+
+def test_static_compile_shapes_need_buckets(synth_small, tmp_path):
+    cfg = tiny_config(synth_small, iters=1)
+    cfg.train.compile, cfg.train.compile_shapes, cfg.data.shapes = "eager", "static", "stride"
+    with pytest.raises(ConfigError, match=r"data\.shapes=buckets"):
+        train(cfg, tmp_path / "m.pth")
+    with pytest.raises(ConfigError, match="compile_shapes must be one of dynamic, static"):
+        Config().set_key("train.compile_shapes", "sometimes")
+    assert not (tmp_path / "m.pth").exists()
+
+
 def test_scratch_run_resolves_auto_norms_once_and_resumes_with_them(synth_small, tmp_path):
     cfg = tiny_config(synth_small, iters=1)
     cfg.model.norm, cfg.model.head_norm = "auto", "auto"

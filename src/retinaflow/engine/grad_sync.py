@@ -80,6 +80,7 @@ def compiled(
     info: D.DistInfo,
     cuda_graph: bool = False,
     shapes: int | None = None,
+    static: bool = False,
 ) -> nn.Module:
     """``torch.compile(forward_net, backend=...)``; a DDP model is split at its buckets (or not) as
     :data:`COMPILED_DDP_SPLIT` says. Logs which graph layout the ranks get.
@@ -88,7 +89,8 @@ def compiled(
     (inductor's ``triton.cudagraphs``, what ``mode="reduce-overhead"`` sets), one recording per input
     shape; on a CPU device inductor runs the compiled code without graphs (a warning says so). ``shapes``:
     how many padded shapes the batches have (their buckets; None: unbounded), recorded without inductor's
-    warning about many shapes where the buckets bound them."""
+    warning about many shapes where the buckets bound them. ``static``: one graph per input shape (never
+    symbolic sizes), with room for ``shapes`` of them before dynamo gives up recompiling."""
     if isinstance(forward_net, nn.parallel.DistributedDataParallel):
         torch._dynamo.config.optimize_ddp = COMPILED_DDP_SPLIT
         if COMPILED_DDP_SPLIT is True:
@@ -105,4 +107,12 @@ def compiled(
         options = {"triton.cudagraphs": True}
         if shapes is not None:  # inductor warns from 8 recorded shapes on (the default limit)
             options["triton.cudagraph_dynamic_shape_warn_limit"] = max(8, shapes)
-    return torch.compile(forward_net, backend=backend, options=options)  # type: ignore[return-value]
+    if static:
+        if shapes is not None:  # past the limit dynamo would run the network eagerly
+            limit = torch._dynamo.config.recompile_limit
+            torch._dynamo.config.recompile_limit = max(limit, shapes + 1)
+        log.info("compile: one static graph per padded shape (train.compile_shapes=static)")
+    dynamic = False if static else None
+    return torch.compile(  # type: ignore[return-value]
+        forward_net, backend=backend, options=options, dynamic=dynamic
+    )

@@ -78,6 +78,11 @@ def _check_config(config: Config) -> None:
         raise ConfigError(
             "train.cuda_graph replays inductor's compiled code: add --compile (inductor) or drop --cuda-graph"
         )
+    if config.train.compile and config.train.compile_shapes == "static" and d.shapes != "buckets":
+        raise ConfigError(
+            "train.compile_shapes=static compiles each padded shape: it needs data.shapes=buckets (a bounded "
+            f"set of shapes), got data.shapes={d.shapes}"
+        )
 
 
 class _Trainer:
@@ -156,14 +161,15 @@ class _Trainer:
         self.model = model
         # what step() calls (the model, DDP-wrapped and/or compiled) and, without DDP, the gradient average
         self.forward_net, self.grad_average = keep_ranks_in_step(model, cfg.train, info)
-        # Batches of several padded shapes (buckets, or stride padding): compile once with symbolic
-        # height and width instead of once for the first shape and again, dynamic, for the second.
-        policy = self.loader.policy
-        self.dynamic_hw = bool(cfg.train.compile) and (policy is None or len(policy.buckets) != 1)
-        t = cfg.train
+        # Batches of several padded shapes (buckets, or stride padding): by default compile once with
+        # symbolic height and width instead of once for the first shape and again, dynamic, for the
+        # second; train.compile_shapes=static compiles each bucket.
+        policy, t = self.loader.policy, cfg.train
+        static = t.compile_shapes == "static"
+        self.dynamic_hw = bool(t.compile) and not static and (policy is None or len(policy.buckets) != 1)
         if t.compile:
             shapes = len(policy.buckets) if policy is not None and policy.buckets else None
-            self.forward_net = compiled(self.forward_net, t.compile, info, t.cuda_graph, shapes)
+            self.forward_net = compiled(self.forward_net, t.compile, info, t.cuda_graph, shapes, static)
             if t.compile_cache:
                 compile_cache.load(t.compile_cache)
         self.cached_graphs = compile_cache.compiled_graphs()  # what the cache file already holds
