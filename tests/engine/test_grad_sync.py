@@ -53,17 +53,17 @@ def test_grad_sync_auto_averages_after_backward_on_one_node_without_per_rank_bat
 
 
 @pytest.mark.parametrize(
-    ("device", "graphs", "shapes", "options"),
+    ("device", "graphs", "shapes", "options", "warn_limit"),
     [
-        ("cuda", False, 12, None),
-        ("cuda", True, None, {"triton.cudagraphs": True}),
-        ("cuda", True, 3, {"triton.cudagraphs": True, "triton.cudagraph_dynamic_shape_warn_limit": 8}),
-        ("cuda", True, 12, {"triton.cudagraphs": True, "triton.cudagraph_dynamic_shape_warn_limit": 12}),
-        ("cpu", True, 12, None),  # nothing to replay on a CPU: compiled without graphs, with a warning
+        ("cuda", False, 12, None, 8),
+        ("cuda", True, None, {"triton.cudagraphs": True}, 8),
+        ("cuda", True, 3, {"triton.cudagraphs": True}, 8),
+        ("cuda", True, 12, {"triton.cudagraphs": True}, 12),
+        ("cpu", True, 12, None, 8),  # nothing to replay on a CPU: compiled without graphs, with a warning
     ],
 )
 def test_cuda_graphs_are_asked_of_inductor_for_cuda_devices_only(
-    monkeypatch, caplog, device, graphs, shapes, options
+    monkeypatch, caplog, device, graphs, shapes, options, warn_limit
 ):
     """``train.cuda_graph`` reaches ``torch.compile`` as inductor's option (the GPU test checks that the
     graphs are recorded and train as without them); bucketed shapes raise inductor's many-shapes warning
@@ -73,7 +73,10 @@ def test_cuda_graphs_are_asked_of_inductor_for_cuda_devices_only(
     monkeypatch.setattr(torch, "compile", lambda net, **kw: asked.update(kw) or net)
     info = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device(device))
     net = torch.nn.Linear(2, 2)
-    assert compiled(net, "inductor", info, graphs, shapes) is net
+    # the warning's limit is read when inductor records a graph, not when it compiles: set globally
+    with torch._inductor.config.patch({"triton.cudagraph_dynamic_shape_warn_limit": 8}):
+        assert compiled(net, "inductor", info, graphs, shapes) is net
+        assert torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit == warn_limit
     assert asked == {"backend": "inductor", "options": options, "dynamic": None}
     assert ("no CUDA device" in caplog.text) is (device == "cpu")
     real_compile(net, **asked)  # inductor checks its option names here (it compiles at the first call)

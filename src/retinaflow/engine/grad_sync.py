@@ -89,8 +89,9 @@ def compiled(
     (inductor's ``triton.cudagraphs``, what ``mode="reduce-overhead"`` sets), one recording per input
     shape; on a CPU device inductor runs the compiled code without graphs (a warning says so). ``shapes``:
     how many padded shapes the batches have (their buckets; None: unbounded), recorded without inductor's
-    warning about many shapes where the buckets bound them. ``static``: one graph per input shape (never
-    symbolic sizes), with room for ``shapes`` of them before dynamo gives up recompiling."""
+    warning about many shapes where the buckets bound them (its limit is global: raised, never lowered).
+    ``static``: one graph per input shape (never symbolic sizes), with room for ``shapes`` of them before
+    dynamo gives up recompiling."""
     if isinstance(forward_net, nn.parallel.DistributedDataParallel):
         torch._dynamo.config.optimize_ddp = COMPILED_DDP_SPLIT
         if COMPILED_DDP_SPLIT is True:
@@ -105,8 +106,10 @@ def compiled(
     elif cuda_graph:
         log.info("compile: forward and backward replayed from CUDA graphs (train.cuda_graph)")
         options = {"triton.cudagraphs": True}
-        if shapes is not None:  # inductor warns from 8 recorded shapes on (the default limit)
-            options["triton.cudagraph_dynamic_shape_warn_limit"] = max(8, shapes)
+        # Inductor warns of "too many" recordings past its limit (8), read when it records, so set globally.
+        warn = torch._inductor.config.triton
+        if shapes is not None and warn.cudagraph_dynamic_shape_warn_limit is not None:
+            warn.cudagraph_dynamic_shape_warn_limit = max(warn.cudagraph_dynamic_shape_warn_limit, shapes)
     if static:
         if shapes is not None:  # past the limit dynamo would run the network eagerly
             limit = torch._dynamo.config.recompile_limit
