@@ -86,9 +86,9 @@ def test_static_shapes_compile_each_bucket_within_the_recompile_limit(monkeypatc
     """``train.compile_shapes=static``: never symbolic sizes, and room for a graph per bucket."""
     asked: dict = {}
     monkeypatch.setattr(torch, "compile", lambda net, **kw: asked.update(kw) or net)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     info = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cuda"))
-    compiled(torch.nn.Linear(2, 2), "inductor", info, shapes=12, static=True)
-    assert asked["dynamic"] is False and torch._dynamo.config.recompile_limit == 13
-    compiled(torch.nn.Linear(2, 2), "inductor", info, shapes=4, static=True)
-    assert torch._dynamo.config.recompile_limit == 13  # never lowered
+    with torch._dynamo.config.patch(recompile_limit=8):  # (monkeypatch would delete the key on undo)
+        compiled(torch.nn.Linear(2, 2), "inductor", info, shapes=12, static=True)
+        assert asked["dynamic"] is False and torch._dynamo.config.recompile_limit == 13
+        compiled(torch.nn.Linear(2, 2), "inductor", info, shapes=4, static=True)
+        assert torch._dynamo.config.recompile_limit == 13  # never lowered

@@ -258,13 +258,13 @@ def test_static_compile_shapes_compile_one_graph_per_bucket(synth_small, tmp_pat
         return step(self, batch)
 
     monkeypatch.setattr(train_module._Trainer, "step", recording_step)
-    # below the bucket count: the trainer must raise it, or dynamo would run later shapes eagerly
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     cfg = tiny_config(synth_small, iters=8)
     cfg.train.compile, cfg.train.compile_shapes = _SHAPES_BACKEND, "static"
     cfg.data.resize, cfg.data.max_size, cfg.data.jitter = 96, 192, (64, 128)  # four bucket shapes
     _graph_sizes.clear()
-    train(cfg, tmp_path / "m.pth")
+    # below the bucket count: the trainer must raise it, or dynamo would run later shapes eagerly
+    with torch._dynamo.config.patch(recompile_limit=1):
+        train(cfg, tmp_path / "m.pth")
     assert len(seen) >= 2  # the case under test: several shapes
     assert {sizes[-2:] for sizes in _graph_sizes} == seen  # one graph per shape, every size an int
     assert len(_graph_sizes) == len(seen)
