@@ -11,7 +11,9 @@ The driver writes a JPEG dataset (the synthetic generator) with COCO's sizes and
    img/s is *global* (images of all ranks per second) over the same steady-state window of iterations
    (after ``--warmup``), from rank 0's wall times at the log steps (every 10 iterations, as a real run
    logs; each log step syncs the host, so wall time is GPU time + loader waits); ``img_s_log_steps``: the
-   min / median / max of the img/s between consecutive log steps, how steady the window was. The loader
+   min / median / max of the img/s between consecutive log steps, how steady the window was;
+   ``slowest_log_steps``: the five longest stretches between log steps, [last iteration, seconds] (where
+   a run lost its time: start-up, a new shape's compile or CUDA-graph recording, a loader stall). The loader
    alone (same workers, this rank's share) is timed too, to tell a loader-bound run from a GPU-bound one.
 2. **equivalence**: MobileNetV2-FPN, 512 px: N GPUs x batch b vs 1 GPU x batch N*b from the same seed (same
    initial weights): loss curves compared as means over windows, and validation mAP after training; a
@@ -22,6 +24,9 @@ The driver writes a JPEG dataset (the synthetic generator) with COCO's sizes and
 ``--profile``: each throughput run also profiles 10 iterations on rank 0 after its img/s window (GPU busy
 ms and kernel launches per step, the top host ops): a GPU-bound step is ~100 % busy, a host-bound one
 is not.
+
+``--cudagraphs`` and ``--compile-shapes dynamic|static``: the compiled runs' ``train.cuda_graph`` and
+``train.compile_shapes``.
 
 ``--one-rank-ddp``: the 1-GPU throughput run is repeated wrapped in DDP (a process group of one), so that
 what DDP and compiled DDP's graph split cost shows apart from waiting for peers (``ddp_cost_1``).
