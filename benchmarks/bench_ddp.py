@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from retinaflow.config import Config
+from retinaflow.config import COMPILE_SHAPES, Config
 from retinaflow.engine.callbacks import Callback, TrainState
 
 HERE = Path(__file__).resolve()
@@ -674,7 +674,7 @@ def main() -> None:
     )
     d.add_argument(
         "--compile-shapes",
-        choices=["dynamic", "static"],
+        choices=COMPILE_SHAPES,
         default="dynamic",
         help="compiled, several padded shapes: one symbolic graph or one per bucket (train.compile_shapes)",
     )
@@ -728,7 +728,7 @@ def main() -> None:
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--compile", action="store_true")
     w.add_argument("--cudagraphs", action="store_true")
-    w.add_argument("--compile-shapes", default="dynamic")
+    w.add_argument("--compile-shapes", choices=COMPILE_SHAPES, default="dynamic")
     w.add_argument("--loader", default="torch", choices=["torch", "dali"])
     w.add_argument("--profile", action="store_true")
     w.add_argument("--jitter", default="800,800")

@@ -159,7 +159,8 @@ class TrainConfig:
     # triton.cudagraphs, as torch.compile(mode="reduce-overhead")), so the host launches a graph, not
     # hundreds of kernels. Each padded shape is recorded once. R50-FPN 800x1344, batch 8 per GPU, bf16, H200:
     # 225 img/s on one GPU against 132 compiled without graphs and 153 eager; 1.89x on 2 GPUs, 3.73x on 4
-    # (docs/PERFORMANCE.md, fourteenth session). Off by default: not yet measured on many-shape data.
+    # (docs/PERFORMANCE.md, fourteenth session). COCO's sizes (12 buckets), one H200: median step 216.5
+    # img/s against 152.5 without graphs (twentieth session). Off by default until measured on 2 GPUs.
     cuda_graph: bool = False
     # With compile and shape buckets: "dynamic" compiles one graph with symbolic height and width, "static"
     # one graph per bucket. On one H200 (R50-FPN, batch 8, bf16, COCO's sizes, 12 buckets) the symbolic

@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from retinaflow.config import Config
+from retinaflow.config import COMPILE_SHAPES, Config
 from retinaflow.export.spec import PRECISIONS
 
 _COMPILE = {"nargs": "?", "const": "inductor", "metavar": "BACKEND"}
@@ -23,7 +23,7 @@ _CHOICES = {
     "precision": ("auto", "fp32", "fp16", "bf16"),
     "loader": ("auto", "dali", "torch"),
     "cudnn_benchmark": ("auto", "on", "off"),
-    "compile_shapes": ("dynamic", "static"),
+    "compile_shapes": COMPILE_SHAPES,
 }
 
 
