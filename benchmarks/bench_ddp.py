@@ -508,6 +508,7 @@ def driver(args: argparse.Namespace) -> None:
         "cudnn_benchmark": args.cudnn,
         "cudagraphs": args.cudagraphs,
         "compile_shapes": args.compile_shapes,
+        "inductor_cpp_wrapper": os.environ.get("TORCHINDUCTOR_CPP_WRAPPER") == "1",  # run_wave_gpu.sh's `cpp`
     }
     counts = sorted({int(g) for g in str(args.gpus).split(",")} | {1})
     n = counts[-1]

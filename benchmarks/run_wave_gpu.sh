@@ -35,7 +35,7 @@
 #                                             shapes), 1 and 2 GPUs (~9 min; the 1-GPU run's log kept)
 #   bash benchmarks/run_wave_gpu.sh scaling2  issue 14 over 170-iteration windows: eager 1/2 GPUs twice (real-shaped JPEGs),
 #                                             then compiled and replayed from CUDA graphs (one shape), 1/2 GPUs (~8 min)
-#   bash benchmarks/run_wave_gpu.sh compile1000 cold|warm [graphs] [static] [fixed|coco]   issue 13's --compile figure in the eager
+#   bash benchmarks/run_wave_gpu.sh compile1000 cold|warm [graphs] [static] [cpp] [fixed|coco]   issue 13's --compile figure in the eager
 #                                             one's form, one shape (fixed) and COCO's sizes (coco), 1 and 2 GPUs.
 #                                             `cold` fills inductor's caches (30 iterations, both data sets at once,
 #                                             ~7 min); `warm`, on the same machine next, starts from them as a pod
@@ -43,9 +43,11 @@
 #                                             `graphs` adds --cuda-graph (its own caches: cold again);
 #                                             `static` compiles each bucket (train.compile_shapes=static; its cold
 #                                             pass runs 120 iterations, ~12 compiles: run it twice if cut off);
+#                                             `cpp` compiles with inductor's C++ wrapper (TORCHINDUCTOR_CPP_WRAPPER=1:
+#                                             the graphs' launches from C++, not Python; own caches: cold again);
 #                                             fixed or coco runs that data set alone;
 #                                             C1000_GPUS=1 on a one-GPU machine
-#   bash benchmarks/run_wave_gpu.sh compileprof  after `compile1000 cold`: why the compiled step with symbolic shapes
+#   bash benchmarks/run_wave_gpu.sh compileprof [cpp]  after `compile1000 cold [cpp]`: why the compiled step with symbolic shapes
 #                                             (COCO's sizes) is slower than on one static shape (160 against 214
 #                                             img/s): 1 GPU, 200 iterations each, 10 profiled (GPU busy ms and
 #                                             launches per step; host-bound or slower kernels?) (~3 min)
@@ -93,7 +95,8 @@ data() {
 # with static shapes, to meet every bucket), warm 1,000 from iteration 1
 c1000() {
   local iters=1000 limit=400 tag
-  tag=$(echo "${@:3}" | sed -e 's/--cudagraphs/graphs/' -e 's/--compile-shapes //' -e 's/ /_/g')
+  tag=$(echo "${@:3} ${TORCHINDUCTOR_CPP_WRAPPER:+cpp}" | sed -e 's/--cudagraphs/graphs/' -e 's/--compile-shapes //' \
+    -e 's/^ *//' -e 's/ *$//' -e 's/ /_/g')
   if [ "$2" = cold ]; then
     iters=30 limit=560
     case " ${*:3} " in *" static "*) iters=120 ;; esac
@@ -194,6 +197,7 @@ case "${1:-tests}" in
       case $opt in
         graphs) opts+=(--cudagraphs) ;;
         static) opts+=(--compile-shapes static) ;;  # one graph per bucket (train.compile_shapes)
+        cpp) export TORCHINDUCTOR_CPP_WRAPPER=1 ;;  # inductor's C++ wrapper: each graph's launches from C++
         fixed|coco) sets=("$opt") ;;
         *) echo "unknown: $opt"; exit 2 ;;
       esac
@@ -203,9 +207,10 @@ case "${1:-tests}" in
     done
     wait ;;
   compileprof)  # compiled, 1 GPU, one shape then COCO's sizes, profiled: GPU busy against wall per step
+    [ "${2:-}" = cpp ] && export TORCHINDUCTOR_CPP_WRAPPER=1  # `compileprof cpp`: after `compile1000 cold cpp`
     for d in fixed coco; do
       tp 300 --gpus 1 --compile-only --profile $(data "$d") --work "/tmp/c1000_$d" --tp-iters 200 --tp-warmup 50 \
-        --out-dir "$OUT/cprof_$d" 2>&1 | figures | sed "s/^/[$d] /"
+        --out-dir "$OUT/cprof_$d${2:+_$2}" 2>&1 | figures | sed "s/^/[$d${2:+ $2}] /"
     done ;;
   combo)  # issue 15's batch 1 (2.65-2.82 ms against 2.3): fewer, fuller GroupNorm launches?
     timeout 570 python benchmarks/tune_engine.py --variants base,combo_kernels,combo_kernels_benchmarked \
