@@ -35,7 +35,7 @@
 #                                             shapes), 1 and 2 GPUs (~9 min; the 1-GPU run's log kept)
 #   bash benchmarks/run_wave_gpu.sh scaling2  issue 14 over 170-iteration windows: eager 1/2 GPUs twice (real-shaped JPEGs),
 #                                             then compiled and replayed from CUDA graphs (one shape), 1/2 GPUs (~8 min)
-#   bash benchmarks/run_wave_gpu.sh compile1000 cold|warm [graphs] [static] [cpp] [fixed|coco]   issue 13's --compile figure in the eager
+#   bash benchmarks/run_wave_gpu.sh compile1000 cold|warm [graphs] [static|blocks] [cpp] [fixed|coco]   issue 13's --compile figure in the eager
 #                                             one's form, one shape (fixed) and COCO's sizes (coco), 1 and 2 GPUs.
 #                                             `cold` fills inductor's caches (30 iterations, both data sets at once,
 #                                             ~7 min); `warm`, on the same machine next, starts from them as a pod
@@ -43,6 +43,8 @@
 #                                             `graphs` adds --cuda-graph (its own caches: cold again);
 #                                             `static` compiles each bucket (train.compile_shapes=static; its cold
 #                                             pass runs 120 iterations, ~12 compiles: run it twice if cut off);
+#                                             `blocks`: one graph, its height and width symbolic multiples of the
+#                                             pad stride (train.compile_shapes=blocks; own caches: cold again);
 #                                             `cpp` compiles with inductor's C++ wrapper (TORCHINDUCTOR_CPP_WRAPPER=1:
 #                                             the graphs' launches from C++, not Python; own caches: cold again);
 #                                             fixed or coco runs that data set alone;
@@ -197,6 +199,7 @@ case "${1:-tests}" in
       case $opt in
         graphs) opts+=(--cudagraphs) ;;
         static) opts+=(--compile-shapes static) ;;  # one graph per bucket (train.compile_shapes)
+        blocks) opts+=(--compile-shapes blocks) ;;  # symbolic sizes in pad-stride blocks (engine/blocks.py)
         cpp) export TORCHINDUCTOR_CPP_WRAPPER=1 ;;  # inductor's C++ wrapper: each graph's launches from C++
         fixed|coco) sets=("$opt") ;;
         *) echo "unknown: $opt"; exit 2 ;;

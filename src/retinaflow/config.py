@@ -124,7 +124,8 @@ class TrainConfig:
 
     ``compile``: "" (off) or a ``torch.compile`` backend for the network: "inductor" on GPUs; "eager" or
     "aot_eager" to debug graph capture. With several padded shapes (buckets, multi-scale jitter) it
-    compiles one graph of symbolic height and width, or one per bucket (``compile_shapes``).
+    compiles one graph of symbolic height and width (in blocks of the pad stride or not), or one per bucket
+    (``compile_shapes``).
     ``compile_cache``: a file of the compiler's artifacts (``retinaflow.engine.compile_cache``): read at
     start, rewritten at checkpoints after a new compile; "" for none.
 
@@ -162,10 +163,12 @@ class TrainConfig:
     # (docs/PERFORMANCE.md, fourteenth session). COCO's sizes (12 buckets), one H200: median step 216.5
     # img/s against 152.5 without graphs (twentieth session). Off by default until measured on 2 GPUs.
     cuda_graph: bool = False
-    # With compile and shape buckets: "dynamic" compiles one graph with symbolic height and width, "static"
-    # one graph per bucket. On one H200 (R50-FPN, batch 8, bf16, COCO's sizes, 12 buckets) the symbolic
-    # graph's steps ran at 71 % of one static shape's median (87 % with cuda_graph) but it traces once on a
-    # warm start; static traces and compiles each bucket (docs/PERFORMANCE.md, twentieth session).
+    # With compile and several padded shapes: "dynamic" compiles one graph with symbolic height and width,
+    # "blocks" one graph whose height and width are symbolic multiples of data.pad_stride (engine/blocks.py:
+    # simpler shape arithmetic, aligned strides), "static" one graph per bucket. On one H200 (R50-FPN,
+    # batch 8, bf16, COCO's sizes, 12 buckets) the symbolic graph's steps ran at 71 % of one static shape's
+    # median (87 % with cuda_graph) but it traces once on a warm start; static traces and compiles each
+    # bucket (docs/PERFORMANCE.md, twentieth session).
     compile_shapes: str = "dynamic"
     # Gradient averaging over ranks (several GPUs): "ddp" (DistributedDataParallel: bucketed all-reduces
     # overlapped with backward), "after_backward" (engine.distributed.GradientAverage: flat all-reduces
@@ -339,7 +342,7 @@ class Config:
 
 
 GRAD_SYNCS = ("auto", "ddp", "after_backward")
-COMPILE_SHAPES = ("dynamic", "static")
+COMPILE_SHAPES = ("dynamic", "blocks", "static")
 _RULES = {
     "grad_sync": f"be one of {', '.join(GRAD_SYNCS)}",
     "compile_shapes": f"be one of {', '.join(COMPILE_SHAPES)}",

@@ -83,7 +83,10 @@ TRAIN_FLAGS = _table(
     ("train.compile", "torch.compile the network (default inductor; eager/aot_eager to debug)", _COMPILE),
     ("train.clip_grad", "max gradient norm (default 10; 0 = off)"),
     ("train.cuda_graph", "with --compile: replay the compiled forward and backward from CUDA graphs"),
-    ("train.compile_shapes", "with --compile: one graph of symbolic size, or one per bucket"),
+    (
+        "train.compile_shapes",
+        "with --compile: one graph of symbolic size (blocks: in pad-stride blocks), or one per bucket",
+    ),
     ("train.compile_cache", "file of compile artifacts: read at start, rewritten after new compiles"),
     ("train.cudnn_benchmark", "cuDNN autotuning (auto: on with shape buckets)"),
     ("train.seed", "random seed"),

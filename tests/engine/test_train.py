@@ -237,8 +237,9 @@ _graph_sizes: list[tuple[object, ...]] = []  # the image input's sizes of each g
 def _record_input_sizes(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):
     """A ``torch.compile`` backend that runs the graph as captured, noting its image input's sizes
     (``torch.SymInt`` where dynamo made them symbolic)."""
-    tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
-    images = next(x for x in tensors if x.dim() == 4 and not x.requires_grad)  # not a weight
+    values = [n.meta.get("example_value") for n in gm.graph.find_nodes(op="placeholder")]  # fake: symbolic
+    tensors = [x for x in values if isinstance(x, torch.Tensor)]
+    images = next(x for x in tensors if x.dim() in (4, 6) and not x.requires_grad)  # not a weight; 6: blocks
     _graph_sizes.append(tuple(images.shape))
     return gm.forward
 
@@ -270,12 +271,32 @@ def test_static_compile_shapes_compile_one_graph_per_bucket(synth_small, tmp_pat
     assert len(_graph_sizes) == len(seen)
 
 
+def test_blocks_compile_one_graph_symbolic_in_whole_blocks_and_train_like_dynamic(synth_small, tmp_path):
+    def run(shapes: str, name: str) -> dict[str, torch.Tensor]:
+        cfg = tiny_config(synth_small, iters=6)
+        cfg.train.compile, cfg.train.compile_shapes = _SHAPES_BACKEND, shapes
+        cfg.data.resize, cfg.data.max_size, cfg.data.jitter = 96, 192, (64, 128)  # four bucket shapes
+        _graph_sizes.clear()
+        weights = load_checkpoint(train(cfg, tmp_path / name))["model"]
+        assert len(_graph_sizes) == 1, _graph_sizes  # one graph for every bucket
+        return weights
+
+    dynamic = run("dynamic", "dynamic.pth")
+    blocks = run("blocks", "blocks.pth")
+    (sizes,) = _graph_sizes
+    stride = tiny_config(synth_small).data.pad_stride
+    assert len(sizes) == 6 and sizes[3] == sizes[5] == stride  # (B, C, H/stride, stride, W/stride, stride)
+    assert isinstance(sizes[2], torch.SymInt) and isinstance(sizes[4], torch.SymInt)
+    for key, value in dynamic.items():  # the same network on the same batches
+        torch.testing.assert_close(blocks[key], value, rtol=1e-5, atol=1e-6)
+
+
 def test_static_compile_shapes_need_buckets(synth_small, tmp_path):
     cfg = tiny_config(synth_small, iters=1)
     cfg.train.compile, cfg.train.compile_shapes, cfg.data.shapes = "eager", "static", "stride"
     with pytest.raises(ConfigError, match=r"data\.shapes=buckets"):
         train(cfg, tmp_path / "m.pth")
-    with pytest.raises(ConfigError, match="compile_shapes must be one of dynamic, static"):
+    with pytest.raises(ConfigError, match="compile_shapes must be one of dynamic, blocks, static"):
         Config().set_key("train.compile_shapes", "sometimes")
     assert not (tmp_path / "m.pth").exists()
 

@@ -24,6 +24,7 @@ from retinaflow.config import Config
 from retinaflow.data.batch import Batch
 from retinaflow.engine import compile_cache
 from retinaflow.engine import distributed as D
+from retinaflow.engine.blocks import BlockInput, to_blocks
 from retinaflow.engine.callbacks import Callback, CallbackList, EvalResult, TrainState
 from retinaflow.engine.checkpoint import (
     check_arch,
@@ -159,14 +160,18 @@ class _Trainer:
         if cfg.train.channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model
-        # what step() calls (the model, DDP-wrapped and/or compiled) and, without DDP, the gradient average
-        self.forward_net, self.grad_average = keep_ranks_in_step(model, cfg.train, info)
         # Batches of several padded shapes (buckets, or stride padding): by default compile once with
         # symbolic height and width instead of once for the first shape and again, dynamic, for the
-        # second; train.compile_shapes=static compiles each bucket.
+        # second; train.compile_shapes=blocks makes them symbolic multiples of the pad stride (the network
+        # gets the batch in blocks, engine/blocks.py), static compiles each bucket.
         policy, t = self.loader.policy, cfg.train
         static = t.compile_shapes == "static"
         self.dynamic_hw = bool(t.compile) and not static and (policy is None or len(policy.buckets) != 1)
+        stride = policy.stride if policy is not None else 1
+        self.block = stride if self.dynamic_hw and t.compile_shapes == "blocks" and stride > 1 else 0
+        net = BlockInput(model, self.block) if self.block else model
+        # what step() calls (the model, DDP-wrapped and/or compiled) and, without DDP, the gradient average
+        self.forward_net, self.grad_average = keep_ranks_in_step(net, cfg.train, info)
         if t.compile:
             shapes = len(policy.buckets) if policy is not None and policy.buckets else None
             self.forward_net = compiled(self.forward_net, t.compile, info, t.cuda_graph, shapes, static)
@@ -253,7 +258,8 @@ class _Trainer:
         images = batch.images
         if cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        if self.dynamic_hw:
+        net_input = to_blocks(images, self.block) if self.block else images
+        if self.dynamic_hw and not self.block:
             torch._dynamo.maybe_mark_dynamic(images, 2)
             torch._dynamo.maybe_mark_dynamic(images, 3)
         self.lr = lr_at(self.iteration, cfg.train)
@@ -263,7 +269,7 @@ class _Trainer:
             torch.autocast(dev.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
         )
         with autocast:
-            cls_out, box_out = self.forward_net(images)
+            cls_out, box_out = self.forward_net(net_input)
         anchors = generate_anchors(
             cfg.model.anchors, (images.shape[-2], images.shape[-1]), dev, torch.float32
         )
