@@ -40,6 +40,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import json
+import logging
 import os
 import re
 import subprocess
@@ -244,6 +245,10 @@ def worker(args: argparse.Namespace) -> None:
     from retinaflow.engine.train import train
 
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    # the trainer's INFO lines in the launch's log, as `retinaflow train` prints them (the first step's
+    # compile-cache outcome and phase times among them)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("retinaflow").setLevel(logging.INFO)
     if args.task == "evaluate":
         _worker_evaluate(args)
         return

@@ -49,7 +49,7 @@
 #                                             the graphs' launches from C++, not Python; own caches: cold again);
 #                                             fixed or coco runs that data set alone;
 #                                             C1000_GPUS=1 on a one-GPU machine
-#   bash benchmarks/run_wave_gpu.sh compileprof [cpp]  after `compile1000 cold [cpp]`: why the compiled step with symbolic shapes
+#   bash benchmarks/run_wave_gpu.sh compileprof [cpp] [blocks] [fixed|coco]  after `compile1000 cold` (same options): why the compiled step with symbolic shapes
 #                                             (COCO's sizes) is slower than on one static shape (160 against 214
 #                                             img/s): 1 GPU, 200 iterations each, 10 profiled (GPU busy ms and
 #                                             launches per step; host-bound or slower kernels?) (~3 min)
@@ -210,10 +210,19 @@ case "${1:-tests}" in
     done
     wait ;;
   compileprof)  # compiled, 1 GPU, one shape then COCO's sizes, profiled: GPU busy against wall per step
-    [ "${2:-}" = cpp ] && export TORCHINDUCTOR_CPP_WRAPPER=1  # `compileprof cpp`: after `compile1000 cold cpp`
-    for d in fixed coco; do
-      tp 300 --gpus 1 --compile-only --profile $(data "$d") --work "/tmp/c1000_$d" --tp-iters 200 --tp-warmup 50 \
-        --out-dir "$OUT/cprof_$d${2:+_$2}" 2>&1 | figures | sed "s/^/[$d${2:+ $2}] /"
+    sets=(fixed coco) opts=()  # `compileprof blocks coco`, `compileprof cpp`: after the same `compile1000 cold`
+    for opt in "${@:2}"; do
+      case $opt in
+        cpp) export TORCHINDUCTOR_CPP_WRAPPER=1 ;;
+        blocks) opts+=(--compile-shapes blocks) ;;
+        fixed|coco) sets=("$opt") ;;
+        *) echo "unknown: $opt"; exit 2 ;;
+      esac
+    done
+    tag=$(echo "${*:2}" | tr ' ' _)
+    for d in "${sets[@]}"; do
+      tp 300 --gpus 1 --compile-only --profile "${opts[@]}" $(data "$d") --work "/tmp/c1000_$d" --tp-iters 200 \
+        --tp-warmup 50 --out-dir "$OUT/cprof_$d${tag:+_$tag}" 2>&1 | figures | sed "s/^/[$d${tag:+ $tag}] /"
     done ;;
   combo)  # issue 15's batch 1 (2.65-2.82 ms against 2.3): fewer, fuller GroupNorm launches?
     timeout 570 python benchmarks/tune_engine.py --variants base,combo_kernels,combo_kernels_benchmarked \
