@@ -681,8 +681,9 @@ def main() -> None:
     d.add_argument(
         "--compile-shapes",
         choices=COMPILE_SHAPES,
-        default="dynamic",
-        help="compiled, several padded shapes: one symbolic graph or one per bucket (train.compile_shapes)",
+        default=Config().train.compile_shapes,
+        help="compiled, several padded shapes: one symbolic graph (in pad-stride blocks or not) or one per "
+        "bucket (train.compile_shapes)",
     )
     d.add_argument("--loaders", default="torch", help="comma-separated loaders to measure throughput with")
     d.add_argument("--skip-equivalence", action="store_true")
@@ -734,7 +735,7 @@ def main() -> None:
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--compile", action="store_true")
     w.add_argument("--cudagraphs", action="store_true")
-    w.add_argument("--compile-shapes", choices=COMPILE_SHAPES, default="dynamic")
+    w.add_argument("--compile-shapes", choices=COMPILE_SHAPES, default=Config().train.compile_shapes)
     w.add_argument("--loader", default="torch", choices=["torch", "dali"])
     w.add_argument("--profile", action="store_true")
     w.add_argument("--jitter", default="800,800")

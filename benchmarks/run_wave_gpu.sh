@@ -35,7 +35,7 @@
 #                                             shapes), 1 and 2 GPUs (~9 min; the 1-GPU run's log kept)
 #   bash benchmarks/run_wave_gpu.sh scaling2  issue 14 over 170-iteration windows: eager 1/2 GPUs twice (real-shaped JPEGs),
 #                                             then compiled and replayed from CUDA graphs (one shape), 1/2 GPUs (~8 min)
-#   bash benchmarks/run_wave_gpu.sh compile1000 cold|warm [graphs] [static|blocks] [cpp] [fixed|coco]   issue 13's --compile figure in the eager
+#   bash benchmarks/run_wave_gpu.sh compile1000 cold|warm [graphs] [static|blocks|dynamic] [cpp] [fixed|coco]   issue 13's --compile figure in the eager
 #                                             one's form, one shape (fixed) and COCO's sizes (coco), 1 and 2 GPUs.
 #                                             `cold` fills inductor's caches (30 iterations, both data sets at once,
 #                                             ~7 min); `warm`, on the same machine next, starts from them as a pod
@@ -43,13 +43,14 @@
 #                                             `graphs` adds --cuda-graph (its own caches: cold again);
 #                                             `static` compiles each bucket (train.compile_shapes=static; its cold
 #                                             pass runs 120 iterations, ~12 compiles: run it twice if cut off);
-#                                             `blocks`: one graph, its height and width symbolic multiples of the
-#                                             pad stride (train.compile_shapes=blocks; own caches: cold again);
+#                                             `blocks` (the default) or `dynamic`: one graph, its height and width
+#                                             symbolic multiples of the pad stride or plain symbols
+#                                             (train.compile_shapes; each its own caches: cold again);
 #                                             `cpp` compiles with inductor's C++ wrapper (TORCHINDUCTOR_CPP_WRAPPER=1:
 #                                             the graphs' launches from C++, not Python; own caches: cold again);
 #                                             fixed or coco runs that data set alone;
 #                                             C1000_GPUS=1 on a one-GPU machine
-#   bash benchmarks/run_wave_gpu.sh compileprof [cpp] [blocks] [fixed|coco]  after `compile1000 cold` (same options): why the compiled step with symbolic shapes
+#   bash benchmarks/run_wave_gpu.sh compileprof [cpp] [blocks|dynamic] [fixed|coco]  after `compile1000 cold` (same options): why the compiled step with symbolic shapes
 #                                             (COCO's sizes) is slower than on one static shape (160 against 214
 #                                             img/s): 1 GPU, 200 iterations each, 10 profiled (GPU busy ms and
 #                                             launches per step; host-bound or slower kernels?) (~3 min)
@@ -199,7 +200,8 @@ case "${1:-tests}" in
       case $opt in
         graphs) opts+=(--cudagraphs) ;;
         static) opts+=(--compile-shapes static) ;;  # one graph per bucket (train.compile_shapes)
-        blocks) opts+=(--compile-shapes blocks) ;;  # symbolic sizes in pad-stride blocks (engine/blocks.py)
+        blocks|dynamic) opts+=(--compile-shapes "$opt") ;;  # one symbolic graph, in pad-stride blocks (the
+                                                           # default) or not (engine/blocks.py)
         cpp) export TORCHINDUCTOR_CPP_WRAPPER=1 ;;  # inductor's C++ wrapper: each graph's launches from C++
         fixed|coco) sets=("$opt") ;;
         *) echo "unknown: $opt"; exit 2 ;;
@@ -214,7 +216,7 @@ case "${1:-tests}" in
     for opt in "${@:2}"; do
       case $opt in
         cpp) export TORCHINDUCTOR_CPP_WRAPPER=1 ;;
-        blocks) opts+=(--compile-shapes blocks) ;;
+        blocks|dynamic) opts+=(--compile-shapes "$opt") ;;
         fixed|coco) sets=("$opt") ;;
         *) echo "unknown: $opt"; exit 2 ;;
       esac

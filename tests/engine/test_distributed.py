@@ -308,19 +308,24 @@ def test_global_batch_must_divide_by_the_number_of_ranks(synth_small, tmp_path, 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
-    ("grad_sync", "logged"),
+    ("grad_sync", "shapes", "logged"),
     [
-        ("ddp", "compile: the DDP model's graph split at its 100 MB buckets"),
-        ("after_backward", "compile: one graph; gradients averaged after backward (train.grad_sync)"),
+        ("ddp", "one", "compile: the DDP model's graph split at its 100 MB buckets"),
+        ("ddp", "several", "DDP model (dynamo's bucket split off: it fails on symbolic sizes)"),
+        ("after_backward", "several", "one graph; gradients averaged after backward (train.grad_sync)"),
     ],
-    ids=["ddp", "after_backward"],
+    ids=["ddp", "ddp_several_shapes", "after_backward"],
 )
-def test_compiled_ddp_trains(synth_small, tmp_path, backend, grad_sync, logged):
+def test_compiled_ddp_trains(synth_small, tmp_path, backend, grad_sync, shapes, logged):
     """``--compile`` on several ranks trains: finite losses on rank 0, one checkpoint. With DDP the model
     is compiled split at DDP's (100 MB) buckets (measured faster on two H100s than one graph or the 25 MB
-    buckets); with gradients averaged after backward it is one graph, as on one GPU."""
+    buckets), except on several padded shapes: dynamo's split fails on symbolic sizes, so one graph. With
+    gradients averaged after backward it is one graph, as on one GPU. Several shapes also put the batch
+    in pad-stride blocks (the default train.compile_shapes) inside DDP."""
     cfg = tiny_config(synth_small, iters=2)
     cfg.train.batch, cfg.train.grad_sync = 4, grad_sync
+    if shapes == "several":
+        cfg.data.resize, cfg.data.max_size, cfg.data.jitter = 96, 192, (64, 128)  # four bucket shapes
     cfg.train.compile = "eager"  # dynamo's graph capture (where the split happens), no code generation
     cfg.dump(tmp_path / "cfg.yaml")
     ckpt = tmp_path / "m.pth"

@@ -83,7 +83,8 @@ def compiled(
     static: bool = False,
 ) -> nn.Module:
     """``torch.compile(forward_net, backend=...)``; a DDP model is split at its buckets (or not) as
-    :data:`COMPILED_DDP_SPLIT` says. Logs which graph layout the ranks get.
+    :data:`COMPILED_DDP_SPLIT` says, except with symbolic sizes (never split). Logs which graph layout the
+    ranks get.
 
     ``cuda_graph`` (inductor only): the compiled forward and backward are replayed from CUDA graphs
     (inductor's ``triton.cudagraphs``, what ``mode="reduce-overhead"`` sets), one recording per input
@@ -93,11 +94,16 @@ def compiled(
     ``static``: one graph per input shape (never symbolic sizes), with room for ``shapes`` of them before
     dynamo gives up recompiling."""
     if isinstance(forward_net, nn.parallel.DistributedDataParallel):
-        torch._dynamo.config.optimize_ddp = COMPILED_DDP_SPLIT
-        if COMPILED_DDP_SPLIT is True:
+        # Dynamo's split does not take symbolic sizes (its subgraphs fail to compile: pytorch#111636, and
+        # a CPU test here): with several padded shapes compiled as one graph, the DDP model is not split.
+        symbolic = not static and shapes != 1
+        split = False if symbolic else COMPILED_DDP_SPLIT
+        torch._dynamo.config.optimize_ddp = split
+        if split is True:
             log.info("compile: the DDP model's graph split at its %d MB buckets", COMPILED_DDP_BUCKET_MB)
-        elif not COMPILED_DDP_SPLIT:
-            log.info("compile: one graph for the DDP model (dynamo's bucket split off)")
+        elif not split:
+            why = ": it fails on symbolic sizes" if symbolic and COMPILED_DDP_SPLIT else ""
+            log.info("compile: one graph for the DDP model (dynamo's bucket split off%s)", why)
     elif info.distributed:
         log.info("compile: one graph; gradients averaged after backward (train.grad_sync)")
     options: dict[str, Any] | None = None
