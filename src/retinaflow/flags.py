@@ -85,7 +85,8 @@ TRAIN_FLAGS = _table(
     ("train.cuda_graph", "with --compile: replay the compiled forward and backward from CUDA graphs"),
     (
         "train.compile_shapes",
-        "with --compile: one graph of symbolic size (blocks: in pad-stride blocks), or one per bucket",
+        "with --compile: one graph of symbolic size, in pad-stride blocks (blocks, default) or not "
+        "(dynamic), or one per bucket (static)",
     ),
     ("train.compile_cache", "file of compile artifacts: read at start, rewritten after new compiles"),
     ("train.cudnn_benchmark", "cuDNN autotuning (auto: on with shape buckets)"),
