@@ -3,7 +3,8 @@
 Compiled once for several padded shapes, the network sees symbolic height and width H and W, and every
 feature map's size is an expression of them: ``((H - 1)//2) + 1`` after the stem, nested once more per
 stride-2 layer. Dynamo's tracing does sympy arithmetic on these (and guards on them), and inductor's
-kernels index with them and cannot prove their strides multiples of 16 (so no vectorised loads).
+kernels index with them; strides it cannot prove multiples of 16 get no vectorised loads
+(pytorch/pytorch#177061).
 
 Every padded shape is a multiple of the pad stride S (``data.pad_stride``, 32: the backbone's stride). So
 the batch goes in as a view (B, C, H/S, S, W/S, S), symbolic in H/S and W/S only, and is flattened back
