@@ -25,7 +25,7 @@ The driver writes a JPEG dataset (the synthetic generator) with COCO's sizes and
 ms and kernel launches per step, the top host ops): a GPU-bound step is ~100 % busy, a host-bound one
 is not.
 
-``--cudagraphs`` and ``--compile-shapes dynamic|static``: the compiled runs' ``train.cuda_graph`` and
+``--cudagraphs`` and ``--compile-shapes blocks|dynamic|static``: the compiled runs' ``train.cuda_graph`` and
 ``train.compile_shapes``.
 
 ``--one-rank-ddp``: the 1-GPU throughput run is repeated wrapped in DDP (a process group of one), so that
@@ -204,7 +204,7 @@ def _config(args: argparse.Namespace, world: int) -> Config:
     t.log_every = 10 if args.task == "throughput" else 1
     t.compile = "inductor" if args.compile else ""
     t.cuda_graph = args.compile and args.cudagraphs  # train.cuda_graph: the compiled step from CUDA graphs
-    t.compile_shapes = args.compile_shapes  # one symbolic graph, or one static graph per bucket
+    t.compile_shapes = args.compile_shapes  # one symbolic graph (in blocks or not), or one per bucket
     if args.task == "throughput":
         cfg.model.num_classes = 6
         # The network bench_train.py measures (frozen BN backbone, default head). Left at "auto", random
@@ -287,21 +287,26 @@ def worker(args: argparse.Namespace) -> None:
         Path(args.result).write_text(json.dumps(result))
 
 
+def _stretches(log: _StepLog, first: int, end: int) -> list[tuple[int, int, float]]:
+    """The window's stretches between consecutive log steps: (iterations, last iteration, seconds)."""
+    return [
+        (log.iterations[i + 1] - log.iterations[i], log.iterations[i + 1], log.times[i + 1] - log.times[i])
+        for i in range(first, end)
+    ]
+
+
 def _spread(log: _StepLog, first: int, end: int, batch: int) -> list[float]:
     """Min, median and max of the img/s between consecutive log steps of the window: how steady it was
     (a window's mean hides a slow stretch; two runs' means differ by about this spread)."""
-    rates = sorted(
-        (log.iterations[i + 1] - log.iterations[i]) * batch / (log.times[i + 1] - log.times[i])
-        for i in range(first, end)
-    )
+    rates = sorted(n * batch / seconds for n, _, seconds in _stretches(log, first, end))
     return [round(rates[0], 1), round(rates[len(rates) // 2], 1), round(rates[-1], 1)]
 
 
 def _slowest(log: _StepLog, first: int, end: int, count: int = 5) -> list[list[float]]:
     """The ``count`` longest stretches between log steps of the window, as [last iteration, seconds]:
     where a run lost its time (a recompile, a new shape's first step, a loader stall)."""
-    spans = [[log.iterations[i + 1], round(log.times[i + 1] - log.times[i], 2)] for i in range(first, end)]
-    return sorted(spans, key=lambda span: -span[1])[:count]
+    spans = sorted(_stretches(log, first, end), key=lambda span: -span[2])[:count]
+    return [[last, round(seconds, 2)] for _, last, seconds in spans]
 
 
 def _force_ddp() -> None:

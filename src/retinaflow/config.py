@@ -164,12 +164,12 @@ class TrainConfig:
     # img/s against 152.5 without graphs (twentieth session). Off by default until measured on 2 GPUs.
     cuda_graph: bool = False
     # With compile and several padded shapes: "blocks" (default) compiles one graph whose height and width
-    # are symbolic multiples of data.pad_stride (engine/blocks.py: simpler shape arithmetic, aligned
-    # strides), "dynamic" one graph of plain symbolic height and width, "static" one graph per bucket. One
-    # H100, R50-FPN, batch 8, bf16, COCO's sizes (12 buckets), against "dynamic" in the same session:
-    # cold compile 128 s against 218 s, iterations 1-1,000 from warm caches 111.6 against 104.9 img/s,
-    # steady steps 151.3 against 134.4 img/s (GPU 37.7 against 40.3 ms per step); one shape: 133.9 img/s
-    # (docs/PERFORMANCE.md, twenty-first session).
+    # are symbolic multiples of data.pad_stride (engine/blocks.py: simpler shape arithmetic, fewer
+    # shape guards), "dynamic" one graph of plain symbolic height and width, "static" one graph per
+    # bucket. One H100, R50-FPN, batch 8, bf16, COCO's sizes (12 buckets), against "dynamic" in the same
+    # session: cold compile 128 s against 218 s, iterations 1-1,000 from warm caches 111.6 against 104.9
+    # img/s, steady steps 151.3 against 134.4 img/s (GPU 37.7 against 40.3 ms per step); one shape: 133.9
+    # img/s (docs/PERFORMANCE.md, twenty-first session).
     compile_shapes: str = "blocks"
     # Gradient averaging over ranks (several GPUs): "ddp" (DistributedDataParallel: bucketed all-reduces
     # overlapped with backward), "after_backward" (engine.distributed.GradientAverage: flat all-reduces

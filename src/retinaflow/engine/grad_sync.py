@@ -74,6 +74,12 @@ def keep_ranks_in_step(
     return ddp, None
 
 
+def symbolic_sizes(shapes: int | None, static: bool) -> bool:
+    """Whether a network compiled for batches of ``shapes`` padded shapes (None: unbounded) gets symbolic
+    height and width: one graph for several shapes, unless ``static`` (one graph per shape)."""
+    return not static and shapes != 1
+
+
 def compiled(
     forward_net: nn.Module,
     backend: str,
@@ -96,7 +102,7 @@ def compiled(
     if isinstance(forward_net, nn.parallel.DistributedDataParallel):
         # Dynamo's split does not take symbolic sizes (its subgraphs fail to compile: pytorch#111636, and
         # a CPU test here): with several padded shapes compiled as one graph, the DDP model is not split.
-        symbolic = not static and shapes != 1
+        symbolic = symbolic_sizes(shapes, static)
         split = False if symbolic else COMPILED_DDP_SPLIT
         torch._dynamo.config.optimize_ddp = split
         if split is True:

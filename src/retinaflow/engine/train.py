@@ -35,7 +35,7 @@ from retinaflow.engine.checkpoint import (
     set_rng_state,
 )
 from retinaflow.engine.ema import EMA
-from retinaflow.engine.grad_sync import compiled, grad_sync_of, keep_ranks_in_step
+from retinaflow.engine.grad_sync import compiled, grad_sync_of, keep_ranks_in_step, symbolic_sizes
 from retinaflow.engine.optim import build_optimizer
 from retinaflow.engine.progress import Progress
 from retinaflow.engine.schedule import autocast_dtype, lr_at
@@ -166,14 +166,14 @@ class _Trainer:
         # gets the batch in blocks, engine/blocks.py), static compiles each bucket.
         policy, t = self.loader.policy, cfg.train
         static = t.compile_shapes == "static"
-        self.dynamic_hw = bool(t.compile) and not static and (policy is None or len(policy.buckets) != 1)
+        shapes = len(policy.buckets) if policy is not None and policy.buckets else None  # None: unbounded
+        self.dynamic_hw = bool(t.compile) and symbolic_sizes(shapes, static)
         stride = policy.stride if policy is not None else 1
         self.block = stride if self.dynamic_hw and t.compile_shapes == "blocks" and stride > 1 else 0
         net = BlockInput(model, self.block) if self.block else model
         # what step() calls (the model, DDP-wrapped and/or compiled) and, without DDP, the gradient average
         self.forward_net, self.grad_average = keep_ranks_in_step(net, cfg.train, info)
         if t.compile:
-            shapes = len(policy.buckets) if policy is not None and policy.buckets else None
             self.forward_net = compiled(self.forward_net, t.compile, info, t.cuda_graph, shapes, static)
             if t.compile_cache:
                 compile_cache.load(t.compile_cache)
@@ -258,8 +258,10 @@ class _Trainer:
         images = batch.images
         if cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        net_input = to_blocks(images, self.block) if self.block else images
-        if self.dynamic_hw and not self.block:
+        net_input = images
+        if self.block:
+            net_input = to_blocks(images, self.block)  # marked dynamic in its block counts
+        elif self.dynamic_hw:
             torch._dynamo.maybe_mark_dynamic(images, 2)
             torch._dynamo.maybe_mark_dynamic(images, 3)
         self.lr = lr_at(self.iteration, cfg.train)
