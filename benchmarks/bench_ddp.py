@@ -25,6 +25,9 @@ The driver writes a JPEG dataset (the synthetic generator) with COCO's sizes and
 ms and kernel launches per step, the top host ops): a GPU-bound step is ~100 % busy, a host-bound one
 is not.
 
+``--profile-start``: rank 0 samples its Python stack from the training's start to the end of its first step
+and reports the functions on the stack longest (``start_profile_rank0``): where a start-up goes.
+
 ``--cudagraphs`` and ``--compile-shapes blocks|dynamic|static``: the compiled runs' ``train.cuda_graph`` and
 ``train.compile_shapes``.
 
@@ -48,7 +51,7 @@ import sys
 import time
 import traceback
 import warnings
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +128,50 @@ class _Profile(Callback):
         self.prof.__exit__(None, None, None)
         self.summary = profile_summary(self.prof, wall, state.iteration - self.it0)
         self.summary["host_syncs"] = syncs
+
+
+class _StartProfile(Callback):
+    """Rank 0: where the training's start-up goes, from its start to the end of its first step (what a warm
+    launch pays: dynamo tracing, cache loads, whatever else runs first). A thread samples the training
+    thread's Python stack every ``interval`` s (no tracing overhead, so the timed run is not slowed);
+    ``top``: the functions on the most samples, "file:line(name)": seconds on the stack (inclusive)."""
+
+    def __init__(self, interval: float = 0.02, rows: int = 40) -> None:
+        import threading
+
+        self.interval, self.rows = interval, rows
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.top: dict[str, float] = {}
+        self.done = threading.Event()
+        self.thread: Any = None
+
+    def _sample(self, target: int) -> None:
+        last = time.perf_counter()
+        while not self.done.wait(self.interval):
+            frame = sys._current_frames().get(target)
+            now = time.perf_counter()  # each sample weighs the time since the last (GIL waits included)
+            seen = set()
+            while frame is not None:
+                code = frame.f_code
+                seen.add(f"{Path(code.co_filename).name}:{code.co_firstlineno}({code.co_name})")
+                frame = frame.f_back
+            for key in seen:
+                self.seconds[key] += now - last
+            last = now
+
+    def on_train_start(self, state: TrainState) -> None:
+        import threading
+
+        self.thread = threading.Thread(target=self._sample, args=(threading.get_ident(),), daemon=True)
+        self.thread.start()
+
+    def on_step(self, state: TrainState, metrics: dict[str, float]) -> None:
+        if self.thread is None or self.done.is_set():
+            return
+        self.done.set()
+        self.thread.join()
+        top = sorted(self.seconds.items(), key=lambda kv: kv[1], reverse=True)[: self.rows]
+        self.top = {k: round(v, 2) for k, v in top}
 
 
 class SyncCounter:
@@ -264,6 +311,9 @@ def worker(args: argparse.Namespace) -> None:
     profiler = _Profile(args.iters - 20) if args.task == "throughput" and args.profile else None
     if profiler is not None:
         callbacks.append(profiler)
+    start = _StartProfile() if args.profile_start and rank == 0 else None
+    if start is not None:
+        callbacks.append(start)
     train(cfg, Path(args.checkpoint), callbacks)
     result: dict[str, Any] = {"world": world, "global_batch": cfg.train.batch}
     if rank == 0:
@@ -281,6 +331,8 @@ def worker(args: argparse.Namespace) -> None:
         result["val_map"] = log.val_map
         if profiler is not None:
             result["profile_rank0"] = profiler.summary
+        if start is not None:
+            result["start_profile_rank0"] = start.top
     if args.task == "throughput":  # the process group is gone: time each rank's loader alone
         result["loader_img_s_rank"] = round(_loader_rate(_config(args, world), rank, world, 30), 1)
     if rank == 0:
@@ -525,6 +577,7 @@ def driver(args: argparse.Namespace) -> None:
     common = {"iters": args.tp_iters, "warmup": args.tp_warmup, "batch_per_gpu": 8, "workers": args.workers}
     common |= {
         "profile": args.profile,
+        "profile_start": args.profile_start,
         "jitter": args.jitter,
         "cudnn": args.cudnn,
         "cudagraphs": args.cudagraphs,
@@ -699,6 +752,12 @@ def main() -> None:
         help="profile 10 iterations of each throughput run on rank 0 (GPU busy fraction, launches per step)",
     )
     d.add_argument(
+        "--profile-start",
+        action="store_true",
+        help="sample each throughput run's Python stack on rank 0 from its start to the end of its first "
+        "step (the functions on the stack longest: where a warm start spends its time)",
+    )
+    d.add_argument(
         "--ddp-variant",
         action="append",
         default=[],
@@ -743,6 +802,7 @@ def main() -> None:
     w.add_argument("--compile-shapes", choices=COMPILE_SHAPES, default=Config().train.compile_shapes)
     w.add_argument("--loader", default="torch", choices=["torch", "dali"])
     w.add_argument("--profile", action="store_true")
+    w.add_argument("--profile-start", action="store_true")
     w.add_argument("--jitter", default="800,800")
     w.add_argument("--cudnn", default="off")
     w.add_argument("--ddp-options", default="", help="KEY=0|1,... passed to DistributedDataParallel")

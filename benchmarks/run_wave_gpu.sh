@@ -49,7 +49,8 @@
 #                                             `cpp` compiles with inductor's C++ wrapper (TORCHINDUCTOR_CPP_WRAPPER=1:
 #                                             the graphs' launches from C++, not Python; own caches: cold again);
 #                                             fixed or coco runs that data set alone;
-#                                             C1000_GPUS=1 on a one-GPU machine
+#                                             C1000_GPUS=1 on a one-GPU machine; C1000_ARGS adds bench_ddp.py options
+#                                             (e.g. --profile-start: where the start-up goes)
 #   bash benchmarks/run_wave_gpu.sh compileprof [cpp] [blocks|dynamic] [fixed|coco]  after `compile1000 cold` (same options): why the compiled step with symbolic shapes
 #                                             (COCO's sizes) is slower than on one static shape (160 against 214
 #                                             img/s): 1 GPU, 200 iterations each, 10 profiled (GPU busy ms and
@@ -105,7 +106,7 @@ c1000() {
     case " ${*:3} " in *" static "*) iters=120 ;; esac
   fi
   tp "$limit" --gpus "${C1000_GPUS:-1,2}" --compile-only "${@:3}" $(data "$1") --work "/tmp/c1000_$1" --tp-iters "$iters" \
-    --tp-warmup 0 --out-dir "$OUT/c1000_$1_$2${tag:+_$tag}" 2>&1 | figures | sed "s/^/[$1 $2${tag:+ $tag}] /"
+    --tp-warmup 0 ${C1000_ARGS:-} --out-dir "$OUT/c1000_$1_$2${tag:+_$tag}" 2>&1 | figures | sed "s/^/[$1 $2${tag:+ $tag}] /"
   cp /tmp/c1000_"$1"/tp_*.log "$OUT/c1000_$1_$2${tag:+_$tag}/" 2>/dev/null  # the launches' logs (recompiles)
 }
 case "${1:-tests}" in
