@@ -1,0 +1,88 @@
+"""What a training step pays the first time it meets a padded shape, with cuDNN autotuning off, and whether
+a helper thread can pay it while the main thread is busy in Python (as while dynamo traces). Not a
+benchmark.
+
+    python benchmarks/probe_new_shape.py [--batch 8] [--shapes 800x1344,1344x800,...]
+
+R50-FPN (frozen-BN backbone, per-level BatchNorm head, 6 classes), channels_last, bf16 autocast, eager
+forward + backward (the step's convolutions: the compiled graph calls the same cuDNN convolutions). The
+first half of ``--shapes`` is met cold, each timed on its first call and on its next two; the second half
+is first run by a helper thread (the same network, copied) while the main thread spins in Python for
+``--busy`` seconds, then timed in the main thread like the first half. Prints one JSON line: per shape,
+first-call and steady ms, and the helper's seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import threading
+import time
+
+import torch
+
+from retinaflow.config import ModelConfig
+from retinaflow.model.retinanet import build_model
+
+
+def step_ms(net: torch.nn.Module, batch: int, hw: tuple[int, int]) -> float:
+    """One forward + backward at ``hw``, synchronised: ms."""
+    x = torch.zeros(batch, 3, *hw, device="cuda").contiguous(memory_format=torch.channels_last)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        cls_out, box_out = net(x)
+    sum(o.float().mean() for o in [*cls_out, *box_out]).backward()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument(
+        "--shapes", default="800x1344,1344x800,768x1024,1024x768,896x1344,1344x896,640x864,864x640"
+    )
+    ap.add_argument("--busy", type=float, default=4.0, help="seconds the main thread spins in Python")
+    args = ap.parse_args()
+    torch.backends.cudnn.benchmark = False
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    cfg = ModelConfig(num_classes=6, norm="frozen_bn")
+    net = build_model(cfg).cuda().to(memory_format=torch.channels_last)
+    step_ms(net, args.batch, (256, 256))  # CUDA context, cuDNN handles, allocator: not a shape's cost
+    half = len(shapes) // 2
+    out: dict[str, object] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    cold = {
+        f"{h}x{w}": [round(step_ms(net, args.batch, (h, w)), 1) for _ in range(3)] for h, w in shapes[:half]
+    }
+    out["cold_first_then_steady_ms"] = cold
+    helper_net = copy.deepcopy(net)
+    helper: dict[str, float] = {}
+
+    def warm() -> None:
+        t0 = time.perf_counter()
+        for h, w in shapes[half:]:
+            step_ms(helper_net, args.batch, (h, w))
+        helper["seconds"] = round(time.perf_counter() - t0, 2)
+
+    thread = threading.Thread(target=warm)
+    t0, spins = time.perf_counter(), 0
+    thread.start()
+    while time.perf_counter() - t0 < args.busy:  # the main thread's Python work (dynamo's tracing)
+        spins += sum(i * i for i in range(1000)) > 0
+    busy_s = time.perf_counter() - t0
+    thread.join()
+    out["helper_s"], out["main_busy_s"], out["main_spins"] = helper.get("seconds"), round(busy_s, 2), spins
+    t0, spins = time.perf_counter(), 0
+    while time.perf_counter() - t0 < args.busy:  # the same spin alone: how much the helper slowed it
+        spins += sum(i * i for i in range(1000)) > 0
+    out["main_spins_alone"] = spins
+    out["warmed_first_then_steady_ms"] = {
+        f"{h}x{w}": [round(step_ms(net, args.batch, (h, w)), 1) for _ in range(3)] for h, w in shapes[half:]
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
