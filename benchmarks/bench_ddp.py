@@ -25,8 +25,9 @@ The driver writes a JPEG dataset (the synthetic generator) with COCO's sizes and
 ms and kernel launches per step, the top host ops): a GPU-bound step is ~100 % busy, a host-bound one
 is not.
 
-``--profile-start``: rank 0 samples its Python stack from the training's start to the end of its first step
-and reports the functions on the stack longest (``start_profile_rank0``): where a start-up goes.
+``--profile-start``: rank 0 samples its Python stacks from the training's start to the end of its first
+step and reports the functions on the stack longest, what its other threads were doing, its CPU seconds
+and how busy the host was (``start_profile_rank0``): where a start-up goes.
 
 ``--cudagraphs`` and ``--compile-shapes blocks|dynamic|static``: the compiled runs' ``train.cuda_graph`` and
 ``train.compile_shapes``.
@@ -130,48 +131,95 @@ class _Profile(Callback):
         self.summary["host_syncs"] = syncs
 
 
+def _host_cpu() -> tuple[float, float]:
+    """(busy, total) jiffies of the whole host so far (/proc/stat; zeros where there is none)."""
+    try:
+        fields = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return 0.0, 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
 class _StartProfile(Callback):
     """Rank 0: where the training's start-up goes, from its start to the end of its first step (what a warm
-    launch pays: dynamo tracing, cache loads, whatever else runs first). A thread samples the training
-    thread's Python stack every ``interval`` s (no tracing overhead, so the timed run is not slowed);
-    ``top``: the functions on the most samples, "file:line(name)": seconds on the stack (inclusive)."""
+    launch pays: dynamo tracing, cache loads, whatever else runs first). A thread samples the Python
+    stacks every ``interval`` s (no tracing overhead, so the timed run is not slowed). ``summary``:
+
+    * ``main``: the training thread's functions on the most samples, "file:line(name)": seconds on the
+      stack (inclusive);
+    * ``other_threads``: each other Python thread's innermost frames by seconds (the loader's host-source
+      thread among them: does it hold the interpreter while dynamo traces?);
+    * ``wall_s``, ``process_cpu_s`` (all of this process's threads), ``host_busy``: the fraction of all
+      the host's cores busy over the window (other ranks, compile workers, loaders)."""
 
     def __init__(self, interval: float = 0.02, rows: int = 40) -> None:
         import threading
 
         self.interval, self.rows = interval, rows
         self.seconds: dict[str, float] = defaultdict(float)
-        self.top: dict[str, float] = {}
+        self.others: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.summary: dict[str, Any] = {}
         self.done = threading.Event()
         self.thread: Any = None
+        self.t0 = 0.0
+        self.cpu0 = 0.0
+        self.host0 = (0.0, 0.0)
 
     def _sample(self, target: int) -> None:
+        import threading
+
+        names = {t.ident: t.name for t in threading.enumerate()}
+        me = threading.get_ident()
         last = time.perf_counter()
         while not self.done.wait(self.interval):
-            frame = sys._current_frames().get(target)
+            frames = sys._current_frames()
             now = time.perf_counter()  # each sample weighs the time since the last (GIL waits included)
-            seen = set()
-            while frame is not None:
-                code = frame.f_code
-                seen.add(f"{Path(code.co_filename).name}:{code.co_firstlineno}({code.co_name})")
-                frame = frame.f_back
-            for key in seen:
-                self.seconds[key] += now - last
+            for ident, frame in frames.items():
+                if ident == me:
+                    continue
+                if ident != target:
+                    if ident not in names:
+                        names = {t.ident: t.name for t in threading.enumerate()}
+                    code = frame.f_code
+                    key = f"{Path(code.co_filename).name}:{frame.f_lineno}({code.co_name})"
+                    self.others[names.get(ident, str(ident))][key] += now - last
+                    continue
+                seen = set()
+                walk: Any = frame
+                while walk is not None:
+                    code = walk.f_code
+                    seen.add(f"{Path(code.co_filename).name}:{code.co_firstlineno}({code.co_name})")
+                    walk = walk.f_back
+                for key in seen:
+                    self.seconds[key] += now - last
             last = now
 
     def on_train_start(self, state: TrainState) -> None:
         import threading
 
+        self.t0, self.cpu0, self.host0 = time.perf_counter(), sum(os.times()[:2]), _host_cpu()
         self.thread = threading.Thread(target=self._sample, args=(threading.get_ident(),), daemon=True)
         self.thread.start()
 
     def on_step(self, state: TrainState, metrics: dict[str, float]) -> None:
         if self.thread is None or self.done.is_set():
             return
+        wall, cpu, host = time.perf_counter() - self.t0, sum(os.times()[:2]) - self.cpu0, _host_cpu()
         self.done.set()
         self.thread.join()
-        top = sorted(self.seconds.items(), key=lambda kv: kv[1], reverse=True)[: self.rows]
-        self.top = {k: round(v, 2) for k, v in top}
+
+        def top(seconds: dict[str, float], rows: int) -> dict[str, float]:
+            return {k: round(v, 2) for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])[:rows]}
+
+        total = host[1] - self.host0[1]
+        self.summary = {
+            "wall_s": round(wall, 2),
+            "process_cpu_s": round(cpu, 2),
+            "host_busy": round((host[0] - self.host0[0]) / total, 3) if total > 0 else None,
+            "main": top(self.seconds, self.rows),
+            "other_threads": {name: top(s, 3) for name, s in self.others.items()},
+        }
 
 
 class SyncCounter:
@@ -332,7 +380,7 @@ def worker(args: argparse.Namespace) -> None:
         if profiler is not None:
             result["profile_rank0"] = profiler.summary
         if start is not None:
-            result["start_profile_rank0"] = start.top
+            result["start_profile_rank0"] = start.summary
     if args.task == "throughput":  # the process group is gone: time each rank's loader alone
         result["loader_img_s_rank"] = round(_loader_rate(_config(args, world), rank, world, 30), 1)
     if rank == 0:
