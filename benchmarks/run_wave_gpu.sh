@@ -55,6 +55,8 @@
 #                                             (COCO's sizes) is slower than on one static shape (160 against 214
 #                                             img/s): 1 GPU, 200 iterations each, 10 profiled (GPU busy ms and
 #                                             launches per step; host-bound or slower kernels?) (~3 min)
+#   bash benchmarks/run_wave_gpu.sh newshape  issue 13: what a step pays at a new padded shape (cuDNN's plans, autotuning
+#                                             off), and whether a helper thread pays it while Python is busy (~1 min)
 #   bash benchmarks/run_wave_gpu.sh combo     issue 15: the .pt2 engine with inductor's combo kernels (the head's
 #                                             per-level GroupNorm kernels launched together) against the default
 #                                             export, two fresh processes each, batch 1 profiled (~6 min)
@@ -212,6 +214,8 @@ case "${1:-tests}" in
       if [ "$pass" = cold ]; then c1000 "$d" cold "${opts[@]}" & else c1000 "$d" warm "${opts[@]}"; fi
     done
     wait ;;
+  newshape)
+    python benchmarks/probe_new_shape.py 2>&1 | tee "$OUT/new_shape.json" | tail -3 ;;
   compileprof)  # compiled, 1 GPU, one shape then COCO's sizes, profiled: GPU busy against wall per step
     sets=(fixed coco) opts=()  # `compileprof blocks coco`, `compileprof cpp`: after the same `compile1000 cold`
     for opt in "${@:2}"; do
