@@ -126,8 +126,9 @@ class TrainConfig:
     "aot_eager" to debug graph capture. With several padded shapes (buckets, multi-scale jitter) it
     compiles one graph of symbolic height and width (in blocks of the pad stride or not), or one per bucket
     (``compile_shapes``).
-    ``compile_cache``: a file of the compiler's artifacts (``retinaflow.engine.compile_cache``): read at
-    start, rewritten at checkpoints after a new compile; "" for none.
+    ``compile_cache``: a file of the compiler's artifacts (``retinaflow.engine.compile_cache``), one set per
+    GPU index: each rank reads its own at start; rewritten after the first step and at checkpoints when a
+    rank compiled something new; "" for none.
 
     ``optimizer``: "adamw" (default) or "sgd" (momentum, paper/ODTK: lr 0.01, weight_decay 1e-4, step
     schedule; ``configs/retinanet_odtk.yaml``). ``lr_schedule``: "cosine" (to 0 at ``iters``, default) or

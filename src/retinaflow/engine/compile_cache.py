@@ -4,13 +4,21 @@ A training pod starts on a fresh file system: without its inductor cache, ``--co
 compiling the R50 training step again (196 s on an H100, docs/PERFORMANCE.md). ``train.compile_cache``
 names a file (on a persistent volume, or next to the checkpoint) that holds the inductor, Triton,
 AOTAutograd, autotuning and dynamic-shape (PGO) caches: :func:`load` fills the in-process caches from it
-before the first step, :func:`save` writes it again once this process compiled something new. The
-artifacts are valid for the same torch and Triton versions and the same GPU; PyTorch checks that and
-compiles again where they do not match.
+before the first step, :func:`save` writes it again once a rank compiled something new. The artifacts
+are valid for the same torch and Triton versions and the same GPU; PyTorch checks that and compiles again
+where they do not match.
+
+Inductor's cache keys hold the GPU's index (the inputs' device), and its Triton kernels are kept per index
+(``<cache dir>/triton/<index>``): what ``cuda:0`` compiled is no use to ``cuda:1``. So the file holds one
+set of artifacts per device of a node (``cuda:0``, ``cuda:1``, ...), each rank loads its own device's, and
+every rank of the first node contributes its own when the file is rewritten. Layout: a magic line, a JSON
+line ``{"cuda:0": bytes, ...}``, then the sets in that order. A file of one set without that header
+(retinaflow before 2026-11-28) is loaded by every device.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterable
@@ -19,7 +27,12 @@ from pathlib import Path
 import torch
 from torch._dynamo.utils import counters
 
+from retinaflow.engine import distributed as D
+
 log = logging.getLogger(__name__)
+
+MAGIC = b"retinaflow compile cache 1\n"
+ANY_DEVICE = ""  # the key of a file's one set of artifacts when it has no header (older files)
 
 
 def compiled_graphs() -> int:
@@ -63,18 +76,66 @@ def phase_seconds(names: Iterable[str] | None = tuple(PHASES)) -> dict[str, floa
     return {k: sum(metrics[k]) for k in (metrics if names is None else names) if metrics.get(k)}
 
 
-def load(path: str | Path) -> int:
-    """Fill the in-process compile caches from ``path``; returns how many artifacts it held (0: no file, or
-    one that cannot be read: then a warning, and the run compiles as without it)."""
+def device_key(device: torch.device) -> str:
+    """The key of ``device``'s artifacts in the file: ``cuda:1``, ``cpu``."""
+    return f"{device.type}:{device.index}" if device.index is not None else device.type
+
+
+def read(path: str | Path) -> dict[str, bytes]:
+    """The sets of artifacts in the file at ``path``, by device key. Raises OSError if it cannot be read,
+    ValueError if it is not a whole file of this layout (a torn write, another file)."""
+    data = Path(path).read_bytes()
+    if not data.startswith(MAGIC):
+        return {ANY_DEVICE: data}
+    end = data.find(b"\n", len(MAGIC))
+    sizes = json.loads(data[len(MAGIC) : end]) if end > 0 else None
+    if not isinstance(sizes, dict) or not all(isinstance(n, int) and n >= 0 for n in sizes.values()):
+        raise ValueError(f"{path}: not a compile cache file")
+    sets, offset = {}, end + 1
+    for key, size in sizes.items():
+        sets[key], offset = data[offset : offset + size], offset + size
+    if offset != len(data):
+        raise ValueError(f"{path}: {len(data) - offset:+d} bytes against its header (a torn write?)")
+    return sets
+
+
+def write(path: str | Path, sets: dict[str, bytes]) -> None:
+    """Write ``sets`` (device key → artifacts) to ``path`` atomically: a reader sees the old file or the
+    new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = json.dumps({key: len(blob) for key, blob in sets.items()}).encode() + b"\n"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as out:
+        out.write(MAGIC + header)
+        for blob in sets.values():
+            out.write(blob)
+    os.replace(tmp, path)
+
+
+def load(path: str | Path, device: torch.device) -> int:
+    """Fill the in-process compile caches from ``device``'s artifacts in ``path``; returns how many there
+    were (0: no file, none for this device, or a file that cannot be read: then a warning, and the run
+    compiles as without it)."""
     path = Path(path)
     if not path.is_file():
         log.info("compile cache: %s does not exist yet; it is written after the first compile", path)
+        return 0
+    key = device_key(device)
+    try:
+        sets = read(path)
+    except (OSError, ValueError):
+        sets = None
+    blob = None if sets is None else sets.get(key, sets.get(ANY_DEVICE))
+    if sets is not None and blob is None:
+        held = ", ".join(sets)
+        log.info("compile cache: %s has no artifacts for %s (only %s); compiling them", path, key, held)
         return 0
     torch_log = logging.getLogger("torch.compiler._cache")  # logs a traceback for a file it cannot read
     level = torch_log.level
     torch_log.setLevel(logging.ERROR)
     try:
-        info = torch.compiler.load_cache_artifacts(path.read_bytes())
+        info = None if blob is None else torch.compiler.load_cache_artifacts(blob)
     except Exception:  # a torn or foreign file costs a compile, never the run
         info = None
     finally:
@@ -82,22 +143,30 @@ def load(path: str | Path) -> int:
     if info is None:
         log.warning("compile cache: cannot read %s; compiling without it", path)
         return 0
-    count = sum(len(v) for v in info.artifacts.values()) if info is not None else 0
-    log.info("compile cache: %d artifacts loaded from %s", count, path)
+    count = sum(len(v) for v in info.artifacts.values())
+    log.info("compile cache: %d artifacts for %s loaded from %s", count, key, path)
     return count
 
 
-def save(path: str | Path) -> bool:
-    """Write this process's compile artifacts to ``path`` (atomically); False when there is nothing."""
-    saved = torch.compiler.save_cache_artifacts()
-    if saved is None:
+def save(path: str | Path, info: D.DistInfo) -> bool:
+    """Collective (every rank calls it): rewrite ``path`` with each device's artifacts, those of the first
+    node's ranks, one per device, merged into what the file held (the sets of devices this run has not
+    got are kept). Rank 0 writes; returns whether it did."""
+    saved = torch.compiler.save_cache_artifacts() if info.rank == info.local_rank else None
+    mine = (device_key(info.device), saved[0] if saved is not None else None)
+    gathered = D.gather_to_main(mine, info)
+    if gathered is None:
         return False
-    data, info = saved
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    count = sum(len(v) for v in info.artifacts.values())
-    log.info("compile cache: %d artifacts (%.1f MB) written to %s", count, len(data) / 2**20, path)
+    new = {key: blob for key, blob in gathered if blob}
+    if not new:
+        return False
+    try:
+        sets = read(path)
+    except (OSError, ValueError):  # no file yet, or an unreadable one: replaced
+        sets = {}
+    sets.pop(ANY_DEVICE, None)  # an older file's one set: for which device is not known
+    sets.update(new)
+    write(path, sets)
+    mb = sum(len(b) for b in new.values()) / 2**20
+    log.info("compile cache: artifacts of %s (%.1f MB) written to %s", ", ".join(new), mb, path)
     return True

@@ -176,7 +176,7 @@ class _Trainer:
         if t.compile:
             self.forward_net = compiled(self.forward_net, t.compile, info, t.cuda_graph, shapes, static)
             if t.compile_cache:
-                compile_cache.load(t.compile_cache)
+                compile_cache.load(t.compile_cache, info.device)
         self.cached_graphs = compile_cache.compiled_graphs()  # what the cache file already holds
 
     def _check_resumable(self, model: RetinaNet) -> None:
@@ -238,16 +238,19 @@ class _Trainer:
                 },
             )
             self.callbacks.on_checkpoint(self.state, self.path)
-            self._save_compile_cache()
+        self._save_compile_cache()
         D.barrier(self.info)
         return self.path
 
     def _save_compile_cache(self) -> None:
-        """Rank 0, after a new compile (first step, new shapes): rewrite ``train.compile_cache``."""
+        """Every rank, after the first step and at each checkpoint: if any rank compiled something new
+        (its device missed the file, new shapes), rewrite ``train.compile_cache`` with every device's."""
         t = self.config.train
-        new = compile_cache.compiled_graphs() > self.cached_graphs
-        if self.info.is_main and t.compile and t.compile_cache and new:
-            compile_cache.save(t.compile_cache)
+        if not (t.compile and t.compile_cache):
+            return
+        new = float(compile_cache.compiled_graphs() > self.cached_graphs)
+        if D.all_reduce_sum(torch.tensor([new], device=self.info.device), self.info).item() > 0:
+            compile_cache.save(t.compile_cache, self.info)
             self.cached_graphs = compile_cache.compiled_graphs()
 
     # -- one step -----------------------------------------------------------------------------
