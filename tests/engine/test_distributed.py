@@ -327,6 +327,8 @@ def test_compiled_ddp_trains(synth_small, tmp_path, backend, grad_sync, shapes, 
     if shapes == "several":
         cfg.data.resize, cfg.data.max_size, cfg.data.jitter = 96, 192, (64, 128)  # four bucket shapes
     cfg.train.compile = "eager"  # dynamo's graph capture (where the split happens), no code generation
+    # every rank takes part in the cache file's rewrite decision (after the first step, at checkpoints)
+    cfg.train.compile_cache = str(tmp_path / "compile.bin")
     cfg.dump(tmp_path / "cfg.yaml")
     ckpt = tmp_path / "m.pth"
     proc = run_train(tmp_path, backend, str(ckpt), "--config", str(tmp_path / "cfg.yaml"))
