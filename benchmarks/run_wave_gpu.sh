@@ -55,6 +55,10 @@
 #                                             (COCO's sizes) is slower than on one static shape (160 against 214
 #                                             img/s): 1 GPU, 200 iterations each, 10 profiled (GPU busy ms and
 #                                             launches per step; host-bound or slower kernels?) (~3 min)
+#   bash benchmarks/run_wave_gpu.sh cachestart issue 13: --compile-cache on several GPUs (one set of artifacts per GPU):
+#                                             a 1-GPU then a 2-GPU launch write the file from an empty inductor cache,
+#                                             then both start again from it on another empty one; COCO's sizes, 30
+#                                             iterations each; the logs say which rank loaded or compiled what (~7 min)
 #   bash benchmarks/run_wave_gpu.sh newshape  issue 13: what a step pays at a new padded shape (cuDNN's plans, autotuning
 #                                             off), and whether a helper thread pays it while Python is busy (~1 min)
 #   bash benchmarks/run_wave_gpu.sh combo     issue 15: the .pt2 engine with inductor's combo kernels (the head's
@@ -214,6 +218,15 @@ case "${1:-tests}" in
       if [ "$pass" = cold ]; then c1000 "$d" cold "${opts[@]}" & else c1000 "$d" warm "${opts[@]}"; fi
     done
     wait ;;
+  cachestart)
+    rm -f /tmp/cc.bin
+    for run in cold warm; do
+      TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_cc_$run tp 560 --gpus 1,2 --compile-only $(data coco) \
+        --work /tmp/cc_$run --tp-iters 30 --tp-warmup 0 --compile-cache /tmp/cc.bin --out-dir "$OUT/cachestart_$run" \
+        2>&1 | figures | sed "s/^/[$run] /"
+      cp /tmp/cc_$run/tp_*.log "$OUT/cachestart_$run/" 2>/dev/null
+      grep -h -e "compile cache" -e "compile: first" /tmp/cc_$run/tp_*.log | sed "s/^/[$run] /"
+    done ;;
   newshape)
     python benchmarks/probe_new_shape.py 2>&1 | tee "$OUT/new_shape.json" | tail -3 ;;
   compileprof)  # compiled, 1 GPU, one shape then COCO's sizes, profiled: GPU busy against wall per step
