@@ -301,6 +301,14 @@ def test_static_compile_shapes_need_buckets(synth_small, tmp_path):
     assert not (tmp_path / "m.pth").exists()
 
 
+def test_a_compile_cache_that_names_a_directory_is_refused_before_training(synth_small, tmp_path):
+    cfg = tiny_config(synth_small, iters=1)
+    cfg.train.compile, cfg.train.compile_cache = "eager", str(tmp_path)
+    with pytest.raises(ConfigError, match=r"names a directory .*--compile-cache DIR/retinaflow\.bin"):
+        train(cfg, tmp_path / "m.pth")
+    assert not (tmp_path / "m.pth").exists()
+
+
 def test_scratch_run_resolves_auto_norms_once_and_resumes_with_them(synth_small, tmp_path):
     cfg = tiny_config(synth_small, iters=1)
     cfg.model.norm, cfg.model.head_norm = "auto", "auto"

@@ -84,6 +84,11 @@ def _check_config(config: Config) -> None:
             "train.compile_shapes=static compiles each padded shape: it needs data.shapes=buckets (a bounded "
             f"set of shapes), got data.shapes={d.shapes}"
         )
+    if config.train.compile_cache and Path(config.train.compile_cache).is_dir():
+        raise ConfigError(
+            f"train.compile_cache names a directory ({config.train.compile_cache}): give a file in it, "
+            "e.g. --compile-cache DIR/retinaflow.bin"
+        )
 
 
 class _Trainer:
