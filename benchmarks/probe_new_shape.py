@@ -8,8 +8,9 @@ R50-FPN (frozen-BN backbone, per-level BatchNorm head, 6 classes), channels_last
 forward + backward (the step's convolutions: the compiled graph calls the same cuDNN convolutions). The
 first half of ``--shapes`` is met cold, each timed on its first call and on its next two; the second half
 is first run by a helper thread (the same network, copied) while the main thread spins in Python for
-``--busy`` seconds, then timed in the main thread like the first half. Prints one JSON line: per shape,
-first-call and steady ms, and the helper's seconds.
+``--busy`` seconds, then timed in the main thread like the first half. The first shape is run once more
+after ``torch.cuda.empty_cache()``: new memory's share of a first call, without new convolution plans.
+Prints one JSON line: per shape, first-call and steady ms, and the helper's seconds.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def main() -> None:
     ap.add_argument("--busy", type=float, default=4.0, help="seconds the main thread spins in Python")
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = False
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    shapes = [(int(h), int(w)) for h, w in (s.split("x") for s in args.shapes.split(","))]
     cfg = ModelConfig(num_classes=6, norm="frozen_bn")
     net = build_model(cfg).cuda().to(memory_format=torch.channels_last)
     step_ms(net, args.batch, (256, 256))  # CUDA context, cuDNN handles, allocator: not a shape's cost
@@ -57,6 +58,10 @@ def main() -> None:
         f"{h}x{w}": [round(step_ms(net, args.batch, (h, w)), 1) for _ in range(3)] for h, w in shapes[:half]
     }
     out["cold_first_then_steady_ms"] = cold
+    # the first shape again with the allocator's cached memory released: what new memory costs alone (its
+    # convolution plans are cached by now)
+    torch.cuda.empty_cache()
+    out["first_shape_after_empty_cache_ms"] = round(step_ms(net, args.batch, shapes[0]), 1)
     helper_net = copy.deepcopy(net)
     helper: dict[str, float] = {}
 
