@@ -337,3 +337,37 @@ def test_compiled_ddp_trains(synth_small, tmp_path, backend, grad_sync, shapes, 
     losses = logged_losses(proc.stderr)
     assert sorted(losses) == [1, 2] and all(math.isfinite(v) for v in losses.values()), losses
     assert load_checkpoint(ckpt)["iteration"] == 2
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("backend", [NCCL])
+def test_each_gpu_starts_from_its_own_artifacts_in_the_compile_cache(synth_small, tmp_path, backend):
+    """``train.compile_cache`` on 2 GPUs, each launch on an empty inductor cache directory (a fresh pod):
+    a 1-GPU run writes cuda:0's artifacts; a 2-GPU run loads them on rank 0, compiles on rank 1 (the
+    artifacts are specific to the GPU index) and adds cuda:1's; the next 2-GPU run loads both and
+    compiles nothing."""
+    from retinaflow.engine import compile_cache
+
+    cfg = tiny_config(synth_small, iters=2)
+    cfg.train.batch, cfg.train.compile, cfg.train.checkpoint_every = 4, "inductor", 0
+    cache = tmp_path / "compile.bin"
+    cfg.train.compile_cache = str(cache)
+    cfg.dump(tmp_path / "cfg.yaml")
+
+    def launch(name: str, nproc: int) -> str:
+        env = launch_env(tmp_path, backend) | {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{name}")}
+        cmd = train_cmd(str(tmp_path / f"{name}.pth"), "--config", str(tmp_path / "cfg.yaml"), nproc=nproc)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stderr
+
+    launch("one", 1)
+    assert sorted(compile_cache.read(cache)) == ["cuda:0"]
+    second = launch("two", 2)
+    assert "artifacts for cuda:0 loaded" in second, second[-3000:]
+    assert "no artifacts for cuda:1 (only cuda:0); compiling them" in second, second[-3000:]
+    assert sorted(compile_cache.read(cache)) == ["cuda:0", "cuda:1"]
+    third = launch("three", 2)
+    for gpu in ("cuda:0", "cuda:1"):
+        assert f"artifacts for {gpu} loaded" in third, third[-3000:]
+    assert "written to" not in third, third[-3000:]  # no rank compiled anything
