@@ -356,7 +356,8 @@ def test_each_gpu_starts_from_its_own_artifacts_in_the_compile_cache(synth_small
 
     def launch(name: str, nproc: int) -> str:
         env = launch_env(tmp_path, backend) | {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{name}")}
-        cmd = train_cmd(str(tmp_path / f"{name}.pth"), "--config", str(tmp_path / "cfg.yaml"), nproc=nproc)
+        args = (str(tmp_path / f"{name}.pth"), "--config", str(tmp_path / "cfg.yaml"), "--batch", str(2 * nproc))
+        cmd = train_cmd(*args, nproc=nproc)  # 2 images per GPU: the same graph on every GPU
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stderr
@@ -365,6 +366,7 @@ def test_each_gpu_starts_from_its_own_artifacts_in_the_compile_cache(synth_small
     assert sorted(compile_cache.read(cache)) == ["cuda:0"]
     second = launch("two", 2)
     assert "artifacts for cuda:0 loaded" in second, second[-3000:]
+    assert re.search(r"AOTAutograd cache [1-9]\d* hit / 0 miss", second), second[-3000:]  # rank 0's log
     assert "no artifacts for cuda:1 (only cuda:0); compiling them" in second, second[-3000:]
     assert sorted(compile_cache.read(cache)) == ["cuda:0", "cuda:1"]
     third = launch("three", 2)
