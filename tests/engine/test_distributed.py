@@ -356,8 +356,9 @@ def test_each_gpu_starts_from_its_own_artifacts_in_the_compile_cache(synth_small
 
     def launch(name: str, nproc: int) -> str:
         env = launch_env(tmp_path, backend) | {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{name}")}
-        args = (str(tmp_path / f"{name}.pth"), "--config", str(tmp_path / "cfg.yaml"), "--batch", str(2 * nproc))
-        cmd = train_cmd(*args, nproc=nproc)  # 2 images per GPU: the same graph on every GPU
+        config = ("--config", str(tmp_path / "cfg.yaml"))
+        batch = ("--batch", str(2 * nproc))  # 2 images per GPU: the same graph on every GPU
+        cmd = train_cmd(str(tmp_path / f"{name}.pth"), *config, *batch, nproc=nproc)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stderr
