@@ -125,9 +125,10 @@ def load(path: str | Path, device: torch.device) -> int:
     try:
         sets = read(path)
     except (OSError, ValueError):
-        sets = None
-    blob = None if sets is None else sets.get(key, sets.get(ANY_DEVICE))
-    if sets is not None and blob is None:
+        log.warning("compile cache: cannot read %s; compiling without it", path)
+        return 0
+    blob = sets.get(key, sets.get(ANY_DEVICE))
+    if blob is None:
         held = ", ".join(sets)
         log.info("compile cache: %s has no artifacts for %s (only %s); compiling them", path, key, held)
         return 0
@@ -135,7 +136,7 @@ def load(path: str | Path, device: torch.device) -> int:
     level = torch_log.level
     torch_log.setLevel(logging.ERROR)
     try:
-        info = None if blob is None else torch.compiler.load_cache_artifacts(blob)
+        info = torch.compiler.load_cache_artifacts(blob)
     except Exception:  # a torn or foreign file costs a compile, never the run
         info = None
     finally:
