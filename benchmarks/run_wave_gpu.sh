@@ -61,6 +61,9 @@
 #                                             iterations each; the logs say which rank loaded or compiled what (~7 min)
 #   bash benchmarks/run_wave_gpu.sh newshape  issue 13: what a step pays at a new padded shape (cuDNN's plans, autotuning
 #                                             off), and whether a helper thread pays it while Python is busy (~1 min)
+#   bash benchmarks/run_wave_gpu.sh aotcompile issue 13: can a warm start skip dynamo? aot_compile of the training forward
+#                                             (inductor, symbolic block counts) saved, then loaded in a fresh process and
+#                                             run at 4 padded shapes against eager (outputs, gradients, BN stats) (~4 min)
 #   bash benchmarks/run_wave_gpu.sh combo     issue 15: the .pt2 engine with inductor's combo kernels (the head's
 #                                             per-level GroupNorm kernels launched together) against the default
 #                                             export, two fresh processes each, batch 1 profiled (~6 min)
@@ -227,6 +230,9 @@ case "${1:-tests}" in
       cp /tmp/cc_$run/tp_*.log "$OUT/cachestart_$run/" 2>/dev/null
       grep -h -e "compile cache" -e "compile: first" /tmp/cc_$run/tp_*.log | sed "s/^/[$run] /"
     done ;;
+  aotcompile)
+    python benchmarks/probe_aot_compile.py save /tmp/net.aot 2>&1 | tee "$OUT/aot_save.log" | tail -1
+    python benchmarks/probe_aot_compile.py load /tmp/net.aot 2>&1 | tee "$OUT/aot_load.log" | tail -1 ;;
   newshape)
     python benchmarks/probe_new_shape.py 2>&1 | tee "$OUT/new_shape.json" | tail -3 ;;
   compileprof)  # compiled, 1 GPU, one shape then COCO's sizes, profiled: GPU busy against wall per step
