@@ -69,6 +69,8 @@ def save(args: argparse.Namespace) -> dict[str, Any]:
     x = blocks(args.batch, args.shapes[0], args.device)
     torch._dynamo.mark_dynamic(x, 2)  # an error names the code that specialises a block count
     torch._dynamo.mark_dynamic(x, 4)
+    if hasattr(torch._dynamo.config, "enable_aot_compile"):  # torch < 2.12: aot_compile behind this flag
+        torch._dynamo.config.enable_aot_compile = True
     t0 = time.perf_counter()
     compiled = torch.compile(net, fullgraph=True, backend=args.backend)
     try:
