@@ -301,6 +301,7 @@ def _config(args: argparse.Namespace, world: int) -> Config:
     t.cuda_graph = args.compile and args.cudagraphs  # train.cuda_graph: the compiled step from CUDA graphs
     t.compile_shapes = args.compile_shapes  # one symbolic graph (in blocks or not), or one per bucket
     t.compile_cache = args.compile_cache  # the compiler's artifacts, one set per GPU: read, then rewritten
+    t.compile_package = args.compile_package  # and the compiled forward packaged: later starts skip dynamo
     if args.task == "throughput":
         cfg.model.num_classes = 6
         # The network bench_train.py measures (frozen BN backbone, default head). Left at "auto", random
@@ -620,6 +621,7 @@ def driver(args: argparse.Namespace) -> None:
         "cudagraphs": args.cudagraphs,
         "compile_shapes": args.compile_shapes,
         "compile_cache": args.compile_cache,
+        "compile_package": args.compile_package,
         "inductor_cpp_wrapper": os.environ.get("TORCHINDUCTOR_CPP_WRAPPER") == "1",  # run_wave_gpu.sh's `cpp`
     }
     counts = sorted({int(g) for g in str(args.gpus).split(",")} | {1})
@@ -633,6 +635,7 @@ def driver(args: argparse.Namespace) -> None:
         "cudagraphs": args.cudagraphs,
         "compile_shapes": args.compile_shapes,
         "compile_cache": args.compile_cache or None,
+        "compile_package": args.compile_package,
     }
     modes = (
         []
@@ -809,6 +812,11 @@ def main() -> None:
         help="compiled runs read and rewrite this file of compile artifacts (train.compile_cache)",
     )
     d.add_argument(
+        "--compile-package",
+        action="store_true",
+        help="with --compile-cache: keep the compiled forward packaged in the file (train.compile_package)",
+    )
+    d.add_argument(
         "--profile-start",
         action="store_true",
         help="sample each throughput run's Python stack on rank 0 from its start to the end of its first "
@@ -858,6 +866,7 @@ def main() -> None:
     w.add_argument("--cudagraphs", action="store_true")
     w.add_argument("--compile-shapes", choices=COMPILE_SHAPES, default=Config().train.compile_shapes)
     w.add_argument("--compile-cache", default="")
+    w.add_argument("--compile-package", action="store_true")
     w.add_argument("--loader", default="torch", choices=["torch", "dali"])
     w.add_argument("--profile", action="store_true")
     w.add_argument("--profile-start", action="store_true")

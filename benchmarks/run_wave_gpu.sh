@@ -46,6 +46,8 @@
 #                                             `blocks` (the default) or `dynamic`: one graph, its height and width
 #                                             symbolic multiples of the pad stride or plain symbols
 #                                             (train.compile_shapes; each its own caches: cold again);
+#                                             `package` keeps the compiled forward packaged in a compile-cache file
+#                                             per data set (train.compile_package): warm starts skip dynamo;
 #                                             `cpp` compiles with inductor's C++ wrapper (TORCHINDUCTOR_CPP_WRAPPER=1:
 #                                             the graphs' launches from C++, not Python; own caches: cold again);
 #                                             fixed or coco runs that data set alone;
@@ -108,14 +110,16 @@ data() {
 # with static shapes, to meet every bucket), warm 1,000 from iteration 1
 c1000() {
   local iters=1000 limit=400 tag
-  tag=$(echo "${@:3} ${TORCHINDUCTOR_CPP_WRAPPER:+cpp}" | sed -e 's/--cudagraphs/graphs/' -e 's/--compile-shapes //' \
+  local package=()
+  if [ -n "${C1000_PACKAGE:-}" ]; then package=(--compile-cache "/tmp/c1000_$1.bin" --compile-package); fi
+  tag=$(echo "${@:3} ${TORCHINDUCTOR_CPP_WRAPPER:+cpp} ${C1000_PACKAGE:+package}" | sed -e 's/--cudagraphs/graphs/' -e 's/--compile-shapes //' \
     -e 's/^ *//' -e 's/ *$//' -e 's/ /_/g')
   if [ "$2" = cold ]; then
     iters=30 limit=560
     case " ${*:3} " in *" static "*) iters=120 ;; esac
   fi
   tp "$limit" --gpus "${C1000_GPUS:-1,2}" --compile-only "${@:3}" $(data "$1") --work "/tmp/c1000_$1" --tp-iters "$iters" \
-    --tp-warmup 0 ${C1000_ARGS:-} --out-dir "$OUT/c1000_$1_$2${tag:+_$tag}" 2>&1 | figures | sed "s/^/[$1 $2${tag:+ $tag}] /"
+    --tp-warmup 0 "${package[@]}" ${C1000_ARGS:-} --out-dir "$OUT/c1000_$1_$2${tag:+_$tag}" 2>&1 | figures | sed "s/^/[$1 $2${tag:+ $tag}] /"
   cp /tmp/c1000_"$1"/tp_*.log "$OUT/c1000_$1_$2${tag:+_$tag}/" 2>/dev/null  # the launches' logs (recompiles)
 }
 case "${1:-tests}" in
@@ -213,6 +217,7 @@ case "${1:-tests}" in
         blocks|dynamic) opts+=(--compile-shapes "$opt") ;;  # one symbolic graph, in pad-stride blocks (the
                                                            # default) or not (engine/blocks.py)
         cpp) export TORCHINDUCTOR_CPP_WRAPPER=1 ;;  # inductor's C++ wrapper: each graph's launches from C++
+        package) export C1000_PACKAGE=1 ;;  # train.compile_package in a compile-cache file per data set
         fixed|coco) sets=("$opt") ;;
         *) echo "unknown: $opt"; exit 2 ;;
       esac

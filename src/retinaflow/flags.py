@@ -89,6 +89,11 @@ TRAIN_FLAGS = _table(
         "(dynamic), or one per bucket (static)",
     ),
     ("train.compile_cache", "file of compile artifacts: read at start, rewritten after new compiles"),
+    (
+        "train.compile_package",
+        "with --compile-cache: keep the compiled forward packaged in it, so that later starts skip "
+        "dynamo (experimental)",
+    ),
     ("train.cudnn_benchmark", "cuDNN autotuning (auto: on with shape buckets)"),
     ("train.seed", "random seed"),
     "run",

@@ -11,9 +11,11 @@ where they do not match.
 Inductor's cache keys hold the GPU's index (the inputs' device), and its Triton kernels are kept per index
 (``<cache dir>/triton/<index>``): what ``cuda:0`` compiled is no use to ``cuda:1``. So the file holds one
 set of artifacts per device of a node (``cuda:0``, ``cuda:1``, ...), each rank loads its own device's, and
-every rank of the first node contributes its own when the file is rewritten. Layout: a magic line, a JSON
-line ``{"cuda:0": bytes, ...}``, then the sets in that order. A file of one set without that header
-(retinaflow before 2026-11-28) is loaded by every device.
+every rank of the first node contributes its own when the file is rewritten. With
+``train.compile_package`` the file also holds each device's package of the compiled forward
+(``engine.compile_package``, key ``"cuda:0 package"``). Layout: a magic line, a JSON line
+``{"cuda:0": bytes, ...}``, then the sets in that order. A file of one set without that header (retinaflow
+before 2026-11-28) is loaded by every device.
 """
 
 from __future__ import annotations
@@ -81,6 +83,11 @@ def device_key(device: torch.device) -> str:
     return f"{device.type}:{device.index}" if device.index is not None else device.type
 
 
+def package_key(device: torch.device) -> str:
+    """The key of ``device``'s compiled-forward package in the file: ``cuda:1 package``."""
+    return f"{device_key(device)} package"
+
+
 def read(path: str | Path) -> dict[str, bytes]:
     """The sets of artifacts in the file at ``path``, by device key. Raises OSError if it cannot be read,
     ValueError if it is not a whole file of this layout (a torn write, another file)."""
@@ -129,7 +136,7 @@ def load(path: str | Path, device: torch.device) -> int:
         return 0
     blob = sets.get(key, sets.get(ANY_DEVICE))
     if blob is None:
-        held = ", ".join(sets)
+        held = ", ".join(k for k in sets if not k.endswith(" package"))
         log.info("compile cache: %s has no artifacts for %s (only %s); compiling them", path, key, held)
         return 0
     torch_log = logging.getLogger("torch.compiler._cache")  # logs a traceback for a file it cannot read
@@ -149,16 +156,27 @@ def load(path: str | Path, device: torch.device) -> int:
     return count
 
 
-def save(path: str | Path, info: D.DistInfo) -> bool:
-    """Collective (every rank calls it): rewrite ``path`` with each device's artifacts, those of the first
-    node's ranks, one per device, merged into what the file held (the sets of devices this run has not
-    got are kept). Rank 0 writes; returns whether it did."""
-    saved = torch.compiler.save_cache_artifacts() if info.rank == info.local_rank else None
-    mine = (device_key(info.device), saved[0] if saved is not None else None)
+def load_package(path: str | Path, device: torch.device) -> bytes | None:
+    """``device``'s package of the compiled forward in ``path`` (``train.compile_package``), None if the file
+    holds none or cannot be read."""
+    try:
+        return read(path).get(package_key(device))
+    except (OSError, ValueError):
+        return None
+
+
+def save(path: str | Path, info: D.DistInfo, package: bytes | None = None) -> bool:
+    """Collective (every rank calls it): rewrite ``path`` with each device's artifacts (and ``package``, its
+    compiled forward, where given), those of the first node's ranks, one per device, merged into what the
+    file held (the sets of devices this run has not got are kept). Rank 0 writes; returns whether it did."""
+    first_node = info.rank == info.local_rank
+    saved = torch.compiler.save_cache_artifacts() if first_node else None
+    mine = (info.device, saved[0] if saved is not None else None, package if first_node else None)
     gathered = D.gather_to_main(mine, info)
     if gathered is None:
         return False
-    new = {key: blob for key, blob in gathered if blob}
+    new = {device_key(device): blob for device, blob, _ in gathered if blob}
+    new |= {package_key(device): pkg for device, _, pkg in gathered if pkg}
     if not new:
         return False
     try:

@@ -12,7 +12,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from torch import nn
 
 from retinaflow.config import Config
 from retinaflow.data.batch import Batch
-from retinaflow.engine import compile_cache
+from retinaflow.engine import compile_cache, compile_package
 from retinaflow.engine import distributed as D
 from retinaflow.engine.blocks import BlockInput, to_blocks
 from retinaflow.engine.callbacks import Callback, CallbackList, EvalResult, TrainState
@@ -83,6 +83,16 @@ def _check_config(config: Config) -> None:
         raise ConfigError(
             "train.compile_shapes=static compiles each padded shape: it needs data.shapes=buckets (a bounded "
             f"set of shapes), got data.shapes={d.shapes}"
+        )
+    t = config.train
+    if t.compile_package and not (t.compile and t.compile_cache):
+        raise ConfigError(
+            "train.compile_package keeps its package in the compile cache: add --compile --compile-cache FILE"
+        )
+    if t.compile_package and (t.cuda_graph or t.compile_shapes == "static"):
+        raise ConfigError(
+            "train.compile_package packages one graph without CUDA graphs: drop --cuda-graph or "
+            "--compile-shapes static, or the package"
         )
     if config.train.compile_cache and Path(config.train.compile_cache).is_dir():
         raise ConfigError(
@@ -177,12 +187,42 @@ class _Trainer:
         self.block = stride if self.dynamic_hw and t.compile_shapes == "blocks" and stride > 1 else 0
         net = BlockInput(model, self.block) if self.block else model
         # what step() calls (the model, DDP-wrapped and/or compiled) and, without DDP, the gradient average
-        self.forward_net, self.grad_average = keep_ranks_in_step(net, cfg.train, info)
+        forward_net, self.grad_average = keep_ranks_in_step(net, cfg.train, info)
+        self.forward_net: Callable[..., Any] = forward_net
+        if t.compile_package and isinstance(forward_net, nn.parallel.DistributedDataParallel):
+            raise ConfigError(
+                "train.compile_package cannot package a DDP-wrapped network: use --set "
+                "train.grad_sync=after_backward (one node), or drop the package"
+            )
+        self.net, self.want_package = net, False
+        self.package: compile_package.PackagedForward | None = None
+        self.package_input: torch.Tensor | None = None  # the first step's, to build the package from
         if t.compile:
-            self.forward_net = compiled(self.forward_net, t.compile, info, t.cuda_graph, shapes, static)
+            self.forward_net = compiled(forward_net, t.compile, info, t.cuda_graph, shapes, static)
             if t.compile_cache:
                 compile_cache.load(t.compile_cache, info.device)
+            if t.compile_package:
+                self._load_package()
         self.cached_graphs = compile_cache.compiled_graphs()  # what the cache file already holds
+
+    def _load_package(self) -> None:
+        """Run the forward from this device's package in the compile-cache file, if it holds one that loads;
+        otherwise the first step's input is kept to build one (:meth:`_save_compile_cache`)."""
+        t, key = self.config.train, compile_cache.package_key(self.info.device)
+        blob = compile_cache.load_package(t.compile_cache, self.info.device)
+        if blob is None:
+            log.info("compile package: none for %s in %s; built after the first step", key, t.compile_cache)
+            self.want_package = True
+            return
+        try:
+            fn = compile_package.load(blob)
+        except Exception as exc:  # another torch, a torn file: compiled as without it, and rebuilt
+            log.warning("compile package: cannot load %s (%s); building it again", key, _one_line(exc))
+            self.want_package = True
+            return
+        self.package = compile_package.PackagedForward(fn, self.net, self.forward_net)
+        self.forward_net = self.package
+        log.info("compile package: %s loaded from %s (%.1f MB)", key, t.compile_cache, len(blob) / 2**20)
 
     def _check_resumable(self, model: RetinaNet) -> None:
         """The checkpoint being resumed holds this architecture, trained on these classes with this optimizer
@@ -249,14 +289,36 @@ class _Trainer:
 
     def _save_compile_cache(self) -> None:
         """Every rank, after the first step and at each checkpoint: if any rank compiled something new
-        (its device missed the file, new shapes), rewrite ``train.compile_cache`` with every device's."""
+        (its device missed the file, new shapes) or built its package, rewrite ``train.compile_cache`` with
+        every device's."""
         t = self.config.train
         if not (t.compile and t.compile_cache):
             return
-        new = float(compile_cache.compiled_graphs() > self.cached_graphs)
+        package = self._build_package()
+        new = float(compile_cache.compiled_graphs() > self.cached_graphs or package is not None)
         if D.all_reduce_sum(torch.tensor([new], device=self.info.device), self.info).item() > 0:
-            compile_cache.save(t.compile_cache, self.info)
+            compile_cache.save(t.compile_cache, self.info, package)
             self.cached_graphs = compile_cache.compiled_graphs()
+
+    def _build_package(self) -> bytes | None:
+        """With ``train.compile_package``, after the first step of a run that loaded no package: package
+        the forward, traced on that step's input (its compiled artifacts are in the caches now)."""
+        example, self.package_input = self.package_input, None
+        if example is None:
+            return None
+        start = time.perf_counter()
+        try:
+            blob = compile_package.build(self.net, example, self.config.train.compile, self._autocast())
+        except Exception as exc:  # this torch cannot package this network: train on without it
+            log.warning("compile package: cannot build it (%s); later starts trace again", _one_line(exc))
+            return None
+        log.info("compile package: built in %.1f s (%.1f MB)", time.perf_counter() - start, len(blob) / 2**20)
+        return blob
+
+    def _autocast(self) -> Any:
+        """The training step's autocast context (none in fp32)."""
+        dev = self.info.device
+        return torch.autocast(dev.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
 
     # -- one step -----------------------------------------------------------------------------
     def step(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -275,10 +337,9 @@ class _Trainer:
         self.lr = lr_at(self.iteration, cfg.train)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        autocast = (
-            torch.autocast(dev.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
-        )
-        with autocast:
+        if self.want_package:  # the first step's input: the package is traced on it after the step
+            self.package_input, self.want_package = net_input, False
+        with self._autocast():
             cls_out, box_out = self.forward_net(net_input)
         anchors = generate_anchors(
             cfg.model.anchors, (images.shape[-2], images.shape[-1]), dev, torch.float32
@@ -519,3 +580,9 @@ def _install_stop_handlers(trainer: _Trainer) -> Any:
             signal.signal(s, h)
 
     return restore
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line: its message's first line, or its type's name."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__

@@ -1,0 +1,101 @@
+"""The compiled training forward as one package that a fresh process runs without dynamo
+(``train.compile_package``).
+
+``train.compile_cache`` skips AOTAutograd and inductor on a warm start, but dynamo still traces the network
+at every start: 5–11 s for R50-FPN with symbolic sizes on the GPU hosts (docs/PERFORMANCE.md, twenty-second
+and twenty-third sessions). ``torch.compile(...).aot_compile()`` packages dynamo's graph with the backend's
+compiled forward and backward; ``torch.compiler.load_compiled_function`` gives them back as a function of
+(module, input) that checks its guards and runs, without tracing. The trainer builds the package after its
+first step (from the caches that step filled, so the cost is one more trace), keeps one per device in the
+compile-cache file, and on later starts calls the package instead of the lazily compiled network.
+
+A batch the package's guards refuse (a shape its graph was not compiled for) runs through the lazily
+compiled network instead, which compiles it as without a package. PyTorch marks the API experimental;
+torch < 2.12 keeps it behind ``torch._dynamo.config.enable_aot_compile``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+GUARDS_REFUSED = "GuardManager check failed"  # the loaded function's error for an input it was not built for
+
+
+def build(
+    net: nn.Module, example: torch.Tensor, backend: str, autocast: AbstractContextManager[Any]
+) -> bytes:
+    """The package of ``net``'s forward, traced on ``example`` (its dynamic dimensions marked) under
+    ``autocast`` (the training step's), compiled with ``backend``: bytes for :func:`load`. Raises what
+    PyTorch raises when it cannot (no ``aot_compile`` in this torch, a graph break, a backend that cannot
+    serialise)."""
+    if hasattr(torch._dynamo.config, "enable_aot_compile"):  # torch < 2.12
+        torch._dynamo.config.enable_aot_compile = True
+    compiled = torch.compile(net, fullgraph=True, backend=backend)
+    # traced without the parameters' gradients: a package traced with them does not load (torch 2.14.1:
+    # "assigned grad expected to be a Tensor or None but got grad of type _Missing")
+    grads = {p: p.grad for p in net.parameters()}
+    try:
+        for p in grads:
+            p.grad = None
+        with autocast:
+            package = compiled.forward.aot_compile(((example,), {}))  # type: ignore[attr-defined]
+    finally:
+        for p, grad in grads.items():
+            p.grad = grad
+    fd, name = tempfile.mkstemp(suffix=".aot")
+    os.close(fd)
+    try:
+        package.save_compiled_function(name)
+        with open(name, "rb") as f:
+            return f.read()
+    finally:
+        os.unlink(name)
+
+
+def load(blob: bytes) -> Callable[..., Any]:
+    """The function :func:`build` packaged: ``fn(net, x)``. Raises what PyTorch raises for bytes it cannot
+    load (another torch version, a torn file)."""
+    fd, name = tempfile.mkstemp(suffix=".aot")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        with open(name, "rb") as f:
+            return torch.compiler.load_compiled_function(f)  # type: ignore[no-any-return]
+    finally:
+        os.unlink(name)
+
+
+class PackagedForward:
+    """``forward_net`` for the training step: ``net``'s forward through the loaded package, or through
+    ``fallback`` (the lazily compiled network) for a batch the package's guards refuse.
+
+    ``hits`` and ``fallbacks`` count the calls each way."""
+
+    def __init__(self, package: Callable[..., Any], net: nn.Module, fallback: Callable[..., Any]) -> None:
+        self.package, self.net, self.fallback = package, net, fallback
+        self.hits = self.fallbacks = 0
+
+    def __call__(self, x: torch.Tensor) -> Any:
+        try:
+            # a new view: without the dynamic-dimension marks of the lazily compiled path, which the
+            # package's guards refuse (its graph carries its own symbolic sizes)
+            out = self.package(self.net, x.view(x.shape))
+        except RuntimeError as exc:
+            if GUARDS_REFUSED not in str(exc):
+                raise
+            if not self.fallbacks:
+                log.info("compile package: a batch of %s is outside its guards; compiling it", tuple(x.shape))
+            self.fallbacks += 1
+            return self.fallback(x)
+        self.hits += 1
+        return out

@@ -1,0 +1,87 @@
+"""``train.compile_package``: the compiled forward packaged into the compile-cache file after the first step;
+a later run trains from the package without dynamo tracing, to the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.conftest import tiny_config
+from torch._dynamo.utils import counters
+
+from retinaflow.engine import compile_cache
+from retinaflow.engine.checkpoint import load_checkpoint
+from retinaflow.engine.compile_package import PackagedForward
+from retinaflow.engine.train import train
+from retinaflow.errors import ConfigError
+
+CPU = torch.device("cpu")
+
+
+def config(paths, cache: str = "", package: bool = False):
+    """The tiny network on 8 padded shapes (symbolic block counts), dynamo's eager backend (inductor's CPU
+    convolution backward specialises the sizes, so only a GPU gives a symbolic inductor package)."""
+    cfg = tiny_config(paths, iters=4)
+    cfg.data.resize, cfg.data.max_size, cfg.data.jitter = 96, 192, (64, 128)
+    cfg.train.compile, cfg.train.compile_cache, cfg.train.compile_package = "eager", cache, package
+    cfg.train.checkpoint_every = 0
+    return cfg
+
+
+def test_a_second_run_trains_from_the_package_without_tracing_to_the_same_weights(
+    synth_small, tmp_path, caplog
+):
+    plain = load_checkpoint(train(config(synth_small), tmp_path / "plain.pth"))["model"]
+    cache = tmp_path / "compile.bin"
+    compile_cache.write(cache, {"cpu package": b"a torn package"})  # not loadable: rebuilt
+    with caplog.at_level("WARNING", logger="retinaflow.engine.train"):
+        first_path = train(config(synth_small, str(cache), True), tmp_path / "first.pth")
+    first = load_checkpoint(first_path)["model"]
+    assert "compile package: cannot load cpu package" in caplog.text
+    assert compile_cache.load_package(cache, CPU) not in (None, b"a torn package")
+    frames = counters["frames"]["total"]
+    assert frames > 0  # the runs without a package traced
+    with caplog.at_level("INFO", logger="retinaflow"):
+        second = load_checkpoint(train(config(synth_small, str(cache), True), tmp_path / "second.pth"))[
+            "model"
+        ]
+    assert counters["frames"]["total"] == frames  # dynamo traced nothing
+    assert "compile package: cpu package loaded" in caplog.text
+    assert "outside its guards" not in caplog.text  # every batch ran through the package
+    for name, weights in (("first", first), ("second", second)):
+        for key, value in plain.items():
+            assert torch.equal(weights[key], value), (name, key)
+
+
+def test_a_batch_the_package_refuses_runs_through_the_compiled_network():
+    calls: list[str] = []
+
+    def package(net, x):
+        if x.shape[-1] > 4:
+            raise RuntimeError("GuardManager check failed, reason: 5 <= L['args'][0].size()[2]")
+        if x.shape[-1] == 4:
+            raise RuntimeError("CUDA out of memory")
+        calls.append("package")
+        return x
+
+    forward = PackagedForward(package, torch.nn.Identity(), lambda x: calls.append("fallback") or x)
+    forward(torch.zeros(1, 3))
+    forward(torch.zeros(1, 5))
+    assert calls == ["package", "fallback"] and (forward.hits, forward.fallbacks) == (1, 1)
+    with pytest.raises(RuntimeError, match="out of memory"):  # only the guards' refusal falls back
+        forward(torch.zeros(1, 4))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"compile_cache": ""}, "add --compile --compile-cache FILE"),
+        ({"compile_shapes": "static"}, "drop --cuda-graph or --compile-shapes static"),
+    ],
+)
+def test_a_package_it_cannot_keep_is_refused_before_training(synth_small, tmp_path, changes, message):
+    cfg = config(synth_small, str(tmp_path / "compile.bin"), True)
+    for key, value in changes.items():
+        setattr(cfg.train, key, value)
+    with pytest.raises(ConfigError, match=message):
+        train(cfg, tmp_path / "m.pth")
+    assert not (tmp_path / "m.pth").exists()
