@@ -17,6 +17,14 @@ from retinaflow.errors import ConfigError
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Dynamo's code cache outlives a test: later tests that count compiled graphs must not reuse these."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def config(paths, cache: str = "", package: bool = False):
     """The tiny network on 8 padded shapes (symbolic block counts), dynamo's eager backend (inductor's CPU
     convolution backward specialises the sizes, so only a GPU gives a symbolic inductor package)."""
