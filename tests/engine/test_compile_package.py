@@ -55,6 +55,7 @@ def test_a_second_run_trains_from_the_package_without_tracing_to_the_same_weight
     assert counters["frames"]["total"] == frames  # dynamo traced nothing
     assert "compile package: cpu package loaded" in caplog.text
     assert "outside its guards" not in caplog.text  # every batch ran through the package
+    assert "4 batches ran through it, 0 through the compiled network" in caplog.text
     for name, weights in (("first", first), ("second", second)):
         for key, value in plain.items():
             assert torch.equal(weights[key], value), (name, key)

@@ -382,6 +382,13 @@ class _Trainer:
         progress = Progress(self.config.train.iters, self.iteration, enabled=self.info.is_main)
         try:
             self._loop(progress)
+            if self.package is not None:
+                p = self.package
+                log.info(
+                    "compile package: %d batches ran through it, %d through the compiled network",
+                    p.hits,
+                    p.fallbacks,
+                )
             self.save()
             if self.config.data.val_images:
                 self.validate()
