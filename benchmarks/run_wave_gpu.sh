@@ -121,6 +121,7 @@ c1000() {
   tp "$limit" --gpus "${C1000_GPUS:-1,2}" --compile-only "${@:3}" $(data "$1") --work "/tmp/c1000_$1" --tp-iters "$iters" \
     --tp-warmup 0 "${package[@]}" ${C1000_ARGS:-} --out-dir "$OUT/c1000_$1_$2${tag:+_$tag}" 2>&1 | figures | sed "s/^/[$1 $2${tag:+ $tag}] /"
   cp /tmp/c1000_"$1"/tp_*.log "$OUT/c1000_$1_$2${tag:+_$tag}/" 2>/dev/null  # the launches' logs (recompiles)
+  grep -h -e "compile package" -e "compile: first" /tmp/c1000_"$1"/tp_*.log 2>/dev/null | sed "s/^/[$1 $2] /"
 }
 case "${1:-tests}" in
   tests)
