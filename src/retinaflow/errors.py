@@ -43,3 +43,10 @@ class TrainingInterrupted(RetinaflowError):
     """SIGTERM/SIGINT arrived; a checkpoint was written at the current iteration."""
 
     exit_code = 143
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as one line for a message: its text's first line (at most 200 characters), or its
+    type's name when it has no text."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]

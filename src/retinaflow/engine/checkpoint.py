@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from retinaflow.errors import CheckpointError
+from retinaflow.errors import CheckpointError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             raise CheckpointError(
                 f"cannot read checkpoint {p}: not a PyTorch file, or a damaged one"
             ) from exc
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read checkpoint {p}: {reason[:200]}") from exc
+        raise CheckpointError(f"cannot read checkpoint {p}: {first_line(exc)}") from exc
     if not isinstance(data, dict) or "model" not in data:
         raise CheckpointError(f"{p} is not a retinaflow checkpoint (no model weights)")
     version = data.get("format_version")

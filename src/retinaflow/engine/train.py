@@ -39,7 +39,14 @@ from retinaflow.engine.grad_sync import compiled, grad_sync_of, keep_ranks_in_st
 from retinaflow.engine.optim import build_optimizer
 from retinaflow.engine.progress import Progress
 from retinaflow.engine.schedule import autocast_dtype, lr_at
-from retinaflow.errors import CheckpointError, ConfigError, DataError, TrainingDiverged, TrainingInterrupted
+from retinaflow.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    TrainingDiverged,
+    TrainingInterrupted,
+    first_line,
+)
 from retinaflow.model.anchors import generate_anchors
 from retinaflow.model.loss import detection_loss
 from retinaflow.model.norm import resolve_norms
@@ -217,7 +224,7 @@ class _Trainer:
         try:
             fn = compile_package.load(blob)
         except Exception as exc:  # another torch, a torn file: compiled as without it, and rebuilt
-            log.warning("compile package: cannot load %s (%s); building it again", key, _one_line(exc))
+            log.warning("compile package: cannot load %s (%s); building it again", key, first_line(exc))
             self.want_package = True
             return
         self.package = compile_package.PackagedForward(fn, self.net, self.forward_net)
@@ -310,7 +317,7 @@ class _Trainer:
         try:
             blob = compile_package.build(self.net, example, self.config.train.compile, self._autocast())
         except Exception as exc:  # this torch cannot package this network: train on without it
-            log.warning("compile package: cannot build it (%s); later starts trace again", _one_line(exc))
+            log.warning("compile package: cannot build it (%s); later starts trace again", first_line(exc))
             return None
         log.info("compile package: built in %.1f s (%.1f MB)", time.perf_counter() - start, len(blob) / 2**20)
         return blob
@@ -587,9 +594,3 @@ def _install_stop_handlers(trainer: _Trainer) -> Any:
             signal.signal(s, h)
 
     return restore
-
-
-def _one_line(exc: BaseException) -> str:
-    """An exception as one line: its message's first line, or its type's name."""
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from retinaflow.errors import CheckpointError, ConfigError, MissingDependency
+from retinaflow.errors import CheckpointError, ConfigError, MissingDependency, first_line
 from retinaflow.export.metadata import OUTPUTS, gpu_identity, parse, read_sidecar, sidecar
 from retinaflow.ops.detections import Detections
 
@@ -96,7 +96,7 @@ class Pt2Engine(Engine):
             index = (dev.index or 0) if dev.type == "cuda" else -1
             self.runner = load_pt2_runner(path, index, single_threaded=self.graphs is not None)
         except Exception as exc:  # the loader's errors are long C++ traces: one line and the fix
-            raise EngineError(f"cannot load {path.name} ({_first_line(exc)}): re-export it") from exc
+            raise EngineError(f"cannot load {path.name} ({first_line(exc)}): re-export it") from exc
         meta = {**meta, **parse(dict(self.runner.get_metadata()))}
         _check_torch_version(meta, path)  # also when the sidecar was not copied along
         _check_gpu(meta, path, dev)
@@ -130,7 +130,7 @@ class OnnxEngine(Engine):
         try:
             self.session = ort.InferenceSession(str(path), providers=[*providers, "CPUExecutionProvider"])
         except Exception as exc:
-            raise EngineError(f"{path.name} is not a loadable ONNX model ({_first_line(exc)})") from exc
+            raise EngineError(f"{path.name} is not a loadable ONNX model ({first_line(exc)})") from exc
         names = [o.name for o in self.session.get_outputs()]
         if names != list(OUTPUTS):
             raise EngineError(
@@ -203,7 +203,7 @@ def _pt2_preflight(path: Path) -> dict[str, Any]:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise EngineError(f"{path.name} is damaged ({_first_line(exc)}): re-export it") from exc
+        raise EngineError(f"{path.name} is damaged ({first_line(exc)}): re-export it") from exc
     if bad is not None:
         raise EngineError(f"{path.name} is damaged ({bad} fails its checksum): re-export it")
     meta = read_sidecar(path) if sidecar(path).is_file() else {}
@@ -245,8 +245,3 @@ def _register_ops(device: torch.device, path: Path) -> None:
         except MissingDependency as exc:
             message = f"{path.name} calls retinaflow's CUDA kernels, which cannot load: {exc}"
             raise MissingDependency(message) from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
