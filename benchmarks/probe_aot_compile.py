@@ -21,11 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from retinaflow.config import ModelConfig
+from retinaflow.engine import compile_package
 from retinaflow.engine.blocks import BlockInput
 from retinaflow.model.retinanet import build_model
 
@@ -65,29 +67,25 @@ def largest_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def save(args: argparse.Namespace) -> dict[str, Any]:
+    """The trainer's package (``engine.compile_package.build``), traced at the first shape, to FILE."""
     net = network(args.device)
     x = blocks(args.batch, args.shapes[0], args.device)
     torch._dynamo.mark_dynamic(x, 2)  # an error names the code that specialises a block count
     torch._dynamo.mark_dynamic(x, 4)
-    if hasattr(torch._dynamo.config, "enable_aot_compile"):  # torch < 2.12: aot_compile behind this flag
-        torch._dynamo.config.enable_aot_compile = True
     t0 = time.perf_counter()
-    compiled = torch.compile(net, fullgraph=True, backend=args.backend)
     try:
-        with torch.autocast(args.device, dtype=torch.bfloat16):
-            fn = compiled.forward.aot_compile(((x,), {}))
-        seconds = time.perf_counter() - t0
-        fn.save_compiled_function(args.file)
+        blob = compile_package.build(net, x, args.backend, torch.autocast(args.device, dtype=torch.bfloat16))
     except Exception as exc:  # this torch has no aot_compile, or it cannot compile this step
         return {"error": f"{type(exc).__name__}: " + " ".join(str(exc).split())[:600]}
-    return {"aot_compile_s": round(seconds, 1)}
+    seconds = time.perf_counter() - t0
+    Path(args.file).write_bytes(blob)
+    return {"aot_compile_s": round(seconds, 1), "mb": round(len(blob) / 2**20, 1)}
 
 
 def load(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
-        with open(args.file, "rb") as f:
-            fn = torch.compiler.load_compiled_function(f)
+        fn = compile_package.load(Path(args.file).read_bytes())
     except Exception as exc:
         return {"error": f"{type(exc).__name__}: " + " ".join(str(exc).split())[:600]}
     out: dict[str, Any] = {"load_s": round(time.perf_counter() - t0, 2)}

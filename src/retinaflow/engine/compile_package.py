@@ -16,6 +16,7 @@ torch < 2.12 keeps it behind ``torch._dynamo.config.enable_aot_compile``.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import tempfile
@@ -65,14 +66,7 @@ def build(
 def load(blob: bytes) -> Callable[..., Any]:
     """The function :func:`build` packaged: ``fn(net, x)``. Raises what PyTorch raises for bytes it cannot
     load (another torch version, a torn file)."""
-    fd, name = tempfile.mkstemp(suffix=".aot")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-        with open(name, "rb") as f:
-            return torch.compiler.load_compiled_function(f)  # type: ignore[no-any-return]
-    finally:
-        os.unlink(name)
+    return torch.compiler.load_compiled_function(io.BytesIO(blob))  # type: ignore[no-any-return]
 
 
 class PackagedForward:
