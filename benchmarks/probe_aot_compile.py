@@ -85,7 +85,9 @@ def save(args: argparse.Namespace) -> dict[str, Any]:
 def load(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
-        fn = compile_package.load(Path(args.file).read_bytes())
+        fn = compile_package.load(
+            Path(args.file).read_bytes(), torch.autocast(args.device, dtype=torch.bfloat16)
+        )
     except Exception as exc:
         return {"error": f"{type(exc).__name__}: " + " ".join(str(exc).split())[:600]}
     out: dict[str, Any] = {"load_s": round(time.perf_counter() - t0, 2)}

@@ -51,7 +51,8 @@
 #                                             `cpp` compiles with inductor's C++ wrapper (TORCHINDUCTOR_CPP_WRAPPER=1:
 #                                             the graphs' launches from C++, not Python; own caches: cold again);
 #                                             fixed or coco runs that data set alone;
-#                                             C1000_GPUS=1 on a one-GPU machine; C1000_ARGS adds bench_ddp.py options
+#                                             C1000_GPUS=1 on a one-GPU machine, =2 for 2 GPUs alone (default 1,2: both,
+#                                             one after the other); C1000_ARGS adds bench_ddp.py options
 #                                             (e.g. --profile-start: where the start-up goes)
 #   bash benchmarks/run_wave_gpu.sh compileprof [cpp] [blocks|dynamic] [fixed|coco]  after `compile1000 cold` (same options): why the compiled step with symbolic shapes
 #                                             (COCO's sizes) is slower than on one static shape (160 against 214
@@ -137,7 +138,7 @@ case "${1:-tests}" in
     python benchmarks/bench_train_realdata.py ${REALDATA_ARGS:---batch 8 --first 500 --second 500 --cudnn auto --peers dali,preloaded --compile} \
       2>&1 | tee "$OUT/realdata.log" | tail -60 ;;
   ddp)
-    python benchmarks/bench_ddp.py --gpus "$(nvidia-smi -L | wc -l)" --out-dir "$OUT" ${DDP_ARGS:-} 2>&1 | tail -80 ;;
+    python benchmarks/bench_ddp.py --gpus "1,$(nvidia-smi -L | wc -l)" --out-dir "$OUT" ${DDP_ARGS:-} 2>&1 | tail -80 ;;
   gradsync)  # the NCCL tests (same weights as DDP; the lagged normaliser), then throughput both ways
     python -m pytest -q -p no:cacheprovider -m gpu -rA tests/engine/test_distributed.py \
       -k "after_backward or lagged or compiled" 2>&1 | tee "$OUT/gradsync_tests.log" | tail -8

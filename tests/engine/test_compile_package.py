@@ -25,37 +25,48 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def config(paths, cache: str = "", package: bool = False):
+def config(paths, cache: str = "", package: bool = False, precision: str = "fp32"):
     """The tiny network on 8 padded shapes (symbolic block counts), dynamo's eager backend (inductor's CPU
     convolution backward specialises the sizes, so only a GPU gives a symbolic inductor package)."""
     cfg = tiny_config(paths, iters=4)
     cfg.data.resize, cfg.data.max_size, cfg.data.jitter = 96, 192, (64, 128)
     cfg.train.compile, cfg.train.compile_cache, cfg.train.compile_package = "eager", cache, package
-    cfg.train.checkpoint_every = 0
+    cfg.train.checkpoint_every, cfg.train.precision = 0, precision
     return cfg
 
 
+# bf16: the step runs under autocast, which the package must be loaded under too (torch 2.11 refused every
+# call of a package loaded outside it on the H200, docs/PERFORMANCE.md)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_a_second_run_trains_from_the_package_without_tracing_to_the_same_weights(
-    synth_small, tmp_path, caplog
+    synth_small, tmp_path, caplog, monkeypatch, precision
 ):
-    plain = load_checkpoint(train(config(synth_small), tmp_path / "plain.pth"))["model"]
+    loaded_under_autocast = []
+    load = torch.compiler.load_compiled_function
+
+    def spy(f):  # torch 2.14.1 on the CPU accepts a package loaded outside autocast: check the contract
+        loaded_under_autocast.append(torch.is_autocast_enabled("cpu"))
+        return load(f)
+
+    monkeypatch.setattr(torch.compiler, "load_compiled_function", spy)
+    plain = load_checkpoint(train(config(synth_small, precision=precision), tmp_path / "plain.pth"))["model"]
     cache = tmp_path / "compile.bin"
     compile_cache.write(cache, {"cpu package": b"a torn package"})  # not loadable: rebuilt
     with caplog.at_level("WARNING", logger="retinaflow.engine.train"):
-        first_path = train(config(synth_small, str(cache), True), tmp_path / "first.pth")
+        first_path = train(config(synth_small, str(cache), True, precision), tmp_path / "first.pth")
     first = load_checkpoint(first_path)["model"]
     assert "compile package: cannot load cpu package" in caplog.text
     assert compile_cache.load_package(cache, CPU) not in (None, b"a torn package")
     frames = counters["frames"]["total"]
     assert frames > 0  # the runs without a package traced
     with caplog.at_level("INFO", logger="retinaflow"):
-        second = load_checkpoint(train(config(synth_small, str(cache), True), tmp_path / "second.pth"))[
-            "model"
-        ]
+        second_path = train(config(synth_small, str(cache), True, precision), tmp_path / "second.pth")
+    second = load_checkpoint(second_path)["model"]
     assert counters["frames"]["total"] == frames  # dynamo traced nothing
     assert "compile package: cpu package loaded" in caplog.text
     assert "outside its guards" not in caplog.text  # every batch ran through the package
     assert "4 batches ran through it, 0 through the compiled network" in caplog.text
+    assert loaded_under_autocast == [precision == "bf16"] * 2  # the torn package, then the built one
     for name, weights in (("first", first), ("second", second)):
         for key, value in plain.items():
             assert torch.equal(weights[key], value), (name, key)

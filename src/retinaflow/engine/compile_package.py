@@ -63,10 +63,13 @@ def build(
         os.unlink(name)
 
 
-def load(blob: bytes) -> Callable[..., Any]:
-    """The function :func:`build` packaged: ``fn(net, x)``. Raises what PyTorch raises for bytes it cannot
-    load (another torch version, a torn file)."""
-    return torch.compiler.load_compiled_function(io.BytesIO(blob))  # type: ignore[no-any-return]
+def load(blob: bytes, autocast: AbstractContextManager[Any]) -> Callable[..., Any]:
+    """The function :func:`build` packaged: ``fn(net, x)``, loaded under ``autocast`` (the context it will
+    be called in: torch 2.11 rebuilds the input's dispatch-key guard from the autocast state at load time,
+    so a package loaded outside autocast refuses every call inside it). Raises what PyTorch raises for bytes
+    it cannot load (another torch version, a torn file)."""
+    with autocast:
+        return torch.compiler.load_compiled_function(io.BytesIO(blob))  # type: ignore[no-any-return]
 
 
 class PackagedForward:

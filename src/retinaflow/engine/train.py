@@ -222,7 +222,7 @@ class _Trainer:
             self.want_package = True
             return
         try:
-            fn = compile_package.load(blob)
+            fn = compile_package.load(blob, self._autocast())
         except Exception as exc:  # another torch, a torn file: compiled as without it, and rebuilt
             log.warning("compile package: cannot load %s (%s); building it again", key, first_line(exc))
             self.want_package = True
@@ -325,7 +325,8 @@ class _Trainer:
     def _autocast(self) -> Any:
         """The training step's autocast context (none in fp32)."""
         dev = self.info.device
-        return torch.autocast(dev.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
+        dtype = autocast_dtype(self.config.train.precision, dev)  # before _build_optimizer sets amp_dtype
+        return torch.autocast(dev.type, dtype=dtype) if dtype is not None else nullcontext()
 
     # -- one step -----------------------------------------------------------------------------
     def step(self, batch: Batch) -> dict[str, torch.Tensor]:
