@@ -364,9 +364,13 @@ def worker(args: argparse.Namespace) -> None:
     start = _StartProfile() if args.profile_start and rank == 0 else None
     if start is not None:
         callbacks.append(start)
+    called = time.perf_counter()
     train(cfg, Path(args.checkpoint), callbacks)
     result: dict[str, Any] = {"world": world, "global_batch": cfg.train.batch}
     if rank == 0:
+        # the trainer's set-up before iteration 1, outside the img/s window: the model, the loader, the
+        # compile cache and package loaded (dynamo's tracing and the compile are in the first step, inside it)
+        result["setup_s"] = round(log.times[0] - called, 1) if log.times else None
         first = next((i for i, it in enumerate(log.iterations) if it >= args.warmup), None)
         end = len(log.times) - 1
         if profiler is not None:  # the window ends where the profiled iterations begin

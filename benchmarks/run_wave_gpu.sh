@@ -96,7 +96,7 @@ if [ -n "$left" ]; then echo "killing processes left on the GPUs: $left"; kill -
 # killed after LIMIT seconds (0: no limit); figures: the lines of its JSON worth reading in the call's output
 tp() { local limit=$1; shift; timeout "$limit" python benchmarks/bench_ddp.py --loaders dali --skip-equivalence "$@"; }
 figures() {
-  grep -E -e '"(img_s|img_s_log_steps|slowest_log_steps|window|loader_img_s_rank|scaling_.|efficiency_.|wall_s|error|.x1gpu_.*)"|rror' \
+  grep -E -e '"(img_s|img_s_log_steps|slowest_log_steps|window|loader_img_s_rank|scaling_.|efficiency_.|wall_s|setup_s|error|.x1gpu_.*)"|rror' \
     -e '"(wall_ms_per_step|gpu_busy_ms_per_step|gpu_busy_fraction|kernel_launches_per_step)"'  # with --profile
 }
 # data fixed|coco: bench_ddp's arguments for 1333x800 JPEGs (one shape) or COCO's sizes at the default jitter

@@ -221,6 +221,7 @@ class _Trainer:
             log.info("compile package: none for %s in %s; built after the first step", key, t.compile_cache)
             self.want_package = True
             return
+        start = time.perf_counter()
         try:
             fn = compile_package.load(blob, self._autocast())
         except Exception as exc:  # another torch, a torn file: compiled as without it, and rebuilt
@@ -229,7 +230,10 @@ class _Trainer:
             return
         self.package = compile_package.PackagedForward(fn, self.net, self.forward_net)
         self.forward_net = self.package
-        log.info("compile package: %s loaded from %s (%.1f MB)", key, t.compile_cache, len(blob) / 2**20)
+        log.info(
+            "compile package: %s loaded from %s (%.1f MB) in %.1f s",
+            *(key, t.compile_cache, len(blob) / 2**20, time.perf_counter() - start),
+        )
 
     def _check_resumable(self, model: RetinaNet) -> None:
         """The checkpoint being resumed holds this architecture, trained on these classes with this optimizer
