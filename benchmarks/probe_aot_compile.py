@@ -67,14 +67,15 @@ def largest_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def save(args: argparse.Namespace) -> dict[str, Any]:
-    """The trainer's package (``engine.compile_package.build``), traced at the first shape, to FILE."""
+    """The trainer's package (``compile_package.compile_forward``), traced at the first shape, to FILE."""
     net = network(args.device)
     x = blocks(args.batch, args.shapes[0], args.device)
     torch._dynamo.mark_dynamic(x, 2)  # an error names the code that specialises a block count
     torch._dynamo.mark_dynamic(x, 4)
     t0 = time.perf_counter()
     try:
-        blob = compile_package.build(net, x, args.backend, torch.autocast(args.device, dtype=torch.bfloat16))
+        autocast = torch.autocast(args.device, dtype=torch.bfloat16)
+        blob = compile_package.serialize(compile_package.compile_forward(net, x, args.backend, autocast))
     except Exception as exc:  # this torch has no aot_compile, or it cannot compile this step
         return {"error": f"{type(exc).__name__}: " + " ".join(str(exc).split())[:600]}
     seconds = time.perf_counter() - t0

@@ -172,13 +172,13 @@ class TrainConfig:
     # img/s, steady steps 151.3 against 134.4 img/s (GPU 37.7 against 40.3 ms per step); one shape: 133.9
     # img/s (docs/PERFORMANCE.md, twenty-first session).
     compile_shapes: str = "blocks"
-    # With compile and compile_cache: after the first step, package the compiled forward (dynamo's graph
-    # with the backend's forward and backward, torch.compile(...).aot_compile()) into the compile-cache
-    # file, one per device; a later start runs the package without dynamo tracing the network (5-11 s with
-    # symbolic sizes on the GPU hosts). Batches its guards refuse go through the usual compiled network.
-    # Works with the symbolic block counts of compile_shapes=blocks on this project's CPU (torch 2.14.1,
-    # "eager" backend); not yet measured on a GPU (engine/compile_package.py). Not with cuda_graph,
-    # compile_shapes=static or a DDP-wrapped network (grad_sync=ddp on several GPUs).
+    # With compile and compile_cache: compile the forward ahead of time at the first step (dynamo's graph
+    # with the backend's forward and backward, torch.compile(...).aot_compile()), train through it and keep
+    # it in the compile-cache file, one per device; a later start runs the package without dynamo tracing
+    # the network (first step 1.5 s instead of 9.3 s on an H200, COCO's sizes). Batches its guards refuse go
+    # through the usual compiled network. Experimental in PyTorch, measured on 1 GPU only
+    # (engine/compile_package.py, docs/PERFORMANCE.md). Not with cuda_graph, compile_shapes=static or a
+    # DDP-wrapped network (grad_sync=ddp on several GPUs).
     compile_package: bool = False
     # Gradient averaging over ranks (several GPUs): "ddp" (DistributedDataParallel: bucketed all-reduces
     # overlapped with backward), "after_backward" (engine.distributed.GradientAverage: flat all-reduces

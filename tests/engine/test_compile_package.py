@@ -1,5 +1,5 @@
-"""``train.compile_package``: the compiled forward packaged into the compile-cache file after the first step;
-a later run trains from the package without dynamo tracing, to the same weights."""
+"""``train.compile_package``: the forward compiled ahead of time at the first step, trained through and kept
+in the compile-cache file; a later run trains from the package without dynamo tracing, to the same weights."""
 
 from __future__ import annotations
 
@@ -52,11 +52,15 @@ def test_a_second_run_trains_from_the_package_without_tracing_to_the_same_weight
     plain = load_checkpoint(train(config(synth_small, precision=precision), tmp_path / "plain.pth"))["model"]
     cache = tmp_path / "compile.bin"
     compile_cache.write(cache, {"cpu package": b"a torn package"})  # not loadable: rebuilt
-    with caplog.at_level("WARNING", logger="retinaflow.engine.train"):
+    with caplog.at_level("INFO", logger="retinaflow"):
         first_path = train(config(synth_small, str(cache), True, precision), tmp_path / "first.pth")
     first = load_checkpoint(first_path)["model"]
     assert "compile package: cannot load cpu package" in caplog.text
+    # compiled at the first step, and every batch of the first run went through it
+    assert "compile package: compiled in" in caplog.text
+    assert "4 batches ran through it, 0 through the compiled network" in caplog.text
     assert compile_cache.load_package(cache, CPU) not in (None, b"a torn package")
+    caplog.clear()
     frames = counters["frames"]["total"]
     assert frames > 0  # the runs without a package traced
     with caplog.at_level("INFO", logger="retinaflow"):
@@ -66,7 +70,7 @@ def test_a_second_run_trains_from_the_package_without_tracing_to_the_same_weight
     assert "compile package: cpu package loaded" in caplog.text
     assert "outside its guards" not in caplog.text  # every batch ran through the package
     assert "4 batches ran through it, 0 through the compiled network" in caplog.text
-    assert loaded_under_autocast == [precision == "bf16"] * 2  # the torn package, then the built one
+    assert loaded_under_autocast == [precision == "bf16"] * 2  # the torn package, then the saved one
     for name, weights in (("first", first), ("second", second)):
         for key, value in plain.items():
             assert torch.equal(weights[key], value), (name, key)

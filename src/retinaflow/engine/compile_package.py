@@ -3,11 +3,12 @@
 
 ``train.compile_cache`` skips AOTAutograd and inductor on a warm start, but dynamo still traces the network
 at every start: 5–11 s for R50-FPN with symbolic sizes on the GPU hosts (docs/PERFORMANCE.md, twenty-second
-and twenty-third sessions). ``torch.compile(...).aot_compile()`` packages dynamo's graph with the backend's
-compiled forward and backward; ``torch.compiler.load_compiled_function`` gives them back as a function of
-(module, input) that checks its guards and runs, without tracing. The trainer builds the package after its
-first step (from the caches that step filled, so the cost is one more trace), keeps one per device in the
-compile-cache file, and on later starts calls the package instead of the lazily compiled network.
+and twenty-third sessions). ``torch.compile(...).aot_compile()`` compiles dynamo's graph with the backend
+into a function of (module, input) that checks its guards and runs, and that serialises;
+``torch.compiler.load_compiled_function`` gives it back in another process without tracing. A run with no
+package compiles its forward this way at its first step and trains through it (one compile: building a
+package after a lazy compile compiled twice, 37–88 s more on an H200, since ``aot_compile`` bypasses the
+AOTAutograd cache); the package is kept, one per device, in the compile-cache file, and later starts load it.
 
 A batch the package's guards refuse (a shape its graph was not compiled for) runs through the lazily
 compiled network instead, which compiles it as without a package. PyTorch marks the API experimental;
@@ -32,13 +33,12 @@ log = logging.getLogger(__name__)
 GUARDS_REFUSED = "GuardManager check failed"  # the loaded function's error for an input it was not built for
 
 
-def build(
+def compile_forward(
     net: nn.Module, example: torch.Tensor, backend: str, autocast: AbstractContextManager[Any]
-) -> bytes:
-    """The package of ``net``'s forward, traced on ``example`` (its dynamic dimensions marked) under
-    ``autocast`` (the training step's), compiled with ``backend``: bytes for :func:`load`. Raises what
-    PyTorch raises when it cannot (no ``aot_compile`` in this torch, a graph break, a backend that cannot
-    serialise)."""
+) -> Callable[..., Any]:
+    """``net``'s forward compiled ahead of time with ``backend``, traced on ``example`` (its dynamic
+    dimensions marked) under ``autocast`` (the training step's): ``fn(net, x)``, for :func:`serialize`.
+    Raises what PyTorch raises when it cannot (no ``aot_compile`` in this torch, a graph break)."""
     if hasattr(torch._dynamo.config, "enable_aot_compile"):  # torch < 2.12
         torch._dynamo.config.enable_aot_compile = True
     compiled = torch.compile(net, fullgraph=True, backend=backend)
@@ -49,14 +49,19 @@ def build(
         for p in grads:
             p.grad = None
         with autocast:
-            package = compiled.forward.aot_compile(((example,), {}))  # type: ignore[attr-defined]
+            return compiled.forward.aot_compile(((example,), {}))  # type: ignore[attr-defined,no-any-return]
     finally:
         for p, grad in grads.items():
             p.grad = grad
+
+
+def serialize(fn: Callable[..., Any]) -> bytes:
+    """The bytes of a function :func:`compile` returned, for :func:`load`. Raises what PyTorch raises for a
+    backend whose output does not serialise."""
     fd, name = tempfile.mkstemp(suffix=".aot")
     os.close(fd)
     try:
-        package.save_compiled_function(name)
+        fn.save_compiled_function(name)  # type: ignore[attr-defined]
         with open(name, "rb") as f:
             return f.read()
     finally:
@@ -64,7 +69,7 @@ def build(
 
 
 def load(blob: bytes, autocast: AbstractContextManager[Any]) -> Callable[..., Any]:
-    """The function :func:`build` packaged: ``fn(net, x)``, loaded under ``autocast`` (the context it will
+    """The function :func:`serialize` packaged: ``fn(net, x)``, loaded under ``autocast`` (the context it will
     be called in: torch 2.11 rebuilds the input's dispatch-key guard from the autocast state at load time,
     so a package loaded outside autocast refuses every call inside it). Raises what PyTorch raises for bytes
     it cannot load (another torch version, a torn file)."""

@@ -203,7 +203,7 @@ class _Trainer:
             )
         self.net, self.want_package = net, False
         self.package: compile_package.PackagedForward | None = None
-        self.package_input: torch.Tensor | None = None  # the first step's, to build the package from
+        self.package_unsaved = False  # compiled in this run: saved to the compile-cache file after the step
         if t.compile:
             self.forward_net = compiled(forward_net, t.compile, info, t.cuda_graph, shapes, static)
             if t.compile_cache:
@@ -214,18 +214,18 @@ class _Trainer:
 
     def _load_package(self) -> None:
         """Run the forward from this device's package in the compile-cache file, if it holds one that loads;
-        otherwise the first step's input is kept to build one (:meth:`_save_compile_cache`)."""
+        otherwise the first step compiles one (:meth:`_compile_package`)."""
         t, key = self.config.train, compile_cache.package_key(self.info.device)
         blob = compile_cache.load_package(t.compile_cache, self.info.device)
         if blob is None:
-            log.info("compile package: none for %s in %s; built after the first step", key, t.compile_cache)
+            log.info("compile package: none for %s in %s; compiled at the first step", key, t.compile_cache)
             self.want_package = True
             return
         start = time.perf_counter()
         try:
             fn = compile_package.load(blob, self._autocast())
         except Exception as exc:  # another torch, a torn file: compiled as without it, and rebuilt
-            log.warning("compile package: cannot load %s (%s); building it again", key, first_line(exc))
+            log.warning("compile package: cannot load %s (%s); compiling it again", key, first_line(exc))
             self.want_package = True
             return
         self.package = compile_package.PackagedForward(fn, self.net, self.forward_net)
@@ -305,25 +305,39 @@ class _Trainer:
         t = self.config.train
         if not (t.compile and t.compile_cache):
             return
-        package = self._build_package()
+        package = self._package_bytes()
         new = float(compile_cache.compiled_graphs() > self.cached_graphs or package is not None)
         if D.all_reduce_sum(torch.tensor([new], device=self.info.device), self.info).item() > 0:
             compile_cache.save(t.compile_cache, self.info, package)
             self.cached_graphs = compile_cache.compiled_graphs()
 
-    def _build_package(self) -> bytes | None:
-        """With ``train.compile_package``, after the first step of a run that loaded no package: package
-        the forward, traced on that step's input (its compiled artifacts are in the caches now)."""
-        example, self.package_input = self.package_input, None
-        if example is None:
-            return None
+    def _compile_package(self, example: torch.Tensor) -> None:
+        """With ``train.compile_package``, at the first step of a run that loaded no package: compile the
+        forward ahead of time, traced on ``example`` (the step's input), and train through it. If PyTorch
+        cannot, the step goes on through the lazily compiled network."""
         start = time.perf_counter()
         try:
-            blob = compile_package.build(self.net, example, self.config.train.compile, self._autocast())
+            fn = compile_package.compile_forward(
+                self.net, example, self.config.train.compile, self._autocast()
+            )
         except Exception as exc:  # this torch cannot package this network: train on without it
-            log.warning("compile package: cannot build it (%s); later starts trace again", first_line(exc))
+            log.warning("compile package: cannot compile one (%s); later starts trace again", first_line(exc))
+            return
+        self.package = compile_package.PackagedForward(fn, self.net, self.forward_net)
+        self.forward_net, self.package_unsaved = self.package, True
+        log.info("compile package: compiled in %.1f s", time.perf_counter() - start)
+
+    def _package_bytes(self) -> bytes | None:
+        """The package this run compiled, serialised once for the compile-cache file (None: nothing new)."""
+        if not self.package_unsaved or self.package is None:
             return None
-        log.info("compile package: built in %.1f s (%.1f MB)", time.perf_counter() - start, len(blob) / 2**20)
+        self.package_unsaved = False
+        try:
+            blob = compile_package.serialize(self.package.package)
+        except Exception as exc:  # a backend whose output does not serialise
+            log.warning("compile package: cannot save it (%s); later starts trace again", first_line(exc))
+            return None
+        log.info("compile package: %.1f MB, saved with the compile cache", len(blob) / 2**20)
         return blob
 
     def _autocast(self) -> Any:
@@ -349,8 +363,9 @@ class _Trainer:
         self.lr = lr_at(self.iteration, cfg.train)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        if self.want_package:  # the first step's input: the package is traced on it after the step
-            self.package_input, self.want_package = net_input, False
+        if self.want_package:  # traced on the first step's input
+            self.want_package = False
+            self._compile_package(net_input)
         with self._autocast():
             cls_out, box_out = self.forward_net(net_input)
         anchors = generate_anchors(
