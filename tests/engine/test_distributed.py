@@ -339,6 +339,42 @@ def test_compiled_ddp_trains(synth_small, tmp_path, backend, grad_sync, shapes, 
     assert load_checkpoint(ckpt)["iteration"] == 2
 
 
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_ranks_compile_their_packages_then_start_from_them(synth_small, tmp_path, backend):
+    """``train.compile_package`` on 2 ranks of one node (gradients averaged after backward, one graph): the
+    first launch compiles each rank's package at its first step and trains through it, and the file keeps
+    one package per device; the second launch loads them, every batch of both ranks runs through them, and
+    it trains to the first launch's weights."""
+    from retinaflow.engine import compile_cache
+
+    cfg = tiny_config(synth_small, iters=2)
+    cfg.train.batch, cfg.train.grad_sync = 4, "after_backward"
+    cfg.data.resize, cfg.data.max_size, cfg.data.jitter = 96, 192, (64, 128)  # several padded shapes
+    cfg.train.compile, cfg.train.compile_package = "eager", True
+    cache = tmp_path / "compile.bin"
+    cfg.train.compile_cache = str(cache)
+    cfg.dump(tmp_path / "cfg.yaml")
+    weights = []
+    for run, done in (("first", "compile package: compiled in"), ("second", "package loaded from")):
+        ckpt = tmp_path / f"{run}.pth"
+        proc = run_train(tmp_path, backend, str(ckpt), "--config", str(tmp_path / "cfg.yaml"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stderr.count(done) == 2, proc.stderr[-3000:]  # each rank
+        assert proc.stderr.count("2 batches ran through it, 0 through the compiled network") == 2, proc.stderr
+        weights.append(load_checkpoint(ckpt)["model"])
+        if run == "first":
+            devices = ["cpu"] if backend == "gloo" else ["cuda:0", "cuda:1"]
+            assert {f"{d} package" for d in devices} <= set(compile_cache.read(cache)), compile_cache.read(
+                cache
+            )
+    for key, value in weights[0].items():
+        if backend == "gloo":
+            assert torch.equal(weights[1][key], value), key
+        else:  # GPU kernels need not be bitwise reproducible
+            torch.testing.assert_close(weights[1][key], value, rtol=1e-3, atol=1e-5)
+
+
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("backend", [NCCL])
 def test_each_gpu_starts_from_its_own_artifacts_in_the_compile_cache(synth_small, tmp_path, backend):
