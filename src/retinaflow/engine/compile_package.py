@@ -56,8 +56,8 @@ def compile_forward(
 
 
 def serialize(fn: Callable[..., Any]) -> bytes:
-    """The bytes of a function :func:`compile_forward` returned, for :func:`load`. Raises what PyTorch raises for a
-    backend whose output does not serialise."""
+    """The bytes of a function :func:`compile_forward` returned, for :func:`load`. Raises what PyTorch
+    raises for a backend whose output does not serialise."""
     fd, name = tempfile.mkstemp(suffix=".aot")
     os.close(fd)
     try:
