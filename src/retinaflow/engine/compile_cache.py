@@ -136,8 +136,9 @@ def load(path: str | Path, device: torch.device) -> int:
         return 0
     blob = sets.get(key, sets.get(ANY_DEVICE))
     if blob is None:
-        held = ", ".join(k for k in sets if not k.endswith(" package")) or "none"
-        log.info("compile cache: %s has no artifacts for %s (only %s); compiling them", path, key, held)
+        held = ", ".join(k for k in sets if not k.endswith(" package"))
+        held = f"only {held}" if held else "none for any device"
+        log.info("compile cache: %s has no artifacts for %s (%s); compiling them", path, key, held)
         return 0
     torch_log = logging.getLogger("torch.compiler._cache")  # logs a traceback for a file it cannot read
     level = torch_log.level
