@@ -75,7 +75,8 @@ def save(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         autocast = torch.autocast(args.device, dtype=torch.bfloat16)
-        blob = compile_package.serialize(compile_package.compile_forward(net, x, args.backend, autocast))
+        fn = compile_package.compile_forward(net, x, args.backend, autocast)
+        blob = compile_package.serialize(fn, compile_package.fingerprint(net, args.backend, torch.bfloat16))
     except Exception as exc:  # this torch has no aot_compile, or it cannot compile this step
         return {"error": f"{type(exc).__name__}: " + " ".join(str(exc).split())[:600]}
     seconds = time.perf_counter() - t0
@@ -84,11 +85,11 @@ def save(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def load(args: argparse.Namespace) -> dict[str, Any]:
+    fingerprint = compile_package.fingerprint(network(args.device), args.backend, torch.bfloat16)
     t0 = time.perf_counter()
     try:
-        fn = compile_package.load(
-            Path(args.file).read_bytes(), torch.autocast(args.device, dtype=torch.bfloat16)
-        )
+        autocast = torch.autocast(args.device, dtype=torch.bfloat16)
+        fn = compile_package.load(Path(args.file).read_bytes(), fingerprint, autocast)
     except Exception as exc:
         return {"error": f"{type(exc).__name__}: " + " ".join(str(exc).split())[:600]}
     out: dict[str, Any] = {"load_s": round(time.perf_counter() - t0, 2)}

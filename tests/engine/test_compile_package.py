@@ -3,14 +3,16 @@ in the compile-cache file; a later run trains from the package without dynamo tr
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 from tests.conftest import tiny_config
 from torch._dynamo.utils import counters
 
-from retinaflow.engine import compile_cache
+from retinaflow.engine import compile_cache, compile_package
 from retinaflow.engine.checkpoint import load_checkpoint
-from retinaflow.engine.compile_package import PackagedForward
+from retinaflow.engine.compile_package import PackagedForward, PackageMismatch
 from retinaflow.engine.train import train
 from retinaflow.errors import ConfigError
 
@@ -51,15 +53,15 @@ def test_a_second_run_trains_from_the_package_without_tracing_to_the_same_weight
     monkeypatch.setattr(torch.compiler, "load_compiled_function", spy)
     plain = load_checkpoint(train(config(synth_small, precision=precision), tmp_path / "plain.pth"))["model"]
     cache = tmp_path / "compile.bin"
-    compile_cache.write(cache, {"cpu package": b"a torn package"})  # not loadable: rebuilt
+    compile_cache.write(cache, {"cpu package": b"another network's package"})  # not run: compiled again
     with caplog.at_level("INFO", logger="retinaflow"):
         first_path = train(config(synth_small, str(cache), True, precision), tmp_path / "first.pth")
     first = load_checkpoint(first_path)["model"]
-    assert "compile package: cannot load cpu package" in caplog.text
+    assert "compile package: cannot load cpu package (it was compiled for another network" in caplog.text
     # compiled at the first step, and every batch of the first run went through it
     assert "compile package: compiled in" in caplog.text
     assert "4 batches ran through it, 0 through the compiled network" in caplog.text
-    assert compile_cache.load_package(cache, CPU) not in (None, b"a torn package")
+    assert compile_cache.load_package(cache, CPU) not in (None, b"another network's package")
     caplog.clear()
     frames = counters["frames"]["total"]
     assert frames > 0  # the runs without a package traced
@@ -70,10 +72,41 @@ def test_a_second_run_trains_from_the_package_without_tracing_to_the_same_weight
     assert "compile package: cpu package loaded" in caplog.text
     assert "outside its guards" not in caplog.text  # every batch ran through the package
     assert "4 batches ran through it, 0 through the compiled network" in caplog.text
-    assert loaded_under_autocast == [precision == "bf16"] * 2  # the torn package, then the saved one
+    assert loaded_under_autocast == [precision == "bf16"]  # the saved one (the other is refused before)
     for name, weights in (("first", first), ("second", second)):
         for key, value in plain.items():
             assert torch.equal(weights[key], value), (name, key)
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, out: int) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, out, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_a_package_runs_only_for_the_network_backend_precision_and_code_it_was_compiled_for(monkeypatch):
+    """Its guards would refuse another network's parameters batch after batch, and would not see other
+    code at all: the package runs the forward as it was traced."""
+    net, x = _Net(4), torch.randn(2, 3, 16, 16)
+    torch._dynamo.mark_dynamic(x, 2)
+    mine = compile_package.fingerprint(net, "eager", None)
+    blob = compile_package.serialize(compile_package.compile_forward(net, x, "eager", nullcontext()), mine)
+    y = torch.randn(2, 3, 24, 16)
+    assert torch.equal(compile_package.load(blob, mine, nullcontext())(net, y), net(y))
+    others = [
+        compile_package.fingerprint(_Net(6), "eager", None),
+        compile_package.fingerprint(net, "inductor", None),
+        compile_package.fingerprint(net, "eager", torch.bfloat16),
+    ]
+    monkeypatch.setattr(compile_package, "_source_digest", lambda: "retinaflow's code, edited")
+    others.append(compile_package.fingerprint(net, "eager", None))
+    assert len({mine, *others}) == 5
+    for other in others:
+        with pytest.raises(PackageMismatch, match="compiled for another network"):
+            compile_package.load(blob, other, nullcontext())
 
 
 def test_a_batch_the_package_refuses_runs_through_the_compiled_network():

@@ -17,12 +17,15 @@ torch < 2.12 keeps it behind ``torch._dynamo.config.enable_aot_compile``.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
 import logging
 import os
 import tempfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +34,31 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 GUARDS_REFUSED = "GuardManager check failed"  # the loaded function's error for an input it was not built for
+
+
+class PackageMismatch(RuntimeError):
+    """The package was compiled from another network, backend, precision, torch or retinaflow code."""
+
+
+@functools.cache
+def _source_digest() -> str:
+    """A digest of retinaflow's Python source: the package holds the network's code as it was traced, so a
+    package from other code (an upgrade, an edit) must not run."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def fingerprint(net: nn.Module, backend: str, dtype: torch.dtype | None) -> str:
+    """What a package was compiled from, beyond what its guards check: torch's version, retinaflow's source,
+    the backend, the autocast dtype (None: none), and the network's parameter and buffer names, shapes and
+    dtypes. A hex digest."""
+    h = hashlib.sha256(f"{torch.__version__}|{_source_digest()}|{backend}|{dtype}".encode())
+    for name, t in [*net.named_parameters(), *net.named_buffers()]:
+        h.update(f"|{name}:{tuple(t.shape)}:{t.dtype}".encode())
+    return h.hexdigest()
 
 
 def compile_forward(
@@ -55,26 +83,32 @@ def compile_forward(
             p.grad = grad
 
 
-def serialize(fn: Callable[..., Any]) -> bytes:
-    """The bytes of a function :func:`compile_forward` returned, for :func:`load`. Raises what PyTorch
-    raises for a backend whose output does not serialise."""
+def serialize(fn: Callable[..., Any], fingerprint: str) -> bytes:
+    """The bytes of a function :func:`compile_forward` returned, headed by its :func:`fingerprint`, for
+    :func:`load`. Raises what PyTorch raises for a backend whose output does not serialise."""
     fd, name = tempfile.mkstemp(suffix=".aot")
     os.close(fd)
     try:
         fn.save_compiled_function(name)  # type: ignore[attr-defined]
         with open(name, "rb") as f:
-            return f.read()
+            return fingerprint.encode() + b"\n" + f.read()
     finally:
         os.unlink(name)
 
 
-def load(blob: bytes, autocast: AbstractContextManager[Any]) -> Callable[..., Any]:
+def load(blob: bytes, fingerprint: str, autocast: AbstractContextManager[Any]) -> Callable[..., Any]:
     """The function :func:`serialize` packaged: ``fn(net, x)``, loaded under ``autocast`` (the context it will
     be called in: torch 2.11 rebuilds the input's dispatch-key guard from the autocast state at load time,
-    so a package loaded outside autocast refuses every call inside it). Raises what PyTorch raises for bytes
-    it cannot load (another torch version, a torn file)."""
+    so a package loaded outside autocast refuses every call inside it). Raises :class:`PackageMismatch` for
+    a package of another :func:`fingerprint`, and what PyTorch raises for bytes it cannot load (a torn
+    file)."""
+    header, _, data = blob.partition(b"\n")
+    if header != fingerprint.encode():
+        raise PackageMismatch(
+            "it was compiled for another network, backend, precision, torch or retinaflow code"
+        )
     with autocast:
-        return torch.compiler.load_compiled_function(io.BytesIO(blob))  # type: ignore[no-any-return]
+        return torch.compiler.load_compiled_function(io.BytesIO(data))  # type: ignore[no-any-return]
 
 
 class PackagedForward:

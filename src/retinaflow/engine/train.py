@@ -223,7 +223,7 @@ class _Trainer:
             return
         start = time.perf_counter()
         try:
-            fn = compile_package.load(blob, self._autocast())
+            fn = compile_package.load(blob, self._package_fingerprint(), self._autocast())
         except Exception as exc:  # another torch, a torn file: compiled as without it, and rebuilt
             log.warning("compile package: cannot load %s (%s); compiling it again", key, first_line(exc))
             self.want_package = True
@@ -333,12 +333,16 @@ class _Trainer:
             return None
         self.package_unsaved = False
         try:
-            blob = compile_package.serialize(self.package.package)
+            blob = compile_package.serialize(self.package.package, self._package_fingerprint())
         except Exception as exc:  # a backend whose output does not serialise
             log.warning("compile package: cannot save it (%s); later starts trace again", first_line(exc))
             return None
         log.info("compile package: %.1f MB, saved with the compile cache", len(blob) / 2**20)
         return blob
+
+    def _package_fingerprint(self) -> str:
+        t = self.config.train
+        return compile_package.fingerprint(self.net, t.compile, autocast_dtype(t.precision, self.info.device))
 
     def _autocast(self) -> Any:
         """The training step's autocast context (none in fp32)."""
