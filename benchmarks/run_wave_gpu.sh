@@ -58,6 +58,10 @@
 #                                             (COCO's sizes) is slower than on one static shape (160 against 214
 #                                             img/s): 1 GPU, 200 iterations each, 10 profiled (GPU busy ms and
 #                                             launches per step; host-bound or slower kernels?) (~3 min)
+#   bash benchmarks/run_wave_gpu.sh packageprof after `C1000_GPUS=2 ... compile1000 cold package` on the same machine: why
+#                                             COCO's sizes lose more against one shape on 2 GPUs than on 1 (82.5 %
+#                                             against 90.7 %): 1 and 2 GPUs from its packages, 300 iterations each,
+#                                             10 profiled on rank 0 (GPU busy and launches per step) (~3 min)
 #   bash benchmarks/run_wave_gpu.sh cachestart issue 13: --compile-cache on several GPUs (one set of artifacts per GPU):
 #                                             a 1-GPU then a 2-GPU launch write the file from an empty inductor cache,
 #                                             then both start again from it on another empty one; COCO's sizes, 30
@@ -228,6 +232,15 @@ case "${1:-tests}" in
       if [ "$pass" = cold ]; then c1000 "$d" cold "${opts[@]}" & else c1000 "$d" warm "${opts[@]}"; fi
     done
     wait ;;
+  packageprof)  # a 1-GPU launch runs cuda:0's package of the 2-GPU cache file (same network, same fingerprint)
+    for d in coco fixed; do
+      for g in 1 2; do
+        tp 150 --gpus "$g" --compile-only $(data "$d") --work "/tmp/c1000_$d" --tp-iters 300 --tp-warmup 0 \
+          --compile-cache "/tmp/c1000_$d.bin" --compile-package --profile --out-dir "$OUT/packageprof_${d}_$g" 2>&1 \
+          | figures | sed "s/^/[$d ${g}gpu] /"
+        grep -h "compile package" "/tmp/c1000_$d"/tp_*"${g}gpu.log" | sed "s/^/[$d ${g}gpu] /"
+      done
+    done ;;
   cachestart)
     rm -f /tmp/cc.bin
     for run in cold warm; do
