@@ -53,7 +53,7 @@
 #                                             fixed or coco runs that data set alone;
 #                                             C1000_GPUS=1 on a one-GPU machine, =2 for 2 GPUs alone (default 1,2: both,
 #                                             one after the other); C1000_ARGS adds bench_ddp.py options
-#                                             (e.g. --profile-start: where the start-up goes)
+#                                             (e.g. --profile-start: where the start-up goes); C1000_TAG adds to its output folder's name
 #   bash benchmarks/run_wave_gpu.sh compileprof [cpp] [blocks|dynamic] [fixed|coco]  after `compile1000 cold` (same options): why the compiled step with symbolic shapes
 #                                             (COCO's sizes) is slower than on one static shape (160 against 214
 #                                             img/s): 1 GPU, 200 iterations each, 10 profiled (GPU busy ms and
@@ -117,7 +117,7 @@ c1000() {
   local iters=1000 limit=400 tag
   local package=()
   if [ -n "${C1000_PACKAGE:-}" ]; then package=(--compile-cache "/tmp/c1000_$1.bin" --compile-package); fi
-  tag=$(echo "${@:3} ${TORCHINDUCTOR_CPP_WRAPPER:+cpp} ${C1000_PACKAGE:+package}" | sed -e 's/--cudagraphs/graphs/' -e 's/--compile-shapes //' \
+  tag=$(echo "${@:3} ${TORCHINDUCTOR_CPP_WRAPPER:+cpp} ${C1000_PACKAGE:+package} ${C1000_TAG:-}" | sed -e 's/--cudagraphs/graphs/' -e 's/--compile-shapes //' \
     -e 's/^ *//' -e 's/ *$//' -e 's/ /_/g')
   if [ "$2" = cold ]; then
     iters=30 limit=560
@@ -235,10 +235,7 @@ case "${1:-tests}" in
   packageprof)  # a 1-GPU launch runs cuda:0's package of the 2-GPU cache file (same network, same fingerprint)
     for d in coco fixed; do
       for g in 1 2; do
-        tp 150 --gpus "$g" --compile-only $(data "$d") --work "/tmp/c1000_$d" --tp-iters 300 --tp-warmup 0 \
-          --compile-cache "/tmp/c1000_$d.bin" --compile-package --profile --out-dir "$OUT/packageprof_${d}_$g" 2>&1 \
-          | figures | sed "s/^/[$d ${g}gpu] /"
-        grep -h "compile package" "/tmp/c1000_$d"/tp_*"${g}gpu.log" | sed "s/^/[$d ${g}gpu] /"
+        C1000_GPUS=$g C1000_PACKAGE=1 C1000_TAG=prof_${g}gpu C1000_ARGS="--profile --tp-iters 300" c1000 "$d" warm
       done
     done ;;
   cachestart)
