@@ -77,6 +77,17 @@
 #   bash benchmarks/run_wave_gpu.sh bnhead    issues 15/13: the default per-level BatchNorm head against the GroupNorm head:
 #                                             .pt2 engines (batch 1 profiled), the CUDA .pt2 test, then fixed-shape
 #                                             training eager and compiled (~11 min)
+#   bash benchmarks/run_wave_gpu.sh b1captures issue 15: is the batch-1 spread per capture or per process? One export, then
+#                                             3 fresh processes each capturing its batch-1 graph 4 times on new
+#                                             threads (cuDNN autotuned again each) and 4 on the main thread,
+#                                             every graph timed in interleaved rounds (probe_b1_captures.py, ~5 min)
+#   bash benchmarks/run_wave_gpu.sh b1trials  issue 15: batch 1 with infer.graph_trials (the fastest of N autotuned captures):
+#                                             the GPU tests of the trials, one export, then fresh processes
+#                                             alternating GRAPH_TRIALS=1 and 3 (B1TRIALS_PAIRS pairs, default 6) (~8 min)
+#   bash benchmarks/run_wave_gpu.sh clipackage issue 13: the CLI as a user runs it, `retinaflow train` R50-FPN --compile
+#                                             --compile-cache --compile-package (torch loader, COCO-sized synthetic
+#                                             JPEGs, 200 iterations), cold then warm in a fresh process; each log
+#                                             line stamped with seconds since its launch (~9 min)
 #   bash benchmarks/run_wave_gpu.sh b1spread  issue 15: the batch-1 engine's spread over fresh processes, cuDNN autotuned
 #                                             against its heuristics (CUDNN_BENCHMARK=0), one export (~5 min)
 #   bash benchmarks/run_wave_gpu.sh engines   every `gpu` test (kernels, engines, C++ runner, NCCL faults), probe_pt2, bench_engine
@@ -285,6 +296,41 @@ case "${1:-tests}" in
     python -m pytest -q -p no:cacheprovider -m gpu tests/export/test_aoti.py -k cuda_fp16 2>&1 | tail -2
     timeout 300 python benchmarks/bench_train.py --batch 8 --iters 20 --warmup 5 --compile --head-norms gn 2>&1 \
       | tee "$OUT/bnhead_train.log" | tail -3 ;;
+  b1captures)
+    timeout 300 python benchmarks/tune_engine.py --variants base --profile none --repeat 1 --no-peer \
+      --out /tmp/b1captures 2>&1 | tee "$OUT/b1captures_export.jsonl" | cut -c1-400
+    for k in 0 1 2; do
+      timeout 120 python benchmarks/probe_b1_captures.py /tmp/b1captures/base/engine.pt2 --captures 4
+    done 2>&1 | tee "$OUT/b1captures.jsonl" | cut -c1-700 ;;
+  b1trials)
+    timeout 240 python -m pytest -q -p no:cacheprovider -m gpu -rs tests/ops/test_graph.py \
+      tests/engine/test_infer.py tests/export/test_aoti.py -k "graph or cuda_fp16" 2>&1 | tee "$OUT/b1trials_tests.log" | tail -4
+    timeout 300 python benchmarks/tune_engine.py --variants base --profile none --repeat 1 --no-peer \
+      --out /tmp/b1trials 2>&1 | tee "$OUT/b1trials_export.jsonl" | cut -c1-400
+    for k in $(seq 1 "${B1TRIALS_PAIRS:-6}"); do
+      for trials in 1 3; do
+        (cd benchmarks && GRAPH_TRIALS=$trials timeout 100 python -c "import json; from pathlib import Path
+from tune_engine import measure
+print(json.dumps({'pair': $k, **measure('base', Path('/tmp/b1trials'), 50, False, 10 + $k)}))")
+      done
+    done 2>&1 | tee "$OUT/b1trials.jsonl" | cut -c1-400 ;;
+  clipackage)
+    d=/tmp/clipackage; rm -rf "$d"; mkdir -p "$d"
+    python -m retinaflow data synth --out "$d/data" --images 600 --sizes coco --workers 14 | tail -1
+    # stamp START: each line prefixed with the seconds since START
+    stamp() { python -c 'import sys, time
+s = float(sys.argv[1])
+for line in sys.stdin:
+    print(f"{time.time() - s:7.1f} {line}", end="", flush=True)' "$1"; }
+    for pass in cold warm; do
+      limit=${CLIP_COLD_S:-330}; [ $pass = warm ] && limit=${CLIP_WARM_S:-200}
+      start=$(date +%s.%N)
+      timeout "$limit" python -m retinaflow train "$d/$pass.pth" --images "$d/data/train" \
+        --annotations "$d/data/annotations/train.json" --iters 200 --batch 8 --precision bf16 --loader torch \
+        --workers 12 --compile --compile-cache "$d/cc.bin" --compile-package --log-every 20 \
+        --checkpoint-every 1000 2>&1 | stamp "$start" | tee "$OUT/clipackage_$pass.log" | cut -c1-300
+      echo "$pass: rc ${PIPESTATUS[0]}, compile cache $(stat -c %s "$d/cc.bin" 2>/dev/null) bytes"
+    done ;;
   b1spread)  # issue 15: one export, batch 1 in 4 fresh processes autotuning cuDNN, then 4 on its heuristics
     timeout 300 python benchmarks/tune_engine.py --variants base --profile none --repeat 4 --no-peer \
       --out /tmp/b1spread 2>&1 | tee "$OUT/b1spread_autotuned.jsonl" | cut -c1-400
