@@ -81,9 +81,6 @@
 #                                             3 fresh processes each capturing its batch-1 graph 4 times on new
 #                                             threads (cuDNN autotuned again each) and 4 on the main thread,
 #                                             every graph timed in interleaved rounds (probe_b1_captures.py, ~5 min)
-#   bash benchmarks/run_wave_gpu.sh b1trials  issue 15: batch 1 with infer.graph_trials (the fastest of N autotuned captures):
-#                                             the GPU tests of the trials, one export, then fresh processes
-#                                             alternating GRAPH_TRIALS=1 and 3 (B1TRIALS_PAIRS pairs, default 6) (~8 min)
 #   bash benchmarks/run_wave_gpu.sh clipackage issue 13: the CLI as a user runs it, `retinaflow train` R50-FPN --compile
 #                                             --compile-cache --compile-package (torch loader, COCO-sized synthetic
 #                                             JPEGs, 200 iterations), cold then warm in a fresh process; each log
@@ -300,20 +297,8 @@ case "${1:-tests}" in
     timeout 300 python benchmarks/tune_engine.py --variants base --profile none --repeat 1 --no-peer \
       --out /tmp/b1captures 2>&1 | tee "$OUT/b1captures_export.jsonl" | cut -c1-400
     for k in 0 1 2; do
-      timeout 120 python benchmarks/probe_b1_captures.py /tmp/b1captures/base/engine.pt2 --captures 4
+      timeout 120 python benchmarks/probe_b1_captures.py /tmp/b1captures/base/engine.pt2 --captures "${B1CAPTURES_K:-4}"
     done 2>&1 | tee "$OUT/b1captures.jsonl" | cut -c1-700 ;;
-  b1trials)
-    timeout 240 python -m pytest -q -p no:cacheprovider -m gpu -rs tests/ops/test_graph.py \
-      tests/engine/test_infer.py tests/export/test_aoti.py -k "graph or cuda_fp16" 2>&1 | tee "$OUT/b1trials_tests.log" | tail -4
-    timeout 300 python benchmarks/tune_engine.py --variants base --profile none --repeat 1 --no-peer \
-      --out /tmp/b1trials 2>&1 | tee "$OUT/b1trials_export.jsonl" | cut -c1-400
-    for k in $(seq 1 "${B1TRIALS_PAIRS:-6}"); do
-      for trials in 1 3; do
-        (cd benchmarks && GRAPH_TRIALS=$trials timeout 100 python -c "import json; from pathlib import Path
-from tune_engine import measure
-print(json.dumps({'pair': $k, **measure('base', Path('/tmp/b1trials'), 50, False, 10 + $k)}))")
-      done
-    done 2>&1 | tee "$OUT/b1trials.jsonl" | cut -c1-400 ;;
   clipackage)
     d=/tmp/clipackage; rm -rf "$d"; mkdir -p "$d"
     python -m retinaflow data synth --out "$d/data" --images 600 --sizes coco --workers 14 | tail -1

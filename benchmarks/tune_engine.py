@@ -95,8 +95,8 @@ sys.exit(main(sys.argv[2:]))
 """
 
 MEASURE = """
-import json, os, sys, time, torch
-from bench_engine import inputs, measure_batches
+import json, os, sys, torch
+from bench_engine import measure_batches
 from retinaflow.export.engines import open_engine
 path, lo, hi, iters, profile = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 # CUDNN_BENCHMARK=0: cuDNN's heuristics pick each convolution's algorithm (the same in every process) instead
@@ -107,15 +107,8 @@ torch.backends.cudnn.benchmark = os.environ.get("CUDNN_BENCHMARK", "1") == "1"
 torch.backends.cudnn.benchmark_limit = int(os.environ.get("CUDNN_BENCHMARK_LIMIT", "10"))
 batches = [b for b in (1, 32) if lo <= b <= hi]
 out = {"pt2": measure_batches(open_engine(path, "cuda"), batches, iters)}
-# GRAPH_TRIALS: the fastest of N captures, each after its own autotuning (infer.graph_trials)
 if 1 in batches:
-    trials = int(os.environ.get("GRAPH_TRIALS", "1"))
-    graphed = open_engine(path, "cuda", cuda_graph=True, graph_trials=trials)
-    t0 = time.perf_counter()
-    graphed(*inputs(1)).counts.cpu()
-    capture_s = round(time.perf_counter() - t0, 2)
-    timed = measure_batches(graphed, [1], iters)
-    out["pt2_cuda_graph"] = {"graph_trials": trials, "capture_s": capture_s, **timed}
+    out["pt2_cuda_graph"] = measure_batches(open_engine(path, "cuda", cuda_graph=True), [1], iters)
 if profile == "1":
     from bench_engine import kernel_classes
     engine = open_engine(path, "cuda")

@@ -230,10 +230,6 @@ class InferConfig:
     # data.pad_stride.
     pad_stride: int = 32
     cuda_graph: bool = False
-    # With cuda_graph and cuDNN autotuning: capture each graph after this many autotunings (one thread
-    # each) and keep the fastest; one autotuning's noise moves batch-1 latency by up to ~5 %
-    # (ops/graph.py fastest_capture; each more costs one capture at start, ~1 s for R50-FPN).
-    graph_trials: int = 3
     # "" (off) or a torch.compile backend for the network ("inductor" on GPUs: fuses each conv's bias,
     # ReLU and residual add into one kernel). Compiles once per new input shape.
     compile: str = ""
@@ -243,13 +239,7 @@ class InferConfig:
     loader: str = "auto"  # as data.loader
 
     def __post_init__(self) -> None:
-        _require(
-            "infer",
-            self,
-            nms_iou=0.0 <= self.nms_iou <= 1.0,
-            max_det=self.max_det >= 1,
-            graph_trials=self.graph_trials >= 1,
-        )
+        _require("infer", self, nms_iou=0.0 <= self.nms_iou <= 1.0, max_det=self.max_det >= 1)
 
 
 @dataclass

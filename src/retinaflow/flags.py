@@ -112,10 +112,6 @@ INFER_FLAGS = _table(
     ("infer.top_n", "candidates per level before NMS (default 1000)"),
     ("infer.pad_stride", "pad batches to a multiple of this (default 32)"),
     ("infer.cuda_graph", "replay the network + post-processing as a CUDA graph"),
-    (
-        "infer.graph_trials",
-        "with --cuda-graph and cuDNN autotuning: keep the fastest of N captures (default 3)",
-    ),
     ("infer.compile", "torch.compile the network (default inductor; compiles once per shape)", _COMPILE),
     ("infer.loader", "data loader (default auto: dali on GPUs if installed)"),
     ("infer.cudnn_benchmark", "cuDNN autotuning (default off: short passes do not repay it)"),

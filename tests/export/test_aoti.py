@@ -173,15 +173,6 @@ def test_pt2_on_cuda_fp16_matches_eager(head, request, tmp_path):
     for name in ("counts", "boxes", "scores", "classes"):
         torch.testing.assert_close(getattr(first, name), getattr(got, name))
     torch.testing.assert_close(again.counts, got.counts.flip(0))
-    # the fastest of 3 captures, each after its own cuDNN autotuning (infer.graph_trials): replays from
-    # the winner detect as the package's own launches do (fp16 algorithms may differ: reference tolerances)
-    autotuning, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, True
-    try:
-        best = open_engine(out, cuda_graph=True, graph_trials=3)(images, sizes)
-    finally:
-        torch.backends.cudnn.benchmark = autotuning
-    assert (best.counts - got.counts).abs().max().item() <= 2
-    torch.testing.assert_close(best.scores[:, :10], got.scores[:, :10], atol=5e-3, rtol=0)
 
 
 @pytest.mark.gpu

@@ -74,8 +74,7 @@ def make_detector(
                     every call (modifies ``model`` in place; its state dict no longer loads checkpoints).
     With ``config.infer.compile`` (a backend name) the network goes through ``torch.compile``.
     With ``config.infer.cuda_graph`` and CUDA tensors, each input shape is captured once as a CUDA
-    graph (pre-processing, network and post-processing) and replayed; outputs are copied out. With cuDNN
-    autotuning on, each is the fastest of ``config.infer.graph_trials`` captures.
+    graph (pre-processing, network and post-processing) and replayed; outputs are copied out.
     """
     autocast_dtype_ = amp_dtype
     if inference_only:
@@ -93,29 +92,28 @@ def make_detector(
 
     if not config.infer.cuda_graph:
         return eager
-    return _GraphCache(eager, config.infer.graph_trials)
+    return _GraphCache(eager)
 
 
 class _GraphCache:
-    """One captured CUDA graph per input shape (at most ``limit``; older ones are dropped), the fastest
-    of ``trials`` captures when cuDNN autotunes (:func:`~retinaflow.ops.graph.capture_graph`)."""
+    """One captured CUDA graph per input shape (at most ``limit``; older ones are dropped)."""
 
-    def __init__(self, fn: Detector, trials: int = 1, limit: int = 16) -> None:
-        self.fn, self.trials, self.limit = fn, trials, limit
+    def __init__(self, fn: Detector, limit: int = 16) -> None:
+        self.fn, self.limit = fn, limit
         self.graphs: dict[tuple[Any, ...], Any] = {}
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, sizes: torch.Tensor) -> Detections:
         if images.device.type != "cuda":
             return self.fn(images, sizes)
-        from retinaflow.ops.graph import capture_graph
+        from retinaflow.ops.graph import CudaGraphRunner
 
         key = (tuple(images.shape), images.dtype, images.is_contiguous(memory_format=torch.channels_last))
         runner = self.graphs.pop(key, None)
         if runner is None:
             if len(self.graphs) >= self.limit:
                 self.graphs.pop(next(iter(self.graphs)))
-            runner = capture_graph(self.fn, [images, sizes.to(images.device)], self.trials)
+            runner = CudaGraphRunner(self.fn, [images, sizes.to(images.device)])
         self.graphs[key] = runner  # most recently used last
         out = runner(images, sizes.to(images.device))
         return Detections(*(t.clone() for t in (out.scores, out.boxes, out.classes, out.counts)))

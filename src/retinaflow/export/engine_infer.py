@@ -28,7 +28,7 @@ from retinaflow.ops.detections import Detections
 DEFAULT_BATCH = 8
 
 #: ``InferConfig`` fields an exported engine does not fix (the rest are baked in at export time).
-ENGINE_INFER_KEYS = ("batch", "loader", "cudnn_benchmark", "cuda_graph", "graph_trials")
+ENGINE_INFER_KEYS = ("batch", "loader", "cudnn_benchmark", "cuda_graph")
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,8 @@ def infer_engine(
     ``overrides``: the inference settings an engine does not fix (``ENGINE_INFER_KEYS``; e.g. from
     ``retinaflow infer ENGINE`` flags): ``batch`` (default: 8 or the engine's largest batch if smaller),
     ``loader`` (default "torch"), ``cudnn_benchmark`` ("auto" is on: an engine has one input size) and
-    ``cuda_graph`` (replay a .pt2 engine from CUDA graphs) and ``graph_trials`` (the fastest of that many
-    captures). Other settings are the engine's own, saved at export.
+    ``cuda_graph`` (replay a .pt2 engine from CUDA graphs). Other settings are the engine's own, saved at
+    export.
     """
     from retinaflow.engine.infer import image_list_as_coco, images_folder, write_detections
 
@@ -57,8 +57,7 @@ def infer_engine(
         raise ConfigError(f"an engine fixes infer.{unknown[0]} at export: re-export to change it")
     images_dir = images_folder(images, output)
     t0 = time.perf_counter()
-    trials = int(given.pop("graph_trials", InferConfig.graph_trials))
-    engine = open_engine(engine_path, device, bool(given.pop("cuda_graph", False)), trials)
+    engine = open_engine(engine_path, device, bool(given.pop("cuda_graph", False)))
     meta = engine.meta
     log.info(
         "engine %s loaded in %.2f s: %s %s, batch %s..%s, input %dx%d, on %s",

@@ -78,14 +78,10 @@ class Pt2Engine(Engine):
     ``cuda_graph``: on a CUDA device, each batch size is captured once as a CUDA graph and replayed (the
     package launches its kernels one by one; a graph launches them all at once, which is what batch-1
     latency needs). The runner is then single-threaded (its multi-threaded mode waits on events, which a
-    capture does not allow); outputs are copied out of the graph's static buffers. ``graph_trials``: with
-    cuDNN autotuning on, the fastest of that many captures, each after its own autotuning
-    (:func:`~retinaflow.ops.graph.fastest_capture`).
+    capture does not allow); outputs are copied out of the graph's static buffers.
     """
 
-    def __init__(
-        self, path: Path, device: str | None, cuda_graph: bool = False, graph_trials: int = 1
-    ) -> None:
+    def __init__(self, path: Path, device: str | None, cuda_graph: bool = False) -> None:
         meta = _pt2_preflight(path)
         dev = torch.device(device or meta.get("device", "cpu"))
         if meta.get("device") and dev.type != meta["device"]:
@@ -96,7 +92,6 @@ class Pt2Engine(Engine):
         _check_gpu(meta, path, dev)
         _register_ops(dev, path)
         self.graphs: dict[int, Any] | None = {} if cuda_graph and dev.type == "cuda" else None
-        self.graph_trials = graph_trials
         try:
             index = (dev.index or 0) if dev.type == "cuda" else -1
             self.runner = load_pt2_runner(path, index, single_threaded=self.graphs is not None)
@@ -113,13 +108,12 @@ class Pt2Engine(Engine):
         with torch.no_grad():
             if self.graphs is None:
                 return tuple(self.runner.run(inputs))
-            from retinaflow.ops.graph import capture_graph
+            from retinaflow.ops.graph import CudaGraphRunner
 
             graph = self.graphs.get(images.shape[0])
             if graph is None:
-                runner = self.runner  # not self: a trial's thread must not keep the engine alive
-                run = lambda *tensors: runner.run(list(tensors))  # noqa: E731
-                graph = self.graphs[images.shape[0]] = capture_graph(run, inputs, self.graph_trials)
+                run = lambda *tensors: self.runner.run(list(tensors))  # noqa: E731
+                graph = self.graphs[images.shape[0]] = CudaGraphRunner(run, inputs)
             return tuple(t.clone() for t in graph(*inputs))
 
 
@@ -151,18 +145,15 @@ class OnnxEngine(Engine):
         return tuple(torch.from_numpy(o) for o in self.session.run(None, feeds))
 
 
-def open_engine(
-    path: str | Path, device: str | None = None, cuda_graph: bool = False, graph_trials: int = 1
-) -> Engine:
+def open_engine(path: str | Path, device: str | None = None, cuda_graph: bool = False) -> Engine:
     """Load the engine at ``path`` (.pt2 or .onnx) for ``device`` (default: the one it was built for);
-    ``cuda_graph``: replay a .pt2 engine on CUDA from CUDA graphs, the fastest of ``graph_trials``
-    captures when cuDNN autotunes (:class:`Pt2Engine`)."""
+    ``cuda_graph``: replay a .pt2 engine on CUDA from CUDA graphs (:class:`Pt2Engine`)."""
     p = Path(path)
     if not p.is_file():
         raise EngineError(f"engine not found: {p}")
     suffix = p.suffix.lower() or (".pt2" if zipfile.is_zipfile(p) else ".onnx")  # pipeline artifacts
     if suffix == ".pt2":
-        return Pt2Engine(p, device, cuda_graph, graph_trials)
+        return Pt2Engine(p, device, cuda_graph)
     if suffix == ".onnx":
         return OnnxEngine(p, device)
     raise EngineError(f"{p.name}: not an engine retinaflow runs (use a .pt2 or .onnx export)")
