@@ -140,3 +140,19 @@ def test_infer_output_that_is_a_folder_fails_before_inference(capsys, tmp_path, 
         str(tmp_path),
     )
     assert_one_line_error(code, err, "is a folder")
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_torchs_value_range_warnings_are_hidden_unless_verbose(verbose, capsys):
+    """A compile of symbolic sizes logs torch's "failed while executing pow_by_natural" warnings; the
+    CLI hides them (they are not the user's problem) and shows them again with -v."""
+    import logging
+
+    noisy = logging.getLogger("torch.utils._sympy.interp")
+    level = noisy.level
+    noisy.setLevel(logging.NOTSET)  # (setLevel also clears the loggers' isEnabledFor caches)
+    try:
+        assert main([*(["-v"] if verbose else []), "backbones"]) == 0
+        assert noisy.isEnabledFor(logging.WARNING) is verbose
+    finally:
+        noisy.setLevel(level)

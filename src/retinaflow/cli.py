@@ -44,6 +44,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
         stream=sys.stderr,
     )
+    if not args.verbose:
+        # compiling symbolic sizes, torch's value-range analysis logs a warning for each expression it
+        # cannot bound ("failed while executing pow_by_natural([VR[3, int_oo], VR[-1, -1]])") and the
+        # compile goes on (on an H200, 6 such lines in a --compile-package run): noise, hidden unless -v
+        logging.getLogger("torch.utils._sympy.interp").setLevel(logging.ERROR)
     try:
         return int(args.func(args) or 0)
     except RetinaflowError as exc:
