@@ -108,7 +108,8 @@ def run_peer(config: Config, peer: str, first: int, second: int, out_dir: Path) 
             trainer.iteration += 1
             images += len(batch)
             if trainer.iteration == 1:  # the warm-up the fixed-shape benchmark leaves out (compile)
-                trainer._save_compile_cache()  # as the training loop does after its first step
+                if trainer.store is not None:  # as the training loop does after its first step
+                    trainer.store.save()
                 torch.cuda.synchronize()
                 first_step_s, first_images = time.perf_counter() - t0, len(batch)
                 caches = compile_cache.outcome() if cfg.train.compile else ""  # so far in this process

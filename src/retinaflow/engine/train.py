@@ -22,7 +22,7 @@ from torch import nn
 
 from retinaflow.config import Config
 from retinaflow.data.batch import Batch
-from retinaflow.engine import compile_cache, compile_package
+from retinaflow.engine import compile_cache
 from retinaflow.engine import distributed as D
 from retinaflow.engine.blocks import BlockInput, to_blocks
 from retinaflow.engine.callbacks import Callback, CallbackList, EvalResult, TrainState
@@ -34,6 +34,7 @@ from retinaflow.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from retinaflow.engine.compile_store import CompileStore
 from retinaflow.engine.ema import EMA
 from retinaflow.engine.grad_sync import compiled, grad_sync_of, keep_ranks_in_step, symbolic_sizes
 from retinaflow.engine.optim import build_optimizer
@@ -45,7 +46,6 @@ from retinaflow.errors import (
     DataError,
     TrainingDiverged,
     TrainingInterrupted,
-    first_line,
 )
 from retinaflow.model.anchors import generate_anchors
 from retinaflow.model.loss import detection_loss
@@ -201,39 +201,11 @@ class _Trainer:
                 "train.compile_package cannot package a DDP-wrapped network: use --set "
                 "train.grad_sync=after_backward (one node), or drop the package"
             )
-        self.net, self.want_package = net, False
-        self.package: compile_package.PackagedForward | None = None
-        self.package_unsaved = False  # compiled in this run: saved to the compile-cache file after the step
-        if t.compile:
+        # the compile-cache file and the packaged forward (engine/compile_store.py)
+        self.store = CompileStore(t, info, net, self._autocast) if t.compile else None
+        if self.store is not None:
             self.forward_net = compiled(forward_net, t.compile, info, t.cuda_graph, shapes, static)
-            if t.compile_cache:
-                compile_cache.load(t.compile_cache, info.device)
-            if t.compile_package:
-                self._load_package()
-        self.cached_graphs = compile_cache.compiled_graphs()  # what the cache file already holds
-
-    def _load_package(self) -> None:
-        """Run the forward from this device's package in the compile-cache file, if it holds one that loads;
-        otherwise the first step compiles one (:meth:`_compile_package`)."""
-        t, key = self.config.train, compile_cache.package_key(self.info.device)
-        blob = compile_cache.load_package(t.compile_cache, self.info.device)
-        if blob is None:
-            log.info("compile package: none for %s in %s; compiled at the first step", key, t.compile_cache)
-            self.want_package = True
-            return
-        start = time.perf_counter()
-        try:
-            fn = compile_package.load(blob, self._package_fingerprint(), self._autocast())
-        except Exception as exc:  # another torch, a torn file: compiled as without it, and rebuilt
-            log.warning("compile package: cannot load %s (%s); compiling it again", key, first_line(exc))
-            self.want_package = True
-            return
-        self.package = compile_package.PackagedForward(fn, self.net, self.forward_net)
-        self.forward_net = self.package
-        log.info(
-            "compile package: %s loaded from %s (%.1f MB) in %.1f s",
-            *(key, t.compile_cache, len(blob) / 2**20, time.perf_counter() - start),
-        )
+            self.forward_net = self.store.start(self.forward_net)
 
     def _check_resumable(self, model: RetinaNet) -> None:
         """The checkpoint being resumed holds this architecture, trained on these classes with this optimizer
@@ -294,55 +266,10 @@ class _Trainer:
                 },
             )
             self.callbacks.on_checkpoint(self.state, self.path)
-        self._save_compile_cache()
+        if self.store is not None:
+            self.store.save()
         D.barrier(self.info)
         return self.path
-
-    def _save_compile_cache(self) -> None:
-        """Every rank, after the first step and at each checkpoint: if any rank compiled something new
-        (its device missed the file, new shapes) or built its package, rewrite ``train.compile_cache`` with
-        every device's."""
-        t = self.config.train
-        if not (t.compile and t.compile_cache):
-            return
-        package = self._package_bytes()
-        new = float(compile_cache.compiled_graphs() > self.cached_graphs or package is not None)
-        if D.all_reduce_sum(torch.tensor([new], device=self.info.device), self.info).item() > 0:
-            compile_cache.save(t.compile_cache, self.info, package)
-            self.cached_graphs = compile_cache.compiled_graphs()
-
-    def _compile_package(self, example: torch.Tensor) -> None:
-        """With ``train.compile_package``, at the first step of a run that loaded no package: compile the
-        forward ahead of time, traced on ``example`` (the step's input), and train through it. If PyTorch
-        cannot, the step goes on through the lazily compiled network."""
-        start = time.perf_counter()
-        try:
-            fn = compile_package.compile_forward(
-                self.net, example, self.config.train.compile, self._autocast()
-            )
-        except Exception as exc:  # this torch cannot package this network: train on without it
-            log.warning("compile package: cannot compile one (%s); later starts trace again", first_line(exc))
-            return
-        self.package = compile_package.PackagedForward(fn, self.net, self.forward_net)
-        self.forward_net, self.package_unsaved = self.package, True
-        log.info("compile package: compiled in %.1f s", time.perf_counter() - start)
-
-    def _package_bytes(self) -> bytes | None:
-        """The package this run compiled, serialised once for the compile-cache file (None: nothing new)."""
-        if not self.package_unsaved or self.package is None:
-            return None
-        self.package_unsaved = False
-        try:
-            blob = compile_package.serialize(self.package.package, self._package_fingerprint())
-        except Exception as exc:  # a backend whose output does not serialise
-            log.warning("compile package: cannot save it (%s); later starts trace again", first_line(exc))
-            return None
-        log.info("compile package: %.1f MB, saved with the compile cache", len(blob) / 2**20)
-        return blob
-
-    def _package_fingerprint(self) -> str:
-        t = self.config.train
-        return compile_package.fingerprint(self.net, t.compile, autocast_dtype(t.precision, self.info.device))
 
     def _autocast(self) -> Any:
         """The training step's autocast context (none in fp32)."""
@@ -367,9 +294,8 @@ class _Trainer:
         self.lr = lr_at(self.iteration, cfg.train)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        if self.want_package:  # traced on the first step's input
-            self.want_package = False
-            self._compile_package(net_input)
+        if self.store is not None:  # the first step packages the forward, traced on its input
+            self.forward_net = self.store.first_step(net_input, self.forward_net)
         with self._autocast():
             cls_out, box_out = self.forward_net(net_input)
         anchors = generate_anchors(
@@ -413,13 +339,8 @@ class _Trainer:
         progress = Progress(self.config.train.iters, self.iteration, enabled=self.info.is_main)
         try:
             self._loop(progress)
-            if self.package is not None:
-                p = self.package
-                log.info(
-                    "compile package: %d batches ran through it, %d through the compiled network",
-                    p.hits,
-                    p.fallbacks,
-                )
+            if self.store is not None:
+                self.store.report()
             self.save()
             if self.config.data.val_images:
                 self.validate()
@@ -453,12 +374,12 @@ class _Trainer:
         while self.iteration < t.iters:
             batch = next(batches)
             losses = self.step(batch)
-            if first:  # compiled now: keep the artifacts even if this run stops before a checkpoint
-                if t.compile and self.info.is_main:
+            if first and self.store is not None:  # compiled now: keep it even if this run stops early
+                if self.info.is_main:
                     elapsed = time.perf_counter() - window_start
                     log.info("compile: first step %.1f s; %s", elapsed, compile_cache.outcome())
-                self._save_compile_cache()
-                first = False
+                self.store.save()
+            first = False
             bad_here = torch.where(torch.isfinite(losses["loss"].detach()), _NONE, self.iteration + 1)
             self.first_bad = torch.minimum(self.first_bad, bad_here)
             self.iteration = self.state.iteration = self.iteration + 1
