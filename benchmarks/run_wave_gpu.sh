@@ -85,6 +85,10 @@
 #                                             --compile-cache --compile-package (torch loader, COCO-sized synthetic
 #                                             JPEGs, 200 iterations), cold then warm in a fresh process; each log
 #                                             line stamped with seconds since its launch (~9 min)
+#   bash benchmarks/run_wave_gpu.sh b1timeline issue 15: one export, then where a batch-1 call's time goes (kernels,
+#                                             gaps inside the graph, host before and after) in 2 fresh processes,
+#                                             one replay's kernels listed in launch order (probe_b1_timeline.py, ~4 min)
+#   bash benchmarks/run_wave_gpu.sh gputests  every `gpu` test of the package (one GPU: the multi-GPU ones skip), ~9 min
 #   bash benchmarks/run_wave_gpu.sh b1spread  issue 15: the batch-1 engine's spread over fresh processes, cuDNN autotuned
 #                                             against its heuristics (CUDNN_BENCHMARK=0), one export (~5 min)
 #   bash benchmarks/run_wave_gpu.sh engines   every `gpu` test (kernels, engines, C++ runner, NCCL faults), probe_pt2, bench_engine
@@ -316,6 +320,15 @@ for line in sys.stdin:
         --checkpoint-every 1000 2>&1 | stamp "$start" | tee "$OUT/clipackage_$pass.log" | cut -c1-300
       echo "$pass: rc ${PIPESTATUS[0]}, compile cache $(stat -c %s "$d/cc.bin" 2>/dev/null) bytes"
     done ;;
+  b1timeline)
+    timeout 300 python benchmarks/tune_engine.py --variants base --profile none --repeat 1 --no-peer \
+      --out /tmp/b1timeline 2>&1 | tee "$OUT/b1timeline_export.jsonl" | cut -c1-400
+    for k in 0 1; do
+      timeout 120 python benchmarks/probe_b1_timeline.py /tmp/b1timeline/base/engine.pt2 --out "$OUT/b1timeline_$k.json"
+    done 2>&1 | tee "$OUT/b1timeline.jsonl" | cut -c1-700 ;;
+  gputests)
+    timeout "${GPUTESTS_S:-540}" python -m pytest -q -p no:cacheprovider -m gpu -rs --durations=20 tests 2>&1 \
+      | tee "$OUT/gpu_tests.log" | tail -60 ;;
   b1spread)  # issue 15: one export, batch 1 in 4 fresh processes autotuning cuDNN, then 4 on its heuristics
     timeout 300 python benchmarks/tune_engine.py --variants base --profile none --repeat 4 --no-peer \
       --out /tmp/b1spread 2>&1 | tee "$OUT/b1spread_autotuned.jsonl" | cut -c1-400
