@@ -67,8 +67,12 @@ def main() -> None:
         (e for e in events if e.name.startswith("call") and e.device_type == torch.autograd.DeviceType.CPU),
         key=lambda e: e.time_range.start,
     )
-    gpu = sorted(
-        (e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
+    gpu = sorted(  # kernels, copies, memsets; not the GPU-side copy of the calls' own annotations
+        (
+            e
+            for e in events
+            if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("call")
+        ),
         key=lambda e: e.time_range.start,
     )
     rows: list[dict[str, float]] = []

@@ -88,6 +88,11 @@
 #   bash benchmarks/run_wave_gpu.sh b1timeline issue 15: one export, then where a batch-1 call's time goes (kernels,
 #                                             gaps inside the graph, host before and after) in 2 fresh processes,
 #                                             one replay's kernels listed in launch order (probe_b1_timeline.py, ~4 min)
+#   KERNELS_OLD=DIR bash benchmarks/run_wave_gpu.sh kernelab  the checkout's kernels/ against another copy (DIR, e.g.
+#                                             `git archive HEAD~1 kernels | tar -x -C DIR --strip-components=1`,
+#                                             carried): the GPU op tests, bench_postprocess at batch 1 and 8 with each,
+#                                             then one .pt2 export timed at batch 1 in fresh processes, alternating
+#                                             old and new kernels (the engine calls the loaded ops), 3 each (~6 min)
 #   bash benchmarks/run_wave_gpu.sh gputests  every `gpu` test of the package (one GPU: the multi-GPU ones skip), ~9 min
 #   bash benchmarks/run_wave_gpu.sh b1spread  issue 15: the batch-1 engine's spread over fresh processes, cuDNN autotuned
 #                                             against its heuristics (CUDNN_BENCHMARK=0), one export (~5 min)
@@ -326,8 +331,30 @@ for line in sys.stdin:
     for k in 0 1; do
       timeout 120 python benchmarks/probe_b1_timeline.py /tmp/b1timeline/base/engine.pt2 --out "$OUT/b1timeline_$k.json"
     done 2>&1 | tee "$OUT/b1timeline.jsonl" | cut -c1-700 ;;
+  kernelab)
+    old=$(realpath "${KERNELS_OLD:?KERNELS_OLD=folder of the kernels to compare with}") ext_old=$PWD/.torch_ext_old
+    python -m pytest -q -p no:cacheprovider -m gpu tests/ops 2>&1 | tee "$OUT/ops_tests.log" | tail -3
+    with() {  # with old|new CMD...: CMD with that side's kernels
+      if [ "$1" = old ]; then shift; RETINAFLOW_KERNELS_DIR="$old" TORCH_EXTENSIONS_DIR="$ext_old" "$@"
+      else shift; "$@"; fi
+    }
+    for v in old new; do
+      with $v python -m retinaflow.ops.build 2>&1 | tail -1
+      with $v timeout 150 python benchmarks/bench_postprocess.py --batches 1 8 --profile > "$OUT/post_$v.json" 2>&1
+      echo "[$v] $(tr -d ' \n' < "$OUT/post_$v.json" | cut -c1-1500)"
+    done
+    timeout 300 python benchmarks/tune_engine.py --variants base --profile none --repeat 1 --no-peer \
+      --out /tmp/kernelab 2>&1 | cut -c1-400
+    for k in 0 1 2; do
+      for v in old new; do
+        (cd benchmarks && with $v timeout 100 python -c "import json; from pathlib import Path
+from tune_engine import measure
+print(json.dumps({'kernels': '$v', 'run': $k, **measure('base', Path('/tmp/kernelab'), 50, True, 10 + 2 * $k + ('$v' == 'new'))}))")
+      done
+    done 2>&1 | tee "$OUT/kernelab.jsonl" | cut -c1-900 ;;
   gputests)
-    timeout "${GPUTESTS_S:-540}" python -m pytest -q -p no:cacheprovider -m gpu -rs --durations=20 tests 2>&1 \
+    timeout "${GPUTESTS_S:-540}" python -m pytest -q -p no:cacheprovider -m gpu -rs --durations=20 tests/ops tests/model tests/engine \
+      tests/data tests/export tests/deploy tests/kernels tests/kubeflow/steps tests/test_cli.py 2>&1 \
       | tee "$OUT/gpu_tests.log" | tail -60 ;;
   b1spread)  # issue 15: one export, batch 1 in 4 fresh processes autotuning cuDNN, then 4 on its heuristics
     timeout 300 python benchmarks/tune_engine.py --variants base --profile none --repeat 4 --no-peer \
