@@ -93,6 +93,8 @@
 #                                             carried): the GPU op tests, bench_postprocess at batch 1 and 8 with each,
 #                                             then one .pt2 export timed at batch 1 in fresh processes, alternating
 #                                             old and new kernels (the engine calls the loaded ops), 3 each (~6 min)
+#   bash benchmarks/run_wave_gpu.sh nmsphases issue 15: the NMS kernel's GPU time against max_det, the candidate count
+#                                             and the classes (probe_nms_phases.py: sorts or walk?), ~1 min
 #   bash benchmarks/run_wave_gpu.sh gputests  every `gpu` test of the package (one GPU: the multi-GPU ones skip), ~9 min
 #   bash benchmarks/run_wave_gpu.sh b1spread  issue 15: the batch-1 engine's spread over fresh processes, cuDNN autotuned
 #                                             against its heuristics (CUDNN_BENCHMARK=0), one export (~5 min)
@@ -352,6 +354,8 @@ from tune_engine import measure
 print(json.dumps({'kernels': '$v', 'run': $k, **measure('base', Path('/tmp/kernelab'), 50, True, 10 + 2 * $k + ('$v' == 'new'))}))")
       done
     done 2>&1 | tee "$OUT/kernelab.jsonl" | cut -c1-900 ;;
+  nmsphases)
+    timeout 200 python benchmarks/probe_nms_phases.py 2>&1 | tee "$OUT/nmsphases.json" | cut -c1-3000 ;;
   gputests)
     timeout "${GPUTESTS_S:-540}" python -m pytest -q -p no:cacheprovider -m gpu -rs --durations=20 tests/ops tests/model tests/engine \
       tests/data tests/export tests/deploy tests/kernels tests/kubeflow/steps tests/test_cli.py 2>&1 \
