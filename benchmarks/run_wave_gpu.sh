@@ -90,12 +90,12 @@
 #                                             one replay's kernels listed in launch order (probe_b1_timeline.py, ~4 min)
 #   KERNELS_OLD=DIR bash benchmarks/run_wave_gpu.sh kernelab  the checkout's kernels/ against another copy (DIR, e.g.
 #                                             `git archive HEAD~1 kernels | tar -x -C DIR --strip-components=1`,
-#                                             carried): the GPU op tests, bench_postprocess at batch 1 and 8 with each,
+#                                             carried): the GPU op tests (new kernels), bench_postprocess at batch 1 and 8 with each,
 #                                             then one .pt2 export timed at batch 1 in fresh processes, alternating
 #                                             old and new kernels (the engine calls the loaded ops), 3 each (~6 min)
 #   bash benchmarks/run_wave_gpu.sh nmsphases issue 15: the NMS kernel's GPU time against max_det, the candidate count
 #                                             and the classes (probe_nms_phases.py: sorts or walk?), ~1 min
-#   bash benchmarks/run_wave_gpu.sh gputests  every `gpu` test of the package (one GPU: the multi-GPU ones skip), ~9 min
+#   bash benchmarks/run_wave_gpu.sh gputests  every `gpu` test of the package (one GPU: the multi-GPU ones skip), ~4 min
 #   bash benchmarks/run_wave_gpu.sh b1spread  issue 15: the batch-1 engine's spread over fresh processes, cuDNN autotuned
 #                                             against its heuristics (CUDNN_BENCHMARK=0), one export (~5 min)
 #   bash benchmarks/run_wave_gpu.sh engines   every `gpu` test (kernels, engines, C++ runner, NCCL faults), probe_pt2, bench_engine
