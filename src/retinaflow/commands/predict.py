@@ -16,7 +16,7 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
         "--annotations, evaluates them. Settings not given as flags are the checkpoint's (its infer.* "
         "config, defaults unless changed at training time).",
     )
-    p.add_argument("model", help="checkpoint (.pth) or exported engine (.pt2, .onnx)")
+    p.add_argument("model", help="checkpoint (.pth) or exported engine (.pt2, .onnx, .plan)")
     p.add_argument("--images", required=True, help="images folder")
     p.add_argument("--annotations", help="ground truth COCO JSON (evaluates the detections)")
     p.add_argument("--output", required=True, help="detections JSON to write")
@@ -41,7 +41,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         remote(args, inputs=("model", "images", "annotations"), outputs=("output", "report")),
         tracked(args, "infer", params) as run,
     ):
-        if is_engine(args.model):  # .pt2 / .onnx: post-processing and resize are baked into the engine
+        if is_engine(args.model):  # .pt2/.onnx/.plan: post-processing and resize are baked into the engine
             check_engine_flags(args)
             result = infer_engine(
                 args.model, args.images, args.output, args.annotations, args.device, overrides

@@ -1,4 +1,5 @@
-"""Open and run exported engines (.pt2 packages, end-to-end .onnx graphs) like the PyTorch detector.
+"""Open and run exported engines (.pt2 packages, end-to-end .onnx graphs, TensorRT .plan files) like
+the PyTorch detector.
 
 ``open_engine(path)`` checks the file before handing it to its runtime and turns every way it can be
 unusable (another format, truncated, another torch version, missing kernels) into one :class:`EngineError`
@@ -9,6 +10,7 @@ line saying what to do. An engine is called with ``images: (B, 3, H, W) uint8`` 
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import sys
 import zipfile
@@ -21,7 +23,7 @@ from retinaflow.errors import CheckpointError, ConfigError, MissingDependency, f
 from retinaflow.export.metadata import OUTPUTS, gpu_identity, parse, read_sidecar, sidecar
 from retinaflow.ops.detections import Detections
 
-SUFFIXES = (".pt2", ".onnx")
+SUFFIXES = (".pt2", ".onnx", ".plan")
 
 
 class EngineError(CheckpointError):
@@ -29,7 +31,7 @@ class EngineError(CheckpointError):
 
 
 def is_engine(path: str | Path) -> bool:
-    """True for the file names ``retinaflow infer`` runs as engines (.pt2, .onnx)."""
+    """True for the file names ``retinaflow infer`` runs as engines (.pt2, .onnx, .plan)."""
     return Path(str(path)).suffix.lower() in SUFFIXES
 
 
@@ -146,7 +148,7 @@ class OnnxEngine(Engine):
 
 
 def open_engine(path: str | Path, device: str | None = None, cuda_graph: bool = False) -> Engine:
-    """Load the engine at ``path`` (.pt2 or .onnx) for ``device`` (default: the one it was built for);
+    """Load the engine at ``path`` (.pt2, .onnx or .plan) for ``device`` (default: the one it was built for);
     ``cuda_graph``: replay a .pt2 engine on CUDA from CUDA graphs (:class:`Pt2Engine`)."""
     p = Path(path)
     if not p.is_file():
@@ -156,7 +158,43 @@ def open_engine(path: str | Path, device: str | None = None, cuda_graph: bool = 
         return Pt2Engine(p, device, cuda_graph)
     if suffix == ".onnx":
         return OnnxEngine(p, device)
-    raise EngineError(f"{p.name}: not an engine retinaflow runs (use a .pt2 or .onnx export)")
+    if suffix == ".plan":
+        return PlanEngine(p, device)
+    raise EngineError(f"{p.name}: not an engine retinaflow runs (use a .pt2, .onnx or .plan export)")
+
+
+class PlanEngine(Engine):
+    """A TensorRT plan (``retinaflow export model.pth model.plan``) on a CUDA device, run by
+    :class:`~retinaflow.export.tensorrt.TensorRTDetector`; its metadata is ``<plan>.json``, written by
+    the export. Needs TensorRT and the plugin library (the export image: ``dockerfiles/export.Dockerfile``).
+    """
+
+    def __init__(self, path: Path, device: str | None) -> None:
+        from retinaflow.export.tensorrt import TensorRTDetector, meta_path, require_tensorrt
+
+        require_tensorrt()  # first: without it nothing else matters
+        meta_file = meta_path(path)
+        if not meta_file.is_file():
+            raise EngineError(
+                f"{meta_file.name} (the plan's metadata) is missing: keep it next to {path.name} or re-export"
+            )
+        meta = json.loads(meta_file.read_text())
+        if "class_names" not in meta:
+            raise EngineError(
+                f"{path.name} has no class names or resize settings (built by build_engine from an ONNX): "
+                f"re-export it with retinaflow export model.pth {path.name}"
+            )
+        dev = torch.device(device or "cuda")
+        if dev.type != "cuda":
+            raise EngineError(f"{path.name} is a TensorRT engine: it runs on a CUDA device, not {dev.type}")
+        with torch.cuda.device(dev):
+            self.detector = TensorRTDetector(path)
+        super().__init__(path, meta, dev)
+
+    def run(self, images: torch.Tensor, sizes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.cuda.device(self.device):
+            d = self.detector(images.to(self.device), sizes.to(self.device))
+        return d.counts, d.boxes, d.scores, d.classes
 
 
 def load_pt2_runner(path: Path, device_index: int, single_threaded: bool = False) -> Any:

@@ -57,14 +57,30 @@ def export_plan(checkpoint: str | Path, output: str | Path, cfg: ExportConfig) -
     :func:`build_engine` casts it (:func:`to_float16`, which keeps the plugins' I/O in float32).
     """
     require_tensorrt()
+    from retinaflow.config import Config
+    from retinaflow.engine.checkpoint import load_checkpoint
+    from retinaflow.export.metadata import engine_metadata, parse
+    from retinaflow.export.spec import resolve
+
+    state = load_checkpoint(checkpoint)
+    spec = resolve(output, cfg, Config.from_dict(state["config"]), "tensorrt")
+    meta = {**parse(engine_metadata(checkpoint, state, spec)), "outputs": list(plugin_onnx.GRAPH_OUTPUTS)}
     onnx_cfg = replace(cfg, precision="fp32") if cfg.precision == "fp16" else cfg
     onnx_path = Path(output).with_suffix(".plugin.onnx")
     plugin_onnx.export_plugin_onnx(checkpoint, onnx_path, onnx_cfg)
-    return build_engine(onnx_path, output, cfg)
+    return build_engine(onnx_path, output, cfg, meta)
 
 
-def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: ExportConfig | None = None) -> Path:
-    """Build ``plan_path`` (.plan) from a plugin-flavour ONNX; returns it (and writes ``<plan>.json``).
+def build_engine(
+    onnx_path: str | Path,
+    plan_path: str | Path,
+    cfg: ExportConfig | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Build ``plan_path`` (.plan) from a plugin-flavour ONNX; returns it (and writes ``<plan>.json``:
+    what the plan is tied to (:func:`plan_environment`), its input size and build settings, and
+    ``metadata``: :func:`export_plan` adds the engine metadata (:mod:`retinaflow.export.metadata`) that
+    ``retinaflow infer model.plan`` reads).
 
     ``cfg.precision`` int8 needs a Q/DQ graph (``export_plugin_onnx`` with int8): strongly typed, TensorRT
     takes int8 from the QuantizeLinear/DequantizeLinear nodes (no builder flag, no calibrator).
@@ -116,7 +132,8 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: ExportConfig
     out.write_bytes(bytes(plan))
     if cache_path:
         cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
-    meta = {**plan_environment(trt), "height": height, "width": width, "config": asdict(cfg)}
+    meta = {**(metadata or {}), **plan_environment(trt), "height": height, "width": width}
+    meta["config"] = asdict(cfg)
     meta_path(out).write_text(json.dumps(meta, indent=2))
     log.info(
         "built %s (%s, batch %d..%d, %dx%d)", out, cfg.precision, cfg.min_batch, cfg.max_batch, height, width
