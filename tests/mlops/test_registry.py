@@ -85,6 +85,18 @@ def test_register_a_training_run(mlflow_env: MlflowServer, tmp_path: Path, s3_ad
     assert s3_admin.get_object(Bucket=BUCKET, Key=key)["Body"].read() == b"onnx-bytes"
 
 
+def test_a_tensorrt_engine_is_registered_with_its_metadata(mlflow_env: MlflowServer, tmp_path: Path) -> None:
+    name = _name()
+    ckpt, plan = tmp_path / "model.pth", tmp_path / "model.plan"
+    ckpt.write_bytes(b"checkpoint")
+    plan.write_bytes(b"plan-bytes")
+    (tmp_path / "model.plan.json").write_text('{"class_names": ["a"]}')
+    mv = register_model(name, files=ModelFiles(checkpoint=ckpt, engine=plan), settings=_settings(mlflow_env))
+    assert mv.tags["files"] == "model.plan,model.plan.json,model.pth"
+    fetched = registry.fetch(name, CHALLENGER, tmp_path / "fetched", _settings(mlflow_env))
+    assert (fetched / "model.plan.json").read_text() == '{"class_names": ["a"]}'
+
+
 def test_register_needs_model_files(mlflow_env: MlflowServer, tmp_path: Path) -> None:
     client = MlflowClient(mlflow_env.uri)
     empty_run = client.create_run(client.get_experiment_by_name("Default").experiment_id).info.run_id

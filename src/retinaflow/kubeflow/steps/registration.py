@@ -1,8 +1,8 @@
 """The register step: a model version in the MLflow registry (alias challenger), then the promotion gate.
 
 Both halves are :mod:`retinaflow.mlops.registry` (``register``, ``promote``); this step only gives the
-KFP artifacts their file names (``model.pth``, ``model.onnx``, ``model.plan``) and adds the
-pipeline's evidence (dataset fingerprint, ONNX mAP) to the version's tags.
+KFP artifacts their file names (``model.pth``, ``model.onnx``, ``model.plan`` with its metadata
+``model.plan.json``) and adds the pipeline's evidence (dataset fingerprint, ONNX mAP) to the version's tags.
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ def register_and_promote(req: RegisterRequest) -> RegisterOutcome:
     }
     with tempfile.TemporaryDirectory() as tmp:
         named = Path(tmp)
+        if engine and Path(f"{engine}.json").is_file():  # its metadata, found next to it by ModelFiles
+            _named_copy(f"{engine}.json", named / "model.plan.json")
         files = ModelFiles(
             checkpoint=_named_copy(req.checkpoint, named / "model.pth"),
             onnx=_named_copy(req.onnx_dir, named / "model.onnx"),
