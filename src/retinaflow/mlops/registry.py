@@ -52,7 +52,7 @@ class ModelFiles:
 
     def present(self) -> list[Path]:
         """The files given, and a TensorRT engine's metadata (``<engine>.json``, which ``retinaflow infer
-        model.plan`` reads) where it lies next to the engine."""
+        model.plan`` reads; ``export.tensorrt.meta_path``) where it lies next to the engine."""
         paths = [Path(p) for p in (self.checkpoint, self.onnx, self.engine) if p]
         meta = Path(f"{self.engine}.json") if self.engine else None
         return paths + ([meta] if meta is not None and meta.is_file() else [])

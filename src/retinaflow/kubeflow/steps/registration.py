@@ -56,12 +56,10 @@ def register_and_promote(req: RegisterRequest) -> RegisterOutcome:
     }
     with tempfile.TemporaryDirectory() as tmp:
         named = Path(tmp)
-        if engine and Path(f"{engine}.json").is_file():  # its metadata, found next to it by ModelFiles
-            _named_copy(f"{engine}.json", named / "model.plan.json")
-        files = ModelFiles(
+        files = ModelFiles(  # the engine is already model.plan, its metadata model.plan.json beside it
             checkpoint=_named_copy(req.checkpoint, named / "model.pth"),
             onnx=_named_copy(req.onnx_dir, named / "model.onnx"),
-            engine=_named_copy(str(engine), named / "model.plan") if engine else None,
+            engine=engine,
         )
         version = register_model(
             req.model_name, run_id=req.mlflow_run_id or None, files=files, map_value=summary["map"], tags=tags
